@@ -1,0 +1,38 @@
+//! Error codes carried in WebSocket `error` frames and REST error bodies.
+//!
+//! The number tells a client what to do: 4xxx is the client's fault (do not retry as is),
+//! 5xxx is ours or a dependency's (retry later with the same `cid`; duplicates are dropped).
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame is not a JSON object, or a field has the wrong type.
+    BadRequest = 4000,
+    /// `type` is missing or not one the server knows.
+    UnknownType = 4001,
+    /// A required field is missing or empty.
+    MissingField = 4002,
+    /// A field is present but its value is invalid (an id that is not a decimal, a bad conv).
+    InvalidField = 4003,
+    /// `content` is longer than the server accepts.
+    TooLarge = 4004,
+    /// Not allowed: for example a conversation the user does not belong to.
+    Forbidden = 4030,
+    /// Too many requests; the connection is closed with 1008 if it goes on.
+    RateLimited = 4290,
+    /// The gateway is overloaded or a peer queue is full; retry with the same `cid`.
+    Busy = 5030,
+    /// The feature needs a service this deployment does not run (groups need `im logic`).
+    Unavailable = 5031,
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// Whether retrying the same request later can succeed.
+    pub fn retryable(self) -> bool {
+        self.code() >= 5000
+    }
+}
