@@ -1,0 +1,106 @@
+//! Thin I/O drivers around [`Shard`](crate::shard::Shard). They own the kernel objects (ring or
+//! epoll set, listener, receive buffers) and translate completions into shard calls; every
+//! protocol decision stays in the shard.
+//!
+//! Why not monoio's task-per-connection API: each monoio connection is a future owning its read
+//! buffer while it waits, and its 0.2 line has no provided-buffer receive — at a million idle
+//! connections that is gigabytes. Driving io_uring directly, one multishot receive per
+//! connection draws from a shard-wide ring of buffers only when bytes arrive.
+
+pub mod epoll;
+pub mod uring;
+
+use crate::shard::{Now, Shard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long shutdown waits for close handshakes before dropping connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// `user_data` / epoll data: a tag in the top byte, the connection key in the low 32 bits.
+pub(crate) mod tag {
+    pub const ACCEPT: u64 = 1 << 56;
+    pub const RECV: u64 = 2 << 56;
+    pub const SEND: u64 = 3 << 56;
+    pub const CANCEL: u64 = 4 << 56;
+    pub const WAKE: u64 = 5 << 56;
+    pub const MASK: u64 = 0xff << 56;
+
+    pub fn key(ud: u64) -> u32 {
+        ud as u32
+    }
+}
+
+/// The clock both drivers read once per turn.
+pub(crate) struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock { start: Instant::now() }
+    }
+
+    pub fn now(&self) -> Now {
+        Now { mono_ms: self.start.elapsed().as_millis() as u64 + 1_000_000, unix_ms: im_shared::unix_ms() }
+    }
+}
+
+/// Shutdown bookkeeping shared by both loops. Returns true when the loop should exit.
+pub(crate) struct Stopper {
+    since: Option<Instant>,
+}
+
+impl Stopper {
+    pub fn new() -> Stopper {
+        Stopper { since: None }
+    }
+
+    /// Call once per turn; `on_start` runs once when shutdown begins (stop accepting).
+    pub fn check(&mut self, stop: &AtomicBool, shard: &mut Shard, on_start: impl FnOnce()) -> bool {
+        if self.since.is_none() && stop.load(Ordering::Acquire) {
+            self.since = Some(Instant::now());
+            shard.shutdown();
+            on_start();
+        }
+        let Some(since) = self.since else { return false };
+        if shard.connections() == 0 {
+            return true;
+        }
+        let waited = since.elapsed();
+        if waited > SHUTDOWN_GRACE {
+            shard.kill_all();
+        }
+        // Dead connections close within a turn or two; never hang on a misbehaving one.
+        waited > SHUTDOWN_GRACE * 2
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.since.is_some()
+    }
+}
+
+/// Sets TCP_NODELAY: chat frames are small and latency-bound.
+pub(crate) fn set_nodelay(fd: i32) {
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+}
+
+pub(crate) fn close_fd(fd: i32) {
+    // SAFETY: the caller owns fd and never uses it again.
+    unsafe { libc::close(fd) };
+}
+
+pub(crate) fn shutdown_wr(fd: i32) {
+    // SAFETY: plain syscall on an fd we own; errors (peer gone) are irrelevant here.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}

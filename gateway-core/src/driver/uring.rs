@@ -1,0 +1,257 @@
+//! The io_uring driver: multishot accept, one multishot receive per connection drawing from a
+//! provided-buffer ring shared by the shard, sends straight from the arena, and a read on the
+//! shard's eventfd for cross-shard wake-ups. One `io_uring_enter` per turn submits and waits.
+
+use super::{close_fd, set_nodelay, shutdown_wr, tag, Clock, Stopper};
+use crate::shard::Shard;
+use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::time::Duration;
+
+const BUF_GROUP: u16 = 0;
+const SQ_ENTRIES: u32 = 4096;
+
+/// A kernel-registered ring of receive buffers (IORING_REGISTER_PBUF_RING).
+struct BufRing {
+    entries: *mut BufRingEntry,
+    ring_bytes: usize,
+    mask: u16,
+    tail: u16,
+    bufs: Vec<u8>,
+    buf_bytes: usize,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring, count: usize, buf_bytes: usize) -> io::Result<BufRing> {
+        let n = count.clamp(1, 32768).next_power_of_two();
+        let ring_bytes = n * std::mem::size_of::<BufRingEntry>();
+        // SAFETY: anonymous private mapping; page-aligned as the kernel requires.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ring_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut br = BufRing {
+            entries: ptr.cast(),
+            ring_bytes,
+            mask: (n - 1) as u16,
+            tail: 0,
+            bufs: vec![0u8; n * buf_bytes],
+            buf_bytes,
+        };
+        for bid in 0..n as u16 {
+            br.push(bid);
+        }
+        br.publish();
+        // SAFETY: `entries` is a live, page-aligned mapping of `n` entries that outlives the
+        // registration (we unregister in Drop before unmapping).
+        unsafe { ring.submitter().register_buf_ring_with_flags(ptr as u64, n as u16, BUF_GROUP, 0)? };
+        Ok(br)
+    }
+
+    fn push(&mut self, bid: u16) {
+        let idx = (self.tail & self.mask) as usize;
+        // SAFETY: idx < n entries of our mapping.
+        let e = unsafe { &mut *self.entries.add(idx) };
+        e.set_addr(self.bufs.as_ptr() as u64 + bid as u64 * self.buf_bytes as u64);
+        e.set_len(self.buf_bytes as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes pushed buffers visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: the tail field overlays entry 0's `resv`, inside our mapping; the kernel reads
+        // it concurrently, hence the atomic release store.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    fn buf(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let start = bid as usize * self.buf_bytes;
+        &mut self.bufs[start..start + len.min(self.buf_bytes)]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping; the ring that used it is dropped first (see run).
+        unsafe { libc::munmap(self.entries.cast(), self.ring_bytes) };
+    }
+}
+
+/// Whether this kernel can run the io_uring driver (multishot receive needs Linux 6.0).
+pub fn available() -> Result<(), String> {
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills the struct.
+    unsafe { libc::uname(&mut uts) };
+    // SAFETY: uname NUL-terminates release.
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < (6, 0) {
+        return Err(format!("kernel {release} is older than 6.0 (multishot receive)"));
+    }
+    IoUring::new(8).map(|_| ()).map_err(|e| format!("io_uring_setup failed: {e}"))
+}
+
+fn build_ring() -> io::Result<IoUring> {
+    // SINGLE_ISSUER + DEFER_TASKRUN: completions run only when we enter the kernel to wait,
+    // in our thread, in a batch. Fall back to a plain ring on kernels that refuse them.
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(SQ_ENTRIES * 4)
+        .build(SQ_ENTRIES)
+        .or_else(|_| IoUring::builder().setup_cqsize(SQ_ENTRIES * 4).build(SQ_ENTRIES))
+}
+
+fn push(ring: &mut IoUring, e: squeue::Entry) -> io::Result<()> {
+    loop {
+        // SAFETY: every buffer an entry points at (arena frames, the buffer ring, the wake
+        // counter) stays alive until its completion arrives; see Shard::plan and run().
+        if unsafe { ring.submission().push(&e) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
+
+pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, recv_buffers: usize, recv_buffer_bytes: usize) -> io::Result<()> {
+    let mut ring = build_ring()?;
+    let mut bufs = BufRing::new(&ring, recv_buffers, recv_buffer_bytes)?;
+    let wake_fd = shard.mesh().waker().fd();
+    let mut wake_buf = Box::new(0u64);
+    let accept = || opcode::AcceptMulti::new(Fd(listener)).flags(libc::SOCK_CLOEXEC).build().user_data(tag::ACCEPT);
+    let wake_read = |buf: &mut u64| opcode::Read::new(Fd(wake_fd), (buf as *mut u64).cast(), 8).build().user_data(tag::WAKE);
+    push(&mut ring, accept())?;
+    push(&mut ring, wake_read(&mut wake_buf))?;
+
+    let clock = Clock::new();
+    let mut stopper = Stopper::new();
+    let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(SQ_ENTRIES as usize * 4);
+    let mut ready = Vec::new();
+    let mut listener_open = true;
+    loop {
+        shard.set_now(clock.now());
+        cqes.clear();
+        cqes.extend(ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+        for &(ud, res, flags) in &cqes {
+            let key = tag::key(ud);
+            match ud & tag::MASK {
+                tag::ACCEPT => {
+                    if res >= 0 {
+                        set_nodelay(res);
+                        if shard.accept(res).is_none() {
+                            close_fd(res);
+                        }
+                    } else if res != -libc::ECANCELED {
+                        log::warn!("shard {}: accept failed: {}", shard.id(), io::Error::from_raw_os_error(-res));
+                    }
+                    if !cqueue::more(flags) && listener_open {
+                        if res == -libc::EMFILE || res == -libc::ENFILE {
+                            // Out of descriptors: back off a little instead of spinning.
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        push(&mut ring, accept())?;
+                    }
+                }
+                tag::RECV => {
+                    if res > 0 {
+                        let bid = cqueue::buffer_select(flags).expect("a receive with data carries a buffer id");
+                        shard.on_recv(key, bufs.buf(bid, res as usize));
+                        bufs.push(bid);
+                    } else if res == 0 {
+                        shard.on_eof(key);
+                    } else if res == -libc::ENOBUFS {
+                        shard.count_recv_buffer_exhausted();
+                    } else if res != -libc::ECANCELED {
+                        shard.on_recv_error(key);
+                    }
+                    if !cqueue::more(flags) {
+                        shard.recv_disarmed(key);
+                    }
+                }
+                tag::SEND => shard.on_sent(key, res),
+                tag::WAKE => push(&mut ring, wake_read(&mut wake_buf))?,
+                _ => {} // cancel completions carry nothing we need
+            }
+        }
+        bufs.publish();
+        shard.poll_mesh();
+        shard.on_tick();
+        loop {
+            shard.take_ready(&mut ready);
+            if ready.is_empty() {
+                break;
+            }
+            for key in ready.drain(..) {
+                let Some(fd) = shard.fd(key) else { continue };
+                let plan = shard.plan(key);
+                if let Some((ptr, len)) = plan.send {
+                    let e = opcode::Send::new(Fd(fd), ptr, len as u32).flags(libc::MSG_NOSIGNAL).build();
+                    push(&mut ring, e.user_data(tag::SEND | key as u64))?;
+                }
+                if plan.shutdown_wr {
+                    shutdown_wr(fd);
+                }
+                if plan.arm_recv {
+                    let e = opcode::RecvMulti::new(Fd(fd), BUF_GROUP).build();
+                    push(&mut ring, e.user_data(tag::RECV | key as u64))?;
+                }
+                if plan.cancel_recv {
+                    let e = opcode::AsyncCancel::new(tag::RECV | key as u64).build();
+                    push(&mut ring, e.user_data(tag::CANCEL | key as u64))?;
+                }
+                if plan.close {
+                    close_fd(fd);
+                    shard.release(key);
+                }
+            }
+        }
+        shard.end_turn();
+        let stop_listener = &mut listener_open;
+        let mut cancel_accept = false;
+        if stopper.check(stop, &mut shard, || {
+            *stop_listener = false;
+            cancel_accept = true;
+        }) {
+            break;
+        }
+        if cancel_accept {
+            push(&mut ring, opcode::AsyncCancel::new(tag::ACCEPT).build().user_data(tag::CANCEL))?;
+        }
+        // Sleep only when idle, and tell peers so their pushes wake us.
+        let waker = shard.mesh().waker();
+        waker.prepare_sleep();
+        let wait = shard.idle() && ring.completion().is_empty() && !stop.load(Ordering::Relaxed);
+        let timeout_ms = if stopper.stopping() { 10 } else { shard.sleep_ms() };
+        let ts = Timespec::from(Duration::from_millis(timeout_ms));
+        let args = SubmitArgs::new().timespec(&ts);
+        let r = ring.submitter().submit_with_args(usize::from(wait), &args);
+        waker.cancel_sleep();
+        if let Err(e) = r {
+            if !matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) {
+                return Err(e);
+            }
+        }
+    }
+    if !listener_open {
+        close_fd(listener);
+    }
+    drop(ring); // unregisters the buffer ring before `bufs` unmaps it
+    drop(bufs);
+    Ok(())
+}

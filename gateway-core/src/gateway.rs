@@ -1,0 +1,237 @@
+//! Starting and stopping a gateway process: bind one `SO_REUSEPORT` listener per shard (the
+//! kernel spreads connections across them, and across processes sharing the port), build the
+//! shard mesh, pin one thread per shard, pick the driver.
+
+use crate::driver;
+use crate::mesh::{self, Waker};
+use crate::metrics::ShardStats;
+use crate::shard::Shard;
+use im_shared::config::GatewayConfig;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub struct Gateway;
+
+pub struct GatewayHandle {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    wakers: Arc<[Waker]>,
+    stats: Arc<[ShardStats]>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    driver: &'static str,
+}
+
+/// Creates a listening TCP socket with SO_REUSEPORT (so shards and processes share the port).
+pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<(i32, SocketAddr)> {
+    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain syscalls on a socket we own; closed on every error path.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fail = |fd: i32| {
+            let e = io::Error::last_os_error();
+            libc::close(fd);
+            Err(e)
+        };
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            if libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&one as *const libc::c_int).cast(), 4) < 0 {
+                return fail(fd);
+            }
+        }
+        let (storage, len) = sockaddr(addr);
+        if libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) < 0 {
+            return fail(fd);
+        }
+        if libc::listen(fd, backlog) < 0 {
+            return fail(fd);
+        }
+        let mut out: libc::sockaddr_storage = std::mem::zeroed();
+        let mut out_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getsockname(fd, (&mut out as *mut libc::sockaddr_storage).cast(), &mut out_len) < 0 {
+            return fail(fd);
+        }
+        Ok((fd, from_sockaddr(&out).unwrap_or(addr)))
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is valid; we write the variant matching the family.
+    let mut s: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut s as *mut libc::sockaddr_storage).cast(), sin) };
+            (s, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut s as *mut libc::sockaddr_storage).cast(), sin6) };
+            (s, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match s.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: family says it is a sockaddr_in.
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: family says it is a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::from((ip, u16::from_be(sin6.sin6_port))))
+        }
+        _ => None,
+    }
+}
+
+/// Connections one process can hold: the open-file limit, less a reserve for everything else.
+pub fn fd_budget() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills the struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    (lim.rlim_cur as usize).saturating_sub(256).max(64)
+}
+
+/// Raises the soft open-file limit to the hard one (always allowed without privileges).
+pub fn raise_nofile() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit on our own process.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    lim.rlim_cur as usize
+}
+
+impl Gateway {
+    /// Binds, spawns the shards and returns at once; the gateway runs until `shutdown`.
+    pub fn start(mut cfg: GatewayConfig) -> io::Result<GatewayHandle> {
+        if cfg.jwt_secret.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "the JWT secret is empty"));
+        }
+        let n = cfg.shards.clamp(1, 64);
+        cfg.shards = n;
+        let per_shard = fd_budget() / n;
+        if cfg.conns_per_shard_max > per_shard {
+            cfg.conns_per_shard_max = per_shard;
+        }
+
+        let driver_name = if cfg.force_epoll {
+            "epoll"
+        } else {
+            match driver::uring::available() {
+                Ok(()) => "io_uring",
+                Err(why) => {
+                    log::warn!("io_uring unavailable ({why}): falling back to epoll");
+                    "epoll"
+                }
+            }
+        };
+
+        let (first, addr) = reuseport_listener(cfg.ws_listen, 65535)?;
+        let mut listeners = vec![first];
+        for _ in 1..n {
+            listeners.push(reuseport_listener(addr, 65535)?.0);
+        }
+        let wakers: Arc<[Waker]> = (0..n).map(|_| Waker::new()).collect::<io::Result<Vec<_>>>()?.into();
+        let stats: Arc<[ShardStats]> = (0..n).map(|_| ShardStats::default()).collect::<Vec<_>>().into();
+        let ports = mesh::build(n, cfg.ring_capacity, cfg.ring_backlog_max, wakers.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let cfg = Arc::new(cfg);
+
+        let mut threads = Vec::with_capacity(n);
+        for (i, (port, listener)) in ports.into_iter().zip(listeners).enumerate() {
+            let (cfg, stats, stop) = (cfg.clone(), stats.clone(), stop.clone());
+            let core = cfg.pin_first_core.filter(|_| !cores.is_empty()).map(|f| cores[(f + i) % cores.len()]);
+            let t = std::thread::Builder::new().name(format!("im-shard-{i}")).spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                let shard = Shard::new(&cfg, port, stats, driver_name);
+                let r = if driver_name == "io_uring" {
+                    driver::uring::run(shard, listener, &stop, cfg.recv_buffers, cfg.recv_buffer_bytes)
+                } else {
+                    driver::epoll::run(shard, listener, &stop, cfg.recv_buffer_bytes)
+                };
+                if let Err(e) = &r {
+                    log::error!("shard {i} stopped: {e}");
+                }
+                r
+            })?;
+            threads.push(t);
+        }
+        log::info!(
+            "gateway {} listening on ws://{addr}/ws with {n} shard(s), driver {driver_name}, up to {} connections per shard",
+            cfg.gateway_id,
+            cfg.conns_per_shard_max
+        );
+        Ok(GatewayHandle { addr, stop, wakers, stats, threads, driver: driver_name })
+    }
+}
+
+impl GatewayHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn driver(&self) -> &'static str {
+        self.driver
+    }
+
+    pub fn stats(&self) -> &[ShardStats] {
+        &self.stats
+    }
+
+    /// Connections held across shards right now.
+    pub fn connections(&self) -> u64 {
+        self.stats.iter().map(|s| s.connections.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Asks every shard to close its connections with 1001 and stop.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        for w in self.wakers.iter() {
+            w.force();
+        }
+    }
+
+    /// Waits for the shards to finish; the first shard error, if any.
+    pub fn join(self) -> io::Result<()> {
+        let mut result = Ok(());
+        for t in self.threads {
+            let r = t.join().unwrap_or_else(|_| Err(io::Error::other("a shard thread panicked")));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
