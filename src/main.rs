@@ -1,1 +1,307 @@
-fn main(){}
+//! `im`: one binary for every role (PROTOCOL.md, "Command line"). This file only parses the
+//! command line and wires the crates together; the work lives in `gateway-core` and friends.
+
+use clap::{Args, Parser, Subcommand};
+use gateway_core::Gateway;
+use im_shared::config::GatewayConfig;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "im", version, about = "A distributed instant-messaging server", args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// With no subcommand, `im` runs standalone.
+    #[command(flatten)]
+    standalone: StandaloneArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Everything in one process with embedded defaults (the default command).
+    Standalone(StandaloneArgs),
+    /// The WebSocket gateway alone.
+    Gateway(GatewayCmdArgs),
+    /// Print a signed access token for a user (for trying the server with any WebSocket client).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Clone)]
+struct GatewayArgs {
+    /// WebSocket listen address (also serves /healthz and /metrics).
+    #[arg(long, env = "IM_WS_LISTEN", default_value = "127.0.0.1:8090")]
+    ws_listen: SocketAddr,
+    /// Shards (threads pinned to cores); 0 = one per available core.
+    #[arg(long, env = "IM_SHARDS", default_value_t = 0)]
+    shards: usize,
+    /// HS256 secret for access tokens (standalone keeps a generated one in --data-dir).
+    #[arg(long, env = "IM_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// This gateway's id [default: <host name>-<ws port>].
+    #[arg(long, env = "IM_GATEWAY_ID")]
+    gateway_id: Option<String>,
+    /// Close connections that show no life for this long.
+    #[arg(long, env = "IM_HEARTBEAT_TIMEOUT_MS", default_value_t = 90_000)]
+    heartbeat_timeout_ms: u64,
+    /// Time allowed from TCP accept to a complete upgrade request.
+    #[arg(long, env = "IM_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+    /// Largest WebSocket message; larger ones are closed with 1009.
+    #[arg(long, env = "IM_FRAME_BYTES_MAX", default_value_t = 64 * 1024)]
+    frame_bytes_max: usize,
+    /// Per-connection outbound queue bound; past it the connection is closed with 1013.
+    #[arg(long, env = "IM_OUTBOUND_BYTES_MAX", default_value_t = 256 * 1024)]
+    outbound_bytes_max: usize,
+    /// Connections per shard [default: what the open-file limit allows].
+    #[arg(long, env = "IM_CONNS_PER_SHARD_MAX")]
+    conns_per_shard_max: Option<usize>,
+    /// Receive buffers in each shard's io_uring buffer ring.
+    #[arg(long, env = "IM_RECV_BUFFERS", default_value_t = 256)]
+    recv_buffers: usize,
+    /// Size of each receive buffer.
+    #[arg(long, env = "IM_RECV_BUFFER_BYTES", default_value_t = 2048)]
+    recv_buffer_bytes: usize,
+    /// Use the epoll driver even where io_uring works.
+    #[arg(long, env = "IM_EPOLL")]
+    epoll: bool,
+    /// Do not pin shard threads to cores.
+    #[arg(long, env = "IM_NO_PIN")]
+    no_pin: bool,
+}
+
+#[derive(Args, Clone)]
+struct StandaloneArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Where standalone keeps its state (the generated JWT secret, later the SQLite database).
+    #[arg(long, env = "IM_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct GatewayCmdArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Run this many gateway processes sharing the port with SO_REUSEPORT, each with its own
+    /// gateway id: how one host holds more connections than one process's open-file limit.
+    #[arg(long, env = "IM_GATEWAY_PROCESSES", default_value_t = 1)]
+    processes: usize,
+    /// Set by the parent of a multi-process gateway.
+    #[arg(long, hide = true)]
+    process_index: Option<usize>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// User id to put in `sub`.
+    #[arg(long)]
+    user: u64,
+    /// Validity in seconds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    ttl_s: u64,
+    #[arg(long, env = "IM_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Read the secret standalone generated here when --jwt-secret is not given.
+    #[arg(long, env = "IM_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        None => standalone(cli.standalone),
+        Some(Cmd::Standalone(a)) => standalone(a),
+        Some(Cmd::Gateway(a)) => gateway(a),
+        Some(Cmd::Token(a)) => token(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("im: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn gateway_config(a: &GatewayArgs, secret: Vec<u8>, index: Option<usize>, processes: usize) -> GatewayConfig {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let shards = if a.shards == 0 { (cores / processes.max(1)).max(1) } else { a.shards };
+    let base_id = a.gateway_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), a.ws_listen.port()));
+    let gateway_id = match index {
+        Some(i) => format!("{base_id}-p{i}"),
+        None => base_id,
+    };
+    let mut cfg = GatewayConfig {
+        ws_listen: a.ws_listen,
+        shards,
+        pin_first_core: (!a.no_pin).then_some(index.unwrap_or(0) * shards),
+        jwt_secret: secret,
+        gateway_id,
+        worker_id: ((index.unwrap_or(0) * 64) % 1024) as u16,
+        frame_bytes_max: a.frame_bytes_max,
+        heartbeat_timeout_ms: a.heartbeat_timeout_ms,
+        handshake_timeout_ms: a.handshake_timeout_ms,
+        outbound_bytes_max: a.outbound_bytes_max,
+        recv_buffers: a.recv_buffers,
+        recv_buffer_bytes: a.recv_buffer_bytes,
+        force_epoll: a.epoll,
+        ..GatewayConfig::default()
+    };
+    if let Some(m) = a.conns_per_shard_max {
+        cfg.conns_per_shard_max = m;
+    }
+    cfg
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The standalone secret: generated on first start, kept with mode 0600.
+fn standalone_secret(dir: &Path) -> Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => return Err(format!("{} is empty: delete it to generate a new secret", path.display()).into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading {}: {e}", path.display()).into()),
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let secret = im_shared::jwt::random_hex(32);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    writeln!(f, "{secret}")?;
+    log::info!("generated a JWT secret in {}", path.display());
+    Ok(secret)
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and every thread it spawns later), so that
+/// `wait_for_signal` can take them synchronously instead of in a handler.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits up to `timeout_ms` for SIGINT/SIGTERM; the signal number, or None on timeout.
+fn wait_for_signal(set: &libc::sigset_t, timeout_ms: u64) -> Option<i32> {
+    let ts = libc::timespec { tv_sec: (timeout_ms / 1000) as i64, tv_nsec: ((timeout_ms % 1000) * 1_000_000) as i64 };
+    // SAFETY: set is initialised; info may be null.
+    let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
+}
+
+fn run_gateway_until_signal(cfg: GatewayConfig, set: &libc::sigset_t) -> Result<()> {
+    let handle = Gateway::start(cfg)?;
+    loop {
+        if let Some(sig) = wait_for_signal(set, 1000) {
+            log::info!("signal {sig}: closing connections with 1001 and stopping");
+            handle.shutdown();
+            break;
+        }
+    }
+    handle.join()?;
+    Ok(())
+}
+
+fn standalone(a: StandaloneArgs) -> Result<()> {
+    let set = block_signals();
+    let nofile = gateway_core::gateway::raise_nofile();
+    let secret = match &a.gateway.jwt_secret {
+        Some(s) => s.clone(),
+        None => standalone_secret(&a.data_dir)?,
+    };
+    let cfg = gateway_config(&a.gateway, secret.into_bytes(), None, 1);
+    let ws = cfg.ws_listen;
+    println!("im standalone: gateway with its local router (1:1 chat between connected users)");
+    println!("  WebSocket  ws://{ws}/ws?token=<JWT>   (mint one: im token --user 1)");
+    println!("  health     http://{ws}/healthz   metrics http://{ws}/metrics");
+    println!("  open files {nofile}; stop with Ctrl-C (connections get close 1001)");
+    run_gateway_until_signal(cfg, &set)
+}
+
+fn gateway(a: GatewayCmdArgs) -> Result<()> {
+    let set = block_signals();
+    gateway_core::gateway::raise_nofile();
+    let secret = a.gateway.jwt_secret.clone().ok_or("--jwt-secret (or IM_JWT_SECRET) is required for `im gateway`")?;
+    if a.processes <= 1 || a.process_index.is_some() {
+        let cfg = gateway_config(&a.gateway, secret.into_bytes(), a.process_index, a.processes);
+        return run_gateway_until_signal(cfg, &set);
+    }
+    supervise(a.processes, &set)
+}
+
+/// Runs `n` gateway processes (this binary again, with --process-index) and stops them on a
+/// signal. If one dies, the others are stopped too: a half-up gateway is worse than none.
+fn supervise(n: usize, set: &libc::sigset_t) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut children = Vec::with_capacity(n);
+    for i in 0..n {
+        let child = std::process::Command::new(&exe).args(&args).arg("--process-index").arg(i.to_string()).spawn()?;
+        children.push(child);
+    }
+    log::info!("supervising {n} gateway processes: {:?}", children.iter().map(|c| c.id()).collect::<Vec<_>>());
+    let mut failed = false;
+    loop {
+        if wait_for_signal(set, 500).is_some() {
+            break;
+        }
+        if children.iter_mut().any(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+            log::error!("a gateway process exited; stopping the others");
+            failed = true;
+            break;
+        }
+    }
+    for c in &children {
+        // SAFETY: signalling our own child processes by pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+    for mut c in children {
+        let _ = c.wait();
+    }
+    if failed {
+        Err("a gateway process exited unexpectedly".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn token(a: TokenArgs) -> Result<()> {
+    let secret = match a.jwt_secret {
+        Some(s) => s,
+        None => std::fs::read_to_string(a.data_dir.join("jwt_secret"))
+            .map(|s| s.trim().to_string())
+            .map_err(|e| format!("no --jwt-secret and no {}/jwt_secret ({e}): start `im` once first", a.data_dir.display()))?,
+    };
+    if a.user == 0 {
+        return Err("--user must be a positive user id".into());
+    }
+    let claims = im_shared::jwt::Claims::new(a.user, im_shared::unix_ms() / 1000, a.ttl_s);
+    println!("{}", im_shared::jwt::sign(secret.as_bytes(), &claims));
+    Ok(())
+}
