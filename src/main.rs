@@ -12,7 +12,12 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "im", version, about = "A distributed instant-messaging server", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "im",
+    version,
+    about = "A distributed instant-messaging server",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -64,7 +69,7 @@ struct GatewayArgs {
     #[arg(long, env = "IM_RECV_BUFFERS", default_value_t = 256)]
     recv_buffers: usize,
     /// Size of each receive buffer.
-    #[arg(long, env = "IM_RECV_BUFFER_BYTES", default_value_t = 2048)]
+    #[arg(long, env = "IM_RECV_BUFFER_BYTES", default_value_t = 1024)]
     recv_buffer_bytes: usize,
     /// Use the epoll driver even where io_uring works.
     #[arg(long, env = "IM_EPOLL")]
@@ -112,6 +117,14 @@ struct TokenArgs {
 }
 
 fn main() -> ExitCode {
+    // Transparent huge pages make every touched 2 MiB region cost a whole huge page: at a
+    // million mostly idle connections, the difference between ~100 and ~1,000 bytes each.
+    // mimalloc is built without its THP advice (feature `no_thp`); this also covers hosts
+    // where THP is `always`. IM_ALLOW_THP=1 keeps them, for throughput experiments.
+    if std::env::var_os("IM_ALLOW_THP").is_none_or(|v| v != "1") {
+        // SAFETY: prctl with constant arguments; affects only this process and its children.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -131,10 +144,24 @@ fn main() -> ExitCode {
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-fn gateway_config(a: &GatewayArgs, secret: Vec<u8>, index: Option<usize>, processes: usize) -> GatewayConfig {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let shards = if a.shards == 0 { (cores / processes.max(1)).max(1) } else { a.shards };
-    let base_id = a.gateway_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), a.ws_listen.port()));
+fn gateway_config(
+    a: &GatewayArgs,
+    secret: Vec<u8>,
+    index: Option<usize>,
+    processes: usize,
+) -> GatewayConfig {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let shards = if a.shards == 0 {
+        (cores / processes.max(1)).max(1)
+    } else {
+        a.shards
+    };
+    let base_id = a
+        .gateway_id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", hostname(), a.ws_listen.port()));
     let gateway_id = match index {
         Some(i) => format!("{base_id}-p{i}"),
         None => base_id,
@@ -176,7 +203,13 @@ fn standalone_secret(dir: &Path) -> Result<String> {
     let path = dir.join("jwt_secret");
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
-        Ok(_) => return Err(format!("{} is empty: delete it to generate a new secret", path.display()).into()),
+        Ok(_) => {
+            return Err(format!(
+                "{} is empty: delete it to generate a new secret",
+                path.display()
+            )
+            .into())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("reading {}: {e}", path.display()).into()),
     }
@@ -209,7 +242,10 @@ fn block_signals() -> libc::sigset_t {
 
 /// Waits up to `timeout_ms` for SIGINT/SIGTERM; the signal number, or None on timeout.
 fn wait_for_signal(set: &libc::sigset_t, timeout_ms: u64) -> Option<i32> {
-    let ts = libc::timespec { tv_sec: (timeout_ms / 1000) as i64, tv_nsec: ((timeout_ms % 1000) * 1_000_000) as i64 };
+    let ts = libc::timespec {
+        tv_sec: (timeout_ms / 1000) as i64,
+        tv_nsec: ((timeout_ms % 1000) * 1_000_000) as i64,
+    };
     // SAFETY: set is initialised; info may be null.
     let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
     (sig > 0).then_some(sig)
@@ -247,9 +283,18 @@ fn standalone(a: StandaloneArgs) -> Result<()> {
 fn gateway(a: GatewayCmdArgs) -> Result<()> {
     let set = block_signals();
     gateway_core::gateway::raise_nofile();
-    let secret = a.gateway.jwt_secret.clone().ok_or("--jwt-secret (or IM_JWT_SECRET) is required for `im gateway`")?;
+    let secret = a
+        .gateway
+        .jwt_secret
+        .clone()
+        .ok_or("--jwt-secret (or IM_JWT_SECRET) is required for `im gateway`")?;
     if a.processes <= 1 || a.process_index.is_some() {
-        let cfg = gateway_config(&a.gateway, secret.into_bytes(), a.process_index, a.processes);
+        let cfg = gateway_config(
+            &a.gateway,
+            secret.into_bytes(),
+            a.process_index,
+            a.processes,
+        );
         return run_gateway_until_signal(cfg, &set);
     }
     supervise(a.processes, &set)
@@ -262,16 +307,26 @@ fn supervise(n: usize, set: &libc::sigset_t) -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut children = Vec::with_capacity(n);
     for i in 0..n {
-        let child = std::process::Command::new(&exe).args(&args).arg("--process-index").arg(i.to_string()).spawn()?;
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .arg("--process-index")
+            .arg(i.to_string())
+            .spawn()?;
         children.push(child);
     }
-    log::info!("supervising {n} gateway processes: {:?}", children.iter().map(|c| c.id()).collect::<Vec<_>>());
+    log::info!(
+        "supervising {n} gateway processes: {:?}",
+        children.iter().map(|c| c.id()).collect::<Vec<_>>()
+    );
     let mut failed = false;
     loop {
         if wait_for_signal(set, 500).is_some() {
             break;
         }
-        if children.iter_mut().any(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+        if children
+            .iter_mut()
+            .any(|c| matches!(c.try_wait(), Ok(Some(_))))
+        {
             log::error!("a gateway process exited; stopping the others");
             failed = true;
             break;
@@ -296,7 +351,12 @@ fn token(a: TokenArgs) -> Result<()> {
         Some(s) => s,
         None => std::fs::read_to_string(a.data_dir.join("jwt_secret"))
             .map(|s| s.trim().to_string())
-            .map_err(|e| format!("no --jwt-secret and no {}/jwt_secret ({e}): start `im` once first", a.data_dir.display()))?,
+            .map_err(|e| {
+                format!(
+                    "no --jwt-secret and no {}/jwt_secret ({e}): start `im` once first",
+                    a.data_dir.display()
+                )
+            })?,
     };
     if a.user == 0 {
         return Err("--user must be a positive user id".into());

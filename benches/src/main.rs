@@ -1,1 +1,54 @@
-fn main(){}
+//! `im-bench`: the whole-system harness. `hold` opens and holds connections and measures the
+//! gateway's memory per connection; `p2p` measures 1:1 delivery throughput and latency.
+//! Micro-benchmarks (criterion) live in `benches/`.
+
+mod hold;
+mod p2p;
+mod proc;
+mod ws;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "im-bench", about = "Load harness for the im gateway")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Open and hold N connections; report connect rates and gateway bytes per connection.
+    Hold(hold::HoldArgs),
+    /// 1:1 messages between pairs of users: delivered/s and latency percentiles.
+    P2p(p2p::P2pArgs),
+    /// Internal: one client process of `hold`.
+    #[command(hide = true)]
+    Worker(hold::WorkerArgs),
+}
+
+fn write_json<T: serde::Serialize>(path: Option<&std::path::Path>, v: &T) {
+    let Some(path) = path else { return };
+    let text = serde_json::to_string_pretty(v).expect("serialise");
+    if let Err(e) = std::fs::write(path, text + "\n") {
+        eprintln!("im-bench: writing {}: {e}", path.display());
+    }
+}
+
+fn main() {
+    match Cli::parse().cmd {
+        Cmd::Hold(a) => {
+            let json = a.json.clone();
+            let r = hold::hold(a);
+            hold::print(&r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::P2p(a) => {
+            let json = a.json.clone();
+            let r = p2p::p2p(a);
+            p2p::print(&r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::Worker(a) => hold::worker(a),
+    }
+}

@@ -63,7 +63,13 @@ pub const NONE: u32 = u32::MAX;
 
 impl Arena {
     pub fn new(bytes_max: usize) -> Arena {
-        Arena { rx: Slab::new(), rx_charged: Vec::new(), tx: Slab::new(), bytes: 0, bytes_max }
+        Arena {
+            rx: Slab::new(),
+            rx_charged: Vec::new(),
+            tx: Slab::new(),
+            bytes: 0,
+            bytes_max,
+        }
     }
 
     pub fn bytes(&self) -> usize {

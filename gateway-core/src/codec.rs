@@ -86,7 +86,15 @@ pub fn parse_header(buf: &[u8], payload_max: usize) -> Result<Option<Header>, Fr
     }
     let fin = b0 & 0x80 != 0;
     let op = b0 & 0x0F;
-    if !matches!(op, opcode::CONTINUATION | opcode::TEXT | opcode::BINARY | opcode::CLOSE | opcode::PING | opcode::PONG) {
+    if !matches!(
+        op,
+        opcode::CONTINUATION
+            | opcode::TEXT
+            | opcode::BINARY
+            | opcode::CLOSE
+            | opcode::PING
+            | opcode::PONG
+    ) {
         return Err(FrameError::Protocol("unknown opcode"));
     }
     if b1 & 0x80 == 0 {
@@ -95,7 +103,9 @@ pub fn parse_header(buf: &[u8], payload_max: usize) -> Result<Option<Header>, Fr
     let len7 = (b1 & 0x7F) as usize;
     let is_control = op & 0x8 != 0;
     if is_control && (!fin || len7 > 125) {
-        return Err(FrameError::Protocol("control frame fragmented or longer than 125 bytes"));
+        return Err(FrameError::Protocol(
+            "control frame fragmented or longer than 125 bytes",
+        ));
     }
     let (len, at) = match len7 {
         126 => {
@@ -125,7 +135,13 @@ pub fn parse_header(buf: &[u8], payload_max: usize) -> Result<Option<Header>, Fr
         return Ok(None);
     }
     let mask = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
-    Ok(Some(Header { fin, opcode: op, mask, header_len: at + 4, payload_len: len as usize }))
+    Ok(Some(Header {
+        fin,
+        opcode: op,
+        mask,
+        header_len: at + 4,
+        payload_len: len as usize,
+    }))
 }
 
 /// XORs `payload` with the mask key, eight bytes at a time.
@@ -239,14 +255,21 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut f = client_frame(true, opcode::BINARY, &payload, [1, 2, 3, 4]);
             let h = parse_header(&f, MAX + 1).unwrap().unwrap();
-            assert_eq!((h.fin, h.opcode, h.payload_len), (true, opcode::BINARY, len));
+            assert_eq!(
+                (h.fin, h.opcode, h.payload_len),
+                (true, opcode::BINARY, len)
+            );
             assert_eq!(h.frame_len(), f.len());
             let body = &mut f[h.header_len..];
             unmask(body, h.mask);
             assert_eq!(body, &payload[..]);
             // Every strict prefix of the header is "need more", never an error.
             for cut in 0..h.header_len {
-                assert_eq!(parse_header(&f[..cut], MAX + 1), Ok(None), "len {len} cut {cut}");
+                assert_eq!(
+                    parse_header(&f[..cut], MAX + 1),
+                    Ok(None),
+                    "len {len} cut {cut}"
+                );
             }
         }
     }
@@ -255,16 +278,31 @@ mod tests {
     fn refuses_what_rfc_6455_forbids() {
         let mut unmasked = client_frame(true, opcode::TEXT, b"hi", [0; 4]);
         unmasked[1] &= 0x7F;
-        assert!(matches!(parse_header(&unmasked, MAX), Err(FrameError::Protocol(_))));
+        assert!(matches!(
+            parse_header(&unmasked, MAX),
+            Err(FrameError::Protocol(_))
+        ));
         let mut rsv = client_frame(true, opcode::TEXT, b"hi", [9; 4]);
         rsv[0] |= 0x40;
-        assert!(matches!(parse_header(&rsv, MAX), Err(FrameError::Protocol(_))));
+        assert!(matches!(
+            parse_header(&rsv, MAX),
+            Err(FrameError::Protocol(_))
+        ));
         let bad_op = client_frame(true, 0x3, b"", [9; 4]);
-        assert!(matches!(parse_header(&bad_op, MAX), Err(FrameError::Protocol(_))));
+        assert!(matches!(
+            parse_header(&bad_op, MAX),
+            Err(FrameError::Protocol(_))
+        ));
         let frag_ping = client_frame(false, opcode::PING, b"", [9; 4]);
-        assert!(matches!(parse_header(&frag_ping, MAX), Err(FrameError::Protocol(_))));
+        assert!(matches!(
+            parse_header(&frag_ping, MAX),
+            Err(FrameError::Protocol(_))
+        ));
         let long_ping = client_frame(true, opcode::PING, &[0; 126], [9; 4]);
-        assert!(matches!(parse_header(&long_ping, MAX), Err(FrameError::Protocol(_))));
+        assert!(matches!(
+            parse_header(&long_ping, MAX),
+            Err(FrameError::Protocol(_))
+        ));
         let big = client_frame(true, opcode::TEXT, &[b'a'; 100], [9; 4]);
         assert_eq!(parse_header(&big, 99), Err(FrameError::TooLarge));
         // The size is refused from the header alone, before the payload has arrived.
@@ -277,15 +315,24 @@ mod tests {
         assert_eq!(check_close_payload(&[]), Ok(1000));
         assert!(check_close_payload(&[3]).is_err());
         assert_eq!(check_close_payload(&[0x03, 0xE9]), Ok(1001));
-        assert!(check_close_payload(&[0x03, 0xED]).is_err(), "1005 may not be sent");
-        assert_eq!(check_close_payload(&[0x03, 0xE8, 0xFF]), Err(FrameError::InvalidUtf8));
+        assert!(
+            check_close_payload(&[0x03, 0xED]).is_err(),
+            "1005 may not be sent"
+        );
+        assert_eq!(
+            check_close_payload(&[0x03, 0xE8, 0xFF]),
+            Err(FrameError::InvalidUtf8)
+        );
     }
 
     #[test]
     fn server_headers() {
         for len in [0usize, 125, 126, 65535, 65536] {
             let mut h = [0u8; SERVER_HEADER_MAX];
-            assert_eq!(write_server_header(opcode::TEXT, len, &mut h), server_header_len(len));
+            assert_eq!(
+                write_server_header(opcode::TEXT, len, &mut h),
+                server_header_len(len)
+            );
         }
         assert_eq!(close_frame(1009, "x"), vec![0x88, 3, 0x03, 0xF1, b'x']);
     }

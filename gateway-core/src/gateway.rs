@@ -26,10 +26,18 @@ pub struct GatewayHandle {
 
 /// Creates a listening TCP socket with SO_REUSEPORT (so shards and processes share the port).
 pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<(i32, SocketAddr)> {
-    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain syscalls on a socket we own; closed on every error path.
     unsafe {
-        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0);
+        let fd = libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -40,7 +48,14 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<(i32, So
         };
         let one: libc::c_int = 1;
         for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
-            if libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&one as *const libc::c_int).cast(), 4) < 0 {
+            if libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                4,
+            ) < 0
+            {
                 return fail(fd);
             }
         }
@@ -53,7 +68,12 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<(i32, So
         }
         let mut out: libc::sockaddr_storage = std::mem::zeroed();
         let mut out_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        if libc::getsockname(fd, (&mut out as *mut libc::sockaddr_storage).cast(), &mut out_len) < 0 {
+        if libc::getsockname(
+            fd,
+            (&mut out as *mut libc::sockaddr_storage).cast(),
+            &mut out_len,
+        ) < 0
+        {
             return fail(fd);
         }
         Ok((fd, from_sockaddr(&out).unwrap_or(addr)))
@@ -68,7 +88,9 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_in fits in sockaddr_storage.
@@ -80,7 +102,9 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as u16,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: sockaddr_in6 fits in sockaddr_storage.
@@ -94,13 +118,15 @@ fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match s.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: family says it is a sockaddr_in.
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
             let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
             Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
         }
         libc::AF_INET6 => {
             // SAFETY: family says it is a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast()) };
             let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             Some(SocketAddr::from((ip, u16::from_be(sin6.sin6_port))))
         }
@@ -110,7 +136,10 @@ fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
 
 /// Connections one process can hold: the open-file limit, less a reserve for everything else.
 pub fn fd_budget() -> usize {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit fills the struct.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     (lim.rlim_cur as usize).saturating_sub(256).max(64)
@@ -118,7 +147,10 @@ pub fn fd_budget() -> usize {
 
 /// Raises the soft open-file limit to the hard one (always allowed without privileges).
 pub fn raise_nofile() -> usize {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: get/setrlimit on our own process.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
@@ -134,7 +166,10 @@ impl Gateway {
     /// Binds, spawns the shards and returns at once; the gateway runs until `shutdown`.
     pub fn start(mut cfg: GatewayConfig) -> io::Result<GatewayHandle> {
         if cfg.jwt_secret.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "the JWT secret is empty"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the JWT secret is empty",
+            ));
         }
         let n = cfg.shards.clamp(1, 64);
         cfg.shards = n;
@@ -160,8 +195,14 @@ impl Gateway {
         for _ in 1..n {
             listeners.push(reuseport_listener(addr, 65535)?.0);
         }
-        let wakers: Arc<[Waker]> = (0..n).map(|_| Waker::new()).collect::<io::Result<Vec<_>>>()?.into();
-        let stats: Arc<[ShardStats]> = (0..n).map(|_| ShardStats::default()).collect::<Vec<_>>().into();
+        let wakers: Arc<[Waker]> = (0..n)
+            .map(|_| Waker::new())
+            .collect::<io::Result<Vec<_>>>()?
+            .into();
+        let stats: Arc<[ShardStats]> = (0..n)
+            .map(|_| ShardStats::default())
+            .collect::<Vec<_>>()
+            .into();
         let ports = mesh::build(n, cfg.ring_capacity, cfg.ring_backlog_max, wakers.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -170,22 +211,33 @@ impl Gateway {
         let mut threads = Vec::with_capacity(n);
         for (i, (port, listener)) in ports.into_iter().zip(listeners).enumerate() {
             let (cfg, stats, stop) = (cfg.clone(), stats.clone(), stop.clone());
-            let core = cfg.pin_first_core.filter(|_| !cores.is_empty()).map(|f| cores[(f + i) % cores.len()]);
-            let t = std::thread::Builder::new().name(format!("im-shard-{i}")).spawn(move || {
-                if let Some(core) = core {
-                    core_affinity::set_for_current(core);
-                }
-                let shard = Shard::new(&cfg, port, stats, driver_name);
-                let r = if driver_name == "io_uring" {
-                    driver::uring::run(shard, listener, &stop, cfg.recv_buffers, cfg.recv_buffer_bytes)
-                } else {
-                    driver::epoll::run(shard, listener, &stop, cfg.recv_buffer_bytes)
-                };
-                if let Err(e) = &r {
-                    log::error!("shard {i} stopped: {e}");
-                }
-                r
-            })?;
+            let core = cfg
+                .pin_first_core
+                .filter(|_| !cores.is_empty())
+                .map(|f| cores[(f + i) % cores.len()]);
+            let t = std::thread::Builder::new()
+                .name(format!("im-shard-{i}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    let shard = Shard::new(&cfg, port, stats, driver_name);
+                    let r = if driver_name == "io_uring" {
+                        driver::uring::run(
+                            shard,
+                            listener,
+                            &stop,
+                            cfg.recv_buffers,
+                            cfg.recv_buffer_bytes,
+                        )
+                    } else {
+                        driver::epoll::run(shard, listener, &stop, cfg.recv_buffer_bytes)
+                    };
+                    if let Err(e) = &r {
+                        log::error!("shard {i} stopped: {e}");
+                    }
+                    r
+                })?;
             threads.push(t);
         }
         log::info!(
@@ -193,7 +245,14 @@ impl Gateway {
             cfg.gateway_id,
             cfg.conns_per_shard_max
         );
-        Ok(GatewayHandle { addr, stop, wakers, stats, threads, driver: driver_name })
+        Ok(GatewayHandle {
+            addr,
+            stop,
+            wakers,
+            stats,
+            threads,
+            driver: driver_name,
+        })
     }
 }
 
@@ -212,7 +271,10 @@ impl GatewayHandle {
 
     /// Connections held across shards right now.
     pub fn connections(&self) -> u64 {
-        self.stats.iter().map(|s| s.connections.load(Ordering::Relaxed)).sum()
+        self.stats
+            .iter()
+            .map(|s| s.connections.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Asks every shard to close its connections with 1001 and stop.
@@ -227,7 +289,9 @@ impl GatewayHandle {
     pub fn join(self) -> io::Result<()> {
         let mut result = Ok(());
         for t in self.threads {
-            let r = t.join().unwrap_or_else(|_| Err(io::Error::other("a shard thread panicked")));
+            let r = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a shard thread panicked")));
             if result.is_ok() {
                 result = r;
             }

@@ -43,7 +43,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request<'_>, usize)>, Refusal> {
             return Err(Refusal::Status(431, "request header too large"))
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::Status(431, "too many headers")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::Status(431, "too many headers"))
+        }
         Err(_) => return Err(Refusal::Status(400, "malformed HTTP request")),
     };
     if req.method != Some("GET") {
@@ -54,7 +56,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request<'_>, usize)>, Refusal> {
     if path != "/ws" {
         return Ok(Some((Request::Get { path }, n)));
     }
-    let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
     let has_token = |name: &str, tok: &str| {
         header(name)
             .and_then(|v| std::str::from_utf8(v).ok())
@@ -66,10 +73,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request<'_>, usize)>, Refusal> {
     if header("sec-websocket-version") != Some(b"13") {
         return Err(Refusal::Status(426, "Sec-WebSocket-Version must be 13"));
     }
-    let key = header("sec-websocket-key").ok_or(Refusal::Status(400, "missing Sec-WebSocket-Key"))?;
+    let key =
+        header("sec-websocket-key").ok_or(Refusal::Status(400, "missing Sec-WebSocket-Key"))?;
     let mut raw = [0u8; 32];
     if B64.decode_slice(key, &mut raw).ok() != Some(16) {
-        return Err(Refusal::Status(400, "Sec-WebSocket-Key is not 16 bytes of base64"));
+        return Err(Refusal::Status(
+            400,
+            "Sec-WebSocket-Key is not 16 bytes of base64",
+        ));
     }
     let mut sha = Sha1::new();
     sha.update(key);
@@ -79,9 +90,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request<'_>, usize)>, Refusal> {
     let mut token = query_param(query, "token");
     let mut protocol = None;
     // Protocol offers borrow from `buf`, not from the parser's header array, so they outlive it.
-    if let Some(offers) = header("sec-websocket-protocol").and_then(|v| std::str::from_utf8(v).ok()) {
+    if let Some(offers) = header("sec-websocket-protocol").and_then(|v| std::str::from_utf8(v).ok())
+    {
         let offers: &str = rebase(buf, offers);
-        if let Some(bearer) = offers.split(',').map(str::trim).find(|p| p.starts_with("bearer.")) {
+        if let Some(bearer) = offers
+            .split(',')
+            .map(str::trim)
+            .find(|p| p.starts_with("bearer."))
+        {
             protocol = Some(bearer);
             if token.is_none() {
                 token = Some(Cow::Borrowed(&bearer["bearer.".len()..]));
@@ -90,7 +106,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request<'_>, usize)>, Refusal> {
             protocol = offers.split(',').map(str::trim).find(|p| !p.is_empty());
         }
     }
-    Ok(Some((Request::Upgrade { accept, token, protocol }, n)))
+    Ok(Some((
+        Request::Upgrade {
+            accept,
+            token,
+            protocol,
+        },
+        n,
+    )))
 }
 
 /// `s` points into `buf` (httparse hands out sub-slices of it); give it `buf`'s lifetime.
@@ -101,7 +124,9 @@ fn rebase<'b>(buf: &'b [u8], s: &str) -> &'b str {
 
 /// The value of `name` in a query string, percent-decoded.
 fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
-    let raw = query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
+    let raw = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
     if !raw.contains('%') && !raw.contains('+') {
         return Some(Cow::Borrowed(raw));
     }
@@ -206,7 +231,12 @@ mod tests {
     #[test]
     fn bearer_subprotocol_carries_the_token_and_is_echoed() {
         let req = upgrade("Sec-WebSocket-Protocol: chat, bearer.t.o.k\r\n", "/ws");
-        let Request::Upgrade { token, protocol, .. } = parse(req.as_bytes()).unwrap().unwrap().0 else { panic!() };
+        let Request::Upgrade {
+            token, protocol, ..
+        } = parse(req.as_bytes()).unwrap().unwrap().0
+        else {
+            panic!()
+        };
         assert_eq!(token.as_deref(), Some("t.o.k"));
         assert_eq!(protocol, Some("bearer.t.o.k"));
     }
@@ -214,7 +244,9 @@ mod tests {
     #[test]
     fn percent_encoded_token() {
         let req = upgrade("", "/ws?token=a%2Eb");
-        let Request::Upgrade { token, .. } = parse(req.as_bytes()).unwrap().unwrap().0 else { panic!() };
+        let Request::Upgrade { token, .. } = parse(req.as_bytes()).unwrap().unwrap().0 else {
+            panic!()
+        };
         assert_eq!(token.as_deref(), Some("a.b"));
     }
 
@@ -229,18 +261,35 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(parse(b"POST /ws HTTP/1.1\r\n\r\n"), Err(Refusal::Status(405, "only GET is served on this port")));
-        assert!(matches!(parse(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"), Err(Refusal::Status(426, _))));
+        assert_eq!(
+            parse(b"POST /ws HTTP/1.1\r\n\r\n"),
+            Err(Refusal::Status(405, "only GET is served on this port"))
+        );
+        assert!(matches!(
+            parse(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Err(Refusal::Status(426, _))
+        ));
         let bad_key = upgrade("", "/ws").replace(KEY, "short");
-        assert!(matches!(parse(bad_key.as_bytes()), Err(Refusal::Status(400, _))));
-        assert!(matches!(parse(b"\x16\x03\x01garbage\r\n\r\n"), Err(Refusal::Status(400, _))));
+        assert!(matches!(
+            parse(bad_key.as_bytes()),
+            Err(Refusal::Status(400, _))
+        ));
+        assert!(matches!(
+            parse(b"\x16\x03\x01garbage\r\n\r\n"),
+            Err(Refusal::Status(400, _))
+        ));
         let huge = format!("GET /ws HTTP/1.1\r\nX: {}", "a".repeat(REQUEST_BYTES_MAX));
-        assert!(matches!(parse(huge.as_bytes()), Err(Refusal::Status(431, _))));
+        assert!(matches!(
+            parse(huge.as_bytes()),
+            Err(Refusal::Status(431, _))
+        ));
     }
 
     #[test]
     fn plain_gets() {
-        let (r, _) = parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap().unwrap();
+        let (r, _) = parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(r, Request::Get { path: "/metrics" });
     }
 }

@@ -22,7 +22,11 @@ pub struct ConnRef {
 }
 
 impl ConnRef {
-    pub const NONE: ConnRef = ConnRef { shard: u16::MAX, key: u32::MAX, gen: 0 };
+    pub const NONE: ConnRef = ConnRef {
+        shard: u16::MAX,
+        key: u32::MAX,
+        gen: 0,
+    };
 }
 
 /// A message to be sequenced by the shard that owns its conversation.
@@ -46,9 +50,17 @@ pub enum ShardMsg {
     /// To the conversation's owner: assign id and seq, then route.
     Submit(Box<Submit>),
     /// To the user's home shard: forward `frame` to every shard holding the user.
-    Fanout { user: u64, frame: Frame, except: ConnRef },
+    Fanout {
+        user: u64,
+        frame: Frame,
+        except: ConnRef,
+    },
     /// To a shard holding the user: write `frame` to each of the user's connections.
-    Deliver { user: u64, frame: Frame, except: ConnRef },
+    Deliver {
+        user: u64,
+        frame: Frame,
+        except: ConnRef,
+    },
     /// To the origin shard: write `frame` (a `sent` or `error`) to one connection.
     Reply { to: ConnRef, frame: Frame },
 }
@@ -66,7 +78,10 @@ impl Waker {
         if efd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Waker { efd, sleeping: AtomicBool::new(false) })
+        Ok(Waker {
+            efd,
+            sleeping: AtomicBool::new(false),
+        })
     }
 
     pub fn fd(&self) -> RawFd {
@@ -119,7 +134,12 @@ pub struct MeshPort {
 }
 
 /// Builds the full mesh for `n` shards (n ≤ 64).
-pub fn build(n: usize, ring_capacity: usize, backlog_max: usize, wakers: Arc<[Waker]>) -> Vec<MeshPort> {
+pub fn build(
+    n: usize,
+    ring_capacity: usize,
+    backlog_max: usize,
+    wakers: Arc<[Waker]>,
+) -> Vec<MeshPort> {
     assert!((1..=64).contains(&n), "1..=64 shards per process, not {n}");
     assert_eq!(wakers.len(), n);
     let mut ports: Vec<MeshPort> = (0..n)
@@ -185,7 +205,9 @@ impl MeshPort {
     pub fn flush(&mut self) {
         if self.backlog_len > 0 {
             for d in 0..self.backlog.len() {
-                let Some(ring) = self.out[d].as_mut() else { continue };
+                let Some(ring) = self.out[d].as_mut() else {
+                    continue;
+                };
                 while !self.backlog[d].is_empty() && ring.slots() > 0 {
                     let m = self.backlog[d].pop_front().expect("not empty");
                     if ring.push(m).is_err() {
@@ -243,7 +265,10 @@ mod tests {
     use super::*;
 
     fn wakers(n: usize) -> Arc<[Waker]> {
-        (0..n).map(|_| Waker::new().unwrap()).collect::<Vec<_>>().into()
+        (0..n)
+            .map(|_| Waker::new().unwrap())
+            .collect::<Vec<_>>()
+            .into()
     }
 
     fn attach(user: u64) -> ShardMsg {
@@ -259,7 +284,16 @@ mod tests {
         ports[0].flush();
         let mut got = VecDeque::new();
         assert_eq!(ports[2].drain(100, &mut got), 5);
-        let users: Vec<u64> = got.iter().map(|m| if let ShardMsg::Attach { user, .. } = m { *user } else { 0 }).collect();
+        let users: Vec<u64> = got
+            .iter()
+            .map(|m| {
+                if let ShardMsg::Attach { user, .. } = m {
+                    *user
+                } else {
+                    0
+                }
+            })
+            .collect();
         assert_eq!(users, vec![1, 2, 3, 4, 5]);
         assert!(!ports[1].has_inbound());
     }
@@ -271,7 +305,10 @@ mod tests {
             ports[0].send(1, attach(u)).unwrap();
         }
         assert_eq!(ports[0].backlog_len(), 3);
-        assert!(ports[0].send(1, attach(99)).is_err(), "backlog bound must hold");
+        assert!(
+            ports[0].send(1, attach(99)).is_err(),
+            "backlog bound must hold"
+        );
         let mut got = VecDeque::new();
         ports[1].drain(100, &mut got);
         ports[0].flush(); // backlog moves into the freed ring, in order

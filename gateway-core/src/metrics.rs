@@ -77,10 +77,21 @@ impl ShardStats {
 pub fn render(gateway_id: &str, shards: &[ShardStats], driver: &str) -> String {
     let mut out = String::with_capacity(4096);
     let per: Vec<Vec<u64>> = shards.iter().map(|s| s.values()).collect();
-    let _ = writeln!(out, "# HELP im_gateway_info The gateway process.\n# TYPE im_gateway_info gauge");
-    let _ = writeln!(out, "im_gateway_info{{gateway=\"{gateway_id}\",driver=\"{driver}\",shards=\"{}\"}} 1", shards.len());
+    let _ = writeln!(
+        out,
+        "# HELP im_gateway_info The gateway process.\n# TYPE im_gateway_info gauge"
+    );
+    let _ = writeln!(
+        out,
+        "im_gateway_info{{gateway=\"{gateway_id}\",driver=\"{driver}\",shards=\"{}\"}} 1",
+        shards.len()
+    );
     for (i, (name, kind, help)) in FIELDS.iter().enumerate() {
-        let _ = writeln!(out, "# HELP im_gateway_{name} {}\n# TYPE im_gateway_{name} {kind}", help.trim());
+        let _ = writeln!(
+            out,
+            "# HELP im_gateway_{name} {}\n# TYPE im_gateway_{name} {kind}",
+            help.trim()
+        );
         for (shard, vals) in per.iter().enumerate() {
             let _ = writeln!(out, "im_gateway_{name}{{shard=\"{shard}\"}} {}", vals[i]);
         }
@@ -91,7 +102,11 @@ pub fn render(gateway_id: &str, shards: &[ShardStats], driver: &str) -> String {
     );
     for (shard, s) in shards.iter().enumerate() {
         for (i, code) in CLOSE_CODES.iter().enumerate() {
-            let _ = writeln!(out, "im_gateway_closes_total{{shard=\"{shard}\",code=\"{code}\"}} {}", s.closes[i].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "im_gateway_closes_total{{shard=\"{shard}\",code=\"{code}\"}} {}",
+                s.closes[i].load(Relaxed)
+            );
         }
     }
     out

@@ -101,7 +101,12 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(cfg: &GatewayConfig, mesh: MeshPort, stats: Arc<[ShardStats]>, driver: &'static str) -> Shard {
+    pub fn new(
+        cfg: &GatewayConfig,
+        mesh: MeshPort,
+        stats: Arc<[ShardStats]>,
+        driver: &'static str,
+    ) -> Shard {
         let id = mesh.id();
         let shards = stats.len() as u16;
         let tick_ms = cfg.tick_ms.max(1);
@@ -211,7 +216,9 @@ impl Shard {
     pub fn on_recv(&mut self, key: u32, data: &mut [u8]) {
         ShardStats::add(&self.st().bytes_in_total, data.len() as u64);
         let tick = self.tick();
-        let Some(c) = self.conns.get_mut(key as usize) else { return };
+        let Some(c) = self.conns.get_mut(key as usize) else {
+            return;
+        };
         if !matches!(c.state, State::Handshake | State::Open) {
             return; // closing: the peer's late bytes are read and dropped
         }
@@ -248,7 +255,9 @@ impl Shard {
 
     /// The peer closed its side (recv returned 0).
     pub fn on_eof(&mut self, key: u32) {
-        let Some(c) = self.conns.get_mut(key as usize) else { return };
+        let Some(c) = self.conns.get_mut(key as usize) else {
+            return;
+        };
         c.io |= io::EOF;
         match c.state {
             State::Open | State::Handshake => {
@@ -284,7 +293,9 @@ impl Shard {
 
     /// A send finished: `res` bytes taken, or a negative errno.
     pub fn on_sent(&mut self, key: u32, res: i32) {
-        let Some(c) = self.conns.get_mut(key as usize) else { return };
+        let Some(c) = self.conns.get_mut(key as usize) else {
+            return;
+        };
         c.io &= !io::SEND_INFLIGHT;
         if res < 0 {
             self.kill(key);
@@ -298,7 +309,9 @@ impl Shard {
     /// What the driver should do for `key` now; updates the I/O flags as if it was done.
     pub fn plan(&mut self, key: u32) -> IoPlan {
         let mut plan = IoPlan::default();
-        let Some(c) = self.conns.get_mut(key as usize) else { return plan };
+        let Some(c) = self.conns.get_mut(key as usize) else {
+            return plan;
+        };
         c.io &= !io::READY;
         if c.state != State::Dead && !c.has(io::SEND_INFLIGHT) {
             if let Some(front) = self.arena.tx(c.tx).and_then(|t| t.front()) {
@@ -364,7 +377,9 @@ impl Shard {
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(tick, &mut expired);
         for key in expired.drain(..) {
-            let Some(c) = self.conns.get(key as usize) else { continue };
+            let Some(c) = self.conns.get(key as usize) else {
+                continue;
+            };
             match c.state {
                 State::Handshake => {
                     ShardStats::add(&self.st().handshake_timeouts_total, 1);
@@ -434,14 +449,18 @@ impl Shard {
     // Bytes → frames → messages.
 
     fn reading(&self, key: u32) -> bool {
-        self.conns.get(key as usize).is_some_and(|c| matches!(c.state, State::Handshake | State::Open))
+        self.conns
+            .get(key as usize)
+            .is_some_and(|c| matches!(c.state, State::Handshake | State::Open))
     }
 
     /// Consumes complete requests/frames from `buf`; returns the bytes used.
     fn process(&mut self, key: u32, rx: &mut RxState, buf: &mut [u8]) -> usize {
         let mut pos = 0;
         loop {
-            let Some(c) = self.conns.get(key as usize) else { return buf.len() };
+            let Some(c) = self.conns.get(key as usize) else {
+                return buf.len();
+            };
             match c.state {
                 State::Handshake => match handshake::parse(&buf[pos..]) {
                     Ok(None) => return pos,
@@ -455,22 +474,24 @@ impl Shard {
                         return buf.len();
                     }
                 },
-                State::Open => match codec::parse_header(&buf[pos..], self.limits.frame_bytes_max) {
-                    Ok(None) => return pos,
-                    Err(e) => {
-                        self.fail(key, e);
-                        return buf.len();
-                    }
-                    Ok(Some(h)) => {
-                        if buf.len() - pos < h.frame_len() {
-                            return pos;
+                State::Open => {
+                    match codec::parse_header(&buf[pos..], self.limits.frame_bytes_max) {
+                        Ok(None) => return pos,
+                        Err(e) => {
+                            self.fail(key, e);
+                            return buf.len();
                         }
-                        let (start, end) = (pos + h.header_len, pos + h.frame_len());
-                        codec::unmask(&mut buf[start..end], h.mask);
-                        self.on_frame(key, rx, h, &buf[start..end]);
-                        pos = end;
+                        Ok(Some(h)) => {
+                            if buf.len() - pos < h.frame_len() {
+                                return pos;
+                            }
+                            let (start, end) = (pos + h.header_len, pos + h.frame_len());
+                            codec::unmask(&mut buf[start..end], h.mask);
+                            self.on_frame(key, rx, h, &buf[start..end]);
+                            pos = end;
+                        }
                     }
-                },
+                }
                 _ => return buf.len(),
             }
         }
@@ -487,7 +508,10 @@ impl Shard {
             },
             opcode::TEXT | opcode::BINARY => {
                 if rx.frag_opcode != 0 {
-                    return self.fail(key, FrameError::Protocol("new message inside a fragmented one"));
+                    return self.fail(
+                        key,
+                        FrameError::Protocol("new message inside a fragmented one"),
+                    );
                 }
                 if h.fin {
                     self.on_message(key, h.opcode, payload);
@@ -516,7 +540,12 @@ impl Shard {
 
     fn on_message(&mut self, key: u32, op: u8, payload: &[u8]) {
         if op == opcode::BINARY {
-            return self.reply_error(key, ErrorCode::BadRequest, "binary frames are not supported: send JSON text frames", None);
+            return self.reply_error(
+                key,
+                ErrorCode::BadRequest,
+                "binary frames are not supported: send JSON text frames",
+                None,
+            );
         }
         let Ok(text) = std::str::from_utf8(payload) else {
             return self.fail(key, FrameError::InvalidUtf8);
@@ -547,13 +576,24 @@ impl Shard {
 
     fn on_http(&mut self, key: u32, req: handshake::Request<'_>) {
         match req {
-            handshake::Request::Upgrade { accept, token, protocol } => {
+            handshake::Request::Upgrade {
+                accept,
+                token,
+                protocol,
+            } => {
                 if self.shutting_down {
-                    return self.http_answer(key, handshake::json_error(503, ErrorCode::Busy.code(), "shutting down"));
+                    return self.http_answer(
+                        key,
+                        handshake::json_error(503, ErrorCode::Busy.code(), "shutting down"),
+                    );
                 }
                 let verified = match token {
-                    None => Err("missing token: pass ?token=<JWT> or Sec-WebSocket-Protocol: bearer.<JWT>".to_string()),
-                    Some(t) => jwt::verify(&self.secret, &t, self.now.unix_ms / 1000).map_err(|e| e.to_string()),
+                    None => Err(
+                        "missing token: pass ?token=<JWT> or Sec-WebSocket-Protocol: bearer.<JWT>"
+                            .to_string(),
+                    ),
+                    Some(t) => jwt::verify(&self.secret, &t, self.now.unix_ms / 1000)
+                        .map_err(|e| e.to_string()),
                 };
                 match verified {
                     Err(why) => {
@@ -577,7 +617,9 @@ impl Shard {
             }
             handshake::Request::Get { path } => {
                 let answer = match path {
-                    "/healthz" if self.shutting_down => handshake::response(503, "text/plain", b"shutting down\n"),
+                    "/healthz" if self.shutting_down => {
+                        handshake::response(503, "text/plain", b"shutting down\n")
+                    }
                     "/healthz" => handshake::response(200, "text/plain", b"ok\n"),
                     "/metrics" => {
                         let text = metrics::render(&self.gateway_id, &self.stats, self.driver);
@@ -624,13 +666,35 @@ impl Shard {
         let c = &self.conns[key as usize];
         let from = c.user;
         let Some(conv) = Conv::pair(from, to) else {
-            return self.reply_error(key, ErrorCode::InvalidField, "cannot send a message to yourself", Some(cid));
+            return self.reply_error(
+                key,
+                ErrorCode::InvalidField,
+                "cannot send a message to yourself",
+                Some(cid),
+            );
         };
-        let origin = ConnRef { shard: self.id, key, gen: c.gen };
-        let msg = ShardMsg::Submit(Box::new(Submit { conv, from, to, cid: cid.into(), content, content_type, origin }));
+        let origin = ConnRef {
+            shard: self.id,
+            key,
+            gen: c.gen,
+        };
+        let msg = ShardMsg::Submit(Box::new(Submit {
+            conv,
+            from,
+            to,
+            cid: cid.into(),
+            content,
+            content_type,
+            origin,
+        }));
         if self.route(self.owner_of(conv), msg).is_err() {
             ShardStats::add(&self.st().ring_dropped_total, 1);
-            self.reply_error(key, ErrorCode::Busy, "the gateway is overloaded: retry with the same cid", Some(cid));
+            self.reply_error(
+                key,
+                ErrorCode::Busy,
+                "the gateway is overloaded: retry with the same cid",
+                Some(cid),
+            );
         }
     }
 
@@ -653,20 +717,45 @@ impl Shard {
                 }
             }
             ShardMsg::Submit(s) => self.sequence(*s),
-            ShardMsg::Fanout { user, frame, except } => {
+            ShardMsg::Fanout {
+                user,
+                frame,
+                except,
+            } if self.shards == 1 => self.on_shard_msg(ShardMsg::Deliver {
+                user,
+                frame,
+                except,
+            }),
+            ShardMsg::Fanout {
+                user,
+                frame,
+                except,
+            } => {
                 let mut mask = self.home.get(&user).copied().unwrap_or(0);
                 while mask != 0 {
                     let shard = mask.trailing_zeros() as u16;
                     mask &= mask - 1;
-                    self.route_or_count(shard, ShardMsg::Deliver { user, frame: frame.clone(), except });
+                    self.route_or_count(
+                        shard,
+                        ShardMsg::Deliver {
+                            user,
+                            frame: frame.clone(),
+                            except,
+                        },
+                    );
                 }
             }
-            ShardMsg::Deliver { user, frame, except } => {
+            ShardMsg::Deliver {
+                user,
+                frame,
+                except,
+            } => {
                 let mut key = self.local.get(&user).copied().unwrap_or(NONE);
                 while key != NONE {
                     let c = &self.conns[key as usize];
                     let next = c.dev_next;
-                    let is_origin = except.shard == self.id && except.key == key && except.gen == c.gen;
+                    let is_origin =
+                        except.shard == self.id && except.key == key && except.gen == c.gen;
                     if !is_origin {
                         ShardStats::add(&self.st().deliveries_total, 1);
                         self.enqueue(key, frame.clone());
@@ -675,7 +764,11 @@ impl Shard {
                 }
             }
             ShardMsg::Reply { to, frame } => {
-                if self.conns.get(to.key as usize).is_some_and(|c| c.gen == to.gen) {
+                if self
+                    .conns
+                    .get(to.key as usize)
+                    .is_some_and(|c| c.gen == to.gen)
+                {
                     self.enqueue(to.key, frame);
                 }
             }
@@ -691,8 +784,18 @@ impl Shard {
                 *seq
             }
             None if full => {
-                let frame = self.error_frame(ErrorCode::Busy, "too many conversations in memory", Some(&s.cid));
-                return self.route_or_count(s.origin.shard, ShardMsg::Reply { to: s.origin, frame });
+                let frame = self.error_frame(
+                    ErrorCode::Busy,
+                    "too many conversations in memory",
+                    Some(&s.cid),
+                );
+                return self.route_or_count(
+                    s.origin.shard,
+                    ShardMsg::Reply {
+                        to: s.origin,
+                        frame,
+                    },
+                );
             }
             None => {
                 self.seqs.insert(s.conv, 1);
@@ -715,9 +818,29 @@ impl Shard {
         let frame = self.text_frame(|out| protocol::encode_msg(&m, out));
         let sent = self.text_frame(|out| protocol::encode_sent(&s.cid, id, s.conv, seq, ts, out));
         ShardStats::add(&self.st().messages_routed_total, 1);
-        self.route_or_count(s.origin.shard, ShardMsg::Reply { to: s.origin, frame: sent });
-        self.route_or_count(self.home_of(s.to), ShardMsg::Fanout { user: s.to, frame: frame.clone(), except: ConnRef::NONE });
-        self.route_or_count(self.home_of(s.from), ShardMsg::Fanout { user: s.from, frame, except: s.origin });
+        self.route_or_count(
+            s.origin.shard,
+            ShardMsg::Reply {
+                to: s.origin,
+                frame: sent,
+            },
+        );
+        self.route_or_count(
+            self.home_of(s.to),
+            ShardMsg::Fanout {
+                user: s.to,
+                frame: frame.clone(),
+                except: ConnRef::NONE,
+            },
+        );
+        self.route_or_count(
+            self.home_of(s.from),
+            ShardMsg::Fanout {
+                user: s.from,
+                frame,
+                except: s.origin,
+            },
+        );
     }
 
     /// Adds `key` to this shard's directory (and tells the user's home shard on the first).
@@ -730,8 +853,17 @@ impl Shard {
             }
             None => {
                 self.local.insert(user, key);
-                let home = self.home_of(user);
-                self.route_or_count(home, ShardMsg::Attach { user, shard: self.id });
+                // With one shard `local` is the whole directory; a home map would repeat it.
+                if self.shards > 1 {
+                    let home = self.home_of(user);
+                    self.route_or_count(
+                        home,
+                        ShardMsg::Attach {
+                            user,
+                            shard: self.id,
+                        },
+                    );
+                }
             }
         }
     }
@@ -750,8 +882,16 @@ impl Shard {
             self.local.insert(user, next);
         } else {
             self.local.remove(&user);
-            let home = self.home_of(user);
-            self.route_or_count(home, ShardMsg::Detach { user, shard: self.id });
+            if self.shards > 1 {
+                let home = self.home_of(user);
+                self.route_or_count(
+                    home,
+                    ShardMsg::Detach {
+                        user,
+                        shard: self.id,
+                    },
+                );
+            }
         }
     }
 
@@ -790,14 +930,20 @@ impl Shard {
 
     /// Queues a frame for an open connection, enforcing the per-connection bound.
     fn enqueue(&mut self, key: u32, frame: Frame) {
-        let Some(c) = self.conns.get_mut(key as usize) else { return };
+        let Some(c) = self.conns.get_mut(key as usize) else {
+            return;
+        };
         if c.state != State::Open {
             return;
         }
         let queued = self.arena.tx_bytes(c.tx);
         if queued + frame.len() > self.limits.outbound_bytes_max || !self.arena.fits(frame.len()) {
             ShardStats::add(&self.st().slow_consumer_closes_total, 1);
-            return self.begin_close(key, close::TRY_AGAIN, "outbound queue full: read your messages");
+            return self.begin_close(
+                key,
+                close::TRY_AGAIN,
+                "outbound queue full: read your messages",
+            );
         }
         self.arena.push_tx(&mut c.tx, frame);
         ShardStats::add(&self.st().frames_out_total, 1);
@@ -822,16 +968,20 @@ impl Shard {
     /// wire), send a close frame, shut down our side once it is out, and wait for the peer.
     fn begin_close(&mut self, key: u32, code: u16, reason: &str) {
         let linger = self.tick() + self.limits.linger_ticks;
-        let Some(c) = self.conns.get(key as usize) else { return };
+        let Some(c) = self.conns.get(key as usize) else {
+            return;
+        };
         match c.state {
             State::Closing | State::Linger | State::Dead => return,
             State::Open => self.leave(key),
             State::Handshake => {}
         }
         let c = &mut self.conns[key as usize];
-        let keep_front = c.has(io::SEND_INFLIGHT) || self.arena.tx(c.tx).is_some_and(|t| t.head_sent > 0);
+        let keep_front =
+            c.has(io::SEND_INFLIGHT) || self.arena.tx(c.tx).is_some_and(|t| t.head_sent > 0);
         self.arena.truncate_tx(&mut c.tx, keep_front);
-        self.arena.push_tx(&mut c.tx, codec::close_frame(code, reason).into());
+        self.arena
+            .push_tx(&mut c.tx, codec::close_frame(code, reason).into());
         c.state = State::Closing;
         self.wheel.insert(key, linger);
         self.st().count_close(code);
@@ -840,7 +990,9 @@ impl Shard {
 
     /// Closes without ceremony; the driver closes the fd once no I/O is in flight.
     fn kill(&mut self, key: u32) {
-        let Some(c) = self.conns.get(key as usize) else { return };
+        let Some(c) = self.conns.get(key as usize) else {
+            return;
+        };
         match c.state {
             State::Dead => return,
             State::Open => self.leave(key),

@@ -49,7 +49,9 @@ impl Wheel {
     }
 
     pub fn is_armed(&self, id: u32) -> bool {
-        self.links.get(id as usize).is_some_and(|l| l.deadline != UNARMED)
+        self.links
+            .get(id as usize)
+            .is_some_and(|l| l.deadline != UNARMED)
     }
 
     /// Arms `id` to fire at `deadline` (an absolute tick; one in the past fires on the next
@@ -58,13 +60,24 @@ impl Wheel {
         assert!(id != NIL);
         let idx = id as usize;
         if idx >= self.links.len() {
-            self.links.resize(idx + 1, Link { prev: NIL, next: NIL, deadline: UNARMED });
+            self.links.resize(
+                idx + 1,
+                Link {
+                    prev: NIL,
+                    next: NIL,
+                    deadline: UNARMED,
+                },
+            );
         }
         self.cancel(id);
         let deadline = deadline.max(self.now + 1).min(UNARMED - 1);
         let slot = (deadline & self.mask) as usize;
         let head = self.heads[slot];
-        self.links[idx] = Link { prev: NIL, next: head, deadline };
+        self.links[idx] = Link {
+            prev: NIL,
+            next: head,
+            deadline,
+        };
         if head != NIL {
             self.links[head as usize].prev = id;
         }
@@ -74,7 +87,9 @@ impl Wheel {
 
     /// Disarms `id`; a no-op when it is not armed.
     pub fn cancel(&mut self, id: u32) {
-        let Some(l) = self.links.get(id as usize).copied() else { return };
+        let Some(l) = self.links.get(id as usize).copied() else {
+            return;
+        };
         if l.deadline == UNARMED {
             return;
         }
@@ -86,7 +101,11 @@ impl Wheel {
         if l.next != NIL {
             self.links[l.next as usize].prev = l.prev;
         }
-        self.links[id as usize] = Link { prev: NIL, next: NIL, deadline: UNARMED };
+        self.links[id as usize] = Link {
+            prev: NIL,
+            next: NIL,
+            deadline: UNARMED,
+        };
         self.armed -= 1;
     }
 

@@ -34,13 +34,21 @@ fn start(cfg: GatewayConfig) -> GatewayHandle {
 }
 
 fn token(user: u64) -> String {
-    jwt::sign(SECRET.as_bytes(), &jwt::Claims::new(user, im_shared::unix_ms() / 1000, 600))
+    jwt::sign(
+        SECRET.as_bytes(),
+        &jwt::Claims::new(user, im_shared::unix_ms() / 1000, 600),
+    )
 }
 
 /// Connects `user`; returns the socket and the shard that took it.
 fn connect(addr: SocketAddr, user: u64) -> (Ws, u16) {
-    let (ws, resp) = tungstenite::connect(format!("ws://{addr}/ws?token={}", token(user))).expect("upgrade");
-    let shard = resp.headers()["x-im-shard"].to_str().unwrap().parse().unwrap();
+    let (ws, resp) =
+        tungstenite::connect(format!("ws://{addr}/ws?token={}", token(user))).expect("upgrade");
+    let shard = resp.headers()["x-im-shard"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     if let MaybeTlsStream::Plain(s) = ws.get_ref() {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     }
@@ -94,22 +102,39 @@ fn users_on_different_shards_exchange_messages_on_both_drivers() {
         let mut bob = connect_on(addr, 2, 1);
         std::thread::sleep(Duration::from_millis(50)); // directory updates cross shards
         for i in 0..20 {
-            send(&mut alice, serde_json::json!({"type": "send", "cid": format!("a{i}"), "to": "2", "content": format!("hi {i}")}));
+            send(
+                &mut alice,
+                serde_json::json!({"type": "send", "cid": format!("a{i}"), "to": "2", "content": format!("hi {i}")}),
+            );
         }
         for i in 0..20u64 {
             let sent = recv(&mut alice);
-            assert_eq!((sent["type"].as_str(), sent["cid"].as_str()), (Some("sent"), Some(format!("a{i}").as_str())));
+            assert_eq!(
+                (sent["type"].as_str(), sent["cid"].as_str()),
+                (Some("sent"), Some(format!("a{i}").as_str()))
+            );
             let msg = recv(&mut bob);
             assert_eq!(msg["type"], "msg");
             assert_eq!(msg["seq"], i + 1);
             assert_eq!(msg["from"], "1");
             assert_eq!(msg["id"], sent["id"]);
         }
-        send(&mut bob, serde_json::json!({"type": "send", "cid": "b", "to": 1, "content": "back"}));
-        assert_eq!(recv(&mut bob)["seq"], 21, "one sequence per conversation, both directions");
+        send(
+            &mut bob,
+            serde_json::json!({"type": "send", "cid": "b", "to": 1, "content": "back"}),
+        );
+        assert_eq!(
+            recv(&mut bob)["seq"],
+            21,
+            "one sequence per conversation, both directions"
+        );
         assert_eq!(recv(&mut alice)["content"], "back");
         gw.shutdown();
-        assert_eq!(close_code(&mut alice), 1001, "graceful shutdown closes with 1001");
+        assert_eq!(
+            close_code(&mut alice),
+            1001,
+            "graceful shutdown closes with 1001"
+        );
         gw.join().unwrap();
     }
 }
@@ -122,7 +147,10 @@ fn every_device_of_both_parties_gets_the_message_except_the_sending_one() {
     let mut alice_phone = connect(addr, 10).0;
     let mut bob_devices: Vec<Ws> = (0..3).map(|_| connect(addr, 20).0).collect();
     std::thread::sleep(Duration::from_millis(50));
-    send(&mut alice_laptop, serde_json::json!({"type": "send", "cid": "m1", "to": "20", "content": "to all"}));
+    send(
+        &mut alice_laptop,
+        serde_json::json!({"type": "send", "cid": "m1", "to": "20", "content": "to all"}),
+    );
     assert_eq!(recv(&mut alice_laptop)["type"], "sent");
     assert_eq!(recv(&mut alice_phone)["content"], "to all");
     for b in &mut bob_devices {
@@ -138,7 +166,10 @@ fn bad_tokens_are_refused_with_401_before_the_upgrade() {
     let gw = start(config(false));
     let addr = gw.local_addr();
     let expired = jwt::sign(SECRET.as_bytes(), &jwt::Claims::new(1, 1000, 1));
-    let forged = jwt::sign(b"not-the-secret", &jwt::Claims::new(1, im_shared::unix_ms() / 1000, 60));
+    let forged = jwt::sign(
+        b"not-the-secret",
+        &jwt::Claims::new(1, im_shared::unix_ms() / 1000, 60),
+    );
     for url in [
         format!("ws://{addr}/ws"),
         format!("ws://{addr}/ws?token=garbage"),
@@ -151,15 +182,26 @@ fn bad_tokens_are_refused_with_401_before_the_upgrade() {
         }
     }
     // The bearer subprotocol works where a URL cannot carry the token (browsers' headers).
-    let mut req = tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/ws")).unwrap();
-    req.headers_mut().insert("Sec-WebSocket-Protocol", format!("bearer.{}", token(5)).parse().unwrap());
+    let mut req =
+        tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/ws"))
+            .unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        format!("bearer.{}", token(5)).parse().unwrap(),
+    );
     let (_ws, resp) = tungstenite::connect(req).expect("bearer subprotocol accepted");
-    assert!(resp.headers()["sec-websocket-protocol"].to_str().unwrap().starts_with("bearer."));
+    assert!(resp.headers()["sec-websocket-protocol"]
+        .to_str()
+        .unwrap()
+        .starts_with("bearer."));
 }
 
 #[test]
 fn oversize_frame_is_closed_with_1009() {
-    let gw = start(GatewayConfig { frame_bytes_max: 1024, ..config(false) });
+    let gw = start(GatewayConfig {
+        frame_bytes_max: 1024,
+        ..config(false)
+    });
     let (mut ws, _) = connect(gw.local_addr(), 1);
     ws.send(Message::text("x".repeat(2000))).unwrap();
     assert_eq!(close_code(&mut ws), 1009);
@@ -182,7 +224,11 @@ fn raw_connect(addr: SocketAddr, user: u64) -> TcpStream {
         s.read_exact(&mut b).unwrap();
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -194,8 +240,13 @@ fn raw_close_code(s: &mut TcpStream) -> u16 {
         let mut pos = 0;
         while buf.len() >= pos + 2 {
             let (len, hl) = match buf[pos + 1] & 0x7F {
-                126 if buf.len() >= pos + 4 => (u16::from_be_bytes([buf[pos + 2], buf[pos + 3]]) as usize, 4),
-                127 if buf.len() >= pos + 10 => (u64::from_be_bytes(buf[pos + 2..pos + 10].try_into().unwrap()) as usize, 10),
+                126 if buf.len() >= pos + 4 => {
+                    (u16::from_be_bytes([buf[pos + 2], buf[pos + 3]]) as usize, 4)
+                }
+                127 if buf.len() >= pos + 10 => (
+                    u64::from_be_bytes(buf[pos + 2..pos + 10].try_into().unwrap()) as usize,
+                    10,
+                ),
                 126 | 127 => break,
                 n => (n as usize, 2),
             };
@@ -218,7 +269,13 @@ fn raw_close_code(s: &mut TcpStream) -> u16 {
 fn invalid_utf8_is_closed_with_1007_and_unmasked_frames_with_1002() {
     let gw = start(config(false));
     let mut s = raw_connect(gw.local_addr(), 1);
-    s.write_all(&codec::client_frame(true, opcode::TEXT, &[0xC3, 0x28], [7, 7, 7, 7])).unwrap();
+    s.write_all(&codec::client_frame(
+        true,
+        opcode::TEXT,
+        &[0xC3, 0x28],
+        [7, 7, 7, 7],
+    ))
+    .unwrap();
     assert_eq!(raw_close_code(&mut s), 1007);
 
     let mut s = raw_connect(gw.local_addr(), 1);
@@ -231,7 +288,10 @@ fn invalid_utf8_is_closed_with_1007_and_unmasked_frames_with_1002() {
 
 #[test]
 fn idle_connection_is_closed_by_the_timing_wheel() {
-    let gw = start(GatewayConfig { heartbeat_timeout_ms: 300, ..config(false) });
+    let gw = start(GatewayConfig {
+        heartbeat_timeout_ms: 300,
+        ..config(false)
+    });
     let (mut idle, _) = connect(gw.local_addr(), 1);
     let (mut alive, _) = connect(gw.local_addr(), 2);
     let t0 = Instant::now();
@@ -244,12 +304,17 @@ fn idle_connection_is_closed_by_the_timing_wheel() {
     assert_eq!(close_code(&mut idle), 1001);
     assert!(t0.elapsed() < Duration::from_secs(3));
     send(&mut alive, serde_json::json!({"type": "ping"}));
-    assert_eq!(recv(&mut alive)["type"], "pong", "a live connection is untouched");
+    assert_eq!(
+        recv(&mut alive)["type"],
+        "pong",
+        "a live connection is untouched"
+    );
 }
 
 fn metric(addr: SocketAddr, name: &str) -> u64 {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -262,7 +327,10 @@ fn metric(addr: SocketAddr, name: &str) -> u64 {
 #[test]
 fn a_reader_that_never_reads_is_closed_with_1013_and_memory_stays_bounded() {
     let outbound_max = 64 * 1024;
-    let gw = start(GatewayConfig { outbound_bytes_max: outbound_max, ..config(false) });
+    let gw = start(GatewayConfig {
+        outbound_bytes_max: outbound_max,
+        ..config(false)
+    });
     let addr = gw.local_addr();
     let mut stalled = raw_connect(addr, 2); // never reads until the gateway gives up on it
     let (mut sender, _) = connect(addr, 1);
@@ -271,15 +339,24 @@ fn a_reader_that_never_reads_is_closed_with_1013_and_memory_stays_bounded() {
     let mut max_arena = 0;
     let mut sent = 0;
     while metric(addr, "im_gateway_slow_consumer_closes_total") == 0 {
-        assert!(sent < 2_000, "60 MB sent and the stalled reader was never cut off");
+        assert!(
+            sent < 2_000,
+            "60 MB sent and the stalled reader was never cut off"
+        );
         for _ in 0..20 {
-            send(&mut sender, serde_json::json!({"type": "send", "cid": format!("c{sent}"), "to": "2", "content": content}));
+            send(
+                &mut sender,
+                serde_json::json!({"type": "send", "cid": format!("c{sent}"), "to": "2", "content": content}),
+            );
             assert_eq!(recv(&mut sender)["type"], "sent");
             sent += 1;
         }
         max_arena = max_arena.max(metric(addr, "im_gateway_arena_bytes"));
     }
-    assert!(max_arena <= (outbound_max + 64 * 1024) as u64, "arena grew to {max_arena} bytes");
+    assert!(
+        max_arena <= (outbound_max + 64 * 1024) as u64,
+        "arena grew to {max_arena} bytes"
+    );
     // Now it reads: everything the kernel buffered, then our close frame.
     assert_eq!(raw_close_code(&mut stalled), 1013);
     // The sender never noticed.
@@ -298,17 +375,25 @@ fn health_and_metrics_on_the_gateway_port() {
     assert!((3..=4).contains(&conns), "{conns}");
     assert!(metric(addr, "im_gateway_handshakes_total") >= 1);
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("ok\n"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("ok\n"),
+        "{text}"
+    );
 }
 
 #[test]
 fn close_code_from_client_is_echoed() {
     let gw = start(config(false));
     let (mut ws, _) = connect(gw.local_addr(), 1);
-    ws.close(Some(tungstenite::protocol::CloseFrame { code: CloseCode::Normal, reason: "bye".into() })).unwrap();
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .unwrap();
     loop {
         match ws.read() {
             Ok(Message::Close(Some(f))) => {

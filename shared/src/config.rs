@@ -33,7 +33,8 @@ pub struct GatewayConfig {
     pub ring_capacity: usize,
     /// Entries a shard keeps queued for a peer whose ring is full, before dropping.
     pub ring_backlog_max: usize,
-    /// Receive buffers in each shard's provided-buffer ring, and their size.
+    /// Receive buffers in each shard's provided-buffer ring, and their size. The ring is the
+    /// only receive memory a shard has; a frame larger than a buffer continues in the arena.
     pub recv_buffers: usize,
     pub recv_buffer_bytes: usize,
     /// Bytes of partial frames and pending writes the shard's arena may hold across connections.
@@ -48,7 +49,9 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             ws_listen: "127.0.0.1:8090".parse().expect("valid literal"),
-            shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            shards: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             pin_first_core: Some(0),
             jwt_secret: Vec::new(),
             gateway_id: String::from("gw"),
@@ -61,7 +64,7 @@ impl Default for GatewayConfig {
             ring_capacity: 4096,
             ring_backlog_max: 65_536,
             recv_buffers: 256,
-            recv_buffer_bytes: 2048,
+            recv_buffer_bytes: 1024,
             arena_bytes_max: 256 << 20,
             tick_ms: 100,
             force_epoll: false,

@@ -88,7 +88,18 @@ mod tests {
 
     #[test]
     fn rejects_non_canonical_and_garbage() {
-        for bad in ["p:9:3", "p:3:3", "p:3", "x:1", "g:", "g:-1", "g:+1", "g:0", "p:1:99999999999999999999999", ""] {
+        for bad in [
+            "p:9:3",
+            "p:3:3",
+            "p:3",
+            "x:1",
+            "g:",
+            "g:-1",
+            "g:+1",
+            "g:0",
+            "p:1:99999999999999999999999",
+            "",
+        ] {
             assert_eq!(Conv::parse(bad), None, "{bad}");
         }
     }

@@ -33,7 +33,13 @@ pub struct Claims {
 impl Claims {
     /// Claims for `user_id` valid for `ttl_s` seconds from `now_s`, with a random `jti`.
     pub fn new(user_id: u64, now_s: u64, ttl_s: u64) -> Claims {
-        Claims { sub: user_id.to_string(), iat: now_s, exp: now_s + ttl_s, jti: random_hex(16), dev: None }
+        Claims {
+            sub: user_id.to_string(),
+            iat: now_s,
+            exp: now_s + ttl_s,
+            jti: random_hex(16),
+            dev: None,
+        }
     }
 
     /// The user id in `sub`; verification guarantees it parses.
@@ -109,22 +115,30 @@ pub fn verify(secret: &[u8], token: &str, now_s: u64) -> Result<Claims, JwtError
         return Err(JwtError::Malformed);
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(JwtError::Malformed);
     };
     // Decode into stack buffers: the token is bounded, and connects should not allocate for it.
     let mut buf = [0u8; TOKEN_BYTES_MAX];
-    let n = B64.decode_slice(h, &mut buf).map_err(|_| JwtError::Malformed)?;
+    let n = B64
+        .decode_slice(h, &mut buf)
+        .map_err(|_| JwtError::Malformed)?;
     let header: Header = serde_json::from_slice(&buf[..n]).map_err(|_| JwtError::Malformed)?;
     if header.alg != "HS256" {
         return Err(JwtError::Algorithm);
     }
     let mut sig = [0u8; 64];
-    let n = B64.decode_slice(s, &mut sig).map_err(|_| JwtError::Signature)?;
+    let n = B64
+        .decode_slice(s, &mut sig)
+        .map_err(|_| JwtError::Signature)?;
     let mut m = mac(secret);
     m.update(&token.as_bytes()[..h.len() + 1 + p.len()]);
     m.verify_slice(&sig[..n]).map_err(|_| JwtError::Signature)?;
-    let n = B64.decode_slice(p, &mut buf).map_err(|_| JwtError::Malformed)?;
+    let n = B64
+        .decode_slice(p, &mut buf)
+        .map_err(|_| JwtError::Malformed)?;
     let claims: Claims = serde_json::from_slice(&buf[..n]).map_err(|_| JwtError::Malformed)?;
     if claims.exp <= now_s {
         return Err(JwtError::Expired);
@@ -166,7 +180,10 @@ mod tests {
     #[test]
     fn expired_is_refused() {
         assert_eq!(verify(SECRET, &token(0), 1_000_000), Err(JwtError::Expired));
-        assert_eq!(verify(SECRET, &token(-5), 1_000_000), Err(JwtError::Expired));
+        assert_eq!(
+            verify(SECRET, &token(-5), 1_000_000),
+            Err(JwtError::Expired)
+        );
     }
 
     #[test]
@@ -176,7 +193,10 @@ mod tests {
         let mut parts: Vec<String> = t.split('.').map(String::from).collect();
         let forged = B64.encode(r#"{"sub":"1","iat":0,"exp":99999999999,"jti":"x"}"#);
         parts[1] = forged;
-        assert_eq!(verify(SECRET, &parts.join("."), 1_000_000), Err(JwtError::Signature));
+        assert_eq!(
+            verify(SECRET, &parts.join("."), 1_000_000),
+            Err(JwtError::Signature)
+        );
     }
 
     #[test]
@@ -184,20 +204,36 @@ mod tests {
         let payload = B64.encode(r#"{"sub":"1","iat":0,"exp":99999999999,"jti":"x"}"#);
         for alg in ["none", "None", "HS512", "RS256"] {
             let h = B64.encode(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#));
-            assert_eq!(verify(SECRET, &format!("{h}.{payload}."), 0), Err(JwtError::Algorithm), "{alg}");
+            assert_eq!(
+                verify(SECRET, &format!("{h}.{payload}."), 0),
+                Err(JwtError::Algorithm),
+                "{alg}"
+            );
         }
     }
 
     #[test]
     fn garbage_is_malformed() {
-        for bad in ["", "a.b", "a.b.c.d", "!!!.???.***", &"a".repeat(TOKEN_BYTES_MAX + 1)] {
+        for bad in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "!!!.???.***",
+            &"a".repeat(TOKEN_BYTES_MAX + 1),
+        ] {
             assert!(verify(SECRET, bad, 0).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn subject_must_be_a_user_id() {
-        let c = Claims { sub: "alice".into(), iat: 0, exp: u64::MAX, jti: "j".into(), dev: None };
+        let c = Claims {
+            sub: "alice".into(),
+            iat: 0,
+            exp: u64::MAX,
+            jti: "j".into(),
+            dev: None,
+        };
         assert_eq!(verify(SECRET, &sign(SECRET, &c), 0), Err(JwtError::Claims));
     }
 }

@@ -32,9 +32,21 @@ pub enum Target {
 /// A validated client request, borrowing from the frame it came in.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request<'a> {
-    Send { cid: Cow<'a, str>, target: Target, content: Cow<'a, str>, content_type: Cow<'a, str> },
-    Sync { conv: Conv, after: u64, limit: u32 },
-    Read { conv: Conv, seq: u64 },
+    Send {
+        cid: Cow<'a, str>,
+        target: Target,
+        content: Cow<'a, str>,
+        content_type: Cow<'a, str>,
+    },
+    Sync {
+        conv: Conv,
+        after: u64,
+        limit: u32,
+    },
+    Read {
+        conv: Conv,
+        seq: u64,
+    },
     Ping,
 }
 
@@ -48,7 +60,11 @@ pub struct RequestError {
 
 impl RequestError {
     fn new(code: ErrorCode, message: impl Into<String>, cid: Option<&str>) -> RequestError {
-        RequestError { code, message: message.into(), cid: cid.map(str::to_owned) }
+        RequestError {
+            code,
+            message: message.into(),
+            cid: cid.map(str::to_owned),
+        }
     }
 }
 
@@ -78,11 +94,22 @@ struct RawRequest<'a> {
 
 /// Parses and validates one text frame.
 pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError> {
-    let raw: RawRequest = serde_json::from_str(text)
-        .map_err(|e| RequestError::new(ErrorCode::BadRequest, format!("malformed request: {e}"), None))?;
+    let raw: RawRequest = serde_json::from_str(text).map_err(|e| {
+        RequestError::new(
+            ErrorCode::BadRequest,
+            format!("malformed request: {e}"),
+            None,
+        )
+    })?;
     let kind = match raw.kind.as_deref() {
         Some(k) => k,
-        None => return Err(RequestError::new(ErrorCode::UnknownType, "missing `type`", raw.cid.as_deref())),
+        None => {
+            return Err(RequestError::new(
+                ErrorCode::UnknownType,
+                "missing `type`",
+                raw.cid.as_deref(),
+            ))
+        }
     };
     match kind {
         "send" => {
@@ -95,19 +122,41 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError> {
                         None,
                     ))
                 }
-                _ => return Err(RequestError::new(ErrorCode::MissingField, "`send` needs a `cid`", None)),
+                _ => {
+                    return Err(RequestError::new(
+                        ErrorCode::MissingField,
+                        "`send` needs a `cid`",
+                        None,
+                    ))
+                }
             };
             let c = Some(&*cid);
             let target = match (raw.to, raw.group) {
                 (Some(u), None) => Target::User(u),
                 (None, Some(g)) => Target::Group(g),
-                (None, None) => return Err(RequestError::new(ErrorCode::MissingField, "`send` needs `to` or `group`", c)),
+                (None, None) => {
+                    return Err(RequestError::new(
+                        ErrorCode::MissingField,
+                        "`send` needs `to` or `group`",
+                        c,
+                    ))
+                }
                 (Some(_), Some(_)) => {
-                    return Err(RequestError::new(ErrorCode::InvalidField, "give `to` or `group`, not both", c))
+                    return Err(RequestError::new(
+                        ErrorCode::InvalidField,
+                        "give `to` or `group`, not both",
+                        c,
+                    ))
                 }
             };
             let content = match raw.content {
-                Some(x) if x.is_empty() => return Err(RequestError::new(ErrorCode::MissingField, "`content` is empty", c)),
+                Some(x) if x.is_empty() => {
+                    return Err(RequestError::new(
+                        ErrorCode::MissingField,
+                        "`content` is empty",
+                        c,
+                    ))
+                }
                 Some(x) if x.len() > CONTENT_BYTES_MAX => {
                     return Err(RequestError::new(
                         ErrorCode::TooLarge,
@@ -116,26 +165,53 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError> {
                     ))
                 }
                 Some(x) => x,
-                None => return Err(RequestError::new(ErrorCode::MissingField, "`send` needs `content`", c)),
+                None => {
+                    return Err(RequestError::new(
+                        ErrorCode::MissingField,
+                        "`send` needs `content`",
+                        c,
+                    ))
+                }
             };
             let content_type = match raw.content_type {
                 None => Cow::Borrowed("text"),
                 Some(t) if !t.is_empty() && t.len() <= CONTENT_TYPE_BYTES_MAX => t,
-                Some(_) => return Err(RequestError::new(ErrorCode::InvalidField, "`content_type` is empty or too long", c)),
+                Some(_) => {
+                    return Err(RequestError::new(
+                        ErrorCode::InvalidField,
+                        "`content_type` is empty or too long",
+                        c,
+                    ))
+                }
             };
-            Ok(Request::Send { cid, target, content, content_type })
+            Ok(Request::Send {
+                cid,
+                target,
+                content,
+                content_type,
+            })
         }
         "sync" => {
             let conv = parse_conv(raw.conv.as_deref())?;
             let limit = raw.limit.unwrap_or(SYNC_LIMIT_DEFAULT);
             if limit == 0 || limit > SYNC_LIMIT_MAX {
-                return Err(RequestError::new(ErrorCode::InvalidField, format!("`limit` must be 1..={SYNC_LIMIT_MAX}"), None));
+                return Err(RequestError::new(
+                    ErrorCode::InvalidField,
+                    format!("`limit` must be 1..={SYNC_LIMIT_MAX}"),
+                    None,
+                ));
             }
-            Ok(Request::Sync { conv, after: raw.after.unwrap_or(0), limit })
+            Ok(Request::Sync {
+                conv,
+                after: raw.after.unwrap_or(0),
+                limit,
+            })
         }
         "read" => {
             let conv = parse_conv(raw.conv.as_deref())?;
-            let seq = raw.seq.ok_or_else(|| RequestError::new(ErrorCode::MissingField, "`read` needs `seq`", None))?;
+            let seq = raw.seq.ok_or_else(|| {
+                RequestError::new(ErrorCode::MissingField, "`read` needs `seq`", None)
+            })?;
             Ok(Request::Read { conv, seq })
         }
         "ping" => Ok(Request::Ping),
@@ -148,9 +224,14 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError> {
 }
 
 fn parse_conv(conv: Option<&str>) -> Result<Conv, RequestError> {
-    let conv = conv.ok_or_else(|| RequestError::new(ErrorCode::MissingField, "missing `conv`", None))?;
+    let conv =
+        conv.ok_or_else(|| RequestError::new(ErrorCode::MissingField, "missing `conv`", None))?;
     Conv::parse(conv).ok_or_else(|| {
-        RequestError::new(ErrorCode::InvalidField, format!("`conv` is not a conversation id: {}", truncate(conv, 48)), None)
+        RequestError::new(
+            ErrorCode::InvalidField,
+            format!("`conv` is not a conversation id: {}", truncate(conv, 48)),
+            None,
+        )
     })
 }
 
@@ -195,10 +276,14 @@ fn de_opt_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
             f.write_str("a user or group id as a decimal string")
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            parse_id(v).map(Some).ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
+            parse_id(v)
+                .map(Some)
+                .ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
         }
         fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-            (v != 0).then_some(Some(v)).ok_or_else(|| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            (v != 0)
+                .then_some(Some(v))
+                .ok_or_else(|| E::invalid_value(de::Unexpected::Unsigned(v), &self))
         }
         fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
             Ok(None)
@@ -243,9 +328,15 @@ struct MsgOut<'a> {
     seq: u64,
     #[serde(serialize_with = "as_decimal")]
     from: u64,
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_decimal")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "opt_decimal"
+    )]
     to: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_decimal")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "opt_decimal"
+    )]
     group: Option<u64>,
     content: &'a str,
     content_type: &'a str,
@@ -299,7 +390,18 @@ pub fn encode_sent(cid: &str, id: u64, conv: Conv, seq: u64, ts: u64, out: &mut 
         seq: u64,
         ts: u64,
     }
-    serde_json::to_writer(out, &Sent { kind: "sent", cid, id, conv, seq, ts }).expect("writing to a Vec cannot fail");
+    serde_json::to_writer(
+        out,
+        &Sent {
+            kind: "sent",
+            cid,
+            id,
+            conv,
+            seq,
+            ts,
+        },
+    )
+    .expect("writing to a Vec cannot fail");
 }
 
 /// Appends an `error` frame's JSON to `out`.
@@ -313,8 +415,16 @@ pub fn encode_error(code: ErrorCode, message: &str, cid: Option<&str>, out: &mut
         #[serde(skip_serializing_if = "Option::is_none")]
         cid: Option<&'a str>,
     }
-    serde_json::to_writer(out, &Error { kind: "error", code: code.code(), message, cid })
-        .expect("writing to a Vec cannot fail");
+    serde_json::to_writer(
+        out,
+        &Error {
+            kind: "error",
+            code: code.code(),
+            message,
+            cid,
+        },
+    )
+    .expect("writing to a Vec cannot fail");
 }
 
 /// Appends a `sync` answer's JSON to `out`.
@@ -329,7 +439,16 @@ pub fn encode_sync(conv: Conv, messages: &[Message], more: bool, out: &mut Vec<u
         more: bool,
     }
     let messages = messages.iter().map(MsgOut::of).collect();
-    serde_json::to_writer(out, &Sync { kind: "sync", conv, messages, more }).expect("writing to a Vec cannot fail");
+    serde_json::to_writer(
+        out,
+        &Sync {
+            kind: "sync",
+            conv,
+            messages,
+            more,
+        },
+    )
+    .expect("writing to a Vec cannot fail");
 }
 
 pub const PONG_JSON: &[u8] = br#"{"type":"pong"}"#;
@@ -347,16 +466,32 @@ mod tests {
         let r = parse_request(r#"{"type":"send","cid":"c1","to":"17","content":"hi"}"#).unwrap();
         assert_eq!(
             r,
-            Request::Send { cid: "c1".into(), target: Target::User(17), content: "hi".into(), content_type: "text".into() }
+            Request::Send {
+                cid: "c1".into(),
+                target: Target::User(17),
+                content: "hi".into(),
+                content_type: "text".into()
+            }
         );
-        let r = parse_request(r#"{"type":"send","cid":"c1","group":5,"content":"x","content_type":"image"}"#).unwrap();
-        assert!(matches!(r, Request::Send { target: Target::Group(5), .. }));
+        let r = parse_request(
+            r#"{"type":"send","cid":"c1","group":5,"content":"x","content_type":"image"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r,
+            Request::Send {
+                target: Target::Group(5),
+                ..
+            }
+        ));
     }
 
     #[test]
     fn borrows_when_there_are_no_escapes() {
         let text = r#"{"type":"send","cid":"c","to":"2","content":"plain"}"#;
-        let Request::Send { content, .. } = parse_request(text).unwrap() else { panic!() };
+        let Request::Send { content, .. } = parse_request(text).unwrap() else {
+            panic!()
+        };
         assert!(matches!(content, Cow::Borrowed(_)));
         let Request::Send { content, .. } =
             parse_request(r#"{"type":"send","cid":"c","to":"2","content":"a\"b"}"#).unwrap()
@@ -372,29 +507,72 @@ mod tests {
         assert_eq!(err("[1,2]").code, ErrorCode::BadRequest);
         assert_eq!(err(r#"{"cid":"x"}"#).code, ErrorCode::UnknownType);
         assert_eq!(err(r#"{"type":"dance"}"#).code, ErrorCode::UnknownType);
-        assert_eq!(err(r#"{"type":"send","to":"1","content":"x"}"#).code, ErrorCode::MissingField);
+        assert_eq!(
+            err(r#"{"type":"send","to":"1","content":"x"}"#).code,
+            ErrorCode::MissingField
+        );
         let e = err(r#"{"type":"send","cid":"k","content":"x"}"#);
-        assert_eq!((e.code, e.cid.as_deref()), (ErrorCode::MissingField, Some("k")));
-        assert_eq!(err(r#"{"type":"send","cid":"k","to":"1","group":"2","content":"x"}"#).code, ErrorCode::InvalidField);
-        assert_eq!(err(r#"{"type":"send","cid":"k","to":"abc","content":"x"}"#).code, ErrorCode::BadRequest);
-        assert_eq!(err(r#"{"type":"send","cid":"k","to":"0","content":"x"}"#).code, ErrorCode::BadRequest);
-        assert_eq!(err(r#"{"type":"send","cid":"k","to":"1","content":""}"#).code, ErrorCode::MissingField);
-        let big = format!(r#"{{"type":"send","cid":"k","to":"1","content":"{}"}}"#, "x".repeat(CONTENT_BYTES_MAX + 1));
+        assert_eq!(
+            (e.code, e.cid.as_deref()),
+            (ErrorCode::MissingField, Some("k"))
+        );
+        assert_eq!(
+            err(r#"{"type":"send","cid":"k","to":"1","group":"2","content":"x"}"#).code,
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            err(r#"{"type":"send","cid":"k","to":"abc","content":"x"}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"type":"send","cid":"k","to":"0","content":"x"}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"type":"send","cid":"k","to":"1","content":""}"#).code,
+            ErrorCode::MissingField
+        );
+        let big = format!(
+            r#"{{"type":"send","cid":"k","to":"1","content":"{}"}}"#,
+            "x".repeat(CONTENT_BYTES_MAX + 1)
+        );
         assert_eq!(err(&big).code, ErrorCode::TooLarge);
-        let long_cid = format!(r#"{{"type":"send","cid":"{}","to":"1","content":"x"}}"#, "c".repeat(65));
+        let long_cid = format!(
+            r#"{{"type":"send","cid":"{}","to":"1","content":"x"}}"#,
+            "c".repeat(65)
+        );
         assert_eq!(err(&long_cid).code, ErrorCode::InvalidField);
-        assert_eq!(err(r#"{"type":"sync","conv":"p:2:1"}"#).code, ErrorCode::InvalidField);
-        assert_eq!(err(r#"{"type":"sync","conv":"g:1","limit":501}"#).code, ErrorCode::InvalidField);
-        assert_eq!(err(r#"{"type":"read","conv":"g:1"}"#).code, ErrorCode::MissingField);
+        assert_eq!(
+            err(r#"{"type":"sync","conv":"p:2:1"}"#).code,
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            err(r#"{"type":"sync","conv":"g:1","limit":501}"#).code,
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            err(r#"{"type":"read","conv":"g:1"}"#).code,
+            ErrorCode::MissingField
+        );
     }
 
     #[test]
     fn sync_read_ping() {
         assert_eq!(
             parse_request(r#"{"type":"sync","conv":"p:1:2","after":5}"#).unwrap(),
-            Request::Sync { conv: Conv::Pair(1, 2), after: 5, limit: SYNC_LIMIT_DEFAULT }
+            Request::Sync {
+                conv: Conv::Pair(1, 2),
+                after: 5,
+                limit: SYNC_LIMIT_DEFAULT
+            }
         );
-        assert_eq!(parse_request(r#"{"type":"read","conv":"g:9","seq":3}"#).unwrap(), Request::Read { conv: Conv::Group(9), seq: 3 });
+        assert_eq!(
+            parse_request(r#"{"type":"read","conv":"g:9","seq":3}"#).unwrap(),
+            Request::Read {
+                conv: Conv::Group(9),
+                seq: 3
+            }
+        );
         assert_eq!(parse_request(r#"{"type":"ping"}"#).unwrap(), Request::Ping);
     }
 
@@ -420,9 +598,15 @@ mod tests {
         assert_eq!(v["content"], "<img onerror=\"x\">");
         out.clear();
         encode_sent("c1", 9, Conv::Group(3), 1, 2, &mut out);
-        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"type":"sent","cid":"c1","id":"9","conv":"g:3","seq":1,"ts":2}"#);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"type":"sent","cid":"c1","id":"9","conv":"g:3","seq":1,"ts":2}"#
+        );
         out.clear();
         encode_error(ErrorCode::Busy, "later", Some("c"), &mut out);
-        assert_eq!(std::str::from_utf8(&out).unwrap(), r#"{"type":"error","code":5030,"message":"later","cid":"c"}"#);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"type":"error","code":5030,"message":"later","cid":"c"}"#
+        );
     }
 }

@@ -19,8 +19,15 @@ pub struct Snowflake {
 
 impl Snowflake {
     pub fn new(worker: u16) -> Snowflake {
-        assert!(worker <= WORKER_MAX, "snowflake worker id {worker} > {WORKER_MAX}");
-        Snowflake { worker: worker as u64, last_ms: 0, seq: 0 }
+        assert!(
+            worker <= WORKER_MAX,
+            "snowflake worker id {worker} > {WORKER_MAX}"
+        );
+        Snowflake {
+            worker: worker as u64,
+            last_ms: 0,
+            seq: 0,
+        }
     }
 
     /// The next id at wall-clock `now_ms`. A clock that steps back does not make ids go back:

@@ -22,21 +22,40 @@ fn ctl(ep: i32, op: i32, fd: i32, events: u32, data: u64) -> io::Result<()> {
 }
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 const OUT: u32 = libc::EPOLLOUT as u32;
 
-pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, scratch_bytes: usize) -> io::Result<()> {
+pub fn run(
+    mut shard: Shard,
+    listener: i32,
+    stop: &AtomicBool,
+    scratch_bytes: usize,
+) -> io::Result<()> {
     // SAFETY: plain syscall.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {
         return Err(io::Error::last_os_error());
     }
     let wake_fd = shard.mesh().waker().fd();
-    ctl(ep, libc::EPOLL_CTL_ADD, listener, libc::EPOLLIN as u32, tag::ACCEPT)?;
-    ctl(ep, libc::EPOLL_CTL_ADD, wake_fd, libc::EPOLLIN as u32, tag::WAKE)?;
+    ctl(
+        ep,
+        libc::EPOLL_CTL_ADD,
+        listener,
+        libc::EPOLLIN as u32,
+        tag::ACCEPT,
+    )?;
+    ctl(
+        ep,
+        libc::EPOLL_CTL_ADD,
+        wake_fd,
+        libc::EPOLLIN as u32,
+        tag::WAKE,
+    )?;
 
     let clock = Clock::new();
     let mut stopper = Stopper::new();
@@ -65,7 +84,12 @@ pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, scratch_bytes: us
                     for _ in 0..ACCEPTS_PER_TURN {
                         // SAFETY: accept4 with null address arguments.
                         let fd = unsafe {
-                            libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                            libc::accept4(
+                                listener,
+                                std::ptr::null_mut(),
+                                std::ptr::null_mut(),
+                                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                            )
                         };
                         if fd < 0 {
                             break;
@@ -92,7 +116,9 @@ pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, scratch_bytes: us
                         let Some(fd) = shard.fd(key) else { continue };
                         for _ in 0..READS_PER_TURN {
                             // SAFETY: reading into our scratch buffer.
-                            let r = unsafe { libc::read(fd, scratch.as_mut_ptr().cast(), scratch.len()) };
+                            let r = unsafe {
+                                libc::read(fd, scratch.as_mut_ptr().cast(), scratch.len())
+                            };
                             if r > 0 {
                                 shard.on_recv(key, &mut scratch[..r as usize]);
                                 if (r as usize) < scratch.len() {
@@ -158,7 +184,11 @@ pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, scratch_bytes: us
         if stop_listener {
             let _ = ctl(ep, libc::EPOLL_CTL_DEL, listener, 0, 0);
         }
-        timeout_ms = if stopper.stopping() { 10 } else { shard.sleep_ms() as i32 };
+        timeout_ms = if stopper.stopping() {
+            10
+        } else {
+            shard.sleep_ms() as i32
+        };
     }
     close_fd(ep);
     close_fd(listener);
@@ -166,7 +196,15 @@ pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, scratch_bytes: us
 }
 
 /// One non-blocking write of the front frame; EAGAIN parks the connection on EPOLLOUT.
-fn write_once(shard: &mut Shard, key: u32, fd: i32, ptr: *const u8, len: usize, want_out: &mut std::collections::HashSet<u32>, ep: i32) {
+fn write_once(
+    shard: &mut Shard,
+    key: u32,
+    fd: i32,
+    ptr: *const u8,
+    len: usize,
+    want_out: &mut std::collections::HashSet<u32>,
+    ep: i32,
+) {
     // SAFETY: ptr/len come from the shard's arena and stay valid until on_sent.
     let r = unsafe { libc::send(fd, ptr.cast(), len, libc::MSG_NOSIGNAL) };
     if r >= 0 {

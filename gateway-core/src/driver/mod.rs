@@ -38,11 +38,16 @@ pub(crate) struct Clock {
 
 impl Clock {
     pub fn new() -> Clock {
-        Clock { start: Instant::now() }
+        Clock {
+            start: Instant::now(),
+        }
     }
 
     pub fn now(&self) -> Now {
-        Now { mono_ms: self.start.elapsed().as_millis() as u64 + 1_000_000, unix_ms: im_shared::unix_ms() }
+        Now {
+            mono_ms: self.start.elapsed().as_millis() as u64 + 1_000_000,
+            unix_ms: im_shared::unix_ms(),
+        }
     }
 }
 
@@ -63,7 +68,9 @@ impl Stopper {
             shard.shutdown();
             on_start();
         }
-        let Some(since) = self.since else { return false };
+        let Some(since) = self.since else {
+            return false;
+        };
         if shard.connections() == 0 {
             return true;
         }

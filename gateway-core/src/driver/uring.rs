@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::Duration;
 
 const BUF_GROUP: u16 = 0;
-const SQ_ENTRIES: u32 = 4096;
+// Submissions are batched per turn and flushed when full, so a modest SQ suffices; the CQ is
+// deeper because multishot receives can complete many times per submission.
+const SQ_ENTRIES: u32 = 1024;
 
 /// A kernel-registered ring of receive buffers (IORING_REGISTER_PBUF_RING).
 struct BufRing {
@@ -55,7 +57,10 @@ impl BufRing {
         br.publish();
         // SAFETY: `entries` is a live, page-aligned mapping of `n` entries that outlives the
         // registration (we unregister in Drop before unmapping).
-        unsafe { ring.submitter().register_buf_ring_with_flags(ptr as u64, n as u16, BUF_GROUP, 0)? };
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(ptr as u64, n as u16, BUF_GROUP, 0)?
+        };
         Ok(br)
     }
 
@@ -98,13 +103,21 @@ pub fn available() -> Result<(), String> {
     // SAFETY: uname fills the struct.
     unsafe { libc::uname(&mut uts) };
     // SAFETY: uname NUL-terminates release.
-    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) < (6, 0) {
-        return Err(format!("kernel {release} is older than 6.0 (multishot receive)"));
+        return Err(format!(
+            "kernel {release} is older than 6.0 (multishot receive)"
+        ));
     }
-    IoUring::new(8).map(|_| ()).map_err(|e| format!("io_uring_setup failed: {e}"))
+    IoUring::new(8)
+        .map(|_| ())
+        .map_err(|e| format!("io_uring_setup failed: {e}"))
 }
 
 fn build_ring() -> io::Result<IoUring> {
@@ -113,9 +126,13 @@ fn build_ring() -> io::Result<IoUring> {
     IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
-        .setup_cqsize(SQ_ENTRIES * 4)
+        .setup_cqsize(SQ_ENTRIES * 8)
         .build(SQ_ENTRIES)
-        .or_else(|_| IoUring::builder().setup_cqsize(SQ_ENTRIES * 4).build(SQ_ENTRIES))
+        .or_else(|_| {
+            IoUring::builder()
+                .setup_cqsize(SQ_ENTRIES * 8)
+                .build(SQ_ENTRIES)
+        })
 }
 
 fn push(ring: &mut IoUring, e: squeue::Entry) -> io::Result<()> {
@@ -129,13 +146,28 @@ fn push(ring: &mut IoUring, e: squeue::Entry) -> io::Result<()> {
     }
 }
 
-pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, recv_buffers: usize, recv_buffer_bytes: usize) -> io::Result<()> {
+pub fn run(
+    mut shard: Shard,
+    listener: i32,
+    stop: &AtomicBool,
+    recv_buffers: usize,
+    recv_buffer_bytes: usize,
+) -> io::Result<()> {
     let mut ring = build_ring()?;
     let mut bufs = BufRing::new(&ring, recv_buffers, recv_buffer_bytes)?;
     let wake_fd = shard.mesh().waker().fd();
     let mut wake_buf = Box::new(0u64);
-    let accept = || opcode::AcceptMulti::new(Fd(listener)).flags(libc::SOCK_CLOEXEC).build().user_data(tag::ACCEPT);
-    let wake_read = |buf: &mut u64| opcode::Read::new(Fd(wake_fd), (buf as *mut u64).cast(), 8).build().user_data(tag::WAKE);
+    let accept = || {
+        opcode::AcceptMulti::new(Fd(listener))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(tag::ACCEPT)
+    };
+    let wake_read = |buf: &mut u64| {
+        opcode::Read::new(Fd(wake_fd), (buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(tag::WAKE)
+    };
     push(&mut ring, accept())?;
     push(&mut ring, wake_read(&mut wake_buf))?;
 
@@ -147,7 +179,10 @@ pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, recv_buffers: usi
     loop {
         shard.set_now(clock.now());
         cqes.clear();
-        cqes.extend(ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+        cqes.extend(
+            ring.completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
         for &(ud, res, flags) in &cqes {
             let key = tag::key(ud);
             match ud & tag::MASK {
@@ -158,7 +193,11 @@ pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, recv_buffers: usi
                             close_fd(res);
                         }
                     } else if res != -libc::ECANCELED {
-                        log::warn!("shard {}: accept failed: {}", shard.id(), io::Error::from_raw_os_error(-res));
+                        log::warn!(
+                            "shard {}: accept failed: {}",
+                            shard.id(),
+                            io::Error::from_raw_os_error(-res)
+                        );
                     }
                     if !cqueue::more(flags) && listener_open {
                         if res == -libc::EMFILE || res == -libc::ENFILE {
@@ -170,7 +209,8 @@ pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, recv_buffers: usi
                 }
                 tag::RECV => {
                     if res > 0 {
-                        let bid = cqueue::buffer_select(flags).expect("a receive with data carries a buffer id");
+                        let bid = cqueue::buffer_select(flags)
+                            .expect("a receive with data carries a buffer id");
                         shard.on_recv(key, bufs.buf(bid, res as usize));
                         bufs.push(bid);
                     } else if res == 0 {
@@ -201,7 +241,9 @@ pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, recv_buffers: usi
                 let Some(fd) = shard.fd(key) else { continue };
                 let plan = shard.plan(key);
                 if let Some((ptr, len)) = plan.send {
-                    let e = opcode::Send::new(Fd(fd), ptr, len as u32).flags(libc::MSG_NOSIGNAL).build();
+                    let e = opcode::Send::new(Fd(fd), ptr, len as u32)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build();
                     push(&mut ring, e.user_data(tag::SEND | key as u64))?;
                 }
                 if plan.shutdown_wr {
@@ -231,19 +273,31 @@ pub fn run(mut shard: Shard, listener: i32, stop: &AtomicBool, recv_buffers: usi
             break;
         }
         if cancel_accept {
-            push(&mut ring, opcode::AsyncCancel::new(tag::ACCEPT).build().user_data(tag::CANCEL))?;
+            push(
+                &mut ring,
+                opcode::AsyncCancel::new(tag::ACCEPT)
+                    .build()
+                    .user_data(tag::CANCEL),
+            )?;
         }
         // Sleep only when idle, and tell peers so their pushes wake us.
         let waker = shard.mesh().waker();
         waker.prepare_sleep();
         let wait = shard.idle() && ring.completion().is_empty() && !stop.load(Ordering::Relaxed);
-        let timeout_ms = if stopper.stopping() { 10 } else { shard.sleep_ms() };
+        let timeout_ms = if stopper.stopping() {
+            10
+        } else {
+            shard.sleep_ms()
+        };
         let ts = Timespec::from(Duration::from_millis(timeout_ms));
         let args = SubmitArgs::new().timespec(&ts);
         let r = ring.submitter().submit_with_args(usize::from(wait), &args);
         waker.cancel_sleep();
         if let Err(e) = r {
-            if !matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+            ) {
                 return Err(e);
             }
         }

@@ -40,17 +40,29 @@ struct Sim {
 
 impl Sim {
     fn new(n: usize, cfg: GatewayConfig) -> Sim {
-        let wakers: Arc<[Waker]> = (0..n).map(|_| Waker::new().unwrap()).collect::<Vec<_>>().into();
-        let stats: Arc<[ShardStats]> = (0..n).map(|_| ShardStats::default()).collect::<Vec<_>>().into();
+        let wakers: Arc<[Waker]> = (0..n)
+            .map(|_| Waker::new().unwrap())
+            .collect::<Vec<_>>()
+            .into();
+        let stats: Arc<[ShardStats]> = (0..n)
+            .map(|_| ShardStats::default())
+            .collect::<Vec<_>>()
+            .into();
         let ports = mesh::build(n, 64, 1024, wakers);
-        let shards = ports.into_iter().map(|p| Shard::new(&cfg, p, stats.clone(), "sim")).collect();
+        let shards = ports
+            .into_iter()
+            .map(|p| Shard::new(&cfg, p, stats.clone(), "sim"))
+            .collect();
         let mut sim = Sim {
             shards,
             out: HashMap::new(),
             closed: HashSet::new(),
             shut_wr: HashSet::new(),
             stalled: HashSet::new(),
-            now: Now { mono_ms: 1_000_000, unix_ms: NOW_UNIX_MS },
+            now: Now {
+                mono_ms: 1_000_000,
+                unix_ms: NOW_UNIX_MS,
+            },
             next_fd: 100,
         };
         sim.run();
@@ -90,7 +102,10 @@ impl Sim {
             if !self.stalled.contains(&(s, key)) {
                 // SAFETY: the shard keeps the frame alive until on_sent.
                 let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
-                self.out.entry((s, key)).or_default().extend_from_slice(bytes);
+                self.out
+                    .entry((s, key))
+                    .or_default()
+                    .extend_from_slice(bytes);
                 self.shards[s].on_sent(key, len as i32);
             }
         }
@@ -135,7 +150,10 @@ impl Sim {
     /// A WebSocket connection of `user` on shard `s`, past the 101.
     fn connect(&mut self, s: usize, user: u64) -> Id {
         let key = self.accept(s);
-        self.recv((s, key), Self::upgrade_request(&format!("/ws?token={}", token(user))).as_bytes());
+        self.recv(
+            (s, key),
+            Self::upgrade_request(&format!("/ws?token={}", token(user))).as_bytes(),
+        );
         let head = self.take_http((s, key));
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         (s, key)
@@ -143,7 +161,10 @@ impl Sim {
 
     fn take_http(&mut self, id: Id) -> String {
         let out = self.out.remove(&id).unwrap_or_default();
-        let end = out.windows(4).position(|w| w == b"\r\n\r\n").map_or(out.len(), |p| p + 4);
+        let end = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(out.len(), |p| p + 4);
         let (head, rest) = out.split_at(end);
         if !rest.is_empty() {
             self.out.insert(id, rest.to_vec());
@@ -152,7 +173,10 @@ impl Sim {
     }
 
     fn send_text(&mut self, id: Id, text: &str) {
-        self.recv(id, &codec::client_frame(true, opcode::TEXT, text.as_bytes(), [1, 2, 3, 4]));
+        self.recv(
+            id,
+            &codec::client_frame(true, opcode::TEXT, text.as_bytes(), [1, 2, 3, 4]),
+        );
     }
 
     /// Server frames sent to `id` since the last call: (opcode, payload).
@@ -164,7 +188,10 @@ impl Sim {
             let op = out[pos] & 0x0F;
             let (len, hl) = match out[pos + 1] {
                 126 => (u16::from_be_bytes([out[pos + 2], out[pos + 3]]) as usize, 4),
-                127 => (u64::from_be_bytes(out[pos + 2..pos + 10].try_into().unwrap()) as usize, 10),
+                127 => (
+                    u64::from_be_bytes(out[pos + 2..pos + 10].try_into().unwrap()) as usize,
+                    10,
+                ),
                 n => (n as usize, 2),
             };
             frames.push((op, out[pos + hl..pos + hl + len].to_vec()));
@@ -182,7 +209,10 @@ impl Sim {
     }
 
     fn close_code(&mut self, id: Id) -> Option<u16> {
-        self.frames(id).into_iter().find(|(op, _)| *op == opcode::CLOSE).map(|(_, p)| u16::from_be_bytes([p[0], p[1]]))
+        self.frames(id)
+            .into_iter()
+            .find(|(op, _)| *op == opcode::CLOSE)
+            .map(|(_, p)| u16::from_be_bytes([p[0], p[1]]))
     }
 
     fn stats(&self, s: usize) -> &ShardStats {
@@ -198,14 +228,31 @@ fn send_json(to: u64, cid: &str, content: &str) -> String {
 fn upgrade_with_valid_token_and_refusals_without_one() {
     let mut sim = Sim::new(1, cfg());
     let a = sim.connect(0, 7);
-    assert_eq!(sim.stats(0).handshakes_total.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        sim.stats(0)
+            .handshakes_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     assert!(!sim.closed.contains(&a));
 
     for (path, why) in [
         ("/ws".to_string(), "missing token"),
         (format!("/ws?token={}x", token(7)), "signature"),
-        (format!("/ws?token={}", jwt::sign(SECRET, &jwt::Claims::new(7, 1, 1))), "expired"),
-        (format!("/ws?token={}", jwt::sign(b"other", &jwt::Claims::new(7, NOW_UNIX_MS / 1000, 60))), "signature"),
+        (
+            format!(
+                "/ws?token={}",
+                jwt::sign(SECRET, &jwt::Claims::new(7, 1, 1))
+            ),
+            "expired",
+        ),
+        (
+            format!(
+                "/ws?token={}",
+                jwt::sign(b"other", &jwt::Claims::new(7, NOW_UNIX_MS / 1000, 60))
+            ),
+            "signature",
+        ),
     ] {
         let key = sim.accept(0);
         sim.recv((0, key), Sim::upgrade_request(&path).as_bytes());
@@ -220,7 +267,10 @@ fn upgrade_with_valid_token_and_refusals_without_one() {
 fn ping_frames_and_application_ping() {
     let mut sim = Sim::new(1, cfg());
     let a = sim.connect(0, 7);
-    sim.recv(a, &codec::client_frame(true, opcode::PING, b"abc", [9, 9, 9, 9]));
+    sim.recv(
+        a,
+        &codec::client_frame(true, opcode::PING, b"abc", [9, 9, 9, 9]),
+    );
     assert_eq!(sim.frames(a), vec![(opcode::PONG, b"abc".to_vec())]);
     sim.send_text(a, r#"{"type":"ping"}"#);
     assert_eq!(sim.json(a), vec![serde_json::json!({"type": "pong"})]);
@@ -249,8 +299,14 @@ fn cross_shard_delivery_to_every_device_in_order() {
         let msgs = sim.json(dev);
         assert_eq!(msgs.len(), 50, "device {dev:?}");
         for (i, m) in msgs.iter().enumerate() {
-            assert_eq!((m["type"].as_str(), m["seq"].as_u64()), (Some("msg"), Some(i as u64 + 1)));
-            assert_eq!((m["from"].as_str(), m["to"].as_str()), (Some("1"), Some("2")));
+            assert_eq!(
+                (m["type"].as_str(), m["seq"].as_u64()),
+                (Some("msg"), Some(i as u64 + 1))
+            );
+            assert_eq!(
+                (m["from"].as_str(), m["to"].as_str()),
+                (Some("1"), Some("2"))
+            );
             assert_eq!(m["content"], format!("m{i}"));
             assert_eq!(m["id"], acks[i]["id"], "one id per message on every device");
         }
@@ -263,7 +319,10 @@ fn a_user_who_leaves_stops_receiving_and_others_keep_receiving() {
     let alice = sim.connect(0, 1);
     let bob1 = sim.connect(1, 2);
     let bob2 = sim.connect(0, 2);
-    sim.recv(bob1, &codec::client_frame(true, opcode::CLOSE, &1000u16.to_be_bytes(), [1, 1, 1, 1]));
+    sim.recv(
+        bob1,
+        &codec::client_frame(true, opcode::CLOSE, &1000u16.to_be_bytes(), [1, 1, 1, 1]),
+    );
     assert_eq!(sim.close_code(bob1), Some(1000), "close is echoed");
     sim.send_text(alice, &send_json(2, "x", "hello"));
     assert_eq!(sim.json(bob2).len(), 1);
@@ -280,9 +339,19 @@ fn fragmented_message_with_a_ping_in_between() {
     let (p2, p3) = rest.split_at(10);
     let m = [5, 6, 7, 8];
     let mut bytes = codec::client_frame(false, opcode::TEXT, p1.as_bytes(), m);
-    bytes.extend(codec::client_frame(false, opcode::CONTINUATION, p2.as_bytes(), m));
+    bytes.extend(codec::client_frame(
+        false,
+        opcode::CONTINUATION,
+        p2.as_bytes(),
+        m,
+    ));
     bytes.extend(codec::client_frame(true, opcode::PING, b"", m));
-    bytes.extend(codec::client_frame(true, opcode::CONTINUATION, p3.as_bytes(), m));
+    bytes.extend(codec::client_frame(
+        true,
+        opcode::CONTINUATION,
+        p3.as_bytes(),
+        m,
+    ));
     // Fed one byte at a time: every boundary is a partial frame.
     for b in bytes {
         sim.recv(a, &[b]);
@@ -291,32 +360,59 @@ fn fragmented_message_with_a_ping_in_between() {
     assert_eq!(frames[0], (opcode::PONG, vec![]));
     let sent: serde_json::Value = serde_json::from_slice(&frames[1].1).unwrap();
     assert_eq!(sent["type"], "sent");
-    assert_eq!(sim.shards[0].arena.bytes(), 0, "nothing stays in the arena once frames complete");
+    assert_eq!(
+        sim.shards[0].arena.bytes(),
+        0,
+        "nothing stays in the arena once frames complete"
+    );
 }
 
 #[test]
 fn protocol_violations_close_with_the_right_code() {
     let mut sim = Sim::new(1, cfg());
     let cases: Vec<(Vec<u8>, u16)> = vec![
-        ({
-            let mut f = codec::client_frame(true, opcode::TEXT, b"hi", [0; 4]);
-            f[1] &= 0x7F;
-            f
-        }, 1002),
-        (codec::client_frame(true, opcode::TEXT, &[b'a'; 1025], [1; 4]), 1009),
-        (codec::client_frame(true, opcode::TEXT, &[0xff, 0xfe], [1; 4]), 1007),
-        (codec::client_frame(true, opcode::CONTINUATION, b"x", [1; 4]), 1002),
-        ({
-            let mut f = codec::client_frame(false, opcode::TEXT, &[b'a'; 600], [1; 4]);
-            f.extend(codec::client_frame(true, opcode::CONTINUATION, &[b'a'; 600], [1; 4]));
-            f
-        }, 1009),
+        (
+            {
+                let mut f = codec::client_frame(true, opcode::TEXT, b"hi", [0; 4]);
+                f[1] &= 0x7F;
+                f
+            },
+            1002,
+        ),
+        (
+            codec::client_frame(true, opcode::TEXT, &[b'a'; 1025], [1; 4]),
+            1009,
+        ),
+        (
+            codec::client_frame(true, opcode::TEXT, &[0xff, 0xfe], [1; 4]),
+            1007,
+        ),
+        (
+            codec::client_frame(true, opcode::CONTINUATION, b"x", [1; 4]),
+            1002,
+        ),
+        (
+            {
+                let mut f = codec::client_frame(false, opcode::TEXT, &[b'a'; 600], [1; 4]);
+                f.extend(codec::client_frame(
+                    true,
+                    opcode::CONTINUATION,
+                    &[b'a'; 600],
+                    [1; 4],
+                ));
+                f
+            },
+            1009,
+        ),
     ];
     for (bytes, code) in cases {
         let a = sim.connect(0, 3);
         sim.recv(a, &bytes);
         assert_eq!(sim.close_code(a), Some(code));
-        assert!(sim.shut_wr.contains(&a), "our side is shut down after the close frame");
+        assert!(
+            sim.shut_wr.contains(&a),
+            "our side is shut down after the close frame"
+        );
         sim.shards[0].on_eof(a.1);
         sim.run();
         assert!(sim.closed.contains(&a));
@@ -333,7 +429,10 @@ fn bad_json_gets_an_error_and_the_connection_stays() {
     sim.send_text(a, &send_json(1, "self", "me"));
     let errs = sim.json(a);
     assert_eq!(errs[0]["code"], 4000);
-    assert_eq!((errs[1]["code"].as_u64(), errs[1]["cid"].as_str()), (Some(5031), Some("g1")));
+    assert_eq!(
+        (errs[1]["code"].as_u64(), errs[1]["cid"].as_str()),
+        (Some(5031), Some("g1"))
+    );
     assert_eq!(errs[2]["code"], 4003);
     sim.send_text(a, r#"{"type":"ping"}"#);
     assert_eq!(sim.json(a)[0]["type"], "pong");
@@ -354,9 +453,17 @@ fn wheel_closes_idle_and_half_open_connections() {
     for _ in 0..30 {
         sim.advance(100); // real time moves in small steps; the wheel handles each tick
     }
-    assert!(sim.closed.contains(&idle), "lingering peer is dropped after the deadline");
+    assert!(
+        sim.closed.contains(&idle),
+        "lingering peer is dropped after the deadline"
+    );
     assert!(sim.closed.contains(&chatty), "and chatty went quiet too");
-    assert_eq!(sim.stats(0).heartbeat_timeouts_total.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        sim.stats(0)
+            .heartbeat_timeouts_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
 }
 
 #[test]
@@ -368,13 +475,22 @@ fn a_peer_that_does_not_read_is_closed_with_1013_and_memory_stays_bounded() {
     let content = "x".repeat(500);
     for i in 0..100 {
         sim.send_text(alice, &send_json(2, &format!("c{i}"), &content));
-        assert!(sim.shards[1].arena.bytes() <= 4096 + 1024, "arena {}", sim.shards[1].arena.bytes());
+        assert!(
+            sim.shards[1].arena.bytes() <= 4096 + 1024,
+            "arena {}",
+            sim.shards[1].arena.bytes()
+        );
     }
     sim.stalled.remove(&bob);
     sim.shards[1].on_sent(bob.1, 0); // the stalled send "completes" with nothing taken
     sim.run();
     assert_eq!(sim.close_code(bob), Some(1013));
-    assert_eq!(sim.stats(1).slow_consumer_closes_total.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        sim.stats(1)
+            .slow_consumer_closes_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     assert_eq!(sim.json(alice).len(), 100, "the sender is unaffected");
 }
 
@@ -386,7 +502,10 @@ fn metrics_and_health_on_the_gateway_port() {
     sim.recv((0, key), b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     let text = sim.take_http((0, key));
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(text.contains("im_gateway_connections{shard=\"1\"} 1"), "{text}");
+    assert!(
+        text.contains("im_gateway_connections{shard=\"1\"} 1"),
+        "{text}"
+    );
     let key = sim.accept(0);
     sim.recv((0, key), b"GET /healthz HTTP/1.1\r\n\r\n");
     assert!(sim.take_http((0, key)).ends_with("ok\n"));
@@ -406,7 +525,10 @@ fn shutdown_sends_1001_to_everyone() {
     sim.run();
     assert_eq!(sim.close_code(a), Some(1001));
     assert_eq!(sim.close_code(b), Some(1001));
-    assert!(sim.shards[0].accept(99).is_none(), "no new connections while shutting down");
+    assert!(
+        sim.shards[0].accept(99).is_none(),
+        "no new connections while shutting down"
+    );
 }
 
 #[test]
@@ -420,7 +542,14 @@ fn a_released_slot_reused_by_a_new_connection_gets_no_stale_replies() {
     assert_eq!(a.1, b.1, "slab slot reused");
     assert_ne!(sim.shards[0].gen(b.1), Some(gen));
     let frame = sim.shards[0].pong.clone();
-    sim.shards[0].on_shard_msg(ShardMsg::Reply { to: ConnRef { shard: 0, key: a.1, gen }, frame });
+    sim.shards[0].on_shard_msg(ShardMsg::Reply {
+        to: ConnRef {
+            shard: 0,
+            key: a.1,
+            gen,
+        },
+        frame,
+    });
     sim.run();
     assert!(sim.frames(b).is_empty());
 }

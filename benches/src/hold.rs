@@ -1,0 +1,506 @@
+//! `im-bench hold`: open N WebSocket connections, hold them with heartbeats, and measure what
+//! they cost the gateway. Connections are spread over worker processes (this binary again,
+//! `im-bench worker`), each under the per-process open-file limit and each with its own
+//! source address (127.0.0.2, 127.0.0.3, …), so neither fds nor ephemeral ports run out.
+
+use crate::proc;
+use crate::ws::{self, Failure};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(clap::Args, Clone)]
+pub struct HoldArgs {
+    /// Gateway address.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub addr: SocketAddr,
+    /// Connections to open.
+    #[arg(long)]
+    pub conns: u64,
+    /// The gateway's JWT secret (the harness mints its own tokens).
+    #[arg(long, env = "IM_JWT_SECRET")]
+    pub secret: String,
+    /// Connections per worker process (keep under the open-file limit).
+    #[arg(long, default_value_t = 18_000)]
+    pub per_worker: u64,
+    /// Connects in flight per worker.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// How long to hold once everything is connected.
+    #[arg(long, default_value_t = 30)]
+    pub hold_secs: u64,
+    /// WebSocket ping interval per connection.
+    #[arg(long, default_value_t = 30)]
+    pub ping_interval_s: u64,
+    /// Raw TCP connects to time first, for the connect-rate baseline (0 to skip).
+    #[arg(long, default_value_t = 10_000)]
+    pub raw_tcp: u64,
+    /// First user id.
+    #[arg(long, default_value_t = 1)]
+    pub user_base: u64,
+    /// PIDs of gateway processes already running (for memory and CPU figures).
+    #[arg(long = "gateway-pid")]
+    pub gateway_pids: Vec<u32>,
+    /// Start the gateway ourselves: path to the `im` binary.
+    #[arg(long)]
+    pub spawn_gateway: Option<String>,
+    /// Gateway processes to start with --spawn-gateway.
+    #[arg(long, default_value_t = 1)]
+    pub gateway_processes: u32,
+    /// Shards per spawned gateway process.
+    #[arg(long, default_value_t = 1)]
+    pub gateway_shards: u32,
+    /// Extra arguments for spawned gateways (e.g. "--epoll").
+    #[arg(long, allow_hyphen_values = true)]
+    pub gateway_arg: Vec<String>,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub addr: SocketAddr,
+    #[arg(long)]
+    pub src: IpAddr,
+    #[arg(long)]
+    pub conns: u64,
+    #[arg(long)]
+    pub user_start: u64,
+    #[arg(long)]
+    pub secret: String,
+    #[arg(long)]
+    pub concurrency: usize,
+    #[arg(long)]
+    pub ping_interval_s: u64,
+}
+
+/// A line a worker prints on stdout.
+#[derive(Serialize, serde::Deserialize, Default, Clone)]
+struct Progress {
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    /// Established connections the server closed later.
+    dropped: u64,
+    connect_secs: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct HoldResult {
+    conns_requested: u64,
+    conns_established: u64,
+    errors: BTreeMap<String, u64>,
+    dropped_while_holding: u64,
+    workers: u64,
+    gateway_processes: usize,
+    raw_tcp_connects_per_s: Option<f64>,
+    ws_connects_per_s: f64,
+    connect_secs: f64,
+    gateway_pss_idle_bytes: u64,
+    gateway_pss_bytes: u64,
+    gateway_bytes_per_conn: f64,
+    gateway_bytes_per_conn_over_idle: f64,
+    kernel_tcp_bytes: Option<u64>,
+    hold_secs: u64,
+    ping_interval_s: u64,
+    gateway_cpu_percent_while_holding: f64,
+    harness_cpu_secs: f64,
+}
+
+fn user_token(secret: &str, user: u64) -> String {
+    im_shared::jwt::sign(
+        secret.as_bytes(),
+        &im_shared::jwt::Claims::new(user, im_shared::unix_ms() / 1000, 24 * 3600),
+    )
+}
+
+/// A worker: connect `conns` users from `src`, ping, report, exit when stdin closes.
+pub fn worker(a: WorkerArgs) {
+    proc::raise_nofile();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let ok = Rc::new(Cell::new(0u64));
+        let dropped = Rc::new(Cell::new(0u64));
+        let errors: Rc<std::cell::RefCell<BTreeMap<String, u64>>> = Rc::default();
+        let sem = Rc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+        let interval = Duration::from_secs(a.ping_interval_s.max(1));
+        let started = Instant::now();
+        for i in 0..a.conns {
+            let (ok, dropped, errors, sem) =
+                (ok.clone(), dropped.clone(), errors.clone(), sem.clone());
+            let token = user_token(&a.secret, a.user_start + i);
+            // Spread pings evenly over the interval.
+            let first_ping = interval.mul_f64((i as f64 + 0.5) / a.conns as f64);
+            let (src, dst) = (a.src, a.addr);
+            tokio::task::spawn_local(async move {
+                let permit = sem.acquire().await.expect("semaphore open");
+                let fail = |k: Failure| {
+                    let key = serde_json::to_value(k)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default();
+                    *errors.borrow_mut().entry(key).or_default() += 1;
+                };
+                let mut s = match ws::tcp_connect(src, dst).await {
+                    Ok(s) => s,
+                    Err(_) => return fail(Failure::Connect),
+                };
+                match tokio::time::timeout(
+                    Duration::from_secs(15),
+                    ws::upgrade(&mut s, dst, &token),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(k)) => return fail(k),
+                    Err(_) => return fail(Failure::HandshakeTimeout),
+                }
+                drop(permit);
+                ok.set(ok.get() + 1);
+                let ping = ws::ping();
+                let mut next = tokio::time::Instant::now() + first_ping;
+                let mut buf = [0u8; 64];
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next) => {
+                            if s.write_all(&ping).await.is_err() { break; }
+                            next += interval;
+                        }
+                        r = s.read(&mut buf) => match r {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {} // pongs
+                        },
+                    }
+                }
+                dropped.set(dropped.get() + 1);
+            });
+        }
+        // Report progress until stdin closes (the parent's signal to stop).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while std::io::stdin()
+                .read_line(&mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                line.clear();
+            }
+            let _ = tx.blocking_send(());
+        });
+        let mut connect_secs = None;
+        loop {
+            let done = ok.get() + errors.borrow().values().sum::<u64>();
+            if connect_secs.is_none() && done >= a.conns {
+                connect_secs = Some(started.elapsed().as_secs_f64());
+            }
+            let p = Progress {
+                ok: ok.get(),
+                errors: errors.borrow().clone(),
+                dropped: dropped.get(),
+                connect_secs,
+            };
+            println!("{}", serde_json::to_string(&p).expect("serialise"));
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = rx.recv() => break,
+            }
+        }
+    });
+    // Exiting closes every socket at once; the kernel does it faster than we could.
+    std::process::exit(0);
+}
+
+fn spawn_gateways(a: &HoldArgs) -> Vec<Child> {
+    let Some(im) = &a.spawn_gateway else {
+        return Vec::new();
+    };
+    let children: Vec<Child> = (0..a.gateway_processes)
+        .map(|i| {
+            Command::new(im)
+                .arg("gateway")
+                .args([
+                    "--ws-listen",
+                    &a.addr.to_string(),
+                    "--jwt-secret",
+                    &a.secret,
+                ])
+                .args([
+                    "--shards",
+                    &a.gateway_shards.to_string(),
+                    "--process-index",
+                    &i.to_string(),
+                ])
+                .args(["--processes", &a.gateway_processes.to_string()])
+                .args(&a.gateway_arg)
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("spawn the gateway")
+        })
+        .collect();
+    // Ready when every process answers /healthz (SO_REUSEPORT may route us to any of them,
+    // so we simply wait for the listener count to settle: a short poll is enough).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(a.addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not start listening on {}",
+            a.addr
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    children
+}
+
+fn pss_sum(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|&p| proc::pss_bytes(p)).sum()
+}
+
+fn cpu_sum(pids: &[u32]) -> Duration {
+    pids.iter().filter_map(|&p| proc::cpu_time(p)).sum()
+}
+
+/// Times `n` raw TCP connects (no WebSocket) to the gateway port, then closes them.
+fn raw_tcp_rate(addr: SocketAddr, n: u64, concurrency: usize) -> f64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let src = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1));
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let sem = sem.clone();
+            tasks.push(tokio::spawn(async move {
+                let _p = sem.acquire().await.expect("open");
+                ws::tcp_connect(src, addr).await.ok()
+            }));
+        }
+        let mut held = Vec::with_capacity(n as usize);
+        for t in tasks {
+            held.push(t.await.ok().flatten());
+        }
+        let rate = held.iter().filter(|s| s.is_some()).count() as f64 / t0.elapsed().as_secs_f64();
+        drop(held);
+        rate
+    })
+}
+
+pub fn hold(a: HoldArgs) -> HoldResult {
+    proc::raise_nofile();
+    let mut gateways = spawn_gateways(&a);
+    let mut pids = a.gateway_pids.clone();
+    pids.extend(gateways.iter().map(|c| c.id()));
+    let pss_idle = pss_sum(&pids);
+
+    let raw_rate = (a.raw_tcp > 0).then(|| raw_tcp_rate(a.addr, a.raw_tcp, a.concurrency));
+    if raw_rate.is_some() {
+        std::thread::sleep(Duration::from_secs(1)); // let the gateway reap the raw sockets
+    }
+
+    let exe = std::env::current_exe().expect("own path");
+    let workers = a.conns.div_ceil(a.per_worker.max(1));
+    let (tx, rx) = mpsc::channel::<(usize, Progress)>();
+    let mut children = Vec::new();
+    for w in 0..workers {
+        let conns = a.per_worker.min(a.conns - w * a.per_worker);
+        // One source address per worker: 127.0.0.2, 127.0.0.3, … (all of 127/8 is loopback).
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 2)) + w as u32);
+        let mut child = Command::new(&exe)
+            .arg("worker")
+            .args(["--addr", &a.addr.to_string(), "--src", &src.to_string()])
+            .args([
+                "--conns",
+                &conns.to_string(),
+                "--user-start",
+                &(a.user_base + w * a.per_worker).to_string(),
+            ])
+            .args([
+                "--secret",
+                &a.secret,
+                "--concurrency",
+                &a.concurrency.to_string(),
+            ])
+            .args(["--ping-interval-s", &a.ping_interval_s.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn a worker");
+        let out = child.stdout.take().expect("piped");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(p) = serde_json::from_str::<Progress>(&line) {
+                    if tx.send((w as usize, p)).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        children.push(child);
+    }
+    drop(tx);
+
+    let bar = ProgressBar::new(a.conns);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} conns  {per_sec}  {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    let mut latest: Vec<Progress> = vec![Progress::default(); workers as usize];
+    let t0 = Instant::now();
+    let total = |l: &[Progress]| -> (u64, u64, u64) {
+        let ok = l.iter().map(|p| p.ok).sum();
+        let err = l.iter().map(|p| p.errors.values().sum::<u64>()).sum();
+        (ok, err, l.iter().map(|p| p.dropped).sum())
+    };
+    // Connect phase: bounded by time as well as count.
+    let connect_deadline = t0 + Duration::from_secs(60 + a.conns / 1000);
+    loop {
+        if let Ok((w, p)) = rx.recv_timeout(Duration::from_millis(250)) {
+            latest[w] = p;
+        }
+        let (ok, err, _) = total(&latest);
+        bar.set_position(ok);
+        bar.set_message(format!("errors {err}"));
+        if ok + err >= a.conns || Instant::now() > connect_deadline {
+            break;
+        }
+    }
+    // Each worker times its own connect phase; they run in parallel, so the slowest is the run's.
+    let connect_secs = if latest.iter().all(|p| p.connect_secs.is_some()) {
+        latest
+            .iter()
+            .filter_map(|p| p.connect_secs)
+            .fold(0.0, f64::max)
+    } else {
+        t0.elapsed().as_secs_f64()
+    };
+    bar.finish();
+
+    // Hold: let timers and heartbeats run, then measure.
+    let cpu0 = cpu_sum(&pids);
+    let h0 = Instant::now();
+    let hold_end = h0 + Duration::from_secs(a.hold_secs);
+    while Instant::now() < hold_end {
+        if let Ok((w, p)) = rx.recv_timeout(Duration::from_millis(500)) {
+            latest[w] = p;
+        }
+    }
+    let gateway_cpu = (cpu_sum(&pids) - cpu0).as_secs_f64() / h0.elapsed().as_secs_f64() * 100.0;
+    while let Ok((w, p)) = rx.try_recv() {
+        latest[w] = p;
+    }
+    let (ok, _, dropped) = total(&latest);
+    let pss = pss_sum(&pids);
+    let kernel = proc::tcp_kernel_bytes();
+    let mut errors = BTreeMap::new();
+    for p in &latest {
+        for (k, v) in &p.errors {
+            *errors.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+    for c in &mut children {
+        drop(c.stdin.take());
+    }
+    for mut c in children {
+        let _ = c.wait();
+    }
+    for g in &gateways {
+        // SAFETY: signalling the gateway processes this harness started.
+        unsafe { libc::kill(g.id() as i32, libc::SIGTERM) };
+    }
+    for g in &mut gateways {
+        let _ = g.wait();
+    }
+    let per = |b: u64| if ok > 0 { b as f64 / ok as f64 } else { 0.0 };
+    HoldResult {
+        conns_requested: a.conns,
+        conns_established: ok,
+        errors,
+        dropped_while_holding: dropped,
+        workers,
+        gateway_processes: pids.len(),
+        raw_tcp_connects_per_s: raw_rate,
+        ws_connects_per_s: ok as f64 / connect_secs.max(1e-9),
+        connect_secs,
+        gateway_pss_idle_bytes: pss_idle,
+        gateway_pss_bytes: pss,
+        gateway_bytes_per_conn: per(pss),
+        gateway_bytes_per_conn_over_idle: per(pss.saturating_sub(pss_idle)),
+        kernel_tcp_bytes: kernel,
+        hold_secs: a.hold_secs,
+        ping_interval_s: a.ping_interval_s,
+        gateway_cpu_percent_while_holding: gateway_cpu,
+        harness_cpu_secs: proc::own_cpu_time().as_secs_f64(),
+    }
+}
+
+pub fn print(r: &HoldResult) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\nhold: {} of {} connections established, errors {:?}",
+        r.conns_established, r.conns_requested, r.errors
+    );
+    let _ = writeln!(
+        out,
+        "  dropped while holding     {}",
+        r.dropped_while_holding
+    );
+    if let Some(raw) = r.raw_tcp_connects_per_s {
+        let _ = writeln!(out, "  raw TCP connects/s        {raw:.0}");
+    }
+    let _ = writeln!(
+        out,
+        "  WebSocket connects/s      {:.0}  (upgrade + JWT, {:.1} s)",
+        r.ws_connects_per_s, r.connect_secs
+    );
+    let _ = writeln!(
+        out,
+        "  gateway PSS               {:.1} MiB over {} process(es) (idle {:.1} MiB)",
+        r.gateway_pss_bytes as f64 / 1048576.0,
+        r.gateway_processes,
+        r.gateway_pss_idle_bytes as f64 / 1048576.0
+    );
+    let _ = writeln!(
+        out,
+        "  gateway bytes/connection  {:.0}  ({:.0} above idle)",
+        r.gateway_bytes_per_conn, r.gateway_bytes_per_conn_over_idle
+    );
+    if let Some(k) = r.kernel_tcp_bytes {
+        let _ = writeln!(
+            out,
+            "  kernel TCP memory         {:.1} MiB",
+            k as f64 / 1048576.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  gateway CPU while holding {:.2} % of one core (ping every {} s)",
+        r.gateway_cpu_percent_while_holding, r.ping_interval_s
+    );
+    let _ = writeln!(
+        out,
+        "  harness CPU               {:.1} s",
+        r.harness_cpu_secs
+    );
+}
