@@ -113,6 +113,9 @@ pub struct HoldResult {
     hold_secs: u64,
     ping_interval_s: u64,
     gateway_cpu_percent_while_holding: f64,
+    /// Gateway CPU spent in the connect phase, per connection established.
+    gateway_cpu_us_per_connect: f64,
+    /// Harness CPU (parent and workers), to show it was not the bottleneck.
     harness_cpu_secs: f64,
 }
 
@@ -357,6 +360,8 @@ pub fn hold(a: HoldArgs) -> HoldResult {
     }
     drop(tx);
 
+    let worker_pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let connect_cpu0 = cpu_sum(&pids);
     let bar = ProgressBar::new(a.conns);
     bar.set_style(
         ProgressStyle::with_template(
@@ -395,6 +400,7 @@ pub fn hold(a: HoldArgs) -> HoldResult {
         t0.elapsed().as_secs_f64()
     };
     bar.finish();
+    let connect_cpu = cpu_sum(&pids) - connect_cpu0;
 
     // Hold: let timers and heartbeats run, then measure.
     let cpu0 = cpu_sum(&pids);
@@ -418,6 +424,7 @@ pub fn hold(a: HoldArgs) -> HoldResult {
             *errors.entry(k.clone()).or_insert(0) += v;
         }
     }
+    let harness_cpu = proc::own_cpu_time() + cpu_sum(&worker_pids);
     for c in &mut children {
         drop(c.stdin.take());
     }
@@ -450,7 +457,8 @@ pub fn hold(a: HoldArgs) -> HoldResult {
         hold_secs: a.hold_secs,
         ping_interval_s: a.ping_interval_s,
         gateway_cpu_percent_while_holding: gateway_cpu,
-        harness_cpu_secs: proc::own_cpu_time().as_secs_f64(),
+        gateway_cpu_us_per_connect: connect_cpu.as_secs_f64() * 1e6 / ok.max(1) as f64,
+        harness_cpu_secs: harness_cpu.as_secs_f64(),
     }
 }
 
