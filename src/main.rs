@@ -251,6 +251,28 @@ fn wait_for_signal(set: &libc::sigset_t, timeout_ms: u64) -> Option<i32> {
     (sig > 0).then_some(sig)
 }
 
+/// SO_REUSEPORT lets any process of ours bind a port we already serve, and the kernel would
+/// then split clients between two gateways that know nothing of each other. Several gateways
+/// share a port only as one `--processes` group; anyone else finds the port taken.
+fn refuse_if_served(addr: SocketAddr) -> Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = match addr.ip() {
+        ip if ip.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    };
+    if std::net::TcpStream::connect_timeout(&probe, std::time::Duration::from_millis(200)).is_ok() {
+        return Err(format!(
+            "{addr} is already served by another process; to run several gateways on one port use `im gateway --processes N`"
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn run_gateway_until_signal(cfg: GatewayConfig, set: &libc::sigset_t) -> Result<()> {
     let handle = Gateway::start(cfg)?;
     loop {
@@ -267,6 +289,7 @@ fn run_gateway_until_signal(cfg: GatewayConfig, set: &libc::sigset_t) -> Result<
 fn standalone(a: StandaloneArgs) -> Result<()> {
     let set = block_signals();
     let nofile = gateway_core::gateway::raise_nofile();
+    refuse_if_served(a.gateway.ws_listen)?;
     let secret = match &a.gateway.jwt_secret {
         Some(s) => s.clone(),
         None => standalone_secret(&a.data_dir)?,
@@ -288,6 +311,9 @@ fn gateway(a: GatewayCmdArgs) -> Result<()> {
         .jwt_secret
         .clone()
         .ok_or("--jwt-secret (or IM_JWT_SECRET) is required for `im gateway`")?;
+    if a.process_index.is_none() {
+        refuse_if_served(a.gateway.ws_listen)?;
+    }
     if a.processes <= 1 || a.process_index.is_some() {
         let cfg = gateway_config(
             &a.gateway,

@@ -3,6 +3,7 @@
 //! `im-bench worker`), each under the per-process open-file limit and each with its own
 //! source address (127.0.0.2, 127.0.0.3, …), so neither fds nor ephemeral ports run out.
 
+use crate::gateway::{self, GatewayArgs};
 use crate::proc;
 use crate::ws::{self, Failure};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,7 +12,7 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -46,21 +47,8 @@ pub struct HoldArgs {
     /// First user id.
     #[arg(long, default_value_t = 1)]
     pub user_base: u64,
-    /// PIDs of gateway processes already running (for memory and CPU figures).
-    #[arg(long = "gateway-pid")]
-    pub gateway_pids: Vec<u32>,
-    /// Start the gateway ourselves: path to the `im` binary.
-    #[arg(long)]
-    pub spawn_gateway: Option<String>,
-    /// Gateway processes to start with --spawn-gateway.
-    #[arg(long, default_value_t = 1)]
-    pub gateway_processes: u32,
-    /// Shards per spawned gateway process.
-    #[arg(long, default_value_t = 1)]
-    pub gateway_shards: u32,
-    /// Extra arguments for spawned gateways (e.g. "--epoll").
-    #[arg(long, allow_hyphen_values = true)]
-    pub gateway_arg: Vec<String>,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
     /// Write the result as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -239,48 +227,6 @@ pub fn worker(a: WorkerArgs) {
     std::process::exit(0);
 }
 
-fn spawn_gateways(a: &HoldArgs) -> Vec<Child> {
-    let Some(im) = &a.spawn_gateway else {
-        return Vec::new();
-    };
-    let children: Vec<Child> = (0..a.gateway_processes)
-        .map(|i| {
-            Command::new(im)
-                .arg("gateway")
-                .args([
-                    "--ws-listen",
-                    &a.addr.to_string(),
-                    "--jwt-secret",
-                    &a.secret,
-                ])
-                .args([
-                    "--shards",
-                    &a.gateway_shards.to_string(),
-                    "--process-index",
-                    &i.to_string(),
-                ])
-                .args(["--processes", &a.gateway_processes.to_string()])
-                .args(&a.gateway_arg)
-                .env("RUST_LOG", "warn")
-                .spawn()
-                .expect("spawn the gateway")
-        })
-        .collect();
-    // Ready when every process answers /healthz (SO_REUSEPORT may route us to any of them,
-    // so we simply wait for the listener count to settle: a short poll is enough).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(a.addr).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "gateway did not start listening on {}",
-            a.addr
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    children
-}
-
 fn pss_sum(pids: &[u32]) -> u64 {
     pids.iter().filter_map(|&p| proc::pss_bytes(p)).sum()
 }
@@ -320,9 +266,8 @@ fn raw_tcp_rate(addr: SocketAddr, n: u64, concurrency: usize) -> f64 {
 
 pub fn hold(a: HoldArgs) -> HoldResult {
     proc::raise_nofile();
-    let mut gateways = spawn_gateways(&a);
-    let mut pids = a.gateway_pids.clone();
-    pids.extend(gateways.iter().map(|c| c.id()));
+    let gateways = gateway::spawn(&a.gateway, a.addr, &a.secret);
+    let pids = gateways.pids();
     let pss_idle = pss_sum(&pids);
 
     let raw_rate = (a.raw_tcp > 0).then(|| raw_tcp_rate(a.addr, a.raw_tcp, a.concurrency));
@@ -444,13 +389,7 @@ pub fn hold(a: HoldArgs) -> HoldResult {
     for mut c in children {
         let _ = c.wait();
     }
-    for g in &gateways {
-        // SAFETY: signalling the gateway processes this harness started.
-        unsafe { libc::kill(g.id() as i32, libc::SIGTERM) };
-    }
-    for g in &mut gateways {
-        let _ = g.wait();
-    }
+    gateways.stop();
     let per = |b: u64| if ok > 0 { b as f64 / ok as f64 } else { 0.0 };
     HoldResult {
         conns_requested: a.conns,

@@ -2,6 +2,7 @@
 //! gateway's memory per connection; `p2p` measures 1:1 delivery throughput and latency.
 //! Micro-benchmarks (criterion) live in `benches/`.
 
+mod gateway;
 mod hold;
 mod p2p;
 mod proc;

@@ -2,6 +2,7 @@
 //! rate; measures delivered messages per second and latency (send → `msg` at the receiver,
 //! and send → `sent` at the sender) with HDR histograms. Each message carries its send time.
 
+use crate::gateway::{self, GatewayArgs};
 use crate::proc;
 use crate::ws;
 use gateway_core::codec::opcode;
@@ -35,9 +36,8 @@ pub struct P2pArgs {
     /// First user id (keep clear of other runs' users).
     #[arg(long, default_value_t = 10_000_000)]
     pub user_base: u64,
-    /// Gateway PIDs, for CPU figures.
-    #[arg(long = "gateway-pid")]
-    pub gateway_pids: Vec<u32>,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
@@ -91,15 +91,19 @@ fn stamp_after(json: &[u8], key: &[u8]) -> Option<u64> {
 
 pub fn p2p(a: P2pArgs) -> P2pResult {
     proc::raise_nofile();
+    let gateways = gateway::spawn(&a.gateway, a.addr, &a.secret);
+    let pids = gateways.pids();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, run(a))
+    let r = local.block_on(&rt, run(a, pids));
+    gateways.stop();
+    r
 }
 
-async fn run(a: P2pArgs) -> P2pResult {
+async fn run(a: P2pArgs, pids: Vec<u32>) -> P2pResult {
     let epoch = Instant::now();
     let now_us = move || epoch.elapsed().as_micros() as u64;
     let hist = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -183,7 +187,6 @@ async fn run(a: P2pArgs) -> P2pResult {
     }
     tokio::time::sleep(Duration::from_millis(300)).await; // directory updates settle
 
-    let pids = a.gateway_pids.clone();
     let cpu_sum = |pids: &[u32]| {
         pids.iter()
             .filter_map(|&p| proc::cpu_time(p))
