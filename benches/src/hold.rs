@@ -120,7 +120,7 @@ fn user_token(secret: &str, user: u64) -> String {
 
 /// A worker: connect `conns` users from `src`, ping, report, exit when stdin closes.
 pub fn worker(a: WorkerArgs) {
-    proc::raise_nofile();
+    gateway_core::gateway::raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -265,7 +265,7 @@ fn raw_tcp_rate(addr: SocketAddr, n: u64, concurrency: usize) -> f64 {
 }
 
 pub fn hold(a: HoldArgs) -> HoldResult {
-    proc::raise_nofile();
+    gateway_core::gateway::raise_nofile();
     let gateways = gateway::spawn(&a.gateway, a.addr, &a.secret);
     let pids = gateways.pids();
     let pss_idle = pss_sum(&pids);

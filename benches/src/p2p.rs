@@ -90,7 +90,7 @@ fn stamp_after(json: &[u8], key: &[u8]) -> Option<u64> {
 }
 
 pub fn p2p(a: P2pArgs) -> P2pResult {
-    proc::raise_nofile();
+    gateway_core::gateway::raise_nofile();
     let gateways = gateway::spawn(&a.gateway, a.addr, &a.secret);
     let pids = gateways.pids();
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -2,7 +2,7 @@
 //! runtimes do). Same shard, same plans: level-triggered readiness, reads into one shard-wide
 //! scratch buffer, writes attempted at once and resumed on EPOLLOUT.
 
-use super::{close_fd, set_nodelay, shutdown_wr, tag, Clock, Stopper};
+use super::{close_fd, run_plans, set_nodelay, shutdown_wr, tag, Clock, Stopper};
 use crate::shard::Shard;
 use std::io;
 use std::sync::atomic::AtomicBool;
@@ -145,37 +145,28 @@ pub fn run(
                 }
             }
         }
-        shard.poll_mesh();
-        shard.on_tick();
-        loop {
-            shard.take_ready(&mut ready);
-            if ready.is_empty() {
-                break;
+        run_plans(&mut shard, &mut ready, |shard, key, fd, plan| {
+            if plan.arm_recv {
+                ctl(ep, libc::EPOLL_CTL_ADD, fd, IN, key as u64)?;
             }
-            for key in ready.drain(..) {
-                let Some(fd) = shard.fd(key) else { continue };
-                let plan = shard.plan(key);
-                if plan.arm_recv {
-                    ctl(ep, libc::EPOLL_CTL_ADD, fd, IN, key as u64)?;
-                }
-                if let Some((ptr, len)) = plan.send {
-                    write_once(&mut shard, key, fd, ptr, len, &mut want_out, ep);
-                }
-                if plan.shutdown_wr {
-                    shutdown_wr(fd);
-                }
-                if plan.cancel_recv {
-                    let _ = ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
-                    want_out.remove(&key);
-                    shard.recv_disarmed(key);
-                }
-                if plan.close {
-                    want_out.remove(&key);
-                    close_fd(fd);
-                    shard.release(key);
-                }
+            if let Some((ptr, len)) = plan.send {
+                write_once(shard, key, fd, ptr, len, &mut want_out, ep);
             }
-        }
+            if plan.shutdown_wr {
+                shutdown_wr(fd);
+            }
+            if plan.cancel_recv {
+                let _ = ctl(ep, libc::EPOLL_CTL_DEL, fd, 0, 0);
+                want_out.remove(&key);
+                shard.recv_disarmed(key);
+            }
+            if plan.close {
+                want_out.remove(&key);
+                close_fd(fd);
+                shard.release(key);
+            }
+            io::Result::Ok(())
+        })?;
         shard.end_turn();
         let mut stop_listener = false;
         if stopper.check(stop, &mut shard, || stop_listener = true) {

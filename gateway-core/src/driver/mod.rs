@@ -10,7 +10,7 @@
 pub mod epoll;
 pub mod uring;
 
-use crate::shard::{Now, Shard};
+use crate::shard::{IoPlan, Now, Shard};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,28 @@ impl Stopper {
 
     pub fn stopping(&self) -> bool {
         self.since.is_some()
+    }
+}
+
+/// The shard work every turn ends with, whatever the driver: cross-shard messages, timers,
+/// then each connection's I/O plan handed to `execute(shard, key, fd, plan)`.
+pub(crate) fn run_plans<E>(
+    shard: &mut Shard,
+    ready: &mut Vec<u32>,
+    mut execute: impl FnMut(&mut Shard, u32, i32, IoPlan) -> Result<(), E>,
+) -> Result<(), E> {
+    shard.poll_mesh();
+    shard.on_tick();
+    loop {
+        shard.take_ready(ready);
+        if ready.is_empty() {
+            return Ok(());
+        }
+        for key in ready.drain(..) {
+            let Some(fd) = shard.fd(key) else { continue };
+            let plan = shard.plan(key);
+            execute(shard, key, fd, plan)?;
+        }
     }
 }
 

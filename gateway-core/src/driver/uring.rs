@@ -2,7 +2,7 @@
 //! provided-buffer ring shared by the shard, sends straight from the arena, and a read on the
 //! shard's eventfd for cross-shard wake-ups. One `io_uring_enter` per turn submits and waits.
 
-use super::{close_fd, set_nodelay, shutdown_wr, tag, Clock, Stopper};
+use super::{close_fd, run_plans, set_nodelay, shutdown_wr, tag, Clock, Stopper};
 use crate::shard::Shard;
 use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
@@ -230,39 +230,30 @@ pub fn run(
             }
         }
         bufs.publish();
-        shard.poll_mesh();
-        shard.on_tick();
-        loop {
-            shard.take_ready(&mut ready);
-            if ready.is_empty() {
-                break;
+        run_plans(&mut shard, &mut ready, |shard, key, fd, plan| {
+            if let Some((ptr, len)) = plan.send {
+                let e = opcode::Send::new(Fd(fd), ptr, len as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build();
+                push(&mut ring, e.user_data(tag::SEND | key as u64))?;
             }
-            for key in ready.drain(..) {
-                let Some(fd) = shard.fd(key) else { continue };
-                let plan = shard.plan(key);
-                if let Some((ptr, len)) = plan.send {
-                    let e = opcode::Send::new(Fd(fd), ptr, len as u32)
-                        .flags(libc::MSG_NOSIGNAL)
-                        .build();
-                    push(&mut ring, e.user_data(tag::SEND | key as u64))?;
-                }
-                if plan.shutdown_wr {
-                    shutdown_wr(fd);
-                }
-                if plan.arm_recv {
-                    let e = opcode::RecvMulti::new(Fd(fd), BUF_GROUP).build();
-                    push(&mut ring, e.user_data(tag::RECV | key as u64))?;
-                }
-                if plan.cancel_recv {
-                    let e = opcode::AsyncCancel::new(tag::RECV | key as u64).build();
-                    push(&mut ring, e.user_data(tag::CANCEL | key as u64))?;
-                }
-                if plan.close {
-                    close_fd(fd);
-                    shard.release(key);
-                }
+            if plan.shutdown_wr {
+                shutdown_wr(fd);
             }
-        }
+            if plan.arm_recv {
+                let e = opcode::RecvMulti::new(Fd(fd), BUF_GROUP).build();
+                push(&mut ring, e.user_data(tag::RECV | key as u64))?;
+            }
+            if plan.cancel_recv {
+                let e = opcode::AsyncCancel::new(tag::RECV | key as u64).build();
+                push(&mut ring, e.user_data(tag::CANCEL | key as u64))?;
+            }
+            if plan.close {
+                close_fd(fd);
+                shard.release(key);
+            }
+            io::Result::Ok(())
+        })?;
         shard.end_turn();
         let stop_listener = &mut listener_open;
         let mut cancel_accept = false;
