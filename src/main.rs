@@ -62,6 +62,10 @@ struct GatewayArgs {
     /// Per-connection outbound queue bound; past it the connection is closed with 1013.
     #[arg(long, env = "IM_OUTBOUND_BYTES_MAX", default_value_t = 256 * 1024)]
     outbound_bytes_max: usize,
+    /// Messages (and pings) per second a connection may send, bursts of twice that; past it
+    /// `error` 4290, then close 1008.
+    #[arg(long, env = "IM_MSGS_PER_SEC_MAX", default_value_t = 100)]
+    msgs_per_sec_max: u32,
     /// Connections per shard [default: what the open-file limit allows].
     #[arg(long, env = "IM_CONNS_PER_SHARD_MAX")]
     conns_per_shard_max: Option<usize>,
@@ -177,6 +181,7 @@ fn gateway_config(
         heartbeat_timeout_ms: a.heartbeat_timeout_ms,
         handshake_timeout_ms: a.handshake_timeout_ms,
         outbound_bytes_max: a.outbound_bytes_max,
+        msgs_per_sec_max: a.msgs_per_sec_max,
         recv_buffers: a.recv_buffers,
         recv_buffer_bytes: a.recv_buffer_bytes,
         force_epoll: a.epoll,

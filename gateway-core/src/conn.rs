@@ -52,6 +52,9 @@ pub struct Conn {
     pub tx: u32,
     /// Wheel tick when bytes last arrived.
     pub last_seen: u32,
+    /// Rate-limit credit in sixteenths of a message (refilled from `last_seen`); negative is
+    /// debt run up by refused messages. Lives in what would be padding.
+    pub credit: i16,
     pub state: State,
     pub io: u8,
 }
@@ -67,6 +70,7 @@ impl Conn {
             rx: NONE,
             tx: NONE,
             last_seen: now,
+            credit: 0,
             state: State::Handshake,
             io: 0,
         }

@@ -54,6 +54,19 @@ pub struct IoPlan {
     pub close: bool,
 }
 
+/// Rate-limit credit units per message (credit is kept in sixteenths, so slow rates refill
+/// within a tick).
+const CREDIT_UNIT: u32 = 16;
+
+/// Whether a connection may send one more message now.
+enum Spend {
+    Ok,
+    /// Over the rate: refuse this message.
+    Refuse,
+    /// Refused a whole burst's worth and still sending: close with 1008.
+    Close,
+}
+
 /// Linger after our close frame: how long we wait for the peer before closing anyway.
 const LINGER_MS: u64 = 2_000;
 /// Messages drained from the mesh per turn, so one busy peer cannot starve our sockets.
@@ -62,6 +75,9 @@ const MESH_BATCH_MAX: usize = 4096;
 const SEQ_CONVS_MAX: usize = 4_000_000;
 
 struct Limits {
+    /// Rate-limit refill per second and bucket size, in sixteenths of a message.
+    credit_per_sec: u32,
+    credit_max: i16,
     frame_bytes_max: usize,
     outbound_bytes_max: usize,
     conns_max: usize,
@@ -116,6 +132,9 @@ impl Shard {
             id,
             shards,
             limits: Limits {
+                credit_per_sec: cfg.msgs_per_sec_max.clamp(1, 1000) * CREDIT_UNIT,
+                credit_max: (cfg.msgs_per_sec_max.clamp(1, 1000) * 2 * CREDIT_UNIT)
+                    .min(i16::MAX as u32 / 2) as i16,
                 frame_bytes_max: cfg.frame_bytes_max,
                 outbound_bytes_max: cfg.outbound_bytes_max,
                 conns_max,
@@ -222,6 +241,11 @@ impl Shard {
         if !matches!(c.state, State::Handshake | State::Open) {
             return; // closing: the peer's late bytes are read and dropped
         }
+        // Refill the rate-limit bucket for the time since bytes last came (before moving it).
+        let elapsed_ms =
+            (tick.saturating_sub(c.last_seen) as u64 * self.limits.tick_ms).min(60_000) as i64;
+        let refill = elapsed_ms * self.limits.credit_per_sec as i64 / 1000;
+        c.credit = (c.credit as i64 + refill).min(self.limits.credit_max as i64) as i16;
         c.last_seen = tick;
         let mut rx = self.arena.take_rx(std::mem::replace(&mut c.rx, NONE));
         if rx.partial.is_empty() {
@@ -500,7 +524,11 @@ impl Shard {
     fn on_frame(&mut self, key: u32, rx: &mut RxState, h: codec::Header, payload: &[u8]) {
         ShardStats::add(&self.st().frames_in_total, 1);
         match h.opcode {
-            opcode::PING => self.enqueue(key, codec::server_frame(opcode::PONG, payload).into()),
+            opcode::PING => match self.spend(key) {
+                Spend::Ok => self.enqueue(key, codec::server_frame(opcode::PONG, payload).into()),
+                Spend::Refuse => {}
+                Spend::Close => self.begin_close(key, close::POLICY, "rate limit"),
+            },
             opcode::PONG => {}
             opcode::CLOSE => match codec::check_close_payload(payload) {
                 Ok(code) => self.begin_close(key, code, ""),
@@ -550,6 +578,18 @@ impl Shard {
         let Ok(text) = std::str::from_utf8(payload) else {
             return self.fail(key, FrameError::InvalidUtf8);
         };
+        match self.spend(key) {
+            Spend::Ok => {}
+            Spend::Refuse => {
+                let cid = protocol::parse_request(text).ok().and_then(|r| match r {
+                    Request::Send { cid, .. } => Some(cid),
+                    _ => None,
+                });
+                let msg = "rate limit: slow down and retry with the same cid";
+                return self.reply_error(key, ErrorCode::RateLimited, msg, cid.as_deref());
+            }
+            Spend::Close => return self.begin_close(key, close::POLICY, "rate limit"),
+        }
         match protocol::parse_request(text) {
             Ok(Request::Ping) => {
                 let pong = self.pong.clone();
@@ -571,6 +611,20 @@ impl Shard {
                 None,
             ),
             Err(e) => self.reply_error(key, e.code, &e.message, e.cid.as_deref()),
+        }
+    }
+
+    /// Takes one message's worth of rate-limit credit.
+    fn spend(&mut self, key: u32) -> Spend {
+        let max = self.limits.credit_max;
+        let c = &mut self.conns[key as usize];
+        c.credit = c.credit.saturating_sub(CREDIT_UNIT as i16);
+        if c.credit >= 0 {
+            Spend::Ok
+        } else if c.credit > -max {
+            Spend::Refuse
+        } else {
+            Spend::Close
         }
     }
 
@@ -607,6 +661,7 @@ impl Shard {
                         let c = &mut self.conns[key as usize];
                         c.user = user;
                         c.state = State::Open;
+                        c.credit = self.limits.credit_max;
                         self.arena.push_tx(&mut c.tx, response.into());
                         self.wheel.insert(key, due);
                         ShardStats::add(&self.st().handshakes_total, 1);

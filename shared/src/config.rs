@@ -27,6 +27,9 @@ pub struct GatewayConfig {
     pub handshake_timeout_ms: u64,
     /// Per-connection bound on queued outbound bytes; past it: close 1013.
     pub outbound_bytes_max: usize,
+    /// Messages (and pings) a connection may send per second, with bursts of twice that;
+    /// past it `error` 4290, and close 1008 for a client that keeps going.
+    pub msgs_per_sec_max: u32,
     /// Connections one shard holds; further accepts are closed at once.
     pub conns_per_shard_max: usize,
     /// Capacity (entries) of each cross-shard ring.
@@ -60,6 +63,7 @@ impl Default for GatewayConfig {
             heartbeat_timeout_ms: 90_000,
             handshake_timeout_ms: 10_000,
             outbound_bytes_max: 256 * 1024,
+            msgs_per_sec_max: 100,
             conns_per_shard_max: 1 << 20,
             ring_capacity: 4096,
             ring_backlog_max: 65_536,

@@ -553,3 +553,43 @@ fn a_released_slot_reused_by_a_new_connection_gets_no_stale_replies() {
     sim.run();
     assert!(sim.frames(b).is_empty());
 }
+
+#[test]
+fn a_flooding_client_is_refused_then_closed_with_1008_and_a_patient_one_recovers() {
+    let mut sim = Sim::new(
+        1,
+        GatewayConfig {
+            msgs_per_sec_max: 10,
+            ..cfg()
+        },
+    );
+    let flooder = sim.connect(0, 1);
+    let patient = sim.connect(0, 3);
+    let _bob = sim.connect(0, 2);
+    // A burst of twice the rate passes.
+    for i in 0..20 {
+        sim.send_text(flooder, &send_json(2, &format!("c{i}"), "x"));
+    }
+    let acks = sim.json(flooder);
+    assert_eq!(acks.len(), 20, "{acks:?}");
+    assert!(acks.iter().all(|v| v["type"] == "sent"), "{acks:?}");
+    sim.send_text(flooder, &send_json(2, "over", "x"));
+    let refused = sim.json(flooder);
+    assert_eq!(
+        (refused[0]["code"].as_u64(), refused[0]["cid"].as_str()),
+        (Some(4290), Some("over"))
+    );
+    // It keeps going through another burst of refusals: closed.
+    for i in 0..25 {
+        sim.send_text(flooder, &send_json(2, &format!("d{i}"), "x"));
+    }
+    assert_eq!(sim.close_code(flooder), Some(1008));
+
+    for i in 0..21 {
+        sim.send_text(patient, &send_json(2, &format!("p{i}"), "x"));
+    }
+    assert_eq!(sim.json(patient).last().unwrap()["code"], 4290);
+    sim.advance(500); // five messages' worth of credit back (under the 1 s heartbeat timeout)
+    sim.send_text(patient, &send_json(2, "later", "x"));
+    assert_eq!(sim.json(patient)[0]["type"], "sent");
+}
