@@ -130,11 +130,13 @@ impl Arena {
         self.tx(idx).map_or(0, |t| t.bytes)
     }
 
-    /// Records that the socket took `n` bytes; frees the state when nothing is left.
-    pub fn advance_tx(&mut self, idx: &mut u32, mut n: usize) {
+    /// Records that the socket took `n` bytes; frees the state when nothing is left. Returns
+    /// how many frames went out completely.
+    pub fn advance_tx(&mut self, idx: &mut u32, mut n: usize) -> usize {
         if *idx == NONE {
-            return;
+            return 0;
         }
+        let mut done = 0;
         let tx = &mut self.tx[*idx as usize];
         let taken = n.min(tx.bytes);
         tx.bytes -= taken;
@@ -146,6 +148,7 @@ impl Arena {
                 n -= left;
                 tx.head_sent = 0;
                 tx.queue.pop_front();
+                done += 1;
             } else {
                 tx.head_sent += n;
                 n = 0;
@@ -155,6 +158,7 @@ impl Arena {
             self.tx.remove(*idx as usize);
             *idx = NONE;
         }
+        done
     }
 
     /// Drops queued frames, keeping the front one when `keep_front` (it is partly sent or in

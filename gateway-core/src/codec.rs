@@ -211,7 +211,8 @@ pub fn check_close_payload(payload: &[u8]) -> Result<u16, FrameError> {
         1 => Err(FrameError::Protocol("close payload of one byte")),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
-            let valid = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            // 1004-1006 and 1015 are reserved: never sent on the wire.
+            let valid = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
             if !valid {
                 return Err(FrameError::Protocol("invalid close code"));
             }

@@ -34,6 +34,11 @@ pub mod io {
     pub const CANCELING: u8 = 16;
     /// The peer sent EOF: do not re-arm the receive.
     pub const EOF: u8 = 32;
+    /// A cancel for the in-flight send has been submitted (the connection is dead).
+    pub const CANCELING_SEND: u8 = 64;
+    /// The front queued frame is the 101 answer: a close must not drop it, or the client
+    /// would get a close frame without ever having been upgraded.
+    pub const UPGRADE_UNSENT: u8 = 128;
 }
 
 #[derive(Debug)]

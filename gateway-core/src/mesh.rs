@@ -192,6 +192,15 @@ impl MeshPort {
         self.park(d, msg)
     }
 
+    /// Like `send`, for the few messages that must not be dropped (directory updates, bounded
+    /// by the connection count): past the backlog bound they are parked anyway.
+    pub fn send_unbounded(&mut self, dst: u16, msg: ShardMsg) {
+        if let Err(msg) = self.send(dst, msg) {
+            self.backlog[dst as usize].push_back(msg);
+            self.backlog_len += 1;
+        }
+    }
+
     fn park(&mut self, d: usize, msg: ShardMsg) -> Result<(), ShardMsg> {
         if self.backlog_len >= self.backlog_max {
             return Err(msg);

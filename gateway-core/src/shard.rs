@@ -48,6 +48,9 @@ pub struct IoPlan {
     pub shutdown_wr: bool,
     /// Cancel the armed receive; its final completion comes through `recv_disarmed`.
     pub cancel_recv: bool,
+    /// Cancel the in-flight send (a dead connection whose peer stopped reading would
+    /// otherwise hold it forever); its completion comes through `on_sent`.
+    pub cancel_send: bool,
     /// Arm a receive.
     pub arm_recv: bool,
     /// Close the fd and call `release`.
@@ -201,6 +204,11 @@ impl Shard {
         self.conns.get(key as usize).map(|c| c.gen)
     }
 
+    /// Whether the peer has sent EOF (drivers stop watching its input).
+    pub fn peer_eof(&self, key: u32) -> bool {
+        self.conns.get(key as usize).is_some_and(|c| c.has(io::EOF))
+    }
+
     /// The bytes a pending send should (re)try, for drivers that write synchronously.
     pub fn tx_front(&self, key: u32) -> Option<(*const u8, usize)> {
         let c = self.conns.get(key as usize)?;
@@ -268,8 +276,15 @@ impl Shard {
         // What a connection may hold is bounded by the frame limit (checked on the header) and
         // the upgrade-request limit; the arena as a whole by its budget.
         if !self.arena.fits(rx.partial.capacity() + rx.frag.capacity()) {
-            self.begin_close(key, close::TRY_AGAIN, "server buffers are full");
-            return;
+            if self.conns[key as usize].state == State::Handshake {
+                let busy = handshake::json_error(
+                    503,
+                    ErrorCode::Busy.code(),
+                    "server buffers are full; retry",
+                );
+                return self.http_answer(key, busy);
+            }
+            return self.begin_close(key, close::TRY_AGAIN, "server buffers are full");
         }
         let idx = self.arena.put_rx(rx);
         if let Some(c) = self.conns.get_mut(key as usize) {
@@ -320,12 +335,16 @@ impl Shard {
         let Some(c) = self.conns.get_mut(key as usize) else {
             return;
         };
-        c.io &= !io::SEND_INFLIGHT;
+        c.io &= !(io::SEND_INFLIGHT | io::CANCELING_SEND);
         if res < 0 {
+            // Already dead or not, it needs a plan: close once nothing is in flight.
             self.kill(key);
+            self.mark_ready(key);
             return;
         }
-        self.arena.advance_tx(&mut c.tx, res as usize);
+        if self.arena.advance_tx(&mut c.tx, res as usize) > 0 {
+            c.io &= !io::UPGRADE_UNSENT;
+        }
         ShardStats::add(&self.stats[self.id as usize].bytes_out_total, res as u64);
         self.mark_ready(key);
     }
@@ -352,12 +371,15 @@ impl Shard {
             }
         }
         if c.state == State::Dead {
-            if c.has(io::RECV_ARMED) {
-                if !c.has(io::CANCELING) {
-                    plan.cancel_recv = true;
-                    c.io |= io::CANCELING;
-                }
-            } else if !c.has(io::SEND_INFLIGHT) {
+            if c.has(io::RECV_ARMED) && !c.has(io::CANCELING) {
+                plan.cancel_recv = true;
+                c.io |= io::CANCELING;
+            }
+            if c.has(io::SEND_INFLIGHT) && !c.has(io::CANCELING_SEND) {
+                plan.cancel_send = true;
+                c.io |= io::CANCELING_SEND;
+            }
+            if !c.has(io::RECV_ARMED) && !c.has(io::SEND_INFLIGHT) {
                 plan.close = true;
             }
         } else if !c.has(io::RECV_ARMED) && !c.has(io::EOF) {
@@ -662,6 +684,7 @@ impl Shard {
                         c.user = user;
                         c.state = State::Open;
                         c.credit = self.limits.credit_max;
+                        c.io |= io::UPGRADE_UNSENT;
                         self.arena.push_tx(&mut c.tx, response.into());
                         self.wheel.insert(key, due);
                         ShardStats::add(&self.st().handshakes_total, 1);
@@ -714,6 +737,16 @@ impl Shard {
     fn route_or_count(&mut self, dst: u16, msg: ShardMsg) {
         if self.route(dst, msg).is_err() {
             ShardStats::add(&self.st().ring_dropped_total, 1);
+        }
+    }
+
+    /// Directory updates are never dropped: a lost Attach would hide a user's devices from
+    /// live delivery until they all reconnect. At most two per connection, so still bounded.
+    fn route_directory(&mut self, dst: u16, msg: ShardMsg) {
+        if dst == self.id {
+            self.inbox.push_back(msg);
+        } else {
+            self.mesh.send_unbounded(dst, msg);
         }
     }
 
@@ -911,7 +944,7 @@ impl Shard {
                 // With one shard `local` is the whole directory; a home map would repeat it.
                 if self.shards > 1 {
                     let home = self.home_of(user);
-                    self.route_or_count(
+                    self.route_directory(
                         home,
                         ShardMsg::Attach {
                             user,
@@ -939,7 +972,7 @@ impl Shard {
             self.local.remove(&user);
             if self.shards > 1 {
                 let home = self.home_of(user);
-                self.route_or_count(
+                self.route_directory(
                     home,
                     ShardMsg::Detach {
                         user,
@@ -1032,8 +1065,9 @@ impl Shard {
             State::Handshake => {}
         }
         let c = &mut self.conns[key as usize];
-        let keep_front =
-            c.has(io::SEND_INFLIGHT) || self.arena.tx(c.tx).is_some_and(|t| t.head_sent > 0);
+        let keep_front = c.has(io::SEND_INFLIGHT)
+            || c.has(io::UPGRADE_UNSENT)
+            || self.arena.tx(c.tx).is_some_and(|t| t.head_sent > 0);
         self.arena.truncate_tx(&mut c.tx, keep_front);
         self.arena
             .push_tx(&mut c.tx, codec::close_frame(code, reason).into());

@@ -6,11 +6,14 @@ use super::{close_fd, run_plans, set_nodelay, shutdown_wr, tag, Clock, Stopper};
 use crate::shard::Shard;
 use std::io;
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 const EVENTS_MAX: usize = 1024;
 /// Reads per readable connection per turn, so one fast sender cannot starve the others.
 const READS_PER_TURN: usize = 4;
 const ACCEPTS_PER_TURN: usize = 256;
+/// How long accepting pauses when the process is out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 fn ctl(ep: i32, op: i32, fd: i32, events: u32, data: u64) -> io::Result<()> {
     let mut ev = libc::epoll_event { events, u64: data };
@@ -65,7 +68,18 @@ pub fn run(
     // Connections waiting for EPOLLOUT (their send is "in flight").
     let mut want_out: std::collections::HashSet<u32> = std::collections::HashSet::new();
     let mut timeout_ms: i32 = 0;
+    let mut accept_again_at: Option<Instant> = None;
     loop {
+        if accept_again_at.is_some_and(|t| Instant::now() >= t) && !stopper.stopping() {
+            accept_again_at = None;
+            ctl(
+                ep,
+                libc::EPOLL_CTL_ADD,
+                listener,
+                libc::EPOLLIN as u32,
+                tag::ACCEPT,
+            )?;
+        }
         let waker = shard.mesh().waker();
         waker.prepare_sleep();
         let t = if shard.idle() { timeout_ms } else { 0 };
@@ -92,6 +106,13 @@ pub fn run(
                             )
                         };
                         if fd < 0 {
+                            let e = errno();
+                            if e == libc::EMFILE || e == libc::ENFILE {
+                                // Level-triggered: the listener stays readable and we would
+                                // spin. Stop watching it for a moment.
+                                let _ = ctl(ep, libc::EPOLL_CTL_DEL, listener, 0, 0);
+                                accept_again_at = Some(Instant::now() + ACCEPT_BACKOFF);
+                            }
                             break;
                         }
                         set_nodelay(fd);
@@ -108,7 +129,8 @@ pub fn run(
                 _ => {
                     if flags & OUT != 0 && want_out.remove(&key) {
                         if let (Some(fd), Some((ptr, len))) = (shard.fd(key), shard.tx_front(key)) {
-                            let _ = ctl(ep, libc::EPOLL_CTL_MOD, fd, IN, key as u64);
+                            let input = if shard.peer_eof(key) { 0 } else { IN };
+                            let _ = ctl(ep, libc::EPOLL_CTL_MOD, fd, input, key as u64);
                             write_once(&mut shard, key, fd, ptr, len, &mut want_out, ep);
                         }
                     }
@@ -205,7 +227,8 @@ fn write_once(
     let e = errno();
     if e == libc::EAGAIN || e == libc::EINTR {
         want_out.insert(key);
-        let _ = ctl(ep, libc::EPOLL_CTL_MOD, fd, IN | OUT, key as u64);
+        let input = if shard.peer_eof(key) { 0 } else { IN };
+        let _ = ctl(ep, libc::EPOLL_CTL_MOD, fd, input | OUT, key as u64);
     } else {
         shard.on_sent(key, -e);
     }

@@ -8,9 +8,11 @@ use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const BUF_GROUP: u16 = 0;
+/// How long accepting pauses when the process is out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 // Submissions are batched per turn and flushed when full, so a modest SQ suffices; the CQ is
 // deeper because multishot receives can complete many times per submission.
 const SQ_ENTRIES: u32 = 1024;
@@ -126,6 +128,7 @@ fn build_ring() -> io::Result<IoUring> {
     IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
+        .setup_taskrun_flag()
         .setup_cqsize(SQ_ENTRIES * 8)
         .build(SQ_ENTRIES)
         .or_else(|_| {
@@ -147,16 +150,37 @@ fn push(ring: &mut IoUring, e: squeue::Entry) -> io::Result<()> {
 }
 
 pub fn run(
-    mut shard: Shard,
+    shard: Shard,
     listener: i32,
     stop: &AtomicBool,
     recv_buffers: usize,
     recv_buffer_bytes: usize,
 ) -> io::Result<()> {
-    let mut ring = build_ring()?;
-    let mut bufs = BufRing::new(&ring, recv_buffers, recv_buffer_bytes)?;
+    let result = (|| {
+        let mut ring = build_ring()?;
+        let mut bufs = BufRing::new(&ring, recv_buffers, recv_buffer_bytes)?;
+        let mut wake_buf = Box::new(0u64);
+        let r = event_loop(shard, listener, stop, &mut ring, &mut bufs, &mut wake_buf);
+        // On every path the ring goes first: closing it ends the kernel's use of the receive
+        // buffers and the wake counter, which are freed only after.
+        drop(ring);
+        drop(bufs);
+        drop(wake_buf);
+        r
+    })();
+    close_fd(listener);
+    result
+}
+
+fn event_loop(
+    mut shard: Shard,
+    listener: i32,
+    stop: &AtomicBool,
+    ring: &mut IoUring,
+    bufs: &mut BufRing,
+    wake_buf: &mut u64,
+) -> io::Result<()> {
     let wake_fd = shard.mesh().waker().fd();
-    let mut wake_buf = Box::new(0u64);
     let accept = || {
         opcode::AcceptMulti::new(Fd(listener))
             .flags(libc::SOCK_CLOEXEC)
@@ -168,16 +192,22 @@ pub fn run(
             .build()
             .user_data(tag::WAKE)
     };
-    push(&mut ring, accept())?;
-    push(&mut ring, wake_read(&mut wake_buf))?;
+    push(ring, accept())?;
+    push(ring, wake_read(wake_buf))?;
 
     let clock = Clock::new();
     let mut stopper = Stopper::new();
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(SQ_ENTRIES as usize * 4);
     let mut ready = Vec::new();
-    let mut listener_open = true;
+    let mut accepting = true;
+    // Out of file descriptors: re-arm accept a little later instead of spinning or sleeping.
+    let mut accept_again_at: Option<Instant> = None;
     loop {
         shard.set_now(clock.now());
+        if accept_again_at.is_some_and(|t| Instant::now() >= t) && accepting {
+            accept_again_at = None;
+            push(ring, accept())?;
+        }
         cqes.clear();
         cqes.extend(
             ring.completion()
@@ -199,12 +229,12 @@ pub fn run(
                             io::Error::from_raw_os_error(-res)
                         );
                     }
-                    if !cqueue::more(flags) && listener_open {
+                    if !cqueue::more(flags) && accepting {
                         if res == -libc::EMFILE || res == -libc::ENFILE {
-                            // Out of descriptors: back off a little instead of spinning.
-                            std::thread::sleep(Duration::from_millis(10));
+                            accept_again_at = Some(Instant::now() + ACCEPT_BACKOFF);
+                        } else {
+                            push(ring, accept())?;
                         }
-                        push(&mut ring, accept())?;
                     }
                 }
                 tag::RECV => {
@@ -225,7 +255,7 @@ pub fn run(
                     }
                 }
                 tag::SEND => shard.on_sent(key, res),
-                tag::WAKE => push(&mut ring, wake_read(&mut wake_buf))?,
+                tag::WAKE => push(ring, wake_read(wake_buf))?,
                 _ => {} // cancel completions carry nothing we need
             }
         }
@@ -235,18 +265,22 @@ pub fn run(
                 let e = opcode::Send::new(Fd(fd), ptr, len as u32)
                     .flags(libc::MSG_NOSIGNAL)
                     .build();
-                push(&mut ring, e.user_data(tag::SEND | key as u64))?;
+                push(ring, e.user_data(tag::SEND | key as u64))?;
             }
             if plan.shutdown_wr {
                 shutdown_wr(fd);
             }
             if plan.arm_recv {
                 let e = opcode::RecvMulti::new(Fd(fd), BUF_GROUP).build();
-                push(&mut ring, e.user_data(tag::RECV | key as u64))?;
+                push(ring, e.user_data(tag::RECV | key as u64))?;
             }
             if plan.cancel_recv {
                 let e = opcode::AsyncCancel::new(tag::RECV | key as u64).build();
-                push(&mut ring, e.user_data(tag::CANCEL | key as u64))?;
+                push(ring, e.user_data(tag::CANCEL | key as u64))?;
+            }
+            if plan.cancel_send {
+                let e = opcode::AsyncCancel::new(tag::SEND | key as u64).build();
+                push(ring, e.user_data(tag::CANCEL | key as u64))?;
             }
             if plan.close {
                 close_fd(fd);
@@ -255,34 +289,33 @@ pub fn run(
             io::Result::Ok(())
         })?;
         shard.end_turn();
-        let stop_listener = &mut listener_open;
-        let mut cancel_accept = false;
-        if stopper.check(stop, &mut shard, || {
-            *stop_listener = false;
-            cancel_accept = true;
-        }) {
-            break;
+        let mut stop_accepting = false;
+        if stopper.check(stop, &mut shard, || stop_accepting = true) {
+            return Ok(());
         }
-        if cancel_accept {
+        if stop_accepting {
+            accepting = false;
             push(
-                &mut ring,
+                ring,
                 opcode::AsyncCancel::new(tag::ACCEPT)
                     .build()
                     .user_data(tag::CANCEL),
             )?;
         }
-        // Sleep only when idle, and tell peers so their pushes wake us.
+        // Sleep only when idle, and tell peers so that their pushes wake us. When not sleeping
+        // we still ask for completions (a zero timeout): with DEFER_TASKRUN nothing completes
+        // unless we enter the kernel to get events.
         let waker = shard.mesh().waker();
         waker.prepare_sleep();
-        let wait = shard.idle() && ring.completion().is_empty() && !stop.load(Ordering::Relaxed);
-        let timeout_ms = if stopper.stopping() {
-            10
+        let idle = shard.idle() && ring.completion().is_empty() && !stopper.stopping();
+        let timeout = if idle {
+            Duration::from_millis(shard.sleep_ms())
         } else {
-            shard.sleep_ms()
+            Duration::ZERO
         };
-        let ts = Timespec::from(Duration::from_millis(timeout_ms));
+        let ts = Timespec::from(timeout);
         let args = SubmitArgs::new().timespec(&ts);
-        let r = ring.submitter().submit_with_args(usize::from(wait), &args);
+        let r = ring.submitter().submit_with_args(1, &args);
         waker.cancel_sleep();
         if let Err(e) = r {
             if !matches!(
@@ -293,10 +326,4 @@ pub fn run(
             }
         }
     }
-    if !listener_open {
-        close_fd(listener);
-    }
-    drop(ring); // unregisters the buffer ring before `bufs` unmaps it
-    drop(bufs);
-    Ok(())
 }

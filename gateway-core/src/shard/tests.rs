@@ -115,6 +115,11 @@ impl Sim {
         if plan.cancel_recv {
             self.shards[s].recv_disarmed(key);
         }
+        if plan.cancel_send {
+            // The kernel completes a cancelled send with ECANCELED.
+            self.stalled.remove(&(s, key));
+            self.shards[s].on_sent(key, -libc::ECANCELED);
+        }
         if plan.close {
             self.closed.insert((s, key));
             self.shards[s].release(key);
@@ -592,4 +597,38 @@ fn a_flooding_client_is_refused_then_closed_with_1008_and_a_patient_one_recovers
     sim.advance(500); // five messages' worth of credit back (under the 1 s heartbeat timeout)
     sim.send_text(patient, &send_json(2, "later", "x"));
     assert_eq!(sim.json(patient)[0]["type"], "sent");
+}
+
+#[test]
+fn a_dead_connection_whose_send_never_completes_is_still_closed() {
+    let mut sim = Sim::new(1, cfg());
+    let alice = sim.connect(0, 1);
+    let bob = sim.connect(0, 2);
+    sim.stalled.insert(bob); // bob's peer stopped reading: the send in flight never finishes
+    sim.send_text(alice, &send_json(2, "c", "hello"));
+    // Heartbeat timeout (1 s), then the 2 s linger, in real-time steps.
+    for _ in 0..40 {
+        sim.send_text(alice, r#"{"type":"ping"}"#);
+        sim.advance(100);
+    }
+    assert!(
+        sim.closed.contains(&bob),
+        "the stuck send was cancelled and the fd closed"
+    );
+    assert!(!sim.closed.contains(&alice));
+    assert_eq!(sim.shards[0].connections(), 1);
+}
+
+#[test]
+fn upgrade_and_a_bad_frame_in_one_segment_still_get_the_101_first() {
+    let mut sim = Sim::new(1, cfg());
+    let key = sim.accept(0);
+    let mut bytes = Sim::upgrade_request(&format!("/ws?token={}", token(4))).into_bytes();
+    let mut unmasked = codec::client_frame(true, opcode::TEXT, b"x", [0; 4]);
+    unmasked[1] &= 0x7F;
+    bytes.extend_from_slice(&unmasked[..3]);
+    sim.recv((0, key), &bytes);
+    let head = sim.take_http((0, key));
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(sim.close_code((0, key)), Some(1002));
 }
