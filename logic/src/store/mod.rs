@@ -1,0 +1,84 @@
+//! Storage behind the logic service: one trait, two real implementations on sqlx — MySQL
+//! (production; MariaDB in tests) and SQLite (standalone). Both come from one body of SQL
+//! (`sql.rs`), so they cannot drift apart; where the dialects differ, the difference is named.
+
+mod sql;
+
+pub use sql::{MySqlStore, SqlStore, SqliteStore};
+
+use async_trait::async_trait;
+use std::fmt;
+
+/// A stored account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserRow {
+    pub id: u64,
+    pub username: String,
+    pub password_hash: String,
+    pub nickname: String,
+    pub avatar: String,
+}
+
+#[derive(Debug)]
+pub enum StoreError {
+    /// A unique key already holds this value (duplicate username, …).
+    Conflict,
+    /// The database is unreachable or failed; the request may succeed later.
+    Unavailable(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Conflict => f.write_str("conflict"),
+            StoreError::Unavailable(e) => write!(f, "database unavailable: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
+            _ => StoreError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// "mysql" or "sqlite", for logs and metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Applies the embedded migrations that have not run yet.
+    async fn migrate(&self) -> Result<()>;
+
+    /// A new account; `Conflict` when the username is taken.
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        nickname: &str,
+        now_ms: u64,
+    ) -> Result<u64>;
+    async fn user_by_username(&self, username: &str) -> Result<Option<UserRow>>;
+    async fn user_by_id(&self, id: u64) -> Result<Option<UserRow>>;
+    /// Changes the given fields; false when the user does not exist.
+    async fn update_profile(
+        &self,
+        id: u64,
+        nickname: Option<&str>,
+        avatar: Option<&str>,
+    ) -> Result<bool>;
+
+    /// Stores a refresh token's hash.
+    async fn put_refresh(&self, token_hash: &str, user_id: u64, expires_ms: u64) -> Result<()>;
+    /// Consumes a refresh token (rotation: it works once); its user when it was valid.
+    async fn take_refresh(&self, token_hash: &str, now_ms: u64) -> Result<Option<u64>>;
+    /// Forgets every refresh token of a user (logout).
+    async fn drop_refresh_tokens(&self, user_id: u64) -> Result<()>;
+}
