@@ -5,4 +5,6 @@
 //! `migrations/`), `auth` (argon2id passwords, access and refresh tokens), `api` (the axum
 //! routes and their JSON errors).
 
+pub mod api;
+pub mod auth;
 pub mod store;

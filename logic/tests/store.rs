@@ -1,66 +1,10 @@
 //! The `Store` trait against both real backends: MariaDB (MySQL protocol) on this machine and
 //! SQLite in a temporary directory. Each MySQL test gets a database of its own.
 
-use logic::store::{MySqlStore, SqliteStore, Store, StoreError};
-use std::sync::atomic::{AtomicU32, Ordering};
+mod common;
 
-/// The server the tests use; override with IM_TEST_MYSQL_URL (no database path).
-fn mysql_server() -> String {
-    std::env::var("IM_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
-}
-
-/// Drops a test database made by `fresh_mysql`.
-pub async fn drop_mysql(store: MySqlStore) {
-    let name: String = sqlx::query_scalar("SELECT DATABASE()")
-        .fetch_one(store.pool())
-        .await
-        .expect("current database");
-    sqlx::query(&format!("DROP DATABASE {name}"))
-        .execute(store.pool())
-        .await
-        .expect("drop the test database");
-    store.pool().close().await;
-}
-
-/// A fresh, empty database on the MySQL server; fails loudly when the server is down.
-pub async fn fresh_mysql() -> MySqlStore {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "im_test_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    let admin = MySqlStore::connect(&format!("{}/test", mysql_server()))
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "MySQL/MariaDB is required for these tests at {} ({e}); .ci/run starts it",
-                mysql_server()
-            )
-        });
-    for stmt in [
-        format!("DROP DATABASE IF EXISTS {name}"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        sqlx::query(&stmt)
-            .execute(admin.pool())
-            .await
-            .expect("create the test database");
-    }
-    let store = MySqlStore::connect(&format!("{}/{name}", mysql_server()))
-        .await
-        .expect("connect to the test database");
-    store.migrate().await.expect("migrations apply");
-    store
-}
-
-pub async fn fresh_sqlite(dir: &std::path::Path) -> SqliteStore {
-    let store = SqliteStore::open(&dir.join("im.db"))
-        .await
-        .expect("open sqlite");
-    store.migrate().await.expect("migrations apply");
-    store
-}
+use common::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
+use logic::store::{Store, StoreError};
 
 async fn accounts_and_refresh_tokens(s: &dyn Store) {
     let id = s.create_user("alice", "hash", "Alice", 1).await.unwrap();
@@ -119,15 +63,4 @@ async fn accounts_and_refresh_tokens_on_sqlite() {
     let dir = tempdir();
     accounts_and_refresh_tokens(&fresh_sqlite(&dir).await).await;
     let _ = std::fs::remove_dir_all(dir);
-}
-
-pub fn tempdir() -> std::path::PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "im-logic-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

@@ -16,14 +16,22 @@ pub enum ErrorCode {
     InvalidField = 4003,
     /// `content` is longer than the server accepts.
     TooLarge = 4004,
+    /// No token, or a bad one (HTTP 401); also wrong username or password, without saying which.
+    Unauthorized = 4010,
     /// Not allowed: for example a conversation the user does not belong to.
     Forbidden = 4030,
+    /// No such user, group or conversation (HTTP 404).
+    NotFound = 4040,
+    /// The name is taken, or the state does not allow it (HTTP 409).
+    Conflict = 4090,
     /// Too many requests; the connection is closed with 1008 if it goes on.
     RateLimited = 4290,
     /// The gateway is overloaded or a peer queue is full; retry with the same `cid`.
     Busy = 5030,
     /// The feature needs a service this deployment does not run (groups need `im logic`).
     Unavailable = 5031,
+    /// A dependency (database, broker) is down; retry later.
+    DependencyDown = 5032,
 }
 
 impl ErrorCode {

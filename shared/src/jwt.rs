@@ -149,10 +149,15 @@ pub fn verify(secret: &[u8], token: &str, now_s: u64) -> Result<Claims, JwtError
     Ok(claims)
 }
 
+/// Fills `buf` from the OS random source.
+pub fn random_bytes(buf: &mut [u8]) {
+    getrandom::fill(buf).expect("the OS random source is available");
+}
+
 /// `n` random bytes from the OS, hex-encoded (secrets, token ids).
 pub fn random_hex(n: usize) -> String {
     let mut bytes = vec![0u8; n];
-    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    random_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

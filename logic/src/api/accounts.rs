@@ -1,0 +1,227 @@
+//! Accounts and tokens: register, login, refresh, logout, profile.
+
+use super::{ApiError, Body, Caller, State};
+use crate::auth;
+use axum::extract::State as S;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use im_shared::{jwt, ErrorCode};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+const USERNAME_CHARS: std::ops::RangeInclusive<usize> = 3..=32;
+const PASSWORD_CHARS: std::ops::RangeInclusive<usize> = 8..=128;
+const NICKNAME_CHARS: std::ops::RangeInclusive<usize> = 1..=64;
+const AVATAR_BYTES_MAX: usize = 512;
+
+/// Usernames are case-insensitive: stored lower-case, letters, digits, `_`, `.`, `-`.
+fn username(raw: &str) -> Result<String, ApiError> {
+    let name = raw.to_ascii_lowercase();
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+    if !USERNAME_CHARS.contains(&name.chars().count())
+        || !ok_chars
+        || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        return Err(ApiError::bad(
+            ErrorCode::InvalidField,
+            "username: 3 to 32 letters, digits, '_', '.' or '-', starting with a letter or digit",
+        ));
+    }
+    Ok(name)
+}
+
+fn password(raw: &str) -> Result<&str, ApiError> {
+    if !PASSWORD_CHARS.contains(&raw.chars().count()) || raw.trim().is_empty() {
+        return Err(ApiError::bad(
+            ErrorCode::InvalidField,
+            "password: 8 to 128 characters",
+        ));
+    }
+    Ok(raw)
+}
+
+fn nickname(raw: &str) -> Result<&str, ApiError> {
+    let n = raw.trim();
+    if !NICKNAME_CHARS.contains(&n.chars().count()) || n.chars().any(char::is_control) {
+        return Err(ApiError::bad(
+            ErrorCode::InvalidField,
+            "nickname: 1 to 64 characters, no control characters",
+        ));
+    }
+    Ok(n)
+}
+
+fn avatar(raw: &str) -> Result<&str, ApiError> {
+    let ok = raw.is_empty()
+        || ((raw.starts_with("https://") || raw.starts_with("http://"))
+            && raw.len() <= AVATAR_BYTES_MAX
+            && !raw.chars().any(|c| c.is_whitespace() || c.is_control()));
+    if !ok {
+        return Err(ApiError::bad(
+            ErrorCode::InvalidField,
+            "avatar: an http(s) URL of at most 512 bytes, or empty",
+        ));
+    }
+    Ok(raw)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Busy,
+            "password hashing failed",
+        )
+    })
+}
+
+#[derive(Deserialize)]
+pub struct Register {
+    username: String,
+    password: String,
+    nickname: Option<String>,
+}
+
+pub async fn register(
+    S(st): S<State>,
+    Body(r): Body<Register>,
+) -> Result<impl IntoResponse, ApiError> {
+    let name = username(&r.username)?;
+    let pw = password(&r.password)?.to_owned();
+    // The nickname defaults to the name as typed: "Alice" logs in as alice, shows as Alice.
+    let nick = nickname(r.nickname.as_deref().unwrap_or(&r.username))?.to_owned();
+    let cost = st.cfg.password_cost;
+    let hash = blocking(move || auth::hash_password(&pw, cost)).await?;
+    let id = st
+        .store
+        .create_user(&name, &hash, &nick, im_shared::unix_ms())
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::Conflict => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::Conflict,
+                "username is taken",
+            ),
+            other => other.into(),
+        })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "user_id": id.to_string() })),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct Login {
+    username: String,
+    password: String,
+}
+
+#[derive(Serialize)]
+pub struct Tokens {
+    token: String,
+    refresh_token: String,
+    expires_in: u64,
+    user_id: String,
+    ws_url: String,
+}
+
+async fn issue_tokens(st: &State, user_id: u64) -> Result<Json<Tokens>, ApiError> {
+    let now_ms = im_shared::unix_ms();
+    let claims = jwt::Claims::new(user_id, now_ms / 1000, st.cfg.access_ttl_s);
+    let token = jwt::sign(&st.cfg.jwt_secret, &claims);
+    let (refresh_token, hash) = auth::new_refresh_token();
+    st.store
+        .put_refresh(&hash, user_id, now_ms + st.cfg.refresh_ttl_s * 1000)
+        .await?;
+    Ok(Json(Tokens {
+        token,
+        refresh_token,
+        expires_in: st.cfg.access_ttl_s,
+        user_id: user_id.to_string(),
+        ws_url: st.cfg.ws_url.clone(),
+    }))
+}
+
+const BAD_LOGIN: &str = "invalid username or password";
+
+pub async fn login(S(st): S<State>, Body(l): Body<Login>) -> Result<Json<Tokens>, ApiError> {
+    // Malformed names cannot exist; answer exactly as for a wrong password.
+    let user = match username(&l.username) {
+        Ok(name) => st.store.user_by_username(&name).await?,
+        Err(_) => None,
+    };
+    let (hash, id) = match &user {
+        Some(u) => (u.password_hash.clone(), Some(u.id)),
+        None => (st.dummy_hash.clone(), None),
+    };
+    let pw = l.password;
+    let ok = blocking(move || auth::verify_password(&pw, &hash)).await?;
+    match id {
+        Some(id) if ok => issue_tokens(&st, id).await,
+        _ => Err(ApiError::unauthorized(BAD_LOGIN)),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct Refresh {
+    refresh_token: String,
+}
+
+pub async fn refresh(S(st): S<State>, Body(r): Body<Refresh>) -> Result<Json<Tokens>, ApiError> {
+    let hash = auth::refresh_hash(&r.refresh_token);
+    match st.store.take_refresh(&hash, im_shared::unix_ms()).await? {
+        Some(id) if st.store.user_by_id(id).await?.is_some() => issue_tokens(&st, id).await,
+        _ => Err(ApiError::unauthorized("invalid or expired refresh token")),
+    }
+}
+
+pub async fn logout(S(st): S<State>, caller: Caller) -> Result<StatusCode, ApiError> {
+    st.revocations.revoke(&caller.jti, caller.exp);
+    st.store.drop_refresh_tokens(caller.user_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn profile_of(st: &State, id: u64) -> Result<Json<serde_json::Value>, ApiError> {
+    let u =
+        st.store.user_by_id(id).await?.ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such user")
+        })?;
+    Ok(Json(
+        json!({ "user_id": u.id.to_string(), "username": u.username, "nickname": u.nickname, "avatar": u.avatar }),
+    ))
+}
+
+pub async fn get_profile(
+    S(st): S<State>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    profile_of(&st, caller.user_id).await
+}
+
+#[derive(Deserialize)]
+pub struct ProfileUpdate {
+    nickname: Option<String>,
+    avatar: Option<String>,
+}
+
+pub async fn put_profile(
+    S(st): S<State>,
+    caller: Caller,
+    Body(p): Body<ProfileUpdate>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let nick = p.nickname.as_deref().map(nickname).transpose()?;
+    let av = p.avatar.as_deref().map(avatar).transpose()?;
+    if !st.store.update_profile(caller.user_id, nick, av).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such user",
+        ));
+    }
+    profile_of(&st, caller.user_id).await
+}

@@ -1,0 +1,167 @@
+//! The REST API of PROTOCOL.md under `/api/v1`, on axum. Every error is
+//! `{"code": <number>, "message": "..."}` with a fitting HTTP status, including the ones axum
+//! would produce itself (bad JSON, wrong content type, unknown route).
+
+mod accounts;
+
+use crate::auth::{PasswordCost, Revocations};
+use crate::store::{Store, StoreError};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{request::Parts, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use im_shared::{jwt, ErrorCode};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+/// Settings of the API.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub jwt_secret: Vec<u8>,
+    pub access_ttl_s: u64,
+    pub refresh_ttl_s: u64,
+    pub password_cost: PasswordCost,
+    /// The gateway login answers with (later chosen from the gateway registry).
+    pub ws_url: String,
+}
+
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub revocations: Arc<dyn Revocations>,
+    pub cfg: ApiConfig,
+    /// Checked when the username is unknown, so that it takes as long as a wrong password.
+    pub dummy_hash: String,
+}
+
+pub type State = Arc<AppState>;
+
+pub fn router(state: State) -> Router {
+    let api = Router::new()
+        .route("/users/register", post(accounts::register))
+        .route("/auth/login", post(accounts::login))
+        .route("/auth/refresh", post(accounts::refresh))
+        .route("/auth/logout", post(accounts::logout))
+        .route(
+            "/users/profile",
+            get(accounts::get_profile).put(accounts::put_profile),
+        );
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
+        .with_state(state)
+}
+
+/// An error answer: status, numeric code and message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "code": self.code.code(), "message": self.message });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Conflict => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, "already exists")
+            }
+            StoreError::Unavailable(why) => {
+                log::warn!("database: {why}");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::DependencyDown,
+                    "the database is unavailable; retry later",
+                )
+            }
+        }
+    }
+}
+
+/// `Json<T>` whose rejections are our JSON errors (axum's are plain text).
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::bad(
+                ErrorCode::BadRequest,
+                "expected Content-Type: application/json",
+            )),
+            Err(e) => {
+                let text = e.body_text();
+                let code = if text.contains("missing field") {
+                    ErrorCode::MissingField
+                } else {
+                    ErrorCode::BadRequest
+                };
+                Err(ApiError::bad(code, text))
+            }
+        }
+    }
+}
+
+/// The caller, from `Authorization: Bearer <JWT>`: signature, expiry and revocation checked.
+pub struct Caller {
+    pub user_id: u64,
+    pub jti: String,
+    pub exp: u64,
+}
+
+impl FromRequestParts<State> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &State) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| ApiError::unauthorized("expected a Bearer token"))?;
+        let now = im_shared::unix_ms() / 1000;
+        let claims = jwt::verify(&state.cfg.jwt_secret, token.trim(), now)
+            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        if state.revocations.is_revoked(&claims.jti, now) {
+            return Err(ApiError::unauthorized("invalid token: revoked"));
+        }
+        Ok(Caller {
+            user_id: claims.user_id(),
+            jti: claims.jti,
+            exp: claims.exp,
+        })
+    }
+}
