@@ -39,6 +39,19 @@ pub async fn fresh_mysql() -> MySqlStore {
                 mysql_server()
             )
         });
+    // Databases of test runs that died mid-test (their process is gone) are dropped here.
+    let stale: Vec<String> = sqlx::query_scalar(r"SHOW DATABASES LIKE 'im\_test\_%'")
+        .fetch_all(admin.pool())
+        .await
+        .unwrap_or_default();
+    for db in stale {
+        let pid = db.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
+                .execute(admin.pool())
+                .await;
+        }
+    }
     for stmt in [
         format!("DROP DATABASE IF EXISTS {name}"),
         format!("CREATE DATABASE {name}"),
