@@ -7,6 +7,7 @@ use im_shared::config::GatewayConfig;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -32,8 +33,59 @@ enum Cmd {
     Standalone(StandaloneArgs),
     /// The WebSocket gateway alone.
     Gateway(GatewayCmdArgs),
+    /// The logic service alone: the REST API on MySQL.
+    Logic(LogicArgs),
     /// Print a signed access token for a user (for trying the server with any WebSocket client).
     Token(TokenArgs),
+}
+
+#[derive(Args, Clone)]
+struct ApiArgs {
+    /// REST API listen address.
+    #[arg(long, env = "IM_API_LISTEN", default_value = "127.0.0.1:8080")]
+    api_listen: SocketAddr,
+    /// Lifetime of access tokens.
+    #[arg(long, env = "IM_ACCESS_TTL_S", default_value_t = 3600)]
+    access_ttl_s: u64,
+    /// Lifetime of refresh tokens.
+    #[arg(long, env = "IM_REFRESH_TTL_S", default_value_t = 30 * 24 * 3600)]
+    refresh_ttl_s: u64,
+    /// argon2id memory cost in KiB (time cost 2, one lane).
+    #[arg(long, env = "IM_ARGON2_M_KIB", default_value_t = 19 * 1024)]
+    argon2_m_kib: u32,
+}
+
+impl ApiArgs {
+    fn config(&self, secret: &str, ws_url: String) -> logic::api::ApiConfig {
+        logic::api::ApiConfig {
+            jwt_secret: secret.as_bytes().to_vec(),
+            access_ttl_s: self.access_ttl_s,
+            refresh_ttl_s: self.refresh_ttl_s,
+            password_cost: logic::auth::PasswordCost {
+                m_kib: self.argon2_m_kib.max(8),
+                ..Default::default()
+            },
+            ws_url,
+        }
+    }
+}
+
+#[derive(Args)]
+struct LogicArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// MySQL (or MariaDB) holding users, groups and messages.
+    #[arg(
+        long,
+        env = "IM_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/im"
+    )]
+    mysql_url: String,
+    #[arg(long, env = "IM_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// The WebSocket URL login answers with.
+    #[arg(long, env = "IM_WS_URL", default_value = "ws://127.0.0.1:8090/ws")]
+    ws_url: String,
 }
 
 #[derive(Args, Clone)]
@@ -87,7 +139,9 @@ struct GatewayArgs {
 struct StandaloneArgs {
     #[command(flatten)]
     gateway: GatewayArgs,
-    /// Where standalone keeps its state (the generated JWT secret, later the SQLite database).
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Where standalone keeps its state: the generated JWT secret and the SQLite database.
     #[arg(long, env = "IM_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
 }
@@ -135,6 +189,7 @@ fn main() -> ExitCode {
         None => standalone(cli.standalone),
         Some(Cmd::Standalone(a)) => standalone(a),
         Some(Cmd::Gateway(a)) => gateway(a),
+        Some(Cmd::Logic(a)) => logic_service(a),
         Some(Cmd::Token(a)) => token(a),
     };
     match result {
@@ -299,13 +354,99 @@ fn standalone(a: StandaloneArgs) -> Result<()> {
         Some(s) => s.clone(),
         None => standalone_secret(&a.data_dir)?,
     };
-    let cfg = gateway_config(&a.gateway, secret.into_bytes(), None, 1);
+    let cfg = gateway_config(&a.gateway, secret.clone().into_bytes(), None, 1);
     let ws = cfg.ws_listen;
-    println!("im standalone: gateway with its local router (1:1 chat between connected users)");
-    println!("  WebSocket  ws://{ws}/ws?token=<JWT>   (mint one: im token --user 1)");
+    let api = a.api.api_listen;
+
+    // The REST side runs on a small tokio runtime beside the gateway's pinned shard threads.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("im-logic")
+        .enable_all()
+        .build()?;
+    let db = a.data_dir.join("im.db");
+    let store = rt
+        .block_on(logic::store::SqliteStore::open(&db))
+        .map_err(|e| format!("opening {}: {e}", db.display()))?;
+    let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_cfg = a.api.config(&secret, format!("ws://{ws}/ws"));
+    let server = rt.spawn(logic::serve(Arc::new(store), api_cfg, api, async move {
+        let _ = stopped.await;
+    }));
+    let gateway = Gateway::start(cfg)?;
+
+    println!(
+        "im standalone: gateway, logic (SQLite in {}) and the local router in one process",
+        a.data_dir.display()
+    );
+    println!("  REST       http://{api}/api/v1   (register: POST /users/register, login: POST /auth/login)");
+    println!("  WebSocket  ws://{ws}/ws?token=<JWT from login, or: im token --user 1>");
     println!("  health     http://{ws}/healthz   metrics http://{ws}/metrics");
     println!("  open files {nofile}; stop with Ctrl-C (connections get close 1001)");
-    run_gateway_until_signal(cfg, &set)
+    loop {
+        if server.is_finished() {
+            gateway.shutdown();
+            gateway.join()?;
+            return match rt.block_on(server) {
+                Ok(Err(e)) => Err(format!("REST API on {api}: {e}").into()),
+                _ => Err("the REST API stopped".into()),
+            };
+        }
+        if let Some(sig) = wait_for_signal(&set, 500) {
+            log::info!("signal {sig}: closing connections with 1001 and stopping");
+            break;
+        }
+    }
+    let _ = stop_api.send(());
+    gateway.shutdown();
+    gateway.join()?;
+    let _ = rt.block_on(server);
+    Ok(())
+}
+
+fn logic_service(a: LogicArgs) -> Result<()> {
+    let set = block_signals();
+    let secret = a
+        .jwt_secret
+        .clone()
+        .ok_or("--jwt-secret (or IM_JWT_SECRET) is required for `im logic`")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("im-logic")
+        .enable_all()
+        .build()?;
+    let store = rt
+        .block_on(logic::store::MySqlStore::connect(&a.mysql_url))
+        .map_err(|e| format!("connecting to {}: {e}", redact(&a.mysql_url)))?;
+    let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(logic::serve(
+        Arc::new(store),
+        a.api.config(&secret, a.ws_url.clone()),
+        a.api.api_listen,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    while !server.is_finished() {
+        if wait_for_signal(&set, 500).is_some() {
+            let _ = stop_api.send(());
+            break;
+        }
+    }
+    match rt.block_on(server) {
+        Ok(r) => r.map_err(|e| format!("REST API on {}: {e}", a.api.api_listen).into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
 }
 
 fn gateway(a: GatewayCmdArgs) -> Result<()> {

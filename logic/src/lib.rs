@@ -8,3 +8,32 @@
 pub mod api;
 pub mod auth;
 pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Builds the API state around a store (migrated here) and serves it on `listen` until
+/// `shutdown` resolves.
+pub async fn serve(
+    store: Arc<dyn store::Store>,
+    cfg: api::ApiConfig,
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    store.migrate().await.map_err(std::io::Error::other)?;
+    let cost = cfg.password_cost;
+    let dummy_hash = tokio::task::spawn_blocking(move || auth::dummy_hash(cost))
+        .await
+        .map_err(std::io::Error::other)?;
+    let state = api::AppState {
+        store,
+        revocations: Arc::new(auth::MemoryRevocations::default()),
+        cfg,
+        dummy_hash,
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    log::info!("logic REST API on http://{}/api/v1", listener.local_addr()?);
+    axum::serve(listener, api::router(Arc::new(state)))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
