@@ -351,6 +351,218 @@ async fn accounts(api: &Api) {
     );
 }
 
+/// Registers and logs in; the user id and token.
+async fn user(api: &Api, name: &str) -> (String, String) {
+    assert_eq!(
+        api.register(name, "correct horse").await.0,
+        StatusCode::CREATED
+    );
+    let r = api.login(name, "correct horse").await;
+    (
+        r.1["user_id"].as_str().unwrap().to_string(),
+        r.1["token"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn groups(api: &Api) {
+    let (alice, a) = user(api, "alice").await;
+    let (bob, b) = user(api, "bob").await;
+    let (carol, c) = user(api, "carol").await;
+    let (_, d) = user(api, "dave").await;
+    let create = |body: Value, tok: Option<String>| async move {
+        api.call("POST", "/api/v1/groups/create", tok.as_deref(), Some(body))
+            .await
+    };
+
+    let r = create(
+        json!({"name": "rustaceans", "description": "<b>hi</b>", "max_members": 3}),
+        Some(a.clone()),
+    )
+    .await;
+    assert_eq!(r.0, StatusCode::CREATED, "{r:?}");
+    let g = r.1["group_id"].as_str().unwrap().to_string();
+    for (body, code) in [
+        (json!({"description": "x"}), 4002),
+        (json!({"name": ""}), 4003),
+        (json!({"name": "n".repeat(65)}), 4003),
+        (json!({"name": "x", "max_members": 1}), 4003),
+        (json!({"name": "x", "max_members": 10_001}), 4003),
+        (json!({"name": "x", "max_members": "ten"}), 4000),
+        (json!({"name": "x", "description": "d".repeat(513)}), 4003),
+    ] {
+        assert_eq!(
+            err(&create(body.clone(), Some(a.clone())).await),
+            (400, code),
+            "{body}"
+        );
+    }
+    assert_eq!(err(&create(json!({"name": "x"}), None).await), (401, 4010));
+
+    let path = format!("/api/v1/groups/{g}");
+    let r = api.call("GET", &path, Some(&b), None).await;
+    assert_eq!(
+        (r.1["owner_id"].as_str(), r.1["member_count"].as_u64()),
+        (Some(alice.as_str()), Some(1))
+    );
+    assert_eq!(r.1["description"], "<b>hi</b>", "stored verbatim");
+    assert_eq!(
+        err(&api.call("GET", "/api/v1/groups/abc", Some(&b), None).await),
+        (400, 4003)
+    );
+    assert_eq!(
+        err(&api
+            .call("GET", "/api/v1/groups/999999", Some(&b), None)
+            .await),
+        (404, 4040)
+    );
+    assert_eq!(
+        err(&api
+            .call("POST", "/api/v1/groups/999999/join", Some(&b), None)
+            .await),
+        (404, 4040)
+    );
+
+    // Join (idempotent), list members (members only).
+    assert_eq!(
+        api.call("POST", &format!("{path}/join"), Some(&b), None)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.call("POST", &format!("{path}/join"), Some(&b), None)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.call("GET", &path, Some(&b), None).await.1["member_count"],
+        2
+    );
+    assert_eq!(
+        err(&api
+            .call("GET", &format!("{path}/members"), Some(&c), None)
+            .await),
+        (403, 4030)
+    );
+    let r = api
+        .call("GET", &format!("{path}/members"), Some(&b), None)
+        .await;
+    let ids: Vec<&str> = r.1["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![alice.as_str(), bob.as_str()]);
+    let r = api
+        .call("GET", &format!("{path}/members?limit=1"), Some(&b), None)
+        .await;
+    assert_eq!(
+        (
+            r.1["members"].as_array().unwrap().len(),
+            r.1["more"].as_bool()
+        ),
+        (1, Some(true))
+    );
+    let r = api
+        .call(
+            "GET",
+            &format!("{path}/members?limit=1&after={alice}"),
+            Some(&b),
+            None,
+        )
+        .await;
+    assert_eq!(r.1["members"][0]["user_id"], bob.as_str());
+    assert_eq!(
+        err(&api
+            .call("GET", &format!("{path}/members?limit=0"), Some(&b), None)
+            .await),
+        (400, 4003)
+    );
+
+    // The owner adds; others may not; the group fills up.
+    let add = |tok: String, body: Value| {
+        let path = format!("{path}/members");
+        async move { api.call("POST", &path, Some(&tok), Some(body)).await }
+    };
+    assert_eq!(
+        err(&add(b.clone(), json!({"user_id": carol})).await),
+        (403, 4030)
+    );
+    assert_eq!(
+        err(&add(a.clone(), json!({"user_id": "999999"})).await),
+        (404, 4040)
+    );
+    assert_eq!(
+        err(&add(a.clone(), json!({"user_id": "x"})).await),
+        (400, 4003)
+    );
+    assert_eq!(err(&add(a.clone(), json!({})).await), (400, 4002));
+    assert_eq!(
+        add(a.clone(), json!({"user_id": carol})).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        err(&api
+            .call("POST", &format!("{path}/join"), Some(&d), None)
+            .await),
+        (409, 4090),
+        "full at 3"
+    );
+
+    // Leave and remove.
+    assert_eq!(
+        api.call("POST", &format!("{path}/leave"), Some(&b), None)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        err(&api
+            .call("POST", &format!("{path}/leave"), Some(&b), None)
+            .await),
+        (409, 4090)
+    );
+    assert_eq!(
+        err(&api
+            .call("POST", &format!("{path}/leave"), Some(&a), None)
+            .await),
+        (409, 4090),
+        "owner stays"
+    );
+    let remove = |tok: String, who: String| {
+        let path = format!("{path}/members/{who}");
+        async move { api.call("DELETE", &path, Some(&tok), None).await }
+    };
+    assert_eq!(err(&remove(c.clone(), alice.clone()).await), (403, 4030));
+    assert_eq!(err(&remove(a.clone(), alice.clone()).await), (409, 4090));
+    assert_eq!(
+        remove(a.clone(), carol.clone()).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(err(&remove(a.clone(), carol.clone()).await), (404, 4040));
+    assert_eq!(err(&remove(a.clone(), "nope".into()).await), (400, 4003));
+    assert_eq!(
+        api.call("GET", &path, Some(&a), None).await.1["member_count"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn groups_on_mysql() {
+    let store = Arc::new(fresh_mysql().await);
+    groups(&Api::new(store.clone())).await;
+    drop_mysql(Arc::into_inner(store).expect("the api is gone")).await;
+}
+
+#[tokio::test]
+async fn groups_on_sqlite() {
+    let dir = tempdir();
+    groups(&Api::new(Arc::new(fresh_sqlite(&dir).await))).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn now_s() -> u64 {
     im_shared::unix_ms() / 1000
 }

@@ -3,6 +3,7 @@
 //! would produce itself (bad JSON, wrong content type, unknown route).
 
 mod accounts;
+mod groups;
 
 use crate::auth::{PasswordCost, Revocations};
 use crate::store::{Store, StoreError};
@@ -46,6 +47,18 @@ pub fn router(state: State) -> Router {
         .route(
             "/users/profile",
             get(accounts::get_profile).put(accounts::put_profile),
+        )
+        .route("/groups/create", post(groups::create))
+        .route("/groups/{id}", get(groups::get))
+        .route("/groups/{id}/join", post(groups::join))
+        .route("/groups/{id}/leave", post(groups::leave))
+        .route(
+            "/groups/{id}/members",
+            get(groups::members).post(groups::add_member),
+        )
+        .route(
+            "/groups/{id}/members/{user_id}",
+            axum::routing::delete(groups::remove_member),
         );
     Router::new()
         .nest("/api/v1", api)

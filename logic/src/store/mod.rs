@@ -19,6 +19,36 @@ pub struct UserRow {
     pub avatar: String,
 }
 
+/// A group with its member count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRow {
+    pub id: u64,
+    pub name: String,
+    pub description: String,
+    pub owner_id: u64,
+    pub max_members: u32,
+    pub member_count: u64,
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberRow {
+    pub user_id: u64,
+    pub username: String,
+    pub nickname: String,
+    pub joined_ms: u64,
+}
+
+/// What adding a member did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Join {
+    Added,
+    AlreadyMember,
+    /// The group has `max_members` members.
+    Full,
+    NoSuchGroup,
+}
+
 #[derive(Debug)]
 pub enum StoreError {
     /// A unique key already holds this value (duplicate username, …).
@@ -81,4 +111,22 @@ pub trait Store: Send + Sync + 'static {
     async fn take_refresh(&self, token_hash: &str, now_ms: u64) -> Result<Option<u64>>;
     /// Forgets every refresh token of a user (logout).
     async fn drop_refresh_tokens(&self, user_id: u64) -> Result<()>;
+
+    /// A new group with its owner as the first member.
+    async fn create_group(
+        &self,
+        owner: u64,
+        name: &str,
+        description: &str,
+        max_members: u32,
+        now_ms: u64,
+    ) -> Result<u64>;
+    async fn group(&self, id: u64) -> Result<Option<GroupRow>>;
+    /// Adds a member unless the group is full (checked under the group's row lock).
+    async fn add_member(&self, group: u64, user: u64, now_ms: u64) -> Result<Join>;
+    /// False when the user was not a member.
+    async fn remove_member(&self, group: u64, user: u64) -> Result<bool>;
+    async fn is_member(&self, group: u64, user: u64) -> Result<bool>;
+    /// Members by user id, after `after_user`, at most `limit`.
+    async fn members(&self, group: u64, after_user: u64, limit: u32) -> Result<Vec<MemberRow>>;
 }

@@ -2,7 +2,7 @@
 //! `impl_store!`. The SQL sticks to what both dialects accept (`?` placeholders, plain
 //! INSERT/SELECT/UPDATE); the schema lives in `migrations/<dialect>/`.
 
-use super::{Result, Store, StoreError, UserRow};
+use super::{GroupRow, Join, MemberRow, Result, Store, StoreError, UserRow};
 use async_trait::async_trait;
 use sqlx::{MySql, Pool, Row, Sqlite};
 
@@ -71,7 +71,15 @@ fn to_i64(v: u64) -> i64 {
 }
 
 macro_rules! impl_store {
-    ($db:ty, $name:literal, $migrations:expr, $lock:literal, $unlock:literal) => {
+    (
+        $db:ty,
+        $name:literal,
+        $migrations:expr,
+        $lock:literal,
+        $unlock:literal,
+        last_insert_id: $last_id:literal,
+        for_update: $for_update:literal
+    ) => {
         #[async_trait]
         impl Store for SqlStore<$db> {
             fn backend(&self) -> &'static str {
@@ -189,6 +197,123 @@ macro_rules! impl_store {
                 sqlx::query("DELETE FROM refresh_tokens WHERE user_id = ?").bind(to_i64(user_id)).execute(&self.pool).await?;
                 Ok(())
             }
+
+            async fn create_group(&self, owner: u64, name: &str, description: &str, max_members: u32, now_ms: u64) -> Result<u64> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("INSERT INTO chat_groups (name, description, owner_id, max_members, created_ms) VALUES (?, ?, ?, ?, ?)")
+                    .bind(name)
+                    .bind(description)
+                    .bind(to_i64(owner))
+                    .bind(max_members as i64)
+                    .bind(to_i64(now_ms))
+                    .execute(&mut *tx)
+                    .await?;
+                // Same connection, same transaction: the id just inserted.
+                let id: i64 = sqlx::query_scalar($last_id).fetch_one(&mut *tx).await?;
+                sqlx::query("INSERT INTO group_members (group_id, user_id, joined_ms) VALUES (?, ?, ?)")
+                    .bind(id)
+                    .bind(to_i64(owner))
+                    .bind(to_i64(now_ms))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(id as u64)
+            }
+
+            async fn group(&self, id: u64) -> Result<Option<GroupRow>> {
+                let row = sqlx::query(
+                    "SELECT g.id, g.name, g.description, g.owner_id, g.max_members, g.created_ms, \
+                     (SELECT COUNT(*) FROM group_members m WHERE m.group_id = g.id) AS member_count \
+                     FROM chat_groups g WHERE g.id = ?",
+                )
+                .bind(to_i64(id))
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some(r) = row else { return Ok(None) };
+                Ok(Some(GroupRow {
+                    id: r.try_get::<i64, _>("id")? as u64,
+                    name: r.try_get("name")?,
+                    description: r.try_get("description")?,
+                    owner_id: r.try_get::<i64, _>("owner_id")? as u64,
+                    max_members: r.try_get::<i64, _>("max_members")? as u32,
+                    member_count: r.try_get::<i64, _>("member_count")? as u64,
+                    created_ms: r.try_get::<i64, _>("created_ms")? as u64,
+                }))
+            }
+
+            async fn add_member(&self, group: u64, user: u64, now_ms: u64) -> Result<Join> {
+                let mut tx = self.pool.begin().await?;
+                // The group row's lock serialises joins, so two cannot both take the last seat.
+                let max: Option<i64> = sqlx::query_scalar(concat!("SELECT max_members FROM chat_groups WHERE id = ?", $for_update))
+                    .bind(to_i64(group))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(max) = max else { return Ok(Join::NoSuchGroup) };
+                let already: Option<i64> = sqlx::query_scalar("SELECT user_id FROM group_members WHERE group_id = ? AND user_id = ?")
+                    .bind(to_i64(group))
+                    .bind(to_i64(user))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if already.is_some() {
+                    return Ok(Join::AlreadyMember);
+                }
+                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM group_members WHERE group_id = ?")
+                    .bind(to_i64(group))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if count >= max {
+                    return Ok(Join::Full);
+                }
+                sqlx::query("INSERT INTO group_members (group_id, user_id, joined_ms) VALUES (?, ?, ?)")
+                    .bind(to_i64(group))
+                    .bind(to_i64(user))
+                    .bind(to_i64(now_ms))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Join::Added)
+            }
+
+            async fn remove_member(&self, group: u64, user: u64) -> Result<bool> {
+                let r = sqlx::query("DELETE FROM group_members WHERE group_id = ? AND user_id = ?")
+                    .bind(to_i64(group))
+                    .bind(to_i64(user))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(r.rows_affected() > 0)
+            }
+
+            async fn is_member(&self, group: u64, user: u64) -> Result<bool> {
+                let r: Option<i64> = sqlx::query_scalar("SELECT user_id FROM group_members WHERE group_id = ? AND user_id = ?")
+                    .bind(to_i64(group))
+                    .bind(to_i64(user))
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(r.is_some())
+            }
+
+            async fn members(&self, group: u64, after_user: u64, limit: u32) -> Result<Vec<MemberRow>> {
+                let rows = sqlx::query(
+                    "SELECT m.user_id, u.username, u.nickname, m.joined_ms FROM group_members m \
+                     JOIN users u ON u.id = m.user_id WHERE m.group_id = ? AND m.user_id > ? \
+                     ORDER BY m.user_id LIMIT ?",
+                )
+                .bind(to_i64(group))
+                .bind(to_i64(after_user))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(MemberRow {
+                            user_id: r.try_get::<i64, _>("user_id")? as u64,
+                            username: r.try_get("username")?,
+                            nickname: r.try_get("nickname")?,
+                            joined_ms: r.try_get::<i64, _>("joined_ms")? as u64,
+                        })
+                    })
+                    .collect()
+            }
         }
     };
 }
@@ -198,10 +323,20 @@ impl_store!(
     "mysql",
     MYSQL_MIGRATIONS,
     "SELECT GET_LOCK('im_migrate', 60)",
-    "SELECT RELEASE_LOCK('im_migrate')"
+    "SELECT RELEASE_LOCK('im_migrate')",
+    last_insert_id: "SELECT CAST(LAST_INSERT_ID() AS SIGNED)",
+    for_update: " FOR UPDATE"
 );
-// One SQLite file has one writer at a time already; a no-op stands in for the lock.
-impl_store!(Sqlite, "sqlite", SQLITE_MIGRATIONS, "SELECT 1", "SELECT 1");
+// One SQLite file has one writer at a time: no lock statements, no row locks.
+impl_store!(
+    Sqlite,
+    "sqlite",
+    SQLITE_MIGRATIONS,
+    "SELECT 1",
+    "SELECT 1",
+    last_insert_id: "SELECT last_insert_rowid()",
+    for_update: ""
+);
 
 fn user_row<R: Row>(r: &R) -> Result<UserRow>
 where
