@@ -39,6 +39,45 @@ pub struct MemberRow {
     pub joined_ms: u64,
 }
 
+/// A message to store; the store assigns its seq in the conversation.
+#[derive(Clone, Debug)]
+pub struct NewMessage<'a> {
+    pub id: u64,
+    pub conv: &'a str,
+    pub sender: u64,
+    pub cid: &'a str,
+    pub to_user: Option<u64>,
+    pub to_group: Option<u64>,
+    pub content: &'a str,
+    pub content_type: &'a str,
+    pub ts_ms: u64,
+}
+
+/// A stored message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageRow {
+    pub id: u64,
+    pub conv: String,
+    pub seq: u64,
+    pub sender: u64,
+    pub to_user: Option<u64>,
+    pub to_group: Option<u64>,
+    pub content: String,
+    pub content_type: String,
+    pub ts_ms: u64,
+}
+
+/// One conversation as a user sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationRow {
+    pub conv: String,
+    pub max_seq: u64,
+    pub read_seq: u64,
+    pub muted: bool,
+    pub pinned: bool,
+    pub last_message: Option<MessageRow>,
+}
+
 /// What adding a member did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Join {
@@ -129,4 +168,24 @@ pub trait Store: Send + Sync + 'static {
     async fn is_member(&self, group: u64, user: u64) -> Result<bool>;
     /// Members by user id, after `after_user`, at most `limit`.
     async fn members(&self, group: u64, after_user: u64, limit: u32) -> Result<Vec<MemberRow>>;
+
+    /// Stores a message with the conversation's next seq, and makes it visible in the parties'
+    /// conversation lists. A retry (same sender and cid) stores nothing and returns the
+    /// message stored the first time.
+    async fn append_message(&self, m: &NewMessage<'_>) -> Result<MessageRow>;
+    /// Messages of `conv` with seq < `before_seq`, newest first, at most `limit`.
+    async fn history(&self, conv: &str, before_seq: u64, limit: u32) -> Result<Vec<MessageRow>>;
+    /// The user's conversations: two-person ones they are part of, and their groups'.
+    async fn conversations(&self, user: u64) -> Result<Vec<ConversationRow>>;
+    /// Puts a two-person conversation in both users' lists (no message needed).
+    async fn open_pair(&self, conv: &str, a: u64, b: u64) -> Result<()>;
+    /// Sets what is given; the read position only moves forward, and never past the end.
+    async fn update_membership(
+        &self,
+        user: u64,
+        conv: &str,
+        read_seq: Option<u64>,
+        muted: Option<bool>,
+        pinned: Option<bool>,
+    ) -> Result<()>;
 }

@@ -2,7 +2,10 @@
 //! `impl_store!`. The SQL sticks to what both dialects accept (`?` placeholders, plain
 //! INSERT/SELECT/UPDATE); the schema lives in `migrations/<dialect>/`.
 
-use super::{GroupRow, Join, MemberRow, Result, Store, StoreError, UserRow};
+use super::{
+    ConversationRow, GroupRow, Join, MemberRow, MessageRow, NewMessage, Result, Store, StoreError,
+    UserRow,
+};
 use async_trait::async_trait;
 use sqlx::{MySql, Pool, Row, Sqlite};
 
@@ -78,7 +81,10 @@ macro_rules! impl_store {
         $lock:literal,
         $unlock:literal,
         last_insert_id: $last_id:literal,
-        for_update: $for_update:literal
+        for_update: $for_update:literal,
+        bump_seq: $bump_seq:literal,
+        insert_ignore: $insert_ignore:literal,
+        group_conv: $group_conv:literal
     ) => {
         #[async_trait]
         impl Store for SqlStore<$db> {
@@ -292,6 +298,163 @@ macro_rules! impl_store {
                 Ok(r.is_some())
             }
 
+            async fn append_message(&self, m: &NewMessage<'_>) -> Result<MessageRow> {
+                let mut tx = self.pool.begin().await?;
+                let dup = sqlx::query(concat!("SELECT ", message_columns!(), " FROM messages WHERE sender_id = ? AND cid = ?"))
+                    .bind(to_i64(m.sender))
+                    .bind(m.cid.as_bytes())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(row) = dup {
+                    return message_row(&row);
+                }
+                // The conversation row's lock orders concurrent senders: seqs are gap-free.
+                sqlx::query($bump_seq).bind(m.conv).execute(&mut *tx).await?;
+                let seq: i64 = sqlx::query_scalar("SELECT max_seq FROM conversations WHERE conv = ?")
+                    .bind(m.conv)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO messages (id, conv, seq, sender_id, cid, to_user_id, to_group_id, content, content_type, ts_ms) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(to_i64(m.id))
+                .bind(m.conv)
+                .bind(seq)
+                .bind(to_i64(m.sender))
+                .bind(m.cid.as_bytes())
+                .bind(m.to_user.map(to_i64))
+                .bind(m.to_group.map(to_i64))
+                .bind(m.content)
+                .bind(m.content_type)
+                .bind(to_i64(m.ts_ms))
+                .execute(&mut *tx)
+                .await?;
+                if let Some(to) = m.to_user {
+                    for user in [m.sender, to] {
+                        sqlx::query(concat!($insert_ignore, " INTO conversation_members (user_id, conv) VALUES (?, ?)"))
+                            .bind(to_i64(user))
+                            .bind(m.conv)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(MessageRow {
+                    id: m.id,
+                    conv: m.conv.to_owned(),
+                    seq: seq as u64,
+                    sender: m.sender,
+                    to_user: m.to_user,
+                    to_group: m.to_group,
+                    content: m.content.to_owned(),
+                    content_type: m.content_type.to_owned(),
+                    ts_ms: m.ts_ms,
+                })
+            }
+
+            async fn history(&self, conv: &str, before_seq: u64, limit: u32) -> Result<Vec<MessageRow>> {
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages WHERE conv = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+                ))
+                .bind(conv)
+                .bind(to_i64(before_seq))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(message_row).collect()
+            }
+
+            async fn conversations(&self, user: u64) -> Result<Vec<ConversationRow>> {
+                // Two-person conversations the user is in, then the user's groups (whose
+                // conversation rows and read positions may not exist yet).
+                let rows = sqlx::query(concat!(
+                    "SELECT cm.conv AS conv, c.max_seq AS max_seq, cm.read_seq AS read_seq, cm.muted AS muted, cm.pinned AS pinned \
+                     FROM conversation_members cm JOIN conversations c ON c.conv = cm.conv \
+                     WHERE cm.user_id = ? AND cm.conv LIKE 'p:%' \
+                     UNION ALL \
+                     SELECT ", $group_conv, " AS conv, COALESCE(c.max_seq, 0) AS max_seq, COALESCE(cm.read_seq, 0) AS read_seq, \
+                     COALESCE(cm.muted, FALSE) AS muted, COALESCE(cm.pinned, FALSE) AS pinned \
+                     FROM group_members gm \
+                     LEFT JOIN conversations c ON c.conv = ", $group_conv, " \
+                     LEFT JOIN conversation_members cm ON cm.user_id = gm.user_id AND cm.conv = ", $group_conv, " \
+                     WHERE gm.user_id = ?"
+                ))
+                .bind(to_i64(user))
+                .bind(to_i64(user))
+                .fetch_all(&self.pool)
+                .await?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let conv: String = r.try_get("conv")?;
+                    let max_seq = r.try_get::<i64, _>("max_seq")? as u64;
+                    let last = sqlx::query(concat!("SELECT ", message_columns!(), " FROM messages WHERE conv = ? AND seq = ?"))
+                        .bind(&conv)
+                        .bind(max_seq as i64)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    out.push(ConversationRow {
+                        conv,
+                        max_seq,
+                        read_seq: r.try_get::<i64, _>("read_seq")? as u64,
+                        muted: r.try_get::<bool, _>("muted")?,
+                        pinned: r.try_get::<bool, _>("pinned")?,
+                        last_message: last.as_ref().map(message_row).transpose()?,
+                    });
+                }
+                Ok(out)
+            }
+
+            async fn open_pair(&self, conv: &str, a: u64, b: u64) -> Result<()> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(concat!($insert_ignore, " INTO conversations (conv, max_seq) VALUES (?, 0)"))
+                    .bind(conv)
+                    .execute(&mut *tx)
+                    .await?;
+                for user in [a, b] {
+                    sqlx::query(concat!($insert_ignore, " INTO conversation_members (user_id, conv) VALUES (?, ?)"))
+                        .bind(to_i64(user))
+                        .bind(conv)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn update_membership(&self, user: u64, conv: &str, read_seq: Option<u64>, muted: Option<bool>, pinned: Option<bool>) -> Result<()> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(concat!($insert_ignore, " INTO conversation_members (user_id, conv) VALUES (?, ?)"))
+                    .bind(to_i64(user))
+                    .bind(conv)
+                    .execute(&mut *tx)
+                    .await?;
+                let max: Option<i64> = sqlx::query_scalar("SELECT max_seq FROM conversations WHERE conv = ?")
+                    .bind(conv)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let read = read_seq.map(|r| to_i64(r).min(max.unwrap_or(0)));
+                sqlx::query(
+                    "UPDATE conversation_members SET \
+                     read_seq = CASE WHEN ? IS NOT NULL AND ? > read_seq THEN ? ELSE read_seq END, \
+                     muted = COALESCE(?, muted), pinned = COALESCE(?, pinned) \
+                     WHERE user_id = ? AND conv = ?",
+                )
+                .bind(read)
+                .bind(read)
+                .bind(read)
+                .bind(muted)
+                .bind(pinned)
+                .bind(to_i64(user))
+                .bind(conv)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
             async fn members(&self, group: u64, after_user: u64, limit: u32) -> Result<Vec<MemberRow>> {
                 let rows = sqlx::query(
                     "SELECT m.user_id, u.username, u.nickname, m.joined_ms FROM group_members m \
@@ -325,7 +488,10 @@ impl_store!(
     "SELECT GET_LOCK('im_migrate', 60)",
     "SELECT RELEASE_LOCK('im_migrate')",
     last_insert_id: "SELECT CAST(LAST_INSERT_ID() AS SIGNED)",
-    for_update: " FOR UPDATE"
+    for_update: " FOR UPDATE",
+    bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON DUPLICATE KEY UPDATE max_seq = max_seq + 1",
+    insert_ignore: "INSERT IGNORE",
+    group_conv: "CONCAT('g:', gm.group_id)"
 );
 // One SQLite file has one writer at a time: no lock statements, no row locks.
 impl_store!(
@@ -335,8 +501,41 @@ impl_store!(
     "SELECT 1",
     "SELECT 1",
     last_insert_id: "SELECT last_insert_rowid()",
-    for_update: ""
+    for_update: "",
+    bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON CONFLICT(conv) DO UPDATE SET max_seq = max_seq + 1",
+    insert_ignore: "INSERT OR IGNORE",
+    group_conv: "('g:' || gm.group_id)"
 );
+
+/// The columns `message_row` reads, in one place.
+macro_rules! message_columns {
+    () => {
+        "id, conv, seq, sender_id, to_user_id, to_group_id, content, content_type, ts_ms"
+    };
+}
+use message_columns;
+
+fn message_row<R: Row>(r: &R) -> Result<MessageRow>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(MessageRow {
+        id: r.try_get::<i64, _>("id")? as u64,
+        conv: r.try_get("conv")?,
+        seq: r.try_get::<i64, _>("seq")? as u64,
+        sender: r.try_get::<i64, _>("sender_id")? as u64,
+        to_user: r.try_get::<Option<i64>, _>("to_user_id")?.map(|v| v as u64),
+        to_group: r
+            .try_get::<Option<i64>, _>("to_group_id")?
+            .map(|v| v as u64),
+        content: r.try_get("content")?,
+        content_type: r.try_get("content_type")?,
+        ts_ms: r.try_get::<i64, _>("ts_ms")? as u64,
+    })
+}
 
 fn user_row<R: Row>(r: &R) -> Result<UserRow>
 where
