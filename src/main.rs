@@ -66,6 +66,8 @@ impl ApiArgs {
                 ..Default::default()
             },
             ws_url,
+            // Distinct from the gateway shards' workers (0..64 per process) in standalone.
+            worker_id: 1000,
         }
     }
 }

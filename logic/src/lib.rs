@@ -25,11 +25,13 @@ pub async fn serve(
     let dummy_hash = tokio::task::spawn_blocking(move || auth::dummy_hash(cost))
         .await
         .map_err(std::io::Error::other)?;
+    let snowflake = std::sync::Mutex::new(im_shared::snowflake::Snowflake::new(cfg.worker_id));
     let state = api::AppState {
         store,
         revocations: Arc::new(auth::MemoryRevocations::default()),
         cfg,
         dummy_hash,
+        snowflake,
     };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     log::info!("logic REST API on http://{}/api/v1", listener.local_addr()?);

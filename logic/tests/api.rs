@@ -31,8 +31,10 @@ impl Api {
                 refresh_ttl_s: 3600,
                 password_cost: cost,
                 ws_url: "ws://127.0.0.1:8090/ws".into(),
+                worker_id: 1,
             },
             dummy_hash: auth::dummy_hash(cost),
+            snowflake: std::sync::Mutex::new(im_shared::snowflake::Snowflake::new(1)),
         };
         Api {
             app: api::router(Arc::new(state)),
@@ -560,6 +562,297 @@ async fn groups_on_mysql() {
 async fn groups_on_sqlite() {
     let dir = tempdir();
     groups(&Api::new(Arc::new(fresh_sqlite(&dir).await))).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn messages(api: &Api) {
+    let (ann, a) = user(api, "ann").await;
+    let (ben, b) = user(api, "ben").await;
+    let (cat, c) = user(api, "cat").await;
+    let (ai, bi): (u64, u64) = (ann.parse().unwrap(), ben.parse().unwrap());
+    let pair = format!("p:{}:{}", ai.min(bi), ai.max(bi));
+    let send = |tok: &str, body: Value| {
+        let tok = tok.to_string();
+        async move {
+            api.call("POST", "/api/v1/messages/send", Some(&tok), Some(body))
+                .await
+        }
+    };
+
+    let tricky = "<img src=x onerror=alert(1)> '; DROP TABLE messages; --";
+    let r = send(&a, json!({"to": ben, "content": tricky, "cid": "c1"})).await;
+    assert_eq!(r.0, StatusCode::OK, "{r:?}");
+    assert_eq!(
+        (r.1["conv"].as_str(), r.1["seq"].as_u64()),
+        (Some(pair.as_str()), Some(1))
+    );
+    let retry = send(&a, json!({"to": ben, "content": tricky, "cid": "c1"})).await;
+    assert_eq!(
+        (retry.1["id"].clone(), retry.1["seq"].as_u64()),
+        (r.1["id"].clone(), Some(1)),
+        "a retry is stored once"
+    );
+    assert_eq!(
+        send(&b, json!({"to": ai, "content": "back"})).await.1["seq"],
+        2
+    );
+    for (body, status, code) in [
+        (json!({"to": ben}), 400, 4002),
+        (json!({"to": ben, "content": ""}), 400, 4002),
+        (
+            json!({"to": ben, "content": "x".repeat(32 * 1024 + 1)}),
+            400,
+            4004,
+        ),
+        (json!({"to": ann, "content": "me"}), 400, 4003),
+        (json!({"to": "999999", "content": "x"}), 404, 4040),
+        (json!({"to": "abc", "content": "x"}), 400, 4003),
+        (json!({"to": ben, "group": "1", "content": "x"}), 400, 4003),
+        (json!({"content": "x"}), 400, 4002),
+        (
+            json!({"to": ben, "content": "x", "cid": "c".repeat(65)}),
+            400,
+            4003,
+        ),
+        (json!({"group": "999999", "content": "x"}), 404, 4040),
+    ] {
+        assert_eq!(err(&send(&a, body.clone()).await), (status, code), "{body}");
+    }
+    assert_eq!(
+        err(&api
+            .call(
+                "POST",
+                "/api/v1/messages/send",
+                None,
+                Some(json!({"to": ben, "content": "x"}))
+            )
+            .await),
+        (401, 4010)
+    );
+
+    // A group conversation: members send, others may not.
+    let g = api
+        .call(
+            "POST",
+            "/api/v1/groups/create",
+            Some(&a),
+            Some(json!({"name": "g"})),
+        )
+        .await
+        .1["group_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.call("POST", &format!("/api/v1/groups/{g}/join"), Some(&b), None)
+        .await;
+    assert_eq!(
+        send(&a, json!({"group": g, "content": "hello group"}))
+            .await
+            .1["seq"],
+        1
+    );
+    assert_eq!(
+        err(&send(&c, json!({"group": g, "content": "let me in"})).await),
+        (403, 4030)
+    );
+
+    // History: newest first, pages, and only for those in the conversation.
+    let hist = |tok: &str, q: String| {
+        let tok = tok.to_string();
+        async move {
+            api.call(
+                "GET",
+                &format!("/api/v1/messages/history?{q}"),
+                Some(&tok),
+                None,
+            )
+            .await
+        }
+    };
+    let r = hist(&b, format!("conv={pair}")).await;
+    let seqs: Vec<u64> = r.1["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!((seqs, r.1["more"].as_bool()), (vec![2, 1], Some(false)));
+    assert_eq!(
+        r.1["messages"][1]["content"], tricky,
+        "stored and returned verbatim"
+    );
+    assert_eq!(r.1["messages"][1]["from"], ann.as_str());
+    let r = hist(&b, format!("conv={pair}&limit=1")).await;
+    assert_eq!(
+        (r.1["messages"][0]["seq"].as_u64(), r.1["more"].as_bool()),
+        (Some(2), Some(true))
+    );
+    let r = hist(&b, format!("conv={pair}&before_seq=2&limit=1")).await;
+    assert_eq!(
+        (r.1["messages"][0]["seq"].as_u64(), r.1["more"].as_bool()),
+        (Some(1), Some(false))
+    );
+    assert_eq!(
+        err(&hist(&c, format!("conv={pair}")).await),
+        (404, 4040),
+        "another pair's conversation"
+    );
+    assert_eq!(err(&hist(&c, format!("conv=g:{g}")).await), (403, 4030));
+    assert_eq!(
+        hist(&b, format!("conv=g:{g}")).await.1["messages"][0]["group"],
+        g.as_str()
+    );
+    assert_eq!(err(&hist(&b, "conv=p:2:1".into()).await), (400, 4003));
+    assert_eq!(err(&hist(&b, String::new()).await), (400, 4002));
+    assert_eq!(
+        err(&hist(&b, format!("conv={pair}&limit=0")).await),
+        (400, 4003)
+    );
+    assert_eq!(
+        err(&hist(&b, format!("conv={pair}&limit=abc")).await),
+        (400, 4000)
+    );
+
+    // The conversation list, unread counts and read positions.
+    let list = api
+        .call("GET", "/api/v1/conversations", Some(&b), None)
+        .await
+        .1;
+    let p2p = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["conv"] == pair.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            p2p["kind"].as_str(),
+            p2p["peer"].as_str(),
+            p2p["unread"].as_u64()
+        ),
+        (Some("p2p"), Some(ann.as_str()), Some(2))
+    );
+    assert_eq!(p2p["last_message"]["content"], "back");
+    let grp = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "group")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (grp["group"].as_str(), grp["unread"].as_u64()),
+        (Some(g.as_str()), Some(1))
+    );
+    let r = api
+        .call("GET", "/api/v1/messages/unread", Some(&b), None)
+        .await;
+    assert_eq!(r.1["total"], 3);
+    let r = api
+        .call(
+            "PUT",
+            &format!("/api/v1/conversations/{pair}"),
+            Some(&b),
+            Some(json!({"read_seq": 2, "pinned": true})),
+        )
+        .await;
+    assert_eq!(r.0, StatusCode::NO_CONTENT, "{r:?}");
+    let r = api
+        .call("GET", "/api/v1/messages/unread", Some(&b), None)
+        .await;
+    assert_eq!(
+        (
+            r.1["total"].as_u64(),
+            r.1["conversations"].as_array().unwrap().len()
+        ),
+        (Some(1), 1)
+    );
+    assert_eq!(
+        err(&api
+            .call(
+                "PUT",
+                &format!("/api/v1/conversations/{pair}"),
+                Some(&c),
+                Some(json!({"read_seq": 1}))
+            )
+            .await),
+        (404, 4040)
+    );
+    assert_eq!(
+        err(&api
+            .call(
+                "PUT",
+                "/api/v1/conversations/nope",
+                Some(&b),
+                Some(json!({"read_seq": 1}))
+            )
+            .await),
+        (400, 4003)
+    );
+    assert_eq!(
+        err(&api
+            .call(
+                "PUT",
+                &format!("/api/v1/conversations/{pair}"),
+                Some(&b),
+                Some(json!({"read_seq": -1}))
+            )
+            .await),
+        (400, 4000)
+    );
+
+    // Opening a two-person conversation without a message.
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/conversations/create",
+            Some(&c),
+            Some(json!({"user_id": ann})),
+        )
+        .await;
+    let opened = r.1["conv"].as_str().unwrap().to_string();
+    let list = api
+        .call("GET", "/api/v1/conversations", Some(&c), None)
+        .await
+        .1;
+    assert_eq!(list[0]["conv"], opened.as_str());
+    assert_eq!(list[0]["max_seq"], 0);
+    assert_eq!(
+        err(&api
+            .call(
+                "POST",
+                "/api/v1/conversations/create",
+                Some(&c),
+                Some(json!({"user_id": cat}))
+            )
+            .await),
+        (400, 4003)
+    );
+    assert_eq!(
+        err(&api
+            .call(
+                "POST",
+                "/api/v1/conversations/create",
+                Some(&c),
+                Some(json!({"user_id": "999999"}))
+            )
+            .await),
+        (404, 4040)
+    );
+}
+
+#[tokio::test]
+async fn messages_on_mysql() {
+    let store = Arc::new(fresh_mysql().await);
+    messages(&Api::new(store.clone())).await;
+    drop_mysql(Arc::into_inner(store).expect("the api is gone")).await;
+}
+
+#[tokio::test]
+async fn messages_on_sqlite() {
+    let dir = tempdir();
+    messages(&Api::new(Arc::new(fresh_sqlite(&dir).await))).await;
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -1,9 +1,9 @@
 //! Groups: create, read, join, leave, and members (list for members; add and remove for the
 //! owner). Membership changes here are what the pipeline's member cache will listen to.
 
-use super::{ApiError, Body, Caller, State};
+use super::{ApiError, Body, Caller, Params, State};
 use crate::store::{GroupRow, Join};
-use axum::extract::{Path, Query, State as S};
+use axum::extract::{Path, State as S};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
@@ -161,7 +161,7 @@ pub async fn members(
     S(st): S<State>,
     caller: Caller,
     Path(gid): Path<String>,
-    Query(p): Query<Page>,
+    Params(p): Params<Page>,
 ) -> Result<Json<Value>, ApiError> {
     let g = existing(&st, &gid).await?;
     if !st.store.is_member(g.id, caller.user_id).await? {

@@ -4,6 +4,7 @@
 
 mod accounts;
 mod groups;
+mod messages;
 
 use crate::auth::{PasswordCost, Revocations};
 use crate::store::{Store, StoreError};
@@ -26,6 +27,8 @@ pub struct ApiConfig {
     pub password_cost: PasswordCost,
     /// The gateway login answers with (later chosen from the gateway registry).
     pub ws_url: String,
+    /// Snowflake worker id of this logic instance.
+    pub worker_id: u16,
 }
 
 pub struct AppState {
@@ -34,6 +37,8 @@ pub struct AppState {
     pub cfg: ApiConfig,
     /// Checked when the username is unknown, so that it takes as long as a wrong password.
     pub dummy_hash: String,
+    /// Message ids for `POST /messages/send` (the pipeline's writers take this over).
+    pub snowflake: std::sync::Mutex<im_shared::snowflake::Snowflake>,
 }
 
 pub type State = Arc<AppState>;
@@ -47,6 +52,15 @@ pub fn router(state: State) -> Router {
         .route(
             "/users/profile",
             get(accounts::get_profile).put(accounts::put_profile),
+        )
+        .route("/messages/send", post(messages::send))
+        .route("/messages/history", get(messages::history))
+        .route("/messages/unread", get(messages::unread))
+        .route("/conversations", get(messages::conversations))
+        .route("/conversations/create", post(messages::create))
+        .route(
+            "/conversations/{conv}",
+            axum::routing::put(messages::update),
         )
         .route("/groups/create", post(groups::create))
         .route("/groups/{id}", get(groups::get))
@@ -143,6 +157,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 Err(ApiError::bad(code, text))
             }
         }
+    }
+}
+
+/// `Query<T>` whose rejections are our JSON errors.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Params(v))
+            .map_err(|e| ApiError::bad(ErrorCode::BadRequest, e.body_text()))
     }
 }
 

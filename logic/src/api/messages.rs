@@ -1,0 +1,307 @@
+//! Messages and conversations: send over HTTP (for bots; the same store path the pipeline
+//! will use), history pages, unread counts, the conversation list and read positions.
+
+use super::{ApiError, Body, Caller, Params, State};
+use crate::store::{MessageRow, NewMessage};
+use axum::extract::{Path, State as S};
+use axum::http::StatusCode;
+use axum::Json;
+use im_shared::conv::{parse_id, Conv};
+use im_shared::protocol::{CID_BYTES_MAX, CONTENT_BYTES_MAX, CONTENT_TYPE_BYTES_MAX};
+use im_shared::ErrorCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const HISTORY_PAGE_MAX: u32 = 500;
+const HISTORY_PAGE_DEFAULT: u32 = 50;
+
+fn invalid(msg: &str) -> ApiError {
+    ApiError::bad(ErrorCode::InvalidField, msg)
+}
+
+/// An id given as a decimal string (the protocol's form) or a JSON number.
+fn id_value(v: &Value, what: &str) -> Result<u64, ApiError> {
+    match v {
+        Value::String(s) => parse_id(s),
+        Value::Number(n) => n.as_u64().filter(|&v| v > 0),
+        _ => None,
+    }
+    .ok_or_else(|| invalid(&format!("{what} must be a decimal id")))
+}
+
+fn conv_param(raw: &str) -> Result<Conv, ApiError> {
+    Conv::parse(raw)
+        .ok_or_else(|| invalid("conv must be p:<smaller id>:<larger id> or g:<group id>"))
+}
+
+/// The caller may read and write `conv`: a party of a two-person one, a member of a group's.
+async fn authorize(st: &State, user: u64, conv: Conv) -> Result<(), ApiError> {
+    match conv {
+        Conv::Pair(..) if conv.has_party(user) => Ok(()),
+        // Another pair's conversation does not exist as far as this caller can tell.
+        Conv::Pair(..) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such conversation",
+        )),
+        Conv::Group(g) => {
+            if st.store.group(g).await?.is_none() {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    "no such group",
+                ));
+            }
+            if !st.store.is_member(g, user).await? {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden,
+                    "not a member of this group",
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A message as clients see it: the fields of the WebSocket `msg` frame.
+pub fn message_json(m: &MessageRow) -> Value {
+    let mut v = json!({
+        "type": "msg",
+        "id": m.id.to_string(),
+        "conv": m.conv,
+        "seq": m.seq,
+        "from": m.sender.to_string(),
+        "content": m.content,
+        "content_type": m.content_type,
+        "ts": m.ts_ms,
+    });
+    if let Some(u) = m.to_user {
+        v["to"] = json!(u.to_string());
+    }
+    if let Some(g) = m.to_group {
+        v["group"] = json!(g.to_string());
+    }
+    v
+}
+
+#[derive(Deserialize)]
+pub struct Send {
+    to: Option<Value>,
+    group: Option<Value>,
+    content: Option<String>,
+    content_type: Option<String>,
+    cid: Option<String>,
+}
+
+pub async fn send(
+    S(st): S<State>,
+    caller: Caller,
+    Body(s): Body<Send>,
+) -> Result<Json<Value>, ApiError> {
+    let content = s
+        .content
+        .ok_or_else(|| ApiError::bad(ErrorCode::MissingField, "missing field `content`"))?;
+    if content.is_empty() {
+        return Err(ApiError::bad(ErrorCode::MissingField, "`content` is empty"));
+    }
+    if content.len() > CONTENT_BYTES_MAX {
+        return Err(ApiError::bad(
+            ErrorCode::TooLarge,
+            format!("`content` is longer than {CONTENT_BYTES_MAX} bytes"),
+        ));
+    }
+    let content_type = s.content_type.unwrap_or_else(|| "text".into());
+    if content_type.is_empty() || content_type.len() > CONTENT_TYPE_BYTES_MAX {
+        return Err(invalid("content_type: 1 to 32 bytes"));
+    }
+    // Without a cid a retry cannot be recognised; HTTP senders should give one.
+    let cid = s
+        .cid
+        .unwrap_or_else(|| format!("http-{}", im_shared::jwt::random_hex(12)));
+    if cid.is_empty() || cid.len() > CID_BYTES_MAX {
+        return Err(invalid("cid: 1 to 64 bytes"));
+    }
+    let (conv, to_user, to_group) = match (&s.to, &s.group) {
+        (Some(to), None) => {
+            let to = id_value(to, "to")?;
+            let conv = Conv::pair(caller.user_id, to)
+                .ok_or_else(|| invalid("cannot send a message to yourself"))?;
+            if st.store.user_by_id(to).await?.is_none() {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    "no such user",
+                ));
+            }
+            (conv, Some(to), None)
+        }
+        (None, Some(g)) => {
+            let g = id_value(g, "group")?;
+            let conv = Conv::Group(g);
+            authorize(&st, caller.user_id, conv).await?;
+            (conv, None, Some(g))
+        }
+        (None, None) => {
+            return Err(ApiError::bad(
+                ErrorCode::MissingField,
+                "give `to` or `group`",
+            ))
+        }
+        (Some(_), Some(_)) => return Err(invalid("give `to` or `group`, not both")),
+    };
+    let now = im_shared::unix_ms();
+    let id = st.snowflake.lock().expect("snowflake lock").next(now);
+    let conv_s = conv.to_string();
+    let m = NewMessage {
+        id,
+        conv: &conv_s,
+        sender: caller.user_id,
+        cid: &cid,
+        to_user,
+        to_group,
+        content: &content,
+        content_type: &content_type,
+        ts_ms: now,
+    };
+    let stored = st.store.append_message(&m).await?;
+    Ok(Json(
+        json!({ "id": stored.id.to_string(), "conv": stored.conv, "seq": stored.seq, "ts": stored.ts_ms, "cid": cid }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    conv: Option<String>,
+    before_seq: Option<u64>,
+    limit: Option<u32>,
+}
+
+pub async fn history(
+    S(st): S<State>,
+    caller: Caller,
+    Params(q): Params<HistoryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let conv = conv_param(
+        q.conv
+            .as_deref()
+            .ok_or_else(|| ApiError::bad(ErrorCode::MissingField, "missing `conv`"))?,
+    )?;
+    let limit = q.limit.unwrap_or(HISTORY_PAGE_DEFAULT);
+    if !(1..=HISTORY_PAGE_MAX).contains(&limit) {
+        return Err(invalid("limit: 1 to 500"));
+    }
+    authorize(&st, caller.user_id, conv).await?;
+    let before = q.before_seq.unwrap_or(u64::MAX).min(i64::MAX as u64);
+    // One extra row tells whether there is more.
+    let mut rows = st
+        .store
+        .history(&conv.to_string(), before, limit + 1)
+        .await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    Ok(Json(
+        json!({ "messages": rows.iter().map(message_json).collect::<Vec<_>>(), "more": more }),
+    ))
+}
+
+fn conversation_json(caller: u64, c: &crate::store::ConversationRow) -> Value {
+    let unread = c.max_seq.saturating_sub(c.read_seq);
+    let mut v = json!({
+        "conv": c.conv,
+        "max_seq": c.max_seq,
+        "read_seq": c.read_seq,
+        "unread": unread,
+        "muted": c.muted,
+        "pinned": c.pinned,
+        "last_message": c.last_message.as_ref().map(message_json),
+    });
+    match Conv::parse(&c.conv) {
+        Some(Conv::Pair(a, b)) => {
+            v["kind"] = json!("p2p");
+            v["peer"] = json!(if a == caller { b } else { a }.to_string());
+        }
+        Some(Conv::Group(g)) => {
+            v["kind"] = json!("group");
+            v["group"] = json!(g.to_string());
+        }
+        None => {}
+    }
+    v
+}
+
+pub async fn conversations(S(st): S<State>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let rows = st.store.conversations(caller.user_id).await?;
+    Ok(Json(Value::Array(
+        rows.iter()
+            .map(|c| conversation_json(caller.user_id, c))
+            .collect(),
+    )))
+}
+
+pub async fn unread(S(st): S<State>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let rows = st.store.conversations(caller.user_id).await?;
+    let per: Vec<Value> = rows
+        .iter()
+        .filter(|c| c.max_seq > c.read_seq)
+        .map(|c| json!({ "conv": c.conv, "unread": c.max_seq - c.read_seq }))
+        .collect();
+    let total: u64 = rows
+        .iter()
+        .map(|c| c.max_seq.saturating_sub(c.read_seq))
+        .sum();
+    Ok(Json(json!({ "total": total, "conversations": per })))
+}
+
+#[derive(Deserialize)]
+pub struct CreatePair {
+    user_id: Value,
+}
+
+pub async fn create(
+    S(st): S<State>,
+    caller: Caller,
+    Body(c): Body<CreatePair>,
+) -> Result<Json<Value>, ApiError> {
+    let peer = id_value(&c.user_id, "user_id")?;
+    let conv = Conv::pair(caller.user_id, peer)
+        .ok_or_else(|| invalid("cannot open a conversation with yourself"))?;
+    if st.store.user_by_id(peer).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such user",
+        ));
+    }
+    st.store
+        .open_pair(&conv.to_string(), caller.user_id, peer)
+        .await?;
+    Ok(Json(json!({ "conv": conv.to_string() })))
+}
+
+#[derive(Deserialize)]
+pub struct Update {
+    read_seq: Option<u64>,
+    muted: Option<bool>,
+    pinned: Option<bool>,
+}
+
+pub async fn update(
+    S(st): S<State>,
+    caller: Caller,
+    Path(conv): Path<String>,
+    Body(u): Body<Update>,
+) -> Result<StatusCode, ApiError> {
+    let conv = conv_param(&conv)?;
+    authorize(&st, caller.user_id, conv).await?;
+    st.store
+        .update_membership(
+            caller.user_id,
+            &conv.to_string(),
+            u.read_seq,
+            u.muted,
+            u.pinned,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
