@@ -53,6 +53,7 @@ pub fn router(state: State) -> Router {
             "/users/profile",
             get(accounts::get_profile).put(accounts::put_profile),
         )
+        .route("/openapi.json", get(openapi))
         .route("/messages/send", post(messages::send))
         .route("/messages/history", get(messages::history))
         .route("/messages/unread", get(messages::unread))
@@ -81,6 +82,17 @@ pub fn router(state: State) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
         })
         .with_state(state)
+}
+
+/// The OpenAPI 3 description of this API (hand-written; `tests/openapi.rs` holds it to the
+/// router).
+pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI_JSON,
+    )
 }
 
 /// An error answer: status, numeric code and message.
