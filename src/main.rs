@@ -88,6 +88,9 @@ struct LogicArgs {
     /// The WebSocket URL login answers with.
     #[arg(long, env = "IM_WS_URL", default_value = "ws://127.0.0.1:8090/ws")]
     ws_url: String,
+    /// Redis for revoked tokens (shared with the gateways).
+    #[arg(long, env = "IM_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
 }
 
 #[derive(Args, Clone)]
@@ -372,9 +375,16 @@ fn standalone(a: StandaloneArgs) -> Result<()> {
         .map_err(|e| format!("opening {}: {e}", db.display()))?;
     let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
     let api_cfg = a.api.config(&secret, format!("ws://{ws}/ws"));
-    let server = rt.spawn(logic::serve(Arc::new(store), api_cfg, api, async move {
-        let _ = stopped.await;
-    }));
+    let revocations = Arc::new(logic::auth::MemoryRevocations::default());
+    let server = rt.spawn(logic::serve(
+        Arc::new(store),
+        revocations,
+        api_cfg,
+        api,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     let gateway = Gateway::start(cfg)?;
 
     println!(
@@ -417,11 +427,18 @@ fn logic_service(a: LogicArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let store = rt
-        .block_on(logic::store::MySqlStore::connect(&a.mysql_url))
+        .block_on(logic::store::MySqlStore::connect_or_create(&a.mysql_url))
         .map_err(|e| format!("connecting to {}: {e}", redact(&a.mysql_url)))?;
+    let revocations = rt
+        .block_on(logic::auth::RedisRevocations::connect(
+            &a.redis_url,
+            "im:revoked:",
+        ))
+        .map_err(|e| format!("connecting to {}: {e}", redact(&a.redis_url)))?;
     let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(logic::serve(
         Arc::new(store),
+        Arc::new(revocations),
         a.api.config(&secret, a.ws_url.clone()),
         a.api.api_listen,
         async move {

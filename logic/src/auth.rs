@@ -88,10 +88,12 @@ pub fn refresh_hash(token: &str) -> String {
         .collect()
 }
 
-/// Revoked access-token ids, kept until the token would have expired.
+/// Revoked access-token ids, kept until the token would have expired. Gateways read the same
+/// list (Redis in the distributed setup) to refuse and close revoked sessions.
+#[async_trait::async_trait]
 pub trait Revocations: Send + Sync + 'static {
-    fn revoke(&self, jti: &str, exp_s: u64);
-    fn is_revoked(&self, jti: &str, now_s: u64) -> bool;
+    async fn revoke(&self, jti: &str, exp_s: u64) -> Result<(), String>;
+    async fn is_revoked(&self, jti: &str, now_s: u64) -> Result<bool, String>;
 }
 
 /// In-process revocations (standalone; one logic instance).
@@ -100,25 +102,74 @@ pub struct MemoryRevocations {
     jtis: Mutex<HashMap<String, u64>>,
 }
 
-/// Revocations kept in memory before the oldest are swept.
+/// Revocations kept in memory before the expired ones are swept.
 const REVOCATIONS_SWEEP_AT: usize = 100_000;
 
+#[async_trait::async_trait]
 impl Revocations for MemoryRevocations {
-    fn revoke(&self, jti: &str, exp_s: u64) {
+    async fn revoke(&self, jti: &str, exp_s: u64) -> Result<(), String> {
         let mut m = self.jtis.lock().expect("revocations lock");
         if m.len() >= REVOCATIONS_SWEEP_AT {
             let now = im_shared::unix_ms() / 1000;
             m.retain(|_, &mut exp| exp > now);
         }
         m.insert(jti.to_owned(), exp_s);
+        Ok(())
     }
 
-    fn is_revoked(&self, jti: &str, now_s: u64) -> bool {
-        self.jtis
+    async fn is_revoked(&self, jti: &str, now_s: u64) -> Result<bool, String> {
+        Ok(self
+            .jtis
             .lock()
             .expect("revocations lock")
             .get(jti)
-            .is_some_and(|&exp| exp > now_s)
+            .is_some_and(|&exp| exp > now_s))
+    }
+}
+
+/// Revocations in Redis: `<prefix><jti>` with a TTL that ends when the token would have.
+pub struct RedisRevocations {
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+}
+
+impl RedisRevocations {
+    /// Connects (and reconnects on its own later) to `redis://host:port/db`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisRevocations, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let conn = redis::aio::ConnectionManager::new(client)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(RedisRevocations {
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Revocations for RedisRevocations {
+    async fn revoke(&self, jti: &str, exp_s: u64) -> Result<(), String> {
+        let ttl = exp_s.saturating_sub(im_shared::unix_ms() / 1000).max(1);
+        let mut c = self.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{}{jti}", self.prefix))
+            .arg(exp_s)
+            .arg("EX")
+            .arg(ttl)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn is_revoked(&self, jti: &str, _now_s: u64) -> Result<bool, String> {
+        let mut c = self.conn.clone();
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(format!("{}{jti}", self.prefix))
+            .query_async(&mut c)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(n > 0)
     }
 }
 
@@ -145,12 +196,12 @@ mod tests {
         assert!(!h1.contains(&t1));
     }
 
-    #[test]
-    fn revocation_lasts_until_expiry() {
+    #[tokio::test]
+    async fn revocation_lasts_until_expiry() {
         let r = MemoryRevocations::default();
-        r.revoke("j", 100);
-        assert!(r.is_revoked("j", 99));
-        assert!(!r.is_revoked("j", 100));
-        assert!(!r.is_revoked("other", 0));
+        r.revoke("j", 100).await.unwrap();
+        assert!(r.is_revoked("j", 99).await.unwrap());
+        assert!(!r.is_revoked("j", 100).await.unwrap());
+        assert!(!r.is_revoked("other", 0).await.unwrap());
     }
 }

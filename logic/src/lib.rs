@@ -16,6 +16,7 @@ use std::sync::Arc;
 /// `shutdown` resolves.
 pub async fn serve(
     store: Arc<dyn store::Store>,
+    revocations: Arc<dyn auth::Revocations>,
     cfg: api::ApiConfig,
     listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -28,7 +29,7 @@ pub async fn serve(
     let snowflake = std::sync::Mutex::new(im_shared::snowflake::Snowflake::new(cfg.worker_id));
     let state = api::AppState {
         store,
-        revocations: Arc::new(auth::MemoryRevocations::default()),
+        revocations,
         cfg,
         dummy_hash,
         snowflake,

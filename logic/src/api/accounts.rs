@@ -181,7 +181,17 @@ pub async fn refresh(S(st): S<State>, Body(r): Body<Refresh>) -> Result<Json<Tok
 }
 
 pub async fn logout(S(st): S<State>, caller: Caller) -> Result<StatusCode, ApiError> {
-    st.revocations.revoke(&caller.jti, caller.exp);
+    st.revocations
+        .revoke(&caller.jti, caller.exp)
+        .await
+        .map_err(|why| {
+            log::warn!("revocations: {why}");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::DependencyDown,
+                "the session store is unavailable; retry later",
+            )
+        })?;
     st.store.drop_refresh_tokens(caller.user_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -208,8 +208,18 @@ impl FromRequestParts<State> for Caller {
         let now = im_shared::unix_ms() / 1000;
         let claims = jwt::verify(&state.cfg.jwt_secret, token.trim(), now)
             .map_err(|e| ApiError::unauthorized(e.to_string()))?;
-        if state.revocations.is_revoked(&claims.jti, now) {
-            return Err(ApiError::unauthorized("invalid token: revoked"));
+        match state.revocations.is_revoked(&claims.jti, now).await {
+            Ok(false) => {}
+            Ok(true) => return Err(ApiError::unauthorized("invalid token: revoked")),
+            // Fail closed: without the revocation list we cannot tell a logged-out token.
+            Err(why) => {
+                log::warn!("revocations: {why}");
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::DependencyDown,
+                    "the session store is unavailable; retry later",
+                ));
+            }
         }
         Ok(Caller {
             user_id: claims.user_id(),

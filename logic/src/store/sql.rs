@@ -39,6 +39,35 @@ impl MySqlStore {
     }
 }
 
+impl MySqlStore {
+    /// Like `connect`, creating the database first when the server does not have it yet.
+    pub async fn connect_or_create(url: &str) -> Result<MySqlStore> {
+        match MySqlStore::connect(url).await {
+            Err(StoreError::Unavailable(e)) if e.contains("Unknown database") => {
+                let (server, db) = url
+                    .rsplit_once('/')
+                    .ok_or_else(|| StoreError::Unavailable(format!("no database in {url}")))?;
+                let db = db.split('?').next().unwrap_or(db);
+                if db.is_empty() || !db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(StoreError::Unavailable(format!(
+                        "database name `{db}`: letters, digits and '_' only"
+                    )));
+                }
+                let admin = MySqlStore::connect(server).await?;
+                sqlx::query(&format!(
+                    "CREATE DATABASE IF NOT EXISTS {db} CHARACTER SET utf8mb4"
+                ))
+                .execute(admin.pool())
+                .await?;
+                admin.pool().close().await;
+                log::info!("created database {db}");
+                MySqlStore::connect(url).await
+            }
+            other => other,
+        }
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`, in WAL mode.
     pub async fn open(path: &std::path::Path) -> Result<SqliteStore> {
