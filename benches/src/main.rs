@@ -2,6 +2,7 @@
 //! gateway's memory per connection; `p2p` measures 1:1 delivery throughput and latency.
 //! Micro-benchmarks (criterion) live in `benches/`.
 
+mod api;
 mod gateway;
 mod hold;
 mod p2p;
@@ -23,6 +24,12 @@ enum Cmd {
     Hold(hold::HoldArgs),
     /// 1:1 messages between pairs of users: delivered/s and latency percentiles.
     P2p(p2p::P2pArgs),
+    /// Logins per second against the REST API (argon2id is the cost).
+    Logins(api::LoginsArgs),
+    /// History page latency (seed the database with `seed-messages` first).
+    History(api::HistoryArgs),
+    /// Print SQL that stores N messages, for `history`.
+    SeedMessages(api::SeedArgs),
     /// Internal: one client process of `hold`.
     #[command(hide = true)]
     Worker(hold::WorkerArgs),
@@ -50,6 +57,19 @@ fn main() {
             p2p::print(&r);
             write_json(json.as_deref(), &r);
         }
+        Cmd::Logins(a) => {
+            let json = a.json.clone();
+            let r = api::logins(a);
+            api::print("logins", &r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::History(a) => {
+            let json = a.json.clone();
+            let r = api::history(a);
+            api::print("history pages", &r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::SeedMessages(a) => api::seed(a),
         Cmd::Worker(a) => hold::worker(a),
     }
 }
