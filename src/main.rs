@@ -375,7 +375,11 @@ fn standalone(a: StandaloneArgs) -> Result<()> {
         .map_err(|e| format!("opening {}: {e}", db.display()))?;
     let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
     let api_cfg = a.api.config(&secret, format!("ws://{ws}/ws"));
+    // One revocation list for both: a logged-out token no longer opens a WebSocket.
     let revocations = Arc::new(logic::auth::MemoryRevocations::default());
+    let seen_by_gateway = revocations.clone();
+    let revoked: gateway_core::shard::RevokedCheck =
+        Arc::new(move |jti: &str, now_s: u64| seen_by_gateway.contains(jti, now_s));
     let server = rt.spawn(logic::serve(
         Arc::new(store),
         revocations,
@@ -385,7 +389,7 @@ fn standalone(a: StandaloneArgs) -> Result<()> {
             let _ = stopped.await;
         },
     ));
-    let gateway = Gateway::start(cfg)?;
+    let gateway = Gateway::start_with_revocations(cfg, Some(revoked))?;
 
     println!(
         "im standalone: gateway, logic (SQLite in {}) and the local router in one process",

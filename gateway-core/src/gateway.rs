@@ -5,7 +5,7 @@
 use crate::driver;
 use crate::mesh::{self, Waker};
 use crate::metrics::ShardStats;
-use crate::shard::Shard;
+use crate::shard::{RevokedCheck, Shard};
 use im_shared::config::GatewayConfig;
 use std::io;
 use std::net::SocketAddr;
@@ -164,7 +164,15 @@ pub fn raise_nofile() -> usize {
 
 impl Gateway {
     /// Binds, spawns the shards and returns at once; the gateway runs until `shutdown`.
-    pub fn start(mut cfg: GatewayConfig) -> io::Result<GatewayHandle> {
+    pub fn start(cfg: GatewayConfig) -> io::Result<GatewayHandle> {
+        Gateway::start_with_revocations(cfg, None)
+    }
+
+    /// `start`, refusing upgrades whose token `revoked` says was revoked (logout).
+    pub fn start_with_revocations(
+        mut cfg: GatewayConfig,
+        revoked: Option<RevokedCheck>,
+    ) -> io::Result<GatewayHandle> {
         if cfg.jwt_secret.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -210,7 +218,8 @@ impl Gateway {
 
         let mut threads = Vec::with_capacity(n);
         for (i, (port, listener)) in ports.into_iter().zip(listeners).enumerate() {
-            let (cfg, stats, stop) = (cfg.clone(), stats.clone(), stop.clone());
+            let (cfg, stats, stop, revoked) =
+                (cfg.clone(), stats.clone(), stop.clone(), revoked.clone());
             let core = cfg
                 .pin_first_core
                 .filter(|_| !cores.is_empty())
@@ -221,7 +230,7 @@ impl Gateway {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    let shard = Shard::new(&cfg, port, stats, driver_name);
+                    let shard = Shard::with_revocations(&cfg, port, stats, driver_name, revoked);
                     let r = if driver_name == "io_uring" {
                         driver::uring::run(
                             shard,

@@ -30,6 +30,10 @@ use slab::Slab;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+/// Tells whether a token id (`jti`) has been revoked (logout). Called at each upgrade; it
+/// must be cheap and must not block (an in-memory set, or a local cache of Redis).
+pub type RevokedCheck = Arc<dyn Fn(&str, u64) -> bool + Send + Sync>;
+
 /// The clock, read once per loop turn by the driver.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Now {
@@ -95,6 +99,7 @@ pub struct Shard {
     shards: u16,
     limits: Limits,
     secret: Arc<[u8]>,
+    revoked: Option<RevokedCheck>,
     gateway_id: Arc<str>,
     driver: &'static str,
     conns: Slab<Conn>,
@@ -126,6 +131,16 @@ impl Shard {
         stats: Arc<[ShardStats]>,
         driver: &'static str,
     ) -> Shard {
+        Shard::with_revocations(cfg, mesh, stats, driver, None)
+    }
+
+    pub fn with_revocations(
+        cfg: &GatewayConfig,
+        mesh: MeshPort,
+        stats: Arc<[ShardStats]>,
+        driver: &'static str,
+        revoked: Option<RevokedCheck>,
+    ) -> Shard {
         let id = mesh.id();
         let shards = stats.len() as u16;
         let tick_ms = cfg.tick_ms.max(1);
@@ -147,6 +162,7 @@ impl Shard {
                 linger_ticks: ticks(LINGER_MS),
             },
             secret: cfg.jwt_secret.clone().into(),
+            revoked,
             gateway_id: cfg.gateway_id.as_str().into(),
             driver,
             // Capacity is reserved, not touched: pages are only committed as connections arrive.
@@ -668,8 +684,17 @@ impl Shard {
                         "missing token: pass ?token=<JWT> or Sec-WebSocket-Protocol: bearer.<JWT>"
                             .to_string(),
                     ),
-                    Some(t) => jwt::verify(&self.secret, &t, self.now.unix_ms / 1000)
-                        .map_err(|e| e.to_string()),
+                    Some(t) => {
+                        let now_s = self.now.unix_ms / 1000;
+                        jwt::verify(&self.secret, &t, now_s)
+                            .map_err(|e| e.to_string())
+                            .and_then(|c| match &self.revoked {
+                                Some(revoked) if revoked(&c.jti, now_s) => {
+                                    Err("invalid token: revoked".to_string())
+                                }
+                                _ => Ok(c),
+                            })
+                    }
                 };
                 match verified {
                     Err(why) => {

@@ -105,6 +105,17 @@ pub struct MemoryRevocations {
 /// Revocations kept in memory before the expired ones are swept.
 const REVOCATIONS_SWEEP_AT: usize = 100_000;
 
+impl MemoryRevocations {
+    /// The synchronous check an in-process gateway makes at each upgrade.
+    pub fn contains(&self, jti: &str, now_s: u64) -> bool {
+        self.jtis
+            .lock()
+            .expect("revocations lock")
+            .get(jti)
+            .is_some_and(|&exp| exp > now_s)
+    }
+}
+
 #[async_trait::async_trait]
 impl Revocations for MemoryRevocations {
     async fn revoke(&self, jti: &str, exp_s: u64) -> Result<(), String> {

@@ -40,6 +40,10 @@ struct Sim {
 
 impl Sim {
     fn new(n: usize, cfg: GatewayConfig) -> Sim {
+        Sim::with_revocations(n, cfg, None)
+    }
+
+    fn with_revocations(n: usize, cfg: GatewayConfig, revoked: Option<RevokedCheck>) -> Sim {
         let wakers: Arc<[Waker]> = (0..n)
             .map(|_| Waker::new().unwrap())
             .collect::<Vec<_>>()
@@ -51,7 +55,7 @@ impl Sim {
         let ports = mesh::build(n, 64, 1024, wakers);
         let shards = ports
             .into_iter()
-            .map(|p| Shard::new(&cfg, p, stats.clone(), "sim"))
+            .map(|p| Shard::with_revocations(&cfg, p, stats.clone(), "sim", revoked.clone()))
             .collect();
         let mut sim = Sim {
             shards,
@@ -631,4 +635,28 @@ fn upgrade_and_a_bad_frame_in_one_segment_still_get_the_101_first() {
     let head = sim.take_http((0, key));
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(sim.close_code((0, key)), Some(1002));
+}
+
+#[test]
+fn a_revoked_token_is_refused_at_the_upgrade() {
+    let revoked_jti = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let check = revoked_jti.clone();
+    let hook: RevokedCheck = Arc::new(move |jti, _| *check.lock().unwrap() == jti);
+    let mut sim = Sim::with_revocations(1, cfg(), Some(hook));
+    let claims = jwt::Claims::new(7, NOW_UNIX_MS / 1000, 600);
+    let token = jwt::sign(SECRET, &claims);
+    *revoked_jti.lock().unwrap() = claims.jti.clone();
+    let key = sim.accept(0);
+    sim.recv(
+        (0, key),
+        Sim::upgrade_request(&format!("/ws?token={token}")).as_bytes(),
+    );
+    let answer = sim.take_http((0, key));
+    assert!(
+        answer.starts_with("HTTP/1.1 401") && answer.contains("revoked"),
+        "{answer}"
+    );
+    // Another token of the same user still works.
+    let other = sim.connect(0, 7);
+    assert!(!sim.closed.contains(&other));
 }
