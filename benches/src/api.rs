@@ -183,7 +183,9 @@ pub fn logins(a: LoginsArgs) -> LatencyResult {
         drive(a.concurrency, a.secs, move |worker, i| {
             let conns = conns.clone();
             async move {
-                let mut conn = match conns[worker].borrow_mut().take() {
+                // Take the connection out first: no RefCell borrow may live across an await.
+                let cached = conns[worker].borrow_mut().take();
+                let mut conn = match cached {
                     Some(c) => c,
                     None => match Http::connect(addr).await {
                         Ok(c) => c,
@@ -246,7 +248,9 @@ pub fn history(a: HistoryArgs) -> LatencyResult {
         drive(a.concurrency, a.secs, move |worker, i| {
             let (conns, tokens) = (conns.clone(), tokens.clone());
             async move {
-                let mut conn = match conns[worker].borrow_mut().take() {
+                // Take the connection out first: no RefCell borrow may live across an await.
+                let cached = conns[worker].borrow_mut().take();
+                let mut conn = match cached {
                     Some(c) => c,
                     None => match Http::connect(addr).await {
                         Ok(c) => c,
