@@ -77,6 +77,48 @@ impl Http {
     }
 }
 
+/// One keep-alive connection per worker, opened on first use and again after an error.
+struct Conns {
+    addr: SocketAddr,
+    slots: Vec<RefCell<Option<Http>>>,
+}
+
+impl Conns {
+    fn new(addr: SocketAddr, workers: usize) -> Rc<Conns> {
+        Rc::new(Conns {
+            addr,
+            slots: (0..workers).map(|_| RefCell::new(None)).collect(),
+        })
+    }
+
+    /// Whether the request answered 200.
+    async fn ok(
+        &self,
+        worker: usize,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> bool {
+        // Take the connection out first: no RefCell borrow may live across an await.
+        let cached = self.slots[worker].borrow_mut().take();
+        let mut conn = match cached {
+            Some(c) => c,
+            None => match Http::connect(self.addr).await {
+                Ok(c) => c,
+                Err(_) => return false,
+            },
+        };
+        match conn.request(method, path, token, body).await {
+            Ok((status, _)) => {
+                *self.slots[worker].borrow_mut() = Some(conn);
+                status == 200
+            }
+            Err(_) => false,
+        }
+    }
+}
+
 #[derive(Serialize)]
 pub struct LatencyResult {
     requests: u64,
@@ -177,30 +219,16 @@ pub fn logins(a: LoginsArgs) -> LatencyResult {
                 .expect("register");
             assert!(status == 201 || status == 409, "register answered {status}");
         }
-        let (addr, users) = (a.addr, a.users);
-        let conns: Rc<Vec<RefCell<Option<Http>>>> =
-            Rc::new((0..a.concurrency).map(|_| RefCell::new(None)).collect());
+        let users = a.users;
+        let conns = Conns::new(a.addr, a.concurrency);
         drive(a.concurrency, a.secs, move |worker, i| {
             let conns = conns.clone();
             async move {
-                // Take the connection out first: no RefCell borrow may live across an await.
-                let cached = conns[worker].borrow_mut().take();
-                let mut conn = match cached {
-                    Some(c) => c,
-                    None => match Http::connect(addr).await {
-                        Ok(c) => c,
-                        Err(_) => return false,
-                    },
-                };
                 let u = (worker as u64 * 7919 + i) % users as u64;
                 let body = format!(r#"{{"username":"bench{u}","password":"bench password"}}"#);
-                let ok = matches!(
-                    conn.request("POST", "/api/v1/auth/login", None, &body)
-                        .await,
-                    Ok((200, _))
-                );
-                *conns[worker].borrow_mut() = Some(conn);
-                ok
+                conns
+                    .ok(worker, "POST", "/api/v1/auth/login", None, &body)
+                    .await
             }
         })
         .await
@@ -232,9 +260,7 @@ pub struct HistoryArgs {
 
 pub fn history(a: HistoryArgs) -> LatencyResult {
     run_local(async move {
-        let addr = a.addr;
-        let conns: Rc<Vec<RefCell<Option<Http>>>> =
-            Rc::new((0..a.concurrency).map(|_| RefCell::new(None)).collect());
+        let conns = Conns::new(a.addr, a.concurrency);
         let tokens: Rc<Vec<String>> = Rc::new(
             (0..a.convs)
                 .map(|c| {
@@ -248,15 +274,6 @@ pub fn history(a: HistoryArgs) -> LatencyResult {
         drive(a.concurrency, a.secs, move |worker, i| {
             let (conns, tokens) = (conns.clone(), tokens.clone());
             async move {
-                // Take the connection out first: no RefCell borrow may live across an await.
-                let cached = conns[worker].borrow_mut().take();
-                let mut conn = match cached {
-                    Some(c) => c,
-                    None => match Http::connect(addr).await {
-                        Ok(c) => c,
-                        Err(_) => return false,
-                    },
-                };
                 // A pseudo-random conversation and page.
                 let x = im_shared::conv::mix64(worker as u64 * 1_000_003 + i);
                 let c = x % convs;
@@ -266,13 +283,9 @@ pub fn history(a: HistoryArgs) -> LatencyResult {
                     2 * c + 1,
                     2 * c + 2
                 );
-                let ok = matches!(
-                    conn.request("GET", &path, Some(&tokens[c as usize]), "")
-                        .await,
-                    Ok((200, _))
-                );
-                *conns[worker].borrow_mut() = Some(conn);
-                ok
+                conns
+                    .ok(worker, "GET", &path, Some(&tokens[c as usize]), "")
+                    .await
             }
         })
         .await
