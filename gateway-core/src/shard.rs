@@ -120,6 +120,8 @@ pub struct Shard {
     expired: Vec<u32>,
     scratch: Vec<u8>,
     pong: Frame,
+    /// A control Pong with no payload: what answers the usual empty Ping, without allocating.
+    empty_pong: Frame,
     now: Now,
     shutting_down: bool,
 }
@@ -181,6 +183,7 @@ impl Shard {
             expired: Vec::new(),
             scratch: Vec::with_capacity(4096),
             pong: codec::server_frame(opcode::TEXT, protocol::PONG_JSON).into(),
+            empty_pong: codec::server_frame(opcode::PONG, &[]).into(),
             now: Now::default(),
             shutting_down: false,
         }
@@ -563,7 +566,14 @@ impl Shard {
         ShardStats::add(&self.st().frames_in_total, 1);
         match h.opcode {
             opcode::PING => match self.spend(key) {
-                Spend::Ok => self.enqueue(key, codec::server_frame(opcode::PONG, payload).into()),
+                Spend::Ok => {
+                    let pong = if payload.is_empty() {
+                        self.empty_pong.clone()
+                    } else {
+                        codec::server_frame(opcode::PONG, payload).into()
+                    };
+                    self.enqueue(key, pong)
+                }
                 Spend::Refuse => {}
                 Spend::Close => self.begin_close(key, close::POLICY, "rate limit"),
             },
