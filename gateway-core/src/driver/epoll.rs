@@ -45,13 +45,16 @@ pub fn run(
         return Err(io::Error::last_os_error());
     }
     let wake_fd = shard.mesh().waker().fd();
-    ctl(
-        ep,
-        libc::EPOLL_CTL_ADD,
-        listener,
-        libc::EPOLLIN as u32,
-        tag::ACCEPT,
-    )?;
+    let watch_listener = || {
+        ctl(
+            ep,
+            libc::EPOLL_CTL_ADD,
+            listener,
+            libc::EPOLLIN as u32,
+            tag::ACCEPT,
+        )
+    };
+    watch_listener()?;
     ctl(
         ep,
         libc::EPOLL_CTL_ADD,
@@ -72,13 +75,7 @@ pub fn run(
     loop {
         if accept_again_at.is_some_and(|t| Instant::now() >= t) && !stopper.stopping() {
             accept_again_at = None;
-            ctl(
-                ep,
-                libc::EPOLL_CTL_ADD,
-                listener,
-                libc::EPOLLIN as u32,
-                tag::ACCEPT,
-            )?;
+            watch_listener()?;
         }
         let waker = shard.mesh().waker();
         waker.prepare_sleep();

@@ -398,9 +398,14 @@ macro_rules! impl_store {
 
             async fn conversations(&self, user: u64) -> Result<Vec<ConversationRow>> {
                 // Two-person conversations the user is in, then the user's groups (whose
-                // conversation rows and read positions may not exist yet).
+                // conversation rows and read positions may not exist yet), each with its last
+                // message: one query, whatever the number of conversations.
                 let rows = sqlx::query(concat!(
-                    "SELECT cm.conv AS conv, c.max_seq AS max_seq, cm.read_seq AS read_seq, cm.muted AS muted, cm.pinned AS pinned \
+                    "SELECT v.conv AS conv, v.max_seq AS max_seq, v.read_seq AS read_seq, v.muted AS muted, v.pinned AS pinned, \
+                     m.id AS id, m.seq AS seq, m.sender_id AS sender_id, m.to_user_id AS to_user_id, \
+                     m.to_group_id AS to_group_id, m.content AS content, m.content_type AS content_type, m.ts_ms AS ts_ms \
+                     FROM (\
+                     SELECT cm.conv AS conv, c.max_seq AS max_seq, cm.read_seq AS read_seq, cm.muted AS muted, cm.pinned AS pinned \
                      FROM conversation_members cm JOIN conversations c ON c.conv = cm.conv \
                      WHERE cm.user_id = ? AND cm.conv LIKE 'p:%' \
                      UNION ALL \
@@ -409,31 +414,26 @@ macro_rules! impl_store {
                      FROM group_members gm \
                      LEFT JOIN conversations c ON c.conv = ", $group_conv, " \
                      LEFT JOIN conversation_members cm ON cm.user_id = gm.user_id AND cm.conv = ", $group_conv, " \
-                     WHERE gm.user_id = ?"
+                     WHERE gm.user_id = ?\
+                     ) v LEFT JOIN messages m ON m.conv = v.conv AND m.seq = v.max_seq"
                 ))
                 .bind(to_i64(user))
                 .bind(to_i64(user))
                 .fetch_all(&self.pool)
                 .await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    let conv: String = r.try_get("conv")?;
-                    let max_seq = r.try_get::<i64, _>("max_seq")? as u64;
-                    let last = sqlx::query(concat!("SELECT ", message_columns!(), " FROM messages WHERE conv = ? AND seq = ?"))
-                        .bind(&conv)
-                        .bind(max_seq as i64)
-                        .fetch_optional(&self.pool)
-                        .await?;
-                    out.push(ConversationRow {
-                        conv,
-                        max_seq,
-                        read_seq: r.try_get::<i64, _>("read_seq")? as u64,
-                        muted: r.try_get::<bool, _>("muted")?,
-                        pinned: r.try_get::<bool, _>("pinned")?,
-                        last_message: last.as_ref().map(message_row).transpose()?,
-                    });
-                }
-                Ok(out)
+                rows.iter()
+                    .map(|r| {
+                        let has_message = r.try_get::<Option<i64>, _>("id")?.is_some();
+                        Ok(ConversationRow {
+                            conv: r.try_get("conv")?,
+                            max_seq: r.try_get::<i64, _>("max_seq")? as u64,
+                            read_seq: r.try_get::<i64, _>("read_seq")? as u64,
+                            muted: r.try_get::<bool, _>("muted")?,
+                            pinned: r.try_get::<bool, _>("pinned")?,
+                            last_message: if has_message { Some(message_row(r)?) } else { None },
+                        })
+                    })
+                    .collect()
             }
 
             async fn open_pair(&self, conv: &str, a: u64, b: u64) -> Result<()> {
@@ -520,7 +520,8 @@ impl_store!(
     for_update: " FOR UPDATE",
     bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON DUPLICATE KEY UPDATE max_seq = max_seq + 1",
     insert_ignore: "INSERT IGNORE",
-    group_conv: "CONCAT('g:', gm.group_id)"
+    // Collation pinned to the tables': compared with conv columns in joins.
+    group_conv: "(CONCAT('g:', gm.group_id) COLLATE utf8mb4_unicode_ci)"
 );
 // One SQLite file has one writer at a time: no lock statements, no row locks.
 impl_store!(
