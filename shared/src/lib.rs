@@ -1,5 +1,5 @@
 //! What every IM process agrees on: the client protocol (PROTOCOL.md), HS256 tokens, Snowflake
-//! ids, conversation ids, configuration and error codes.
+//! ids, conversation ids, configuration, error codes, and the Kafka record schema.
 //!
 //! This crate does no I/O. Dependencies point inward to it, never sideways between services.
 
@@ -8,6 +8,7 @@ pub mod conv;
 pub mod error;
 pub mod jwt;
 pub mod protocol;
+pub mod records;
 pub mod snowflake;
 
 pub use conv::Conv;

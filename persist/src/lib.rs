@@ -1,0 +1,1 @@
+//! Kafka → MySQL batch writer (to be written).

@@ -1,0 +1,116 @@
+//! Kafka client settings every process uses, and topic creation.
+//!
+//! Nothing here depends on a particular broker: the tests run against tansu, production points
+//! `--kafka-brokers` at a Kafka cluster.
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+use std::time::Duration;
+
+/// Where the brokers are and how topics are laid out.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Partitions of `im.upstream` and `im.messages` (they must be equal: logic writes a
+    /// message to the same partition number it read the request from).
+    pub partitions: i32,
+    /// Replication factor for topics this process creates.
+    pub replication: i32,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            partitions: 4,
+            replication: 1,
+        }
+    }
+}
+
+impl KafkaConfig {
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            // Keep the logs ours: librdkafka's own go through `log` at warning and above.
+            .set("log_level", "4")
+            .set("socket.keepalive.enable", "true");
+        c
+    }
+
+    /// A producer whose acknowledgements mean durable: acks=all and idempotent (no
+    /// duplicates or reordering from its own retries). `linger_ms` trades latency for
+    /// batching; `timeout_ms` bounds how long a record may wait for the broker (0: forever).
+    pub fn producer(&self, linger_ms: u32, timeout_ms: u32) -> ClientConfig {
+        let mut c = self.base();
+        c.set("acks", "all")
+            .set("enable.idempotence", "true")
+            // Snappy batches cannot be read back from some Kafka-compatible brokers; lz4 can.
+            .set("compression.type", "lz4")
+            .set("linger.ms", linger_ms.to_string())
+            .set("message.timeout.ms", timeout_ms.to_string())
+            // Bounded: a full queue is refused at once (the caller answers `error`).
+            .set("queue.buffering.max.messages", "200000")
+            .set("queue.buffering.max.kbytes", "262144");
+        c
+    }
+
+    /// A consumer in `group` that commits only what the caller says is done.
+    pub fn group_consumer(&self, group: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // The classic protocol: the KIP-848 one is not available on every broker.
+            .set("partition.assignment.strategy", "range")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", "10")
+            .set("isolation.level", "read_uncommitted");
+        c
+    }
+
+    /// A consumer outside any group (it assigns partitions itself and commits nothing).
+    pub fn plain_consumer(&self) -> ClientConfig {
+        let mut c = self.base();
+        // librdkafka wants a group id even when no group is joined; nothing is committed.
+        c.set("group.id", "im-unused")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "latest")
+            .set("fetch.wait.max.ms", "10");
+        c
+    }
+
+    /// Creates the topics that do not exist yet (an existing topic is fine, whatever its
+    /// partitions: operators may have created it).
+    pub async fn ensure_topics(&self, topics: &[(&str, i32)]) -> Result<(), String> {
+        let admin: AdminClient<DefaultClientContext> = self
+            .base()
+            .create()
+            .map_err(|e| format!("kafka admin client: {e}"))?;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, parts)| {
+                NewTopic::new(name, *parts, TopicReplication::Fixed(self.replication))
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&new, &opts)
+            .await
+            .map_err(|e| format!("creating topics on {}: {e}", self.brokers))?;
+        for r in results {
+            match r {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, e)) => return Err(format!("creating topic {name}: {e}")),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,6 @@
+//! Kafka plumbing shared by the IM processes (ARCHITECTURE.md, "Processes"): client settings
+//! and topics (`kafka`), the gateway's bridge thread (`bridge`) and presence (`presence`).
+
+pub mod kafka;
+
+pub use kafka::KafkaConfig;
