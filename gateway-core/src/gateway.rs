@@ -2,6 +2,7 @@
 //! kernel spreads connections across them, and across processes sharing the port), build the
 //! shard mesh, pin one thread per shard, pick the driver.
 
+use crate::bridge::{self, BridgeEnd};
 use crate::driver;
 use crate::mesh::{self, Waker};
 use crate::metrics::ShardStats;
@@ -170,9 +171,19 @@ impl Gateway {
 
     /// `start`, refusing upgrades whose token `revoked` says was revoked (logout).
     pub fn start_with_revocations(
-        mut cfg: GatewayConfig,
+        cfg: GatewayConfig,
         revoked: Option<RevokedCheck>,
     ) -> io::Result<GatewayHandle> {
+        Gateway::start_with(cfg, revoked, false).map(|(h, _)| h)
+    }
+
+    /// `start` with every option: `bridge` puts the shards in pipeline mode and returns the
+    /// bridge's end of their rings, for the caller's Kafka bridge to drive.
+    pub fn start_with(
+        mut cfg: GatewayConfig,
+        revoked: Option<RevokedCheck>,
+        bridge: bool,
+    ) -> io::Result<(GatewayHandle, Option<BridgeEnd>)> {
         if cfg.jwt_secret.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -182,6 +193,8 @@ impl Gateway {
         let n = cfg.shards.clamp(1, 64);
         cfg.shards = n;
         let per_shard = fd_budget() / n;
+        // Connection tokens in the pipeline's records hold 25 bits of slab key.
+        cfg.conns_per_shard_max = cfg.conns_per_shard_max.min(1 << 25);
         if cfg.conns_per_shard_max > per_shard {
             cfg.conns_per_shard_max = per_shard;
         }
@@ -211,7 +224,16 @@ impl Gateway {
             .map(|_| ShardStats::default())
             .collect::<Vec<_>>()
             .into();
-        let ports = mesh::build(n, cfg.ring_capacity, cfg.ring_backlog_max, wakers.clone());
+        let mut ports = mesh::build(n, cfg.ring_capacity, cfg.ring_backlog_max, wakers.clone());
+        let bridge_end = if bridge {
+            let (links, end) = bridge::build(n, cfg.ring_capacity, wakers.clone())?;
+            for (port, link) in ports.iter_mut().zip(links) {
+                port.attach_bridge(link);
+            }
+            Some(end)
+        } else {
+            None
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let cfg = Arc::new(cfg);
@@ -254,14 +276,15 @@ impl Gateway {
             cfg.gateway_id,
             cfg.conns_per_shard_max
         );
-        Ok(GatewayHandle {
+        let handle = GatewayHandle {
             addr,
             stop,
             wakers,
             stats,
             threads,
             driver: driver_name,
-        })
+        };
+        Ok((handle, bridge_end))
     }
 }
 

@@ -6,11 +6,13 @@
 //! - `wheel` — the hashed timing wheel (heartbeats, handshake and close deadlines).
 //! - `arena` — where a connection's bytes live while a frame is partial or a write pending.
 //! - `mesh` — SPSC rings between shards, and the eventfd that wakes a sleeping shard.
+//! - `bridge` — the rings between the shards and the pipeline bridge (Kafka, presence).
 //! - `driver` — the thin I/O loops: io_uring (multishot accept and receive into a
 //!   provided-buffer ring) and the epoll fallback.
 //! - `gateway` — starts the shards, binds `SO_REUSEPORT` listeners, pins threads, shuts down.
 
 pub mod arena;
+pub mod bridge;
 pub mod codec;
 pub mod conn;
 pub mod driver;

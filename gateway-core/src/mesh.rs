@@ -6,6 +6,7 @@
 //! `error` to the sender, or counts a drop) — ARCHITECTURE.md, "Bounded everything".
 
 use crate::arena::Frame;
+use crate::bridge::{BridgeLink, UpMsg};
 use im_shared::conv::Conv;
 use rtrb::{Consumer, Producer, RingBuffer};
 use std::collections::VecDeque;
@@ -131,6 +132,12 @@ pub struct MeshPort {
     backlog_max: usize,
     wakers: Arc<[Waker]>,
     to_wake: u64,
+    /// The rings to and from the pipeline bridge (pipeline mode only).
+    bridge: Option<BridgeLink>,
+    /// Records waiting for room in the bridge ring (bounded by `backlog_max`, but presence
+    /// changes, which are bounded by the connection count).
+    up_backlog: VecDeque<UpMsg>,
+    wake_bridge: bool,
 }
 
 /// Builds the full mesh for `n` shards (n ≤ 64).
@@ -152,6 +159,9 @@ pub fn build(
             backlog_max,
             wakers: wakers.clone(),
             to_wake: 0,
+            bridge: None,
+            up_backlog: VecDeque::new(),
+            wake_bridge: false,
         })
         .collect();
     for src in 0..n {
@@ -172,7 +182,40 @@ impl MeshPort {
     }
 
     pub fn backlog_len(&self) -> usize {
-        self.backlog_len
+        self.backlog_len + self.up_backlog.len()
+    }
+
+    /// Connects this shard to the pipeline bridge.
+    pub fn attach_bridge(&mut self, link: BridgeLink) {
+        self.bridge = Some(link);
+    }
+
+    pub fn has_bridge(&self) -> bool {
+        self.bridge.is_some()
+    }
+
+    /// Hands `msg` to the bridge. `Err` gives it back when the ring and the backlog are full;
+    /// `must` parks it past the bound (presence changes: at most two per connection).
+    pub fn send_up(&mut self, msg: UpMsg, must: bool) -> Result<(), UpMsg> {
+        let Some(link) = self.bridge.as_mut() else {
+            return Err(msg);
+        };
+        self.wake_bridge = true;
+        if self.up_backlog.is_empty() {
+            match link.up.push(msg) {
+                Ok(()) => return Ok(()),
+                Err(rtrb::PushError::Full(m)) => return self.park_up(m, must),
+            }
+        }
+        self.park_up(msg, must)
+    }
+
+    fn park_up(&mut self, msg: UpMsg, must: bool) -> Result<(), UpMsg> {
+        if !must && self.up_backlog.len() >= self.backlog_max {
+            return Err(msg);
+        }
+        self.up_backlog.push_back(msg);
+        Ok(())
     }
 
     /// Queues `msg` for shard `dst` (not ourselves). `Err` gives it back when the ring and the
@@ -229,6 +272,17 @@ impl MeshPort {
                 }
             }
         }
+        if let Some(link) = self.bridge.as_mut() {
+            while !self.up_backlog.is_empty() && link.up.slots() > 0 {
+                let m = self.up_backlog.pop_front().expect("not empty");
+                if link.up.push(m).is_err() {
+                    unreachable!("ring had a free slot");
+                }
+            }
+            if std::mem::take(&mut self.wake_bridge) || !self.up_backlog.is_empty() {
+                link.bridge_waker.wake();
+            }
+        }
         let mut w = std::mem::take(&mut self.to_wake);
         while w != 0 {
             let d = w.trailing_zeros() as usize;
@@ -240,6 +294,13 @@ impl MeshPort {
     /// Pops up to `budget` inbound messages, round-robin over peers, into `out`.
     pub fn drain(&mut self, budget: usize, out: &mut VecDeque<ShardMsg>) -> usize {
         let mut n = 0;
+        if let Some(link) = self.bridge.as_mut() {
+            let take = link.down.slots().min(budget / 2);
+            if let Ok(chunk) = link.down.read_chunk(take) {
+                out.extend(chunk);
+                n += take;
+            }
+        }
         for c in self.inbound.iter_mut().flatten() {
             let take = c.slots().min(budget - n);
             if take == 0 {
@@ -258,10 +319,11 @@ impl MeshPort {
 
     pub fn has_inbound(&self) -> bool {
         self.inbound.iter().flatten().any(|c| c.slots() > 0)
+            || self.bridge.as_ref().is_some_and(|l| l.down.slots() > 0)
     }
 
     pub fn has_backlog(&self) -> bool {
-        self.backlog_len > 0
+        self.backlog_len > 0 || !self.up_backlog.is_empty()
     }
 
     pub fn waker(&self) -> &Waker {

@@ -12,8 +12,15 @@
 //! A `send` travels origin → owner (sequenced; `sent` goes back to the origin) → home of each
 //! party → every shard holding that party → its connections. Each hop is a FIFO ring, and one
 //! owner sequences a conversation, so every device sees a conversation in seq order.
+//!
+//! Pipeline mode (a bridge is attached to the mesh port): `send`, `sync` and `read` become
+//! `im.upstream` records handed to the bridge, which produces them to Kafka; logic sequences
+//! and answers through this gateway's downstream topic, and the bridge puts those answers on
+//! the same rings (`Fanout` to a user's home shard, `Reply` to one connection). Each
+//! connection's open and close go up too, for presence.
 
 use crate::arena::{Arena, Frame, RxState, NONE};
+use crate::bridge::{self, UpMsg};
 use crate::codec::{self, close, opcode, FrameError};
 use crate::conn::{io, Conn, State};
 use crate::handshake::{self, Refusal};
@@ -24,6 +31,7 @@ use crate::wheel::Wheel;
 use im_shared::config::GatewayConfig;
 use im_shared::conv::{mix64, Conv};
 use im_shared::protocol::{self, Message, Request, Target};
+use im_shared::records::{self, UpstreamBody, Versioned};
 use im_shared::snowflake::Snowflake;
 use im_shared::{jwt, ErrorCode};
 use slab::Slab;
@@ -92,6 +100,7 @@ struct Limits {
     heartbeat_ticks: u32,
     handshake_ticks: u32,
     linger_ticks: u32,
+    presence_refresh_ticks: u32,
 }
 
 pub struct Shard {
@@ -124,6 +133,8 @@ pub struct Shard {
     empty_pong: Frame,
     now: Now,
     shutting_down: bool,
+    /// Tick at which the users on this shard are next sent up for a presence refresh.
+    next_refresh: u32,
 }
 
 impl Shard {
@@ -162,6 +173,7 @@ impl Shard {
                 heartbeat_ticks: ticks(cfg.heartbeat_timeout_ms),
                 handshake_ticks: ticks(cfg.handshake_timeout_ms),
                 linger_ticks: ticks(LINGER_MS),
+                presence_refresh_ticks: ticks(cfg.presence_refresh_ms),
             },
             secret: cfg.jwt_secret.clone().into(),
             revoked,
@@ -186,6 +198,7 @@ impl Shard {
             empty_pong: codec::server_frame(opcode::PONG, &[]).into(),
             now: Now::default(),
             shutting_down: false,
+            next_refresh: 0,
         }
     }
 
@@ -439,6 +452,14 @@ impl Shard {
     /// Advances the timing wheel to the current time.
     pub fn on_tick(&mut self) {
         let tick = self.tick();
+        if self.mesh.has_bridge() && tick >= self.next_refresh {
+            if self.next_refresh != 0 && !self.local.is_empty() {
+                let users: Vec<u64> = self.local.keys().copied().collect();
+                // A refresh that finds the ring full waits for the next one: the TTL covers three.
+                let _ = self.mesh.send_up(UpMsg::Refresh(users), false);
+            }
+            self.next_refresh = tick + self.limits.presence_refresh_ticks;
+        }
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(tick, &mut expired);
         for key in expired.drain(..) {
@@ -643,6 +664,7 @@ impl Shard {
                 let pong = self.pong.clone();
                 self.enqueue(key, pong);
             }
+            Ok(req) if self.mesh.has_bridge() => self.submit_upstream(key, req),
             Ok(Request::Send { cid, target: Target::User(to), content, content_type }) => {
                 self.submit(key, &cid, to, content.into(), content_type.into())
             }
@@ -723,7 +745,7 @@ impl Shard {
                         self.arena.push_tx(&mut c.tx, response.into());
                         self.wheel.insert(key, due);
                         ShardStats::add(&self.st().handshakes_total, 1);
-                        self.join(key, user);
+                        self.join(key, user, claims.dev.map(Into::into));
                         self.mark_ready(key);
                     }
                 }
@@ -817,6 +839,88 @@ impl Shard {
                 ErrorCode::Busy,
                 "the gateway is overloaded: retry with the same cid",
                 Some(cid),
+            );
+        }
+    }
+
+    /// Pipeline mode: turns a request into an `im.upstream` record for the bridge.
+    fn submit_upstream(&mut self, key: u32, req: Request<'_>) {
+        let c = &self.conns[key as usize];
+        let (user, conn) = (
+            c.user,
+            ConnRef {
+                shard: self.id,
+                key,
+                gen: c.gen,
+            },
+        );
+        let (conv, cid, body) = match req {
+            Request::Send {
+                cid,
+                target,
+                content,
+                content_type,
+            } => {
+                let (conv, to_user, to_group) = match target {
+                    Target::User(to) => match Conv::pair(user, to) {
+                        Some(conv) => (conv, to, 0),
+                        None => {
+                            return self.reply_error(
+                                key,
+                                ErrorCode::InvalidField,
+                                "cannot send a message to yourself",
+                                Some(&cid),
+                            )
+                        }
+                    },
+                    Target::Group(g) => (Conv::Group(g), 0, g),
+                };
+                let body = UpstreamBody::Send(records::Send {
+                    cid: cid.to_string(),
+                    to_user,
+                    to_group,
+                    content: content.into_owned(),
+                    content_type: content_type.into_owned(),
+                });
+                (conv, Some(cid), body)
+            }
+            Request::Sync { conv, after, limit } => {
+                let body = UpstreamBody::Sync(records::Sync {
+                    conv: conv.to_string(),
+                    after,
+                    limit,
+                });
+                (conv, None, body)
+            }
+            Request::Read { conv, seq } => {
+                let body = UpstreamBody::Read(records::Read {
+                    conv: conv.to_string(),
+                    seq,
+                });
+                (conv, None, body)
+            }
+            Request::Ping => return,
+        };
+        let record = records::Upstream {
+            version: records::VERSION,
+            reply_to: self.gateway_id.to_string(),
+            conn: bridge::conn_token(conn),
+            user,
+            ts: self.now.unix_ms,
+            body: Some(body),
+        };
+        let msg = UpMsg::Record {
+            conv,
+            conn,
+            payload: record.to_bytes().into(),
+        };
+        if self.mesh.send_up(msg, false).is_err() {
+            ShardStats::add(&self.st().ring_dropped_total, 1);
+            self.reply_error(
+                key,
+                ErrorCode::Busy,
+                "the gateway is overloaded: retry (with the same cid)",
+                cid.as_deref(),
             );
         }
     }
@@ -967,7 +1071,17 @@ impl Shard {
     }
 
     /// Adds `key` to this shard's directory (and tells the user's home shard on the first).
-    fn join(&mut self, key: u32, user: u64) {
+    fn join(&mut self, key: u32, user: u64, device: Option<Box<str>>) {
+        if self.mesh.has_bridge() {
+            let conn = ConnRef {
+                shard: self.id,
+                key,
+                gen: self.conns[key as usize].gen,
+            };
+            let _ = self
+                .mesh
+                .send_up(UpMsg::Online { user, conn, device }, true);
+        }
         match self.local.get(&user).copied() {
             Some(head) => {
                 self.conns[key as usize].dev_next = head;
@@ -996,6 +1110,14 @@ impl Shard {
         let (user, prev, next) = (c.user, c.dev_prev, c.dev_next);
         c.dev_prev = NONE;
         c.dev_next = NONE;
+        if self.mesh.has_bridge() {
+            let conn = ConnRef {
+                shard: self.id,
+                key,
+                gen: c.gen,
+            };
+            let _ = self.mesh.send_up(UpMsg::Offline { user, conn }, true);
+        }
         if next != NONE {
             self.conns[next as usize].dev_prev = prev;
         }

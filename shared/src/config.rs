@@ -44,6 +44,9 @@ pub struct GatewayConfig {
     pub arena_bytes_max: usize,
     /// Resolution of the timing wheel.
     pub tick_ms: u64,
+    /// How often each shard sends its users up for a presence refresh (pipeline mode); the
+    /// presence TTL is three times this.
+    pub presence_refresh_ms: u64,
     /// Force the epoll driver even where io_uring works (for comparison and tests).
     pub force_epoll: bool,
 }
@@ -71,6 +74,7 @@ impl Default for GatewayConfig {
             recv_buffer_bytes: 1024,
             arena_bytes_max: 256 << 20,
             tick_ms: 100,
+            presence_refresh_ms: 60_000,
             force_epoll: false,
         }
     }

@@ -2,8 +2,6 @@
 //! each field means). The prost derives are written out instead of generated so that building
 //! needs no `protoc`; `tests::field_numbers_match_the_proto_file` keeps the two in step.
 
-use prost::Message as _;
-
 /// The schema version this build writes and reads.
 pub const VERSION: u32 = 1;
 
@@ -165,7 +163,9 @@ impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DecodeError::Malformed(e) => write!(f, "malformed record: {e}"),
-            DecodeError::Version(v) => write!(f, "record schema version {v} (this build reads {VERSION})"),
+            DecodeError::Version(v) => {
+                write!(f, "record schema version {v} (this build reads {VERSION})")
+            }
         }
     }
 }
@@ -209,6 +209,7 @@ impl Versioned for Downstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message as _;
 
     #[test]
     fn records_round_trip() {
@@ -240,9 +241,18 @@ mod tests {
 
     #[test]
     fn newer_versions_and_garbage_are_refused() {
-        let s = Stored { version: 2, ..Default::default() };
-        assert_eq!(Stored::from_bytes(&s.to_bytes()), Err(DecodeError::Version(2)));
-        assert!(matches!(Stored::from_bytes(&[0xff, 0xff, 0xff]), Err(DecodeError::Malformed(_))));
+        let s = Stored {
+            version: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            Stored::from_bytes(&s.to_bytes()),
+            Err(DecodeError::Version(2))
+        );
+        assert!(matches!(
+            Stored::from_bytes(&[0xff, 0xff, 0xff]),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     /// The wire bytes of a known record, written by hand from the .proto numbers: a changed tag
@@ -262,11 +272,17 @@ mod tests {
         ] {
             assert!(proto.contains(line), "im.proto lost `{line}`");
         }
-        let r = Reply { conn: 1, json: b"x".to_vec() };
+        let r = Reply {
+            conn: 1,
+            json: b"x".to_vec(),
+        };
         assert_eq!(r.encode_to_vec(), [0x08, 1, 0x12, 1, b'x']);
         let up = Upstream {
             version: 1,
-            body: Some(UpstreamBody::Read(Read { conv: "g:1".into(), seq: 5 })),
+            body: Some(UpstreamBody::Read(Read {
+                conv: "g:1".into(),
+                seq: 5,
+            })),
             ..Default::default()
         };
         // version=1 (tag 1 varint), read (tag 12, length-delimited) { conv (1), seq (2) }.

@@ -44,6 +44,21 @@ impl Sim {
     }
 
     fn with_revocations(n: usize, cfg: GatewayConfig, revoked: Option<RevokedCheck>) -> Sim {
+        Sim::build(n, cfg, revoked, false).0
+    }
+
+    /// Shards in pipeline mode, and the bridge's end of their rings.
+    fn with_bridge(n: usize, cfg: GatewayConfig) -> (Sim, crate::bridge::BridgeEnd) {
+        let (sim, end) = Sim::build(n, cfg, None, true);
+        (sim, end.unwrap())
+    }
+
+    fn build(
+        n: usize,
+        cfg: GatewayConfig,
+        revoked: Option<RevokedCheck>,
+        with_bridge: bool,
+    ) -> (Sim, Option<crate::bridge::BridgeEnd>) {
         let wakers: Arc<[Waker]> = (0..n)
             .map(|_| Waker::new().unwrap())
             .collect::<Vec<_>>()
@@ -52,7 +67,14 @@ impl Sim {
             .map(|_| ShardStats::default())
             .collect::<Vec<_>>()
             .into();
-        let ports = mesh::build(n, 64, 1024, wakers);
+        let mut ports = mesh::build(n, 64, 1024, wakers.clone());
+        let end = with_bridge.then(|| {
+            let (links, end) = crate::bridge::build(n, 64, wakers).unwrap();
+            for (p, l) in ports.iter_mut().zip(links) {
+                p.attach_bridge(l);
+            }
+            end
+        });
         let shards = ports
             .into_iter()
             .map(|p| Shard::with_revocations(&cfg, p, stats.clone(), "sim", revoked.clone()))
@@ -70,7 +92,7 @@ impl Sim {
             next_fd: 100,
         };
         sim.run();
-        sim
+        (sim, end)
     }
 
     fn run(&mut self) {
@@ -659,4 +681,179 @@ fn a_revoked_token_is_refused_at_the_upgrade() {
     // Another token of the same user still works.
     let other = sim.connect(0, 7);
     assert!(!sim.closed.contains(&other));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipeline mode: requests go up to the bridge, answers come down from it.
+
+fn drain_up(end: &mut crate::bridge::BridgeEnd) -> Vec<UpMsg> {
+    let mut out = Vec::new();
+    end.up.drain(1000, &mut out);
+    out
+}
+
+fn upstream(m: &UpMsg) -> (Conv, ConnRef, records::Upstream) {
+    match m {
+        UpMsg::Record {
+            conv,
+            conn,
+            payload,
+        } => (
+            *conv,
+            *conn,
+            records::Upstream::from_bytes(payload).unwrap(),
+        ),
+        other => panic!("expected a record, got {other:?}"),
+    }
+}
+
+#[test]
+fn pipeline_mode_hands_requests_and_presence_to_the_bridge() {
+    let (mut sim, mut end) = Sim::with_bridge(2, cfg());
+    let a = sim.connect(0, 1);
+    let b = sim.connect(1, 2);
+    let a2 = sim.connect(1, 1);
+    let ups = drain_up(&mut end);
+    let online: Vec<(u64, u16)> = ups
+        .iter()
+        .map(|m| match m {
+            UpMsg::Online { user, conn, .. } => (*user, conn.shard),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(online.len(), 3);
+    assert!(online.contains(&(1, 0)) && online.contains(&(2, 1)) && online.contains(&(1, 1)));
+
+    sim.send_text(a, &send_json(2, "c1", "hi"));
+    sim.send_text(
+        a,
+        r#"{"type":"send","cid":"c2","group":"9","content":"all"}"#,
+    );
+    sim.send_text(b, r#"{"type":"sync","conv":"p:1:2","after":3,"limit":10}"#);
+    sim.send_text(b, r#"{"type":"read","conv":"p:1:2","seq":4}"#);
+    let ups = drain_up(&mut end);
+    assert_eq!(ups.len(), 4, "{ups:?} {:?}", sim.json(b));
+    let (conv, origin, rec) = upstream(&ups[0]);
+    assert_eq!(conv, Conv::pair(1, 2).unwrap());
+    assert_eq!((origin.shard, origin.key), (0, a.1));
+    assert_eq!(rec.user, 1);
+    assert_eq!(rec.reply_to, "gw");
+    assert_eq!(crate::bridge::conn_ref(rec.conn), origin);
+    assert_eq!(rec.ts, NOW_UNIX_MS);
+    match rec.body {
+        Some(UpstreamBody::Send(s)) => {
+            assert_eq!((s.cid.as_str(), s.to_user, s.to_group), ("c1", 2, 0));
+            assert_eq!(
+                (s.content.as_str(), s.content_type.as_str()),
+                ("hi", "text")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let (conv, _, rec) = upstream(&ups[1]);
+    assert_eq!(conv, Conv::Group(9));
+    assert!(
+        matches!(rec.body, Some(UpstreamBody::Send(ref s)) if s.to_group == 9 && s.to_user == 0)
+    );
+    let (_, _, rec) = upstream(&ups[2]);
+    assert_eq!(
+        rec.body,
+        Some(UpstreamBody::Sync(records::Sync {
+            conv: "p:1:2".into(),
+            after: 3,
+            limit: 10
+        }))
+    );
+    let (_, _, rec) = upstream(&ups[3]);
+    assert_eq!(
+        rec.body,
+        Some(UpstreamBody::Read(records::Read {
+            conv: "p:1:2".into(),
+            seq: 4
+        }))
+    );
+    // Nothing went to the local router: no reply, no delivery yet.
+    assert!(sim.json(a).is_empty() && sim.json(b).is_empty() && sim.json(a2).is_empty());
+
+    // The bridge brings logic's answers: `sent` to the origin, `msg` to every other device.
+    let msg: Frame = codec::server_frame(opcode::TEXT, br#"{"type":"msg","seq":"1"}"#).into();
+    let sent: Frame = codec::server_frame(opcode::TEXT, br#"{"type":"sent","cid":"c1"}"#).into();
+    for user in [1u64, 2] {
+        let home = crate::bridge::home_shard(user, 2);
+        let fan = ShardMsg::Fanout {
+            user,
+            frame: msg.clone(),
+            except: origin,
+        };
+        end.down.send(home, fan).unwrap();
+    }
+    end.down
+        .send(
+            0,
+            ShardMsg::Reply {
+                to: origin,
+                frame: sent,
+            },
+        )
+        .unwrap();
+    end.down.flush();
+    sim.run();
+    assert_eq!(
+        sim.json(a),
+        vec![serde_json::json!({"type":"sent","cid":"c1"})]
+    );
+    assert_eq!(
+        sim.json(b),
+        vec![serde_json::json!({"type":"msg","seq":"1"})]
+    );
+    assert_eq!(
+        sim.json(a2),
+        vec![serde_json::json!({"type":"msg","seq":"1"})]
+    );
+
+    // Sending to oneself is refused at the gateway; closing goes up as presence.
+    sim.send_text(a, &send_json(1, "c3", "me"));
+    assert_eq!(sim.json(a)[0]["code"], ErrorCode::InvalidField.code());
+    sim.recv(
+        b,
+        &codec::client_frame(true, opcode::CLOSE, &1000u16.to_be_bytes(), [0; 4]),
+    );
+    let ups = drain_up(&mut end);
+    assert!(
+        ups.iter()
+            .any(|m| matches!(m, UpMsg::Offline { user: 2, conn } if conn.shard == 1)),
+        "{ups:?}"
+    );
+}
+
+#[test]
+fn pipeline_mode_refreshes_presence_and_refuses_when_the_bridge_ring_is_full() {
+    let mut c = cfg();
+    c.presence_refresh_ms = 1_000;
+    c.heartbeat_timeout_ms = 600_000;
+    let (mut sim, mut end) = Sim::with_bridge(1, c);
+    let a = sim.connect(0, 7);
+    drain_up(&mut end);
+    sim.advance(1_100);
+    sim.advance(1_100);
+    let ups = drain_up(&mut end);
+    assert!(
+        ups.iter()
+            .any(|m| matches!(m, UpMsg::Refresh(u) if u == &vec![7])),
+        "{ups:?}"
+    );
+    // 64 ring slots and a backlog of 1024 (the Sim's): flooding past both is refused with a
+    // retryable error carrying the cid, never queued without bound.
+    let mut refused = 0;
+    for i in 0..1200 {
+        sim.send_text(a, &send_json(8, &format!("c{i}"), "x"));
+        sim.advance(20); // keeps the rate limit's bucket filled
+        refused += sim
+            .json(a)
+            .iter()
+            .filter(|v| v["code"] == ErrorCode::Busy.code())
+            .count();
+    }
+    assert!(refused > 0, "a full bridge ring must refuse");
+    assert!(drain_up(&mut end).len() <= 64 + 1024);
 }
