@@ -33,8 +33,10 @@ enum Cmd {
     Standalone(StandaloneArgs),
     /// The WebSocket gateway alone.
     Gateway(GatewayCmdArgs),
-    /// The logic service alone: the REST API on MySQL.
+    /// The logic service: the REST API on MySQL, and the pipeline stage on Kafka.
     Logic(LogicArgs),
+    /// The persist service: im.messages → MySQL in batches.
+    Persist(PersistArgs),
     /// Print a signed access token for a user (for trying the server with any WebSocket client).
     Token(TokenArgs),
 }
@@ -72,10 +74,65 @@ impl ApiArgs {
     }
 }
 
+#[derive(Args, Clone)]
+struct KafkaArgs {
+    /// Kafka bootstrap brokers, host:port[,host:port...].
+    #[arg(long, env = "IM_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// Partitions of im.upstream and im.messages when this process creates them.
+    #[arg(long, env = "IM_KAFKA_PARTITIONS", default_value_t = 4)]
+    kafka_partitions: i32,
+    /// Replication factor of the topics this process creates.
+    #[arg(long, env = "IM_KAFKA_REPLICATION", default_value_t = 1)]
+    kafka_replication: i32,
+}
+
+impl KafkaArgs {
+    fn config(&self) -> im_pipeline::KafkaConfig {
+        im_pipeline::KafkaConfig {
+            brokers: self.kafka_brokers.clone(),
+            partitions: self.kafka_partitions.max(1),
+            replication: self.kafka_replication.max(1),
+        }
+    }
+}
+
+#[derive(Args)]
+struct PersistArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// MySQL (or MariaDB) to write messages to.
+    #[arg(
+        long,
+        env = "IM_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/im"
+    )]
+    mysql_url: String,
+    /// Flush a batch at this many rows...
+    #[arg(long, env = "IM_PERSIST_BATCH_ROWS", default_value_t = 500)]
+    batch_rows: usize,
+    /// ...or when its oldest row has waited this long.
+    #[arg(long, env = "IM_PERSIST_BATCH_MS", default_value_t = 50)]
+    batch_ms: u64,
+}
+
 #[derive(Args)]
 struct LogicArgs {
     #[command(flatten)]
     api: ApiArgs,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Serve the REST API only, without the Kafka pipeline stage (messages/send then stores
+    /// directly and delivers nothing live).
+    #[arg(long, env = "IM_NO_PIPELINE")]
+    no_pipeline: bool,
+    /// This instance's id, unique among logic instances (its reply topic's name)
+    /// [default: logic-<host name>-<API port>].
+    #[arg(long, env = "IM_LOGIC_ID")]
+    logic_id: Option<String>,
+    /// Snowflake worker id, unique among logic instances (0..1023) [default: from --logic-id].
+    #[arg(long, env = "IM_WORKER_ID")]
+    worker_id: Option<u16>,
     /// MySQL (or MariaDB) holding users, groups and messages.
     #[arg(
         long,
@@ -141,6 +198,25 @@ struct GatewayArgs {
 }
 
 #[derive(Args, Clone)]
+struct PipelineArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Redis for presence (user → gateway).
+    #[arg(long, env = "IM_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Without Kafka: route messages between this process's connections only, unsequenced by
+    /// logic and unstored (for benchmarking the gateway alone).
+    #[arg(long, env = "IM_LOCAL_ROUTER")]
+    local_router: bool,
+    /// Presence entries expire this long after their last refresh.
+    #[arg(long, env = "IM_PRESENCE_TTL_S", default_value_t = 180)]
+    presence_ttl_s: u64,
+    /// How long a send may wait for the broker before the client gets a retryable error.
+    #[arg(long, env = "IM_PRODUCE_TIMEOUT_MS", default_value_t = 5_000)]
+    produce_timeout_ms: u32,
+}
+
+#[derive(Args, Clone)]
 struct StandaloneArgs {
     #[command(flatten)]
     gateway: GatewayArgs,
@@ -155,6 +231,8 @@ struct StandaloneArgs {
 struct GatewayCmdArgs {
     #[command(flatten)]
     gateway: GatewayArgs,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
     /// Run this many gateway processes sharing the port with SO_REUSEPORT, each with its own
     /// gateway id: how one host holds more connections than one process's open-file limit.
     #[arg(long, env = "IM_GATEWAY_PROCESSES", default_value_t = 1)]
@@ -195,6 +273,7 @@ fn main() -> ExitCode {
         Some(Cmd::Standalone(a)) => standalone(a),
         Some(Cmd::Gateway(a)) => gateway(a),
         Some(Cmd::Logic(a)) => logic_service(a),
+        Some(Cmd::Persist(a)) => persist_service(a),
         Some(Cmd::Token(a)) => token(a),
     };
     match result {
@@ -226,10 +305,10 @@ fn gateway_config(
         .gateway_id
         .clone()
         .unwrap_or_else(|| format!("{}-{}", hostname(), a.ws_listen.port()));
-    let gateway_id = match index {
+    let gateway_id = im_shared::records::topic_safe_id(&match index {
         Some(i) => format!("{base_id}-p{i}"),
         None => base_id,
-    };
+    });
     let mut cfg = GatewayConfig {
         ws_listen: a.ws_listen,
         shards,
@@ -338,8 +417,39 @@ fn refuse_if_served(addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-fn run_gateway_until_signal(cfg: GatewayConfig, set: &libc::sigset_t) -> Result<()> {
-    let handle = Gateway::start(cfg)?;
+fn run_gateway_until_signal(
+    mut cfg: GatewayConfig,
+    p: &PipelineArgs,
+    set: &libc::sigset_t,
+) -> Result<()> {
+    cfg.presence_refresh_ms = (p.presence_ttl_s.max(3) * 1000) / 3;
+    let gateway_id = cfg.gateway_id.clone();
+    let (handle, end) = Gateway::start_with(cfg, None, !p.local_router)?;
+    let bridge = match end {
+        None => None,
+        Some(end) => {
+            let bcfg = im_pipeline::bridge::BridgeConfig {
+                kafka: p.kafka.config(),
+                gateway_id,
+                redis_url: p.redis_url.clone(),
+                presence_ttl_s: p.presence_ttl_s.max(3),
+                produce_timeout_ms: p.produce_timeout_ms.max(1),
+                linger_ms: 1,
+            };
+            match im_pipeline::bridge::start(bcfg, end) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    handle.shutdown();
+                    let _ = handle.join();
+                    return Err(format!(
+                        "starting the Kafka bridge ({}): {e}",
+                        p.kafka.kafka_brokers
+                    )
+                    .into());
+                }
+            }
+        }
+    };
     loop {
         if let Some(sig) = wait_for_signal(set, 1000) {
             log::info!("signal {sig}: closing connections with 1001 and stopping");
@@ -348,6 +458,9 @@ fn run_gateway_until_signal(cfg: GatewayConfig, set: &libc::sigset_t) -> Result<
         }
     }
     handle.join()?;
+    if let Some(b) = bridge {
+        b.stop();
+    }
     Ok(())
 }
 
@@ -439,24 +552,123 @@ fn logic_service(a: LogicArgs) -> Result<()> {
             "im:revoked:",
         ))
         .map_err(|e| format!("connecting to {}: {e}", redact(&a.redis_url)))?;
-    let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(logic::serve(
-        Arc::new(store),
+    let store: Arc<dyn logic::store::Store> = Arc::new(store);
+    rt.block_on(store.migrate())
+        .map_err(|e| format!("migrating {}: {e}", redact(&a.mysql_url)))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut pipeline_task = None;
+    let mut pipeline = None;
+    if !a.no_pipeline {
+        let logic_id = im_shared::records::topic_safe_id(
+            &a.logic_id
+                .clone()
+                .unwrap_or_else(|| format!("logic-{}-{}", hostname(), a.api.api_listen.port())),
+        );
+        let worker_id = a.worker_id.unwrap_or_else(|| {
+            (im_shared::conv::mix64(logic_id.bytes().fold(0u64, |h, b| h * 31 + b as u64)) % 1024)
+                as u16
+        });
+        let kafka = a.kafka.config();
+        let presence = rt
+            .block_on(logic::pipeline::presence::RedisPresence::connect(
+                &a.redis_url,
+            ))
+            .map_err(|e| format!("connecting to {}: {e}", redact(&a.redis_url)))?;
+        let members = Arc::new(logic::pipeline::presence::Members::new(store.clone()));
+        let client = rt
+            .block_on(logic::pipeline::client::PipelineClient::start(
+                &kafka, &logic_id,
+            ))
+            .map_err(|e| format!("Kafka at {}: {e}", kafka.brokers))?;
+        let cfg = logic::pipeline::PipelineConfig {
+            kafka,
+            worker_id: worker_id & im_shared::snowflake::WORKER_MAX,
+            ..Default::default()
+        };
+        let stats = Arc::new(logic::pipeline::PipelineStats::default());
+        pipeline_task = Some(rt.spawn(logic::pipeline::run(
+            store.clone(),
+            Arc::new(presence),
+            members.clone(),
+            cfg,
+            stats,
+            stop_rx.clone(),
+        )));
+        pipeline = Some(logic::api::Pipeline { client, members });
+        log::info!("logic {logic_id}: pipeline stage on, Snowflake worker {worker_id}");
+    }
+    let mut api_stop = stop_rx.clone();
+    let server = rt.spawn(logic::serve_with(
+        store,
         Arc::new(revocations),
         a.api.config(&secret, a.ws_url.clone()),
         a.api.api_listen,
+        pipeline,
         async move {
-            let _ = stopped.await;
+            let _ = api_stop.wait_for(|s| *s).await;
         },
     ));
-    while !server.is_finished() {
+    let mut result: Result<()> = Ok(());
+    loop {
+        if server.is_finished() {
+            result = match rt.block_on(server) {
+                Ok(r) => r.map_err(|e| format!("REST API on {}: {e}", a.api.api_listen).into()),
+                Err(e) => Err(e.into()),
+            };
+            break;
+        }
+        if pipeline_task.as_ref().is_some_and(|t| t.is_finished()) {
+            let t = pipeline_task.take().expect("checked");
+            result = match rt.block_on(t) {
+                Ok(Ok(())) => Err("the pipeline stage stopped".into()),
+                Ok(Err(e)) => Err(format!("pipeline stage: {e}").into()),
+                Err(e) => Err(e.into()),
+            };
+            break;
+        }
         if wait_for_signal(&set, 500).is_some() {
-            let _ = stop_api.send(());
             break;
         }
     }
-    match rt.block_on(server) {
-        Ok(r) => r.map_err(|e| format!("REST API on {}: {e}", a.api.api_listen).into()),
+    let _ = stop_tx.send(true);
+    if let Some(t) = pipeline_task {
+        if let Ok(Err(e)) = rt.block_on(t) {
+            log::error!("pipeline stage: {e}");
+        }
+    }
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
+}
+
+fn persist_service(a: PersistArgs) -> Result<()> {
+    let set = block_signals();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("im-persist")
+        .enable_all()
+        .build()?;
+    let store = rt
+        .block_on(logic::store::MySqlStore::connect_or_create(&a.mysql_url))
+        .map_err(|e| format!("connecting to {}: {e}", redact(&a.mysql_url)))?;
+    let store: Arc<dyn logic::store::Store> = Arc::new(store);
+    rt.block_on(store.migrate())
+        .map_err(|e| format!("migrating {}: {e}", redact(&a.mysql_url)))?;
+    let cfg = persist::PersistConfig {
+        kafka: a.kafka.config(),
+        batch_rows: a.batch_rows.max(1),
+        batch_ms: a.batch_ms.max(1),
+        ..Default::default()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = rt.spawn(persist::run(store, cfg, stop_rx));
+    while !task.is_finished() {
+        if wait_for_signal(&set, 500).is_some() {
+            let _ = stop_tx.send(true);
+            break;
+        }
+    }
+    match rt.block_on(task) {
+        Ok(r) => r.map_err(|e| format!("persist: {e}").into()),
         Err(e) => Err(e.into()),
     }
 }
@@ -490,7 +702,7 @@ fn gateway(a: GatewayCmdArgs) -> Result<()> {
             a.process_index,
             a.processes,
         );
-        return run_gateway_until_signal(cfg, &set);
+        return run_gateway_until_signal(cfg, &a.pipeline, &set);
     }
     supervise(a.processes, &set)
 }

@@ -22,6 +22,10 @@ pub struct GatewayArgs {
     /// Extra arguments for spawned gateways (e.g. "--epoll").
     #[arg(long, allow_hyphen_values = true)]
     pub gateway_arg: Vec<String>,
+    /// Spawned gateways use the Kafka pipeline (give --gateway-arg=--kafka-brokers=... as
+    /// needed); without it they run their in-process router and need no services.
+    #[arg(long)]
+    pub gateway_kafka: bool,
 }
 
 pub struct Gateways {
@@ -50,6 +54,7 @@ pub fn spawn(a: &GatewayArgs, addr: SocketAddr, secret: &str) -> Gateways {
                 ])
                 .args(["--processes", &a.gateway_processes.to_string()])
                 .args(&a.gateway_arg)
+                .args((!a.gateway_kafka).then_some("--local-router"))
                 .env("RUST_LOG", "warn")
                 .spawn()
                 .expect("spawn the gateway")

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod pipeline;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -21,6 +22,18 @@ pub async fn serve(
     listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(store, revocations, cfg, listen, None, shutdown).await
+}
+
+/// `serve`, with the Kafka pipeline behind `POST /messages/send`.
+pub async fn serve_with(
+    store: Arc<dyn store::Store>,
+    revocations: Arc<dyn auth::Revocations>,
+    cfg: api::ApiConfig,
+    listen: SocketAddr,
+    pipeline: Option<api::Pipeline>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     store.migrate().await.map_err(std::io::Error::other)?;
     let cost = cfg.password_cost;
     let dummy_hash = tokio::task::spawn_blocking(move || auth::dummy_hash(cost))
@@ -33,6 +46,7 @@ pub async fn serve(
         cfg,
         dummy_hash,
         snowflake,
+        pipeline,
     };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     log::info!("logic REST API on http://{}/api/v1", listener.local_addr()?);

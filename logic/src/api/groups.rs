@@ -121,7 +121,11 @@ async fn add(st: &State, g: &GroupRow, user: u64) -> Result<StatusCode, ApiError
         .add_member(g.id, user, im_shared::unix_ms())
         .await?
     {
-        Join::Added | Join::AlreadyMember => Ok(StatusCode::NO_CONTENT),
+        Join::Added => {
+            st.members_changed(g.id);
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Join::AlreadyMember => Ok(StatusCode::NO_CONTENT),
         Join::Full => Err(conflict("the group is full")),
         Join::NoSuchGroup => Err(not_found()),
     }
@@ -148,6 +152,7 @@ pub async fn leave(
     if !st.store.remove_member(g.id, caller.user_id).await? {
         return Err(conflict("not a member"));
     }
+    st.members_changed(g.id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -241,5 +246,6 @@ pub async fn remove_member(
             "not a member",
         ));
     }
+    st.members_changed(g.id);
     Ok(StatusCode::NO_CONTENT)
 }

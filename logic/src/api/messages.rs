@@ -150,6 +150,19 @@ pub async fn send(
         }
         (Some(_), Some(_)) => return Err(invalid("give `to` or `group`, not both")),
     };
+    if let Some(p) = &st.pipeline {
+        return send_through_pipeline(
+            p,
+            caller.user_id,
+            conv,
+            cid,
+            to_user,
+            to_group,
+            content,
+            content_type,
+        )
+        .await;
+    }
     let now = im_shared::unix_ms();
     let id = st.snowflake.lock().expect("snowflake lock").next(now);
     let conv_s = conv.to_string();
@@ -168,6 +181,64 @@ pub async fn send(
     Ok(Json(
         json!({ "id": stored.id.to_string(), "conv": stored.conv, "seq": stored.seq, "ts": stored.ts_ms, "cid": cid }),
     ))
+}
+
+/// The distributed path: the same `im.upstream` record a WebSocket `send` makes, answered by
+/// the pipeline with the same `sent` or `error`.
+#[allow(clippy::too_many_arguments)]
+async fn send_through_pipeline(
+    p: &crate::api::Pipeline,
+    user: u64,
+    conv: Conv,
+    cid: String,
+    to_user: Option<u64>,
+    to_group: Option<u64>,
+    content: String,
+    content_type: String,
+) -> Result<Json<Value>, ApiError> {
+    let body = im_shared::records::UpstreamBody::Send(im_shared::records::Send {
+        cid: cid.clone(),
+        to_user: to_user.unwrap_or(0),
+        to_group: to_group.unwrap_or(0),
+        content,
+        content_type,
+    });
+    let timeout = std::time::Duration::from_secs(15);
+    let json = p
+        .client
+        .request(user, &conv.to_string(), body, timeout)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::DependencyDown,
+                format!("{e}; retry with the same cid"),
+            )
+        })?;
+    let v: Value = serde_json::from_slice(&json).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::DependencyDown,
+            e.to_string(),
+        )
+    })?;
+    if v["type"] == "sent" {
+        return Ok(Json(
+            json!({ "id": v["id"], "conv": v["conv"], "seq": v["seq"], "ts": v["ts"], "cid": cid }),
+        ));
+    }
+    let code = v["code"].as_u64().unwrap_or(5032);
+    let (status, code) = match code {
+        4030 => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+        4040 => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+        4003 => (StatusCode::BAD_REQUEST, ErrorCode::InvalidField),
+        5030 => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Busy),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::DependencyDown),
+    };
+    let msg = v["message"]
+        .as_str()
+        .unwrap_or("the pipeline refused the message");
+    Err(ApiError::new(status, code, msg))
 }
 
 #[derive(Deserialize)]

@@ -37,8 +37,26 @@ pub struct AppState {
     pub cfg: ApiConfig,
     /// Checked when the username is unknown, so that it takes as long as a wrong password.
     pub dummy_hash: String,
-    /// Message ids for `POST /messages/send` (the pipeline's writers take this over).
+    /// Message ids for `POST /messages/send` without a pipeline (standalone).
     pub snowflake: std::sync::Mutex<im_shared::snowflake::Snowflake>,
+    /// With the Kafka pipeline: `POST /messages/send` goes through it, and membership changes
+    /// drop the pipeline's cached member lists.
+    pub pipeline: Option<Pipeline>,
+}
+
+#[derive(Clone)]
+pub struct Pipeline {
+    pub client: Arc<crate::pipeline::client::PipelineClient>,
+    pub members: Arc<crate::pipeline::presence::Members>,
+}
+
+impl AppState {
+    /// A group's membership changed: cached member lists are stale.
+    pub fn members_changed(&self, group: u64) {
+        if let Some(p) = &self.pipeline {
+            p.members.invalidate(group);
+        }
+    }
 }
 
 pub type State = Arc<AppState>;

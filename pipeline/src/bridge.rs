@@ -1,0 +1,469 @@
+//! The gateway's bridge (ARCHITECTURE.md, "Processes"): threads beside the shards that own
+//! the Kafka clients and the presence writer.
+//!
+//! - **up** — drains the shards' rings: `im.upstream` records go to the producer (acks=all,
+//!   idempotent, a few ms of linger); presence changes go to the presence writer. A record
+//!   the producer refuses (its bounded queue is full) or cannot deliver within
+//!   `produce_timeout_ms` (the broker is down) is answered at once with a retryable `error`
+//!   carrying the client's `cid`: senders never wait without bound and nothing queues without
+//!   bound.
+//! - **down** — consumes this gateway's own topic `im.downstream.<gateway-id>` from its end
+//!   (what was sent to connections before this process started is for connections that are
+//!   gone) and puts each record on the shard rings: a `Deliver` becomes one shared frame and a
+//!   `Fanout` per user to the user's home shard; a `Reply` goes to the connection's shard.
+//! - **presence** — `presence::run_writer`.
+
+use crate::kafka::KafkaConfig;
+use crate::presence::{self, Change};
+use gateway_core::arena::Frame;
+use gateway_core::bridge::{self as ring, BridgeEnd, DownEnd, UpEnd, UpMsg};
+use gateway_core::codec::{self, opcode};
+use gateway_core::mesh::{ConnRef, ShardMsg};
+use im_shared::protocol;
+use im_shared::records::{self, topics, DownstreamBody, UpstreamBody, Versioned};
+use im_shared::ErrorCode;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{Offset, TopicPartitionList};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct BridgeConfig {
+    pub kafka: KafkaConfig,
+    /// Topic-safe gateway id (see `records::topic_safe_id`).
+    pub gateway_id: String,
+    pub redis_url: String,
+    /// Presence key TTL; the shards refresh every third of it.
+    pub presence_ttl_s: u64,
+    /// How long an upstream record may wait for the broker before its sender gets `error`.
+    pub produce_timeout_ms: u32,
+    pub linger_ms: u32,
+}
+
+/// Counters, rendered with the gateway's `/metrics`.
+#[derive(Default, Debug)]
+pub struct BridgeStats {
+    pub produced_total: AtomicU64,
+    pub produce_refused_total: AtomicU64,
+    pub produce_failed_total: AtomicU64,
+    pub downstream_records_total: AtomicU64,
+    pub downstream_bad_records_total: AtomicU64,
+    pub downstream_dropped_total: AtomicU64,
+}
+
+impl BridgeStats {
+    pub fn render(&self, gateway_id: &str, out: &mut String) {
+        for (name, help, v) in [
+            (
+                "im_bridge_produced_total",
+                "im.upstream records the broker acknowledged",
+                &self.produced_total,
+            ),
+            (
+                "im_bridge_produce_refused_total",
+                "records refused at once (producer queue full)",
+                &self.produce_refused_total,
+            ),
+            (
+                "im_bridge_produce_failed_total",
+                "records the broker did not take in time",
+                &self.produce_failed_total,
+            ),
+            (
+                "im_bridge_downstream_records_total",
+                "downstream records consumed",
+                &self.downstream_records_total,
+            ),
+            (
+                "im_bridge_downstream_bad_records_total",
+                "downstream records that could not be decoded",
+                &self.downstream_bad_records_total,
+            ),
+            (
+                "im_bridge_downstream_dropped_total",
+                "frames dropped because a shard ring stayed full",
+                &self.downstream_dropped_total,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{gateway=\"{gateway_id}\"}} {}", v.load(Ordering::Relaxed));
+        }
+    }
+}
+
+pub struct BridgeHandle {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pub stats: Arc<BridgeStats>,
+}
+
+impl BridgeHandle {
+    /// Stops after the shards are gone: what they handed over is still produced (bounded by
+    /// the produce timeout) and their last presence changes written.
+    pub fn stop(self) {
+        // The up thread notices within its 100 ms wait.
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Creates the gateway's downstream topic, positions the consumer at its end, then starts the
+/// threads. Returns once the bridge is ready, so nothing routed to this gateway after its first
+/// connection can be missed.
+pub fn start(cfg: BridgeConfig, end: BridgeEnd) -> Result<BridgeHandle, String> {
+    let topic = topics::downstream(&cfg.gateway_id);
+    block_on(
+        cfg.kafka
+            .ensure_topics(&[(&topic, 1), (topics::UPSTREAM, cfg.kafka.partitions)]),
+    )?;
+    let consumer: BaseConsumer = cfg
+        .kafka
+        .plain_consumer()
+        .create()
+        .map_err(|e| format!("kafka consumer: {e}"))?;
+    let timeout = Duration::from_secs(10);
+    let md = consumer
+        .fetch_metadata(Some(&topic), timeout)
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, p.id(), timeout)
+                .map_err(|e| format!("offsets of {topic}/{}: {e}", p.id()))?;
+            tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    if tpl.count() == 0 {
+        return Err(format!("topic {topic} has no partitions"));
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| format!("assigning {topic}: {e}"))?;
+
+    let stats = Arc::new(BridgeStats::default());
+    let producer: BaseProducer<UpContext> = cfg
+        .kafka
+        .producer(cfg.linger_ms, cfg.produce_timeout_ms.max(1))
+        .create_with_context(UpContext {
+            failed: Mutex::new(Vec::new()),
+            stats: stats.clone(),
+        })
+        .map_err(|e| format!("kafka producer: {e}"))?;
+
+    let BridgeEnd { up, down } = end;
+    let down = Arc::new(Mutex::new(down));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (presence_tx, presence_rx) = mpsc::channel();
+    let mut threads = Vec::new();
+    let (gw, url, ttl) = (
+        cfg.gateway_id.clone(),
+        cfg.redis_url.clone(),
+        cfg.presence_ttl_s,
+    );
+    threads.push(spawn("im-presence", move || {
+        presence::run_writer(&url, &gw, ttl, presence_rx)
+    })?);
+    let (d, s, st) = (down.clone(), stop.clone(), stats.clone());
+    threads.push(spawn("im-bridge-down", move || {
+        run_down(consumer, d, s, st)
+    })?);
+    let s = stop.clone();
+    threads.push(spawn("im-bridge-up", move || {
+        run_up(up, producer, down, presence_tx, s)
+    })?);
+    log::info!(
+        "bridge ready: consuming {topic}, producing {}",
+        topics::UPSTREAM
+    );
+    Ok(BridgeHandle {
+        stop,
+        threads,
+        stats,
+    })
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, String> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| format!("spawning {name}: {e}"))
+}
+
+/// Runs a future to completion on a throwaway current-thread runtime (start-up only).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime")
+        .block_on(f)
+}
+
+/// Collects the records the broker did not take, for `error` answers on the up thread.
+struct UpContext {
+    failed: Mutex<Vec<(u64, Option<String>)>>,
+    stats: Arc<BridgeStats>,
+}
+
+impl ClientContext for UpContext {}
+
+impl ProducerContext for UpContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.stats.produced_total.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, m)) => {
+                self.stats
+                    .produce_failed_total
+                    .fetch_add(1, Ordering::Relaxed);
+                log::warn!("bridge: an upstream record was not delivered: {e}");
+                if let Some((conn, cid)) = m.payload().and_then(origin_of) {
+                    self.failed.lock().expect("not poisoned").push((conn, cid));
+                }
+            }
+        }
+    }
+}
+
+/// The requesting connection and `cid` of an encoded upstream record.
+fn origin_of(payload: &[u8]) -> Option<(u64, Option<String>)> {
+    let r = records::Upstream::from_bytes(payload).ok()?;
+    let cid = match r.body {
+        Some(UpstreamBody::Send(s)) => Some(s.cid),
+        _ => None,
+    };
+    Some((r.conn, cid))
+}
+
+const UP_BATCH_MAX: usize = 4096;
+
+fn run_up(
+    mut up: UpEnd,
+    producer: BaseProducer<UpContext>,
+    down: Arc<Mutex<DownEnd>>,
+    presence: mpsc::Sender<Change>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut batch = Vec::with_capacity(UP_BATCH_MAX);
+    let mut key = String::new();
+    let mut refusals: Vec<(u64, Option<String>, ErrorCode)> = Vec::new();
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        if up.is_empty() && !stopping {
+            up.waker().prepare_sleep();
+            if up.is_empty() {
+                // Wake for the shards, or to serve delivery reports while records are out.
+                let ms = if producer.in_flight_count() > 0 {
+                    5
+                } else {
+                    100
+                };
+                wait_fd(up.waker().fd(), ms);
+            }
+            up.waker().cancel_sleep();
+        }
+        batch.clear();
+        up.drain(UP_BATCH_MAX, &mut batch);
+        for msg in batch.drain(..) {
+            match msg {
+                UpMsg::Record {
+                    conv,
+                    conn,
+                    payload,
+                } => {
+                    key.clear();
+                    let _ = write!(key, "{conv}");
+                    let rec = BaseRecord::to(topics::UPSTREAM)
+                        .key(&key)
+                        .payload(&payload[..]);
+                    if let Err((e, _)) = producer.send(rec) {
+                        producer
+                            .context()
+                            .stats
+                            .produce_refused_total
+                            .fetch_add(1, Ordering::Relaxed);
+                        let code = match e.rdkafka_error_code() {
+                            Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => ErrorCode::Busy,
+                            _ => ErrorCode::DependencyDown,
+                        };
+                        let cid = origin_of(&payload).and_then(|(_, cid)| cid);
+                        refusals.push((ring::conn_token(conn), cid, code));
+                    }
+                }
+                UpMsg::Online { user, conn, device } => {
+                    let conn = ring::conn_token(conn);
+                    let _ = presence.send(Change::Online { user, conn, device });
+                }
+                UpMsg::Offline { user, conn } => {
+                    let _ = presence.send(Change::Offline {
+                        user,
+                        conn: ring::conn_token(conn),
+                    });
+                }
+                UpMsg::Refresh(users) => {
+                    let _ = presence.send(Change::Refresh(users));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+        let failed = std::mem::take(&mut *producer.context().failed.lock().expect("not poisoned"));
+        refusals.extend(
+            failed
+                .into_iter()
+                .map(|(c, cid)| (c, cid, ErrorCode::DependencyDown)),
+        );
+        if !refusals.is_empty() {
+            let mut d = down.lock().expect("not poisoned");
+            for (conn, cid, code) in refusals.drain(..) {
+                let msg = match code {
+                    ErrorCode::Busy => {
+                        "the message broker's queue is full: retry with the same cid"
+                    }
+                    _ => "the message broker is unavailable: retry with the same cid",
+                };
+                let mut json = Vec::new();
+                protocol::encode_error(code, msg, cid.as_deref(), &mut json);
+                let to = ring::conn_ref(conn);
+                if to != ConnRef::NONE {
+                    let _ = d.send(
+                        to.shard,
+                        ShardMsg::Reply {
+                            to,
+                            frame: frame(&json),
+                        },
+                    );
+                }
+            }
+            d.flush();
+        }
+        if stopping && up.is_empty() {
+            break;
+        }
+    }
+    // The shards are gone: give what is in flight its chance, then stop.
+    let _ = producer.flush(Duration::from_secs(5));
+}
+
+fn wait_fd(fd: i32, timeout_ms: i32) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if n > 0 {
+        let mut buf = 0u64;
+        // SAFETY: reads 8 bytes into a u64 from our eventfd (non-blocking).
+        unsafe { libc::read(fd, (&mut buf as *mut u64).cast(), 8) };
+    }
+}
+
+fn frame(json: &[u8]) -> Frame {
+    codec::server_frame(opcode::TEXT, json).into()
+}
+
+/// How long the down thread waits for room in a shard ring before dropping a frame (the
+/// client's sync recovers it); meanwhile Kafka holds the rest.
+const RING_WAIT: Duration = Duration::from_secs(1);
+
+fn run_down(
+    consumer: BaseConsumer,
+    down: Arc<Mutex<DownEnd>>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<BridgeStats>,
+) {
+    while !stop.load(Ordering::Acquire) {
+        let Some(result) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = match result {
+            Ok(m) => m,
+            Err(e) => {
+                log::warn!("bridge: downstream consume error: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        stats
+            .downstream_records_total
+            .fetch_add(1, Ordering::Relaxed);
+        let rec = match records::Downstream::from_bytes(m.payload().unwrap_or_default()) {
+            Ok(r) => r,
+            Err(e) => {
+                stats
+                    .downstream_bad_records_total
+                    .fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "bridge: skipping downstream record at offset {}: {e}",
+                    m.offset()
+                );
+                continue;
+            }
+        };
+        let mut d = down.lock().expect("not poisoned");
+        let shards = d.shards();
+        match rec.body {
+            Some(DownstreamBody::Deliver(del)) => {
+                let f = frame(&del.json);
+                let except = ring::conn_ref(del.except_conn);
+                for user in del.users {
+                    let msg = ShardMsg::Fanout {
+                        user,
+                        frame: f.clone(),
+                        except,
+                    };
+                    push(&mut d, ring::home_shard(user, shards), msg, &stats);
+                }
+            }
+            Some(DownstreamBody::Reply(r)) => {
+                let to = ring::conn_ref(r.conn);
+                if to != ConnRef::NONE && (to.shard as usize) < shards {
+                    push(
+                        &mut d,
+                        to.shard,
+                        ShardMsg::Reply {
+                            to,
+                            frame: frame(&r.json),
+                        },
+                        &stats,
+                    );
+                }
+            }
+            None => {}
+        }
+        d.flush();
+    }
+}
+
+/// Puts `msg` on a shard ring, waiting (bounded) while the shard catches up.
+fn push(d: &mut DownEnd, shard: u16, mut msg: ShardMsg, stats: &BridgeStats) {
+    let deadline = Instant::now() + RING_WAIT;
+    loop {
+        match d.send(shard, msg) {
+            Ok(()) => return,
+            Err(m) if Instant::now() < deadline => {
+                msg = m;
+                d.flush();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(_) => {
+                stats
+                    .downstream_dropped_total
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Presence: which gateways hold a user's connections, in Redis.
+//!
+//! One hash per user, `im:presence:<user>`, with a field per connection,
+//! `<gateway-id>#<conn>`, whose value is the device id (empty when the token named none). The
+//! key's TTL (three presence refresh periods) is refreshed while the user has a connection,
+//! so the entries of a gateway that died without saying goodbye age out. Logic reads the
+//! fields to learn which gateways to route to; a stale field costs one wasted downstream
+//! record, never a wrong delivery (gateways deliver by user).
+//!
+//! The gateway side writes from its own thread, in pipelined batches, so a slow Redis never
+//! stalls a shard or the Kafka bridge.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+/// The Redis key of a user's presence hash.
+pub fn key(user: u64) -> String {
+    format!("im:presence:{user}")
+}
+
+/// The hash field of one connection.
+pub fn field(gateway_id: &str, conn: u64) -> String {
+    format!("{gateway_id}#{conn}")
+}
+
+/// The gateway of a field (`None` for one this build did not write).
+pub fn gateway_of(field: &str) -> Option<&str> {
+    field.rsplit_once('#').map(|(gw, _)| gw)
+}
+
+/// A presence change, from the gateway's shards.
+#[derive(Debug)]
+pub enum Change {
+    Online {
+        user: u64,
+        conn: u64,
+        device: Option<Box<str>>,
+    },
+    Offline {
+        user: u64,
+        conn: u64,
+    },
+    Refresh(Vec<u64>),
+}
+
+/// Commands per pipelined round trip.
+const BATCH_MAX: usize = 2_000;
+
+/// Writes presence changes until the channel closes (the bridge stopped), in pipelined batches.
+/// While Redis is down, it keeps the batch and retries with capped backoff (the channel holds
+/// at most two changes per connection plus refreshes).
+pub fn run_writer(redis_url: &str, gateway_id: &str, ttl_s: u64, rx: Receiver<Change>) {
+    let client = match redis::Client::open(redis_url) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("presence: bad Redis URL {redis_url}: {e}; presence is off");
+            // Drain so senders never block on a dead writer.
+            for _ in rx {}
+            return;
+        }
+    };
+    let mut conn: Option<redis::Connection> = None;
+    let mut pending: Vec<Change> = Vec::new();
+    let mut backoff_ms = 10u64;
+    let mut closed = false;
+    loop {
+        if pending.is_empty() {
+            if closed {
+                return;
+            }
+            match rx.recv() {
+                Ok(c) => pending.push(c),
+                Err(_) => return,
+            }
+        }
+        while pending.len() < BATCH_MAX {
+            match rx.recv_timeout(Duration::ZERO) {
+                Ok(c) => pending.push(c),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let mut pipe = redis::pipe();
+        for c in &pending {
+            match c {
+                Change::Online { user, conn, device } => {
+                    let k = key(*user);
+                    pipe.hset(
+                        &k,
+                        field(gateway_id, *conn),
+                        device.as_deref().unwrap_or(""),
+                    )
+                    .ignore()
+                    .expire(&k, ttl_s as i64)
+                    .ignore();
+                }
+                Change::Offline { user, conn } => {
+                    pipe.hdel(key(*user), field(gateway_id, *conn)).ignore();
+                }
+                Change::Refresh(users) => {
+                    for u in users {
+                        pipe.expire(key(*u), ttl_s as i64).ignore();
+                    }
+                }
+            }
+        }
+        let result = match conn.as_mut() {
+            Some(c) => pipe.query::<()>(c).map_err(|e| e.to_string()),
+            None => match client.get_connection_with_timeout(Duration::from_secs(2)) {
+                Ok(c) => {
+                    let c = conn.insert(c);
+                    pipe.query::<()>(c).map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        match result {
+            Ok(()) => {
+                pending.clear();
+                backoff_ms = 10;
+            }
+            Err(e) => {
+                log::warn!("presence: Redis write failed ({e}); retrying in {backoff_ms} ms");
+                conn = None;
+                std::thread::sleep(Duration::from_millis(backoff_ms));
+                backoff_ms = (backoff_ms * 2).min(2_000);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_name_their_gateway() {
+        let f = field("host-8090#x", 42);
+        assert_eq!(f, "host-8090#x#42");
+        assert_eq!(gateway_of(&f), Some("host-8090#x"));
+        assert_eq!(gateway_of("nohash"), None);
+        assert_eq!(key(7), "im:presence:7");
+    }
+}

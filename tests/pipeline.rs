@@ -1,0 +1,444 @@
+//! End to end through the distributed pipeline: a real Kafka-protocol broker (tansu), MariaDB
+//! and Redis, with `im gateway` ×2, `im logic` and `im persist` as separate processes.
+//! (The broker is installed by `.ci/run`; see tests/support.)
+
+mod support;
+
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// One deployment at a time: each is a broker and five processes on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits until Redis shows `n` connections of `user` (presence is written asynchronously).
+fn wait_presence(c: &Cluster, user: u64, n: usize) {
+    let db = c.redis.rsplit('/').next().unwrap().to_string();
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-n", &db, "HLEN", &format!("im:presence:{user}")])
+            .output()
+            .unwrap();
+        let have: usize = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if have == n {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "presence of {user}: {have} connections, want {n}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn msgs(frames: &[Value]) -> Vec<&Value> {
+    frames.iter().filter(|v| v["type"] == "msg").collect()
+}
+
+fn seqs(frames: &[Value]) -> Vec<u64> {
+    msgs(frames)
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect()
+}
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
+    let _g = serial();
+    let c = Cluster::start("delivery", 1, 2);
+    let (alice, ta) = c.user("alice");
+    let (bob, tb) = c.user("bob");
+    let (carol, tc) = c.user("carol");
+    let mut a0 = c.ws(0, &ta); // alice's sending device, on gateway 0
+    let mut a1 = c.ws(1, &ta); // alice's other device, on gateway 1
+    let mut b = c.ws(1, &tb);
+    let mut cr = c.ws(0, &tc);
+    wait_presence(&c, alice, 2);
+    wait_presence(&c, bob, 1);
+    wait_presence(&c, carol, 1);
+
+    // 1:1, across gateways: acks in seq order, every other device gets each message once.
+    for i in 0..20 {
+        a0.send(json!({"type": "send", "cid": format!("p{i}"), "to": bob.to_string(), "content": format!("hello {i}")}));
+    }
+    let mut acks = Vec::new();
+    let mut seen = Vec::new();
+    while acks.len() < 20 {
+        acks.push(a0.until(T, &mut seen, |v| v["type"] == "sent"));
+    }
+    assert!(
+        seen.is_empty(),
+        "the sending device gets acks, not its own messages: {seen:?}\n{}",
+        c.logs()
+    );
+    let ack_seqs: Vec<u64> = acks.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(ack_seqs, (1..=20).collect::<Vec<_>>());
+    let conv = format!("p:{}:{}", alice.min(bob), alice.max(bob));
+    assert!(acks.iter().all(|v| v["conv"] == conv.as_str()));
+    for ws in [&mut b, &mut a1] {
+        let mut got = Vec::new();
+        while seqs(&got).len() < 20 {
+            let v = ws.until(T, &mut Vec::new(), |v| v["type"] == "msg");
+            got.push(v);
+        }
+        got.extend(ws.drain(Duration::from_millis(500)));
+        assert_eq!(
+            seqs(&got),
+            (1..=20).collect::<Vec<_>>(),
+            "once each, in seq order"
+        );
+        assert_eq!(got[3]["content"], "hello 3");
+        assert_eq!(got[3]["from"], alice.to_string());
+        assert_eq!(got[3]["id"], acks[3]["id"]);
+    }
+
+    // A group: created and joined over REST, fanned out to members on both gateways.
+    let (st, v) = http(
+        c.api,
+        "POST",
+        "/api/v1/groups/create",
+        Some(&ta),
+        &json!({"name": "team"}),
+    );
+    assert_eq!(st, 201, "{v}");
+    let gid: u64 = v["group_id"].as_str().unwrap().parse().unwrap();
+    for t in [&tb, &tc] {
+        let (st, v) = http(
+            c.api,
+            "POST",
+            &format!("/api/v1/groups/{gid}/join"),
+            Some(t),
+            &Value::Null,
+        );
+        assert_eq!(st, 204, "{v}");
+    }
+    for i in 0..3 {
+        a0.send(json!({"type": "send", "cid": format!("g{i}"), "group": gid.to_string(), "content": format!("all {i}")}));
+        let ack = a0.until(T, &mut Vec::new(), |v| v["type"] == "sent");
+        assert_eq!(ack["seq"], i + 1);
+    }
+    for ws in [&mut b, &mut cr, &mut a1] {
+        let mut got = Vec::new();
+        while seqs(&got).len() < 3 {
+            got.push(ws.until(T, &mut Vec::new(), |v| v["type"] == "msg"));
+        }
+        got.extend(ws.drain(Duration::from_millis(300)));
+        assert_eq!(seqs(&got), vec![1, 2, 3]);
+        assert!(msgs(&got).iter().all(|m| m["group"] == gid.to_string()));
+    }
+
+    // Carol goes offline; what she misses comes back by sync after her last seq.
+    cr.close();
+    wait_presence(&c, carol, 0);
+    for i in 3..6 {
+        a0.send(json!({"type": "send", "cid": format!("g{i}"), "group": gid.to_string(), "content": format!("while away {i}")}));
+        a0.until(T, &mut Vec::new(), |v| v["type"] == "sent");
+    }
+    let mut cr = c.ws(0, &tc);
+    cr.send(json!({"type": "sync", "conv": format!("g:{gid}"), "after": 3, "limit": 100}));
+    let sync = cr.until(T, &mut Vec::new(), |v| v["type"] == "sync");
+    let got: Vec<u64> = sync["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, vec![4, 5, 6], "{sync}");
+    assert_eq!(sync["messages"][0]["content"], "while away 3");
+    assert_eq!(sync["more"], false);
+
+    // REST sends go through the same pipeline: sequenced after the WebSocket ones, live.
+    let (st, v) = http(
+        c.api,
+        "POST",
+        "/api/v1/messages/send",
+        Some(&ta),
+        &json!({"to": bob.to_string(), "content": "via rest", "cid": "rest-1"}),
+    );
+    assert_eq!(st, 200, "{v}\n{}", c.logs());
+    assert_eq!(v["seq"], 21);
+    // (Bob also got the group messages sent while Carol was away.)
+    let live = b.until(T, &mut Vec::new(), |v| {
+        v["type"] == "msg" && v["conv"] == conv.as_str()
+    });
+    assert_eq!(
+        (live["seq"].as_u64(), live["content"].as_str()),
+        (Some(21), Some("via rest"))
+    );
+    // A retry of the same cid is the same message.
+    let (_, again) = http(
+        c.api,
+        "POST",
+        "/api/v1/messages/send",
+        Some(&ta),
+        &json!({"to": bob.to_string(), "content": "via rest", "cid": "rest-1"}),
+    );
+    assert_eq!(again["id"], v["id"]);
+
+    // Refusals come back to the sender with the cid.
+    let (_, outsider) = c.user("dave");
+    let mut d = c.ws(1, &outsider);
+    d.send(json!({"type": "send", "cid": "x1", "group": gid.to_string(), "content": "let me in"}));
+    let e = d.until(T, &mut Vec::new(), |v| v["type"] == "error");
+    assert_eq!(
+        (e["code"].as_u64(), e["cid"].as_str()),
+        (Some(4030), Some("x1"))
+    );
+    d.send(json!({"type": "send", "cid": "x2", "to": "999999", "content": "anyone?"}));
+    let e = d.until(T, &mut Vec::new(), |v| v["type"] == "error");
+    assert_eq!(
+        (e["code"].as_u64(), e["cid"].as_str()),
+        (Some(4040), Some("x2"))
+    );
+    d.send(json!({"type": "sync", "conv": conv, "after": 0, "limit": 10}));
+    let e = d.until(T, &mut Vec::new(), |v| v["type"] == "error");
+    assert_eq!(
+        e["code"], 4040,
+        "another pair's conversation does not exist for dave"
+    );
+
+    // Persist wrote everything once: 21 pair messages and 6 group ones.
+    let end = Instant::now() + T;
+    while mysql_query(&c.db, "SELECT COUNT(*) FROM messages") != "27" {
+        assert!(
+            Instant::now() < end,
+            "rows: {}",
+            mysql_query(&c.db, "SELECT COUNT(*) FROM messages")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        mysql_query(
+            &c.db,
+            &format!("SELECT max_seq FROM conversations WHERE conv = '{conv}'")
+        ),
+        "21"
+    );
+}
+
+/// Sends `n` messages from one connection with at most `window` unacknowledged, resending a
+/// message (same cid) that got a retryable error or no ack within `patience`. Returns the
+/// acks by cid.
+fn pump(
+    ws: &mut Ws,
+    to: u64,
+    prefix: &str,
+    n: usize,
+    window: usize,
+    patience: Duration,
+    acked_total: &AtomicUsize,
+) -> HashMap<String, Value> {
+    let mut acks: HashMap<String, Value> = HashMap::new();
+    let mut out: BTreeMap<usize, Instant> = BTreeMap::new();
+    let mut next = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let send = |ws: &mut Ws, i: usize| {
+        ws.send(json!({"type": "send", "cid": format!("{prefix}-{i}"), "to": to.to_string(), "content": format!("m{i}")}));
+    };
+    while acks.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{prefix}: {} of {n} acknowledged",
+            acks.len()
+        );
+        while out.len() < window && next < n {
+            send(ws, next);
+            out.insert(next, Instant::now());
+            next += 1;
+        }
+        if let Some(v) = ws.recv(Duration::from_millis(50)) {
+            let cid = v["cid"].as_str().unwrap_or_default().to_string();
+            let i: usize = cid
+                .rsplit('-')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(usize::MAX);
+            match v["type"].as_str() {
+                Some("sent") => {
+                    if let Some(first) = acks.get(&cid) {
+                        assert_eq!(first["id"], v["id"], "one cid, one message: {first} vs {v}");
+                        assert_eq!(first["seq"], v["seq"]);
+                    } else {
+                        acked_total.fetch_add(1, Ordering::Relaxed);
+                        acks.insert(cid, v);
+                    }
+                    out.remove(&i);
+                }
+                Some("error") => {
+                    assert!(
+                        v["code"].as_u64().unwrap() >= 5000,
+                        "only retryable errors here: {v}"
+                    );
+                    if out.contains_key(&i) {
+                        out.insert(i, Instant::now() - patience); // resend now
+                    }
+                }
+                _ => {}
+            }
+        }
+        let now = Instant::now();
+        let late: Vec<usize> = out
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= patience)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in late {
+            send(ws, i);
+            out.insert(i, now);
+        }
+    }
+    acks
+}
+
+/// Runs `senders` connections, each pumping `per` messages to `to`, on threads; calls
+/// `midway` once `trigger` messages are acknowledged.
+fn run_senders(
+    c: &mut Cluster,
+    tokens: &[String],
+    to: u64,
+    per: usize,
+    trigger: usize,
+    patience: Duration,
+    midway: impl FnOnce(&mut Cluster),
+) -> Vec<HashMap<String, Value>> {
+    let acked = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let mut ws = c.ws(0, t);
+            let acked = acked.clone();
+            std::thread::spawn(move || {
+                pump(&mut ws, to, &format!("s{k}"), per, 100, patience, &acked)
+            })
+        })
+        .collect();
+    let end = Instant::now() + Duration::from_secs(120);
+    while acked.load(Ordering::Relaxed) < trigger {
+        assert!(
+            Instant::now() < end,
+            "only {} acknowledged\n{}",
+            acked.load(Ordering::Relaxed),
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    midway(c);
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| panic!("a sender failed\n{}", c.logs()))
+        })
+        .collect()
+}
+
+fn wait_rows(c: &Cluster, want: usize) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: usize = mysql_query(&c.db, "SELECT COUNT(*) FROM messages")
+            .parse()
+            .unwrap();
+        if n >= want {
+            // Settle: nothing more may arrive (a duplicate would show up as a late extra row).
+            std::thread::sleep(Duration::from_secs(1));
+            return;
+        }
+        assert!(Instant::now() < end, "{n} of {want} rows\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every acknowledged message is stored once, with the id and seq it was acknowledged with,
+/// and each conversation's seqs are 1..=n without a gap.
+fn check_stored(c: &Cluster, acks: &[HashMap<String, Value>], total: usize) {
+    assert_eq!(
+        mysql_query(&c.db, "SELECT COUNT(*) FROM messages"),
+        total.to_string(),
+        "{}",
+        c.logs()
+    );
+    let rows = mysql_query(&c.db, "SELECT CAST(cid AS CHAR), id, seq FROM messages");
+    let stored: HashMap<&str, (&str, &str)> = rows
+        .lines()
+        .map(|l| {
+            let mut f = l.split('\t');
+            (f.next().unwrap(), (f.next().unwrap(), f.next().unwrap()))
+        })
+        .collect();
+    for per in acks {
+        for (cid, ack) in per {
+            let (id, seq) = stored
+                .get(cid.as_str())
+                .unwrap_or_else(|| panic!("acknowledged {cid} is not stored"));
+            assert_eq!(ack["id"].as_str().unwrap(), *id, "{cid}");
+            assert_eq!(ack["seq"].as_u64().unwrap().to_string(), *seq, "{cid}");
+        }
+    }
+    let gaps = mysql_query(
+        &c.db,
+        "SELECT conv, COUNT(*), MIN(seq), MAX(seq) FROM messages GROUP BY conv",
+    );
+    for l in gaps.lines() {
+        let f: Vec<&str> = l.split('\t').collect();
+        assert_eq!(
+            (f[2], f[1]),
+            ("1", f[3]),
+            "seqs of {} are 1..=count: {l}",
+            f[0]
+        );
+    }
+}
+
+#[test]
+fn kill_9_of_persist_mid_stream_leaves_exactly_every_message_once() {
+    let _g = serial();
+    let mut c = Cluster::start("persist", 2, 1);
+    let (r, _) = c.user("receiver");
+    let tokens: Vec<String> = (0..5).map(|i| c.user(&format!("sender{i}")).1).collect();
+    let acks = run_senders(
+        &mut c,
+        &tokens,
+        r,
+        2_000,
+        3_000,
+        Duration::from_secs(10),
+        |c| {
+            c.persist.kill9();
+            std::thread::sleep(Duration::from_millis(500));
+            c.restart_persist();
+        },
+    );
+    assert_eq!(acks.iter().map(|a| a.len()).sum::<usize>(), 10_000);
+    wait_rows(&c, 10_000);
+    check_stored(&c, &acks, 10_000);
+}
+
+#[test]
+fn kill_9_of_logic_loses_and_duplicates_nothing_acknowledged() {
+    let _g = serial();
+    let mut c = Cluster::start("logic", 3, 1);
+    let (r, _) = c.user("receiver");
+    let tokens: Vec<String> = (0..4).map(|i| c.user(&format!("sender{i}")).1).collect();
+    let acks = run_senders(&mut c, &tokens, r, 500, 600, Duration::from_secs(3), |c| {
+        c.logic.kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        c.restart_logic();
+    });
+    assert_eq!(acks.iter().map(|a| a.len()).sum::<usize>(), 2_000);
+    wait_rows(&c, 2_000);
+    check_stored(&c, &acks, 2_000);
+}

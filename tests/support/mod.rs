@@ -1,0 +1,482 @@
+//! Real processes for the end-to-end tests: a Kafka-protocol broker (tansu), MariaDB, Redis,
+//! and `im gateway` / `im logic` / `im persist` as separate processes of the binary under test.
+//! Every child is killed when its guard drops, so a failing test leaves nothing running.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::WebSocket;
+
+pub const SECRET: &str = "e2e-test-secret";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_port(addr: SocketAddr, what: &str, within: Duration) {
+    let end = Instant::now() + within;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            Instant::now() < end,
+            "{what} did not listen on {addr} within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop; its output goes to a log file kept for failures.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, dir: &std::path::Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        cmd.stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Proc {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no goodbye, no flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = s.len().saturating_sub(4000);
+        s[s.floor_char_boundary(start)..].to_string()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn tansu_path() -> PathBuf {
+    if let Ok(p) = std::env::var("IM_TANSU") {
+        return p.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = PathBuf::from(home).join(".cache/im-tools/bin/tansu");
+    assert!(
+        p.exists(),
+        "the Kafka-protocol broker for tests is missing at {} (set IM_TANSU, or run .ci/run, \
+         which installs tansu 0.6.0 there)",
+        p.display()
+    );
+    p
+}
+
+/// A scratch directory for one test's processes and logs (kept under target/ for reading
+/// after a failure; replaced by the next run).
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tansu broker on a free port, storing in SQLite in its own directory.
+pub fn broker(dir: &std::path::Path) -> (Proc, String) {
+    let port = free_port();
+    let bdir = dir.join("broker");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut cmd = Command::new(tansu_path());
+    cmd.current_dir(&bdir).args([
+        "broker",
+        "--listener-url",
+        &url,
+        "--advertised-listener-url",
+        &url,
+        "--storage-engine",
+        "sqlite://tansu.db",
+    ]);
+    let p = Proc::spawn("broker", cmd, dir);
+    wait_port(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        "tansu",
+        Duration::from_secs(20),
+    );
+    (p, format!("127.0.0.1:{port}"))
+}
+
+/// A fresh MariaDB database (dropped first if a previous run left it).
+pub fn fresh_db(test: &str) -> String {
+    let name = format!("im_e2e_{test}");
+    let out = Command::new("mysql")
+        .args(["-h127.0.0.1", "-uroot", "-e"])
+        .arg(format!(
+            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+        ))
+        .output()
+        .expect("the mysql client (MariaDB is required: .ci/run starts it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("mysql://root@127.0.0.1:3306/{name}")
+}
+
+pub fn mysql_query(db_url: &str, sql: &str) -> String {
+    let db = db_url.rsplit('/').next().unwrap();
+    let out = Command::new("mysql")
+        .args(["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A Redis database of its own for each test (presence keys use user ids, which every
+/// test's fresh database hands out from 1).
+pub fn fresh_redis(index: u32) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-n", &index.to_string(), "FLUSHDB"])
+        .output()
+        .expect("redis-cli (Redis is required: .ci/run starts it)");
+    assert!(out.status.success());
+    format!("redis://127.0.0.1:6379/{index}")
+}
+
+pub fn im() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_im"))
+}
+
+/// The services of one deployment.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub brokers: String,
+    pub db: String,
+    pub redis: String,
+    pub api: SocketAddr,
+    pub broker: Proc,
+    pub logic: Proc,
+    pub persist: Proc,
+    pub gateways: Vec<(Proc, SocketAddr)>,
+}
+
+impl Cluster {
+    pub fn start(test: &str, redis_index: u32, gateways: usize) -> Cluster {
+        let dir = scratch(test);
+        let (broker, brokers) = broker(&dir);
+        let db = fresh_db(test);
+        let redis = fresh_redis(redis_index);
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let logic = Self::spawn_logic(&dir, &brokers, &db, &redis, api);
+        wait_port(api, "im logic", Duration::from_secs(60));
+        let persist = Self::spawn_persist(&dir, &brokers, &db);
+        let mut gws = Vec::new();
+        for i in 0..gateways {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mut cmd = im();
+            cmd.args([
+                "gateway",
+                "--ws-listen",
+                &addr.to_string(),
+                "--jwt-secret",
+                SECRET,
+            ])
+            .args([
+                "--gateway-id",
+                &format!("gw{i}"),
+                "--shards",
+                "2",
+                "--no-pin",
+            ])
+            .args(["--kafka-brokers", &brokers, "--redis-url", &redis])
+            .args(["--msgs-per-sec-max", "1000"])
+            .env("RUST_LOG", "info");
+            let p = Proc::spawn(&format!("gateway{i}"), cmd, &dir);
+            wait_port(addr, "im gateway", Duration::from_secs(60));
+            gws.push((p, addr));
+        }
+        Cluster {
+            dir,
+            brokers,
+            db,
+            redis,
+            api,
+            broker,
+            logic,
+            persist,
+            gateways: gws,
+        }
+    }
+
+    pub fn spawn_logic(
+        dir: &std::path::Path,
+        brokers: &str,
+        db: &str,
+        redis: &str,
+        api: SocketAddr,
+    ) -> Proc {
+        let mut cmd = im();
+        cmd.args(["logic", "--api-listen", &api.to_string(), "--mysql-url", db])
+            .args([
+                "--jwt-secret",
+                SECRET,
+                "--kafka-brokers",
+                brokers,
+                "--redis-url",
+                redis,
+            ])
+            .args(["--argon2-m-kib", "8", "--logic-id", "logic-test"])
+            .env("RUST_LOG", "info");
+        Proc::spawn("logic", cmd, dir)
+    }
+
+    pub fn spawn_persist(dir: &std::path::Path, brokers: &str, db: &str) -> Proc {
+        let mut cmd = im();
+        cmd.args(["persist", "--mysql-url", db, "--kafka-brokers", brokers])
+            .env("RUST_LOG", "info");
+        Proc::spawn("persist", cmd, dir)
+    }
+
+    pub fn restart_logic(&mut self) {
+        self.logic = Self::spawn_logic(&self.dir, &self.brokers, &self.db, &self.redis, self.api);
+        wait_port(self.api, "im logic", Duration::from_secs(60));
+    }
+
+    pub fn restart_persist(&mut self) {
+        self.persist = Self::spawn_persist(&self.dir, &self.brokers, &self.db);
+    }
+
+    /// Logs of every process, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in [&self.broker, &self.logic, &self.persist]
+            .into_iter()
+            .chain(self.gateways.iter().map(|(p, _)| p))
+        {
+            s += &format!("\n===== {} =====\n{}", p.name, p.log_tail());
+        }
+        s
+    }
+
+    /// Registers a user through the REST API; (user id, token).
+    pub fn user(&self, name: &str) -> (u64, String) {
+        let (st, v) = http(
+            self.api,
+            "POST",
+            "/api/v1/users/register",
+            None,
+            &json!({"username": name, "password": "password-123"}),
+        );
+        assert_eq!(st, 201, "{v}");
+        let (st, v) = http(
+            self.api,
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            &json!({"username": name, "password": "password-123"}),
+        );
+        assert_eq!(st, 200, "{v}");
+        (
+            v["user_id"].as_str().unwrap().parse().unwrap(),
+            v["token"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub fn ws(&self, gateway: usize, token: &str) -> Ws {
+        Ws::connect(self.gateways[gateway].1, token)
+    }
+}
+
+/// A minimal HTTP/1.1 client (one request per connection).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    let code: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut len = None;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse::<usize>().ok();
+        }
+    }
+    let mut buf = Vec::new();
+    match len {
+        Some(n) => {
+            buf.resize(n, 0);
+            r.read_exact(&mut buf).unwrap();
+        }
+        None => {
+            r.read_to_end(&mut buf).unwrap();
+        }
+    }
+    (code, serde_json::from_slice(&buf).unwrap_or(Value::Null))
+}
+
+pub struct Ws {
+    ws: WebSocket<MaybeTlsStream<TcpStream>>,
+}
+
+impl Ws {
+    pub fn connect(addr: SocketAddr, token: &str) -> Ws {
+        let (ws, _) =
+            tungstenite::connect(format!("ws://{addr}/ws?token={token}")).expect("upgrade");
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+        }
+        Ws { ws }
+    }
+
+    pub fn send(&mut self, v: Value) {
+        self.ws
+            .send(tungstenite::Message::text(v.to_string()))
+            .unwrap();
+    }
+
+    /// The next JSON frame within `within`, or None.
+    pub fn recv(&mut self, within: Duration) -> Option<Value> {
+        let end = Instant::now() + within;
+        loop {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    return Some(serde_json::from_str(&t).unwrap())
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("websocket: {e}"),
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+        }
+    }
+
+    /// Frames until `pred` matches one (returned) or `within` passes (panics), keeping the
+    /// others in `seen`.
+    pub fn until(
+        &mut self,
+        within: Duration,
+        seen: &mut Vec<Value>,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(v) = self.recv(Duration::from_millis(200)) {
+                if pred(&v) {
+                    return v;
+                }
+                seen.push(v);
+            }
+        }
+        panic!("no matching frame within {within:?}; saw {seen:?}");
+    }
+
+    /// Everything that arrives within `within`.
+    pub fn drain(&mut self, within: Duration) -> Vec<Value> {
+        let end = Instant::now() + within;
+        let mut out = Vec::new();
+        while Instant::now() < end {
+            if let Some(v) = self.recv(Duration::from_millis(100)) {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    pub fn close(mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+    }
+}
+
+pub static REDIS_DB: AtomicU32 = AtomicU32::new(1);
