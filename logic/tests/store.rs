@@ -4,7 +4,8 @@
 mod common;
 
 use common::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
-use logic::store::{NewMessage, Store, StoreError};
+use im_shared::records::Stored;
+use logic::store::{Join, MessageRow, NewMessage, Store, StoreError};
 
 async fn accounts_and_refresh_tokens(s: &dyn Store) {
     let id = s.create_user("alice", "hash", "Alice", 1).await.unwrap();
@@ -201,5 +202,278 @@ async fn messages_and_conversations_on_mysql() {
 async fn messages_and_conversations_on_sqlite() {
     let dir = tempdir();
     messages_and_conversations(&fresh_sqlite(&dir).await).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn rec(id: u64, conv: &str, seq: u64, from: u64, to_user: u64, to_group: u64, cid: &str) -> Stored {
+    Stored {
+        version: im_shared::records::VERSION,
+        id,
+        conv: conv.to_owned(),
+        seq,
+        from,
+        to_user,
+        to_group,
+        content: format!("m{id} 'quoted' \"é\" \u{1F600}"),
+        content_type: "text".into(),
+        ts: 1_700_000_000_000 + id,
+        cid: cid.to_owned(),
+    }
+}
+
+fn seqs(rows: &[MessageRow]) -> Vec<u64> {
+    rows.iter().map(|m| m.seq).collect()
+}
+
+async fn sorted_max_seqs(s: &dyn Store, convs: &[String]) -> Vec<(String, u64)> {
+    let mut v = s.max_seqs(convs).await.unwrap();
+    v.sort();
+    v
+}
+
+/// The persist service's batch write and the pipeline's reads, as `im.messages` replays them.
+async fn message_batches(s: &dyn Store) {
+    let a = s.create_user("ann", "h", "Ann", 1).await.unwrap();
+    let b = s.create_user("ben", "h", "Ben", 1).await.unwrap();
+    let c = s.create_user("cat", "h", "Cat", 1).await.unwrap();
+    let g = s.create_group(a, "g", "", 10, 1).await.unwrap();
+    assert_eq!(s.add_member(g, b, 1).await.unwrap(), Join::Added);
+    let ab = format!("p:{}:{}", a.min(b), a.max(b));
+    let ac = format!("p:{}:{}", a.min(c), a.max(c));
+    let gc = format!("g:{g}");
+
+    // 1500 messages, round-robin over two pairs and a group: seqs 1..=500 in each.
+    let batch: Vec<Stored> = (0..1500u64)
+        .map(|i| {
+            let seq = i / 3 + 1;
+            let cid = format!("c{i}");
+            match i % 3 {
+                0 => rec(
+                    10_000 + i,
+                    &ab,
+                    seq,
+                    if i % 2 == 0 { a } else { b },
+                    if i % 2 == 0 { b } else { a },
+                    0,
+                    &cid,
+                ),
+                1 => rec(10_000 + i, &ac, seq, c, a, 0, &cid),
+                _ => rec(10_000 + i, &gc, seq, b, 0, g, &cid),
+            }
+        })
+        .collect();
+    assert_eq!(s.insert_messages(&[]).await.unwrap(), 0);
+    assert_eq!(s.insert_messages(&batch).await.unwrap(), 1500);
+
+    for conv in [&ab, &ac, &gc] {
+        let h = s.history(conv, u64::MAX, 1000).await.unwrap();
+        assert_eq!(seqs(&h), (1..=500).rev().collect::<Vec<u64>>(), "{conv}");
+    }
+    // Every field survives, 0 becomes NULL (None).
+    let first_group = s.history(&gc, 2, 1).await.unwrap();
+    assert_eq!(
+        first_group,
+        vec![MessageRow {
+            id: 10_002,
+            conv: gc.clone(),
+            seq: 1,
+            sender: b,
+            to_user: None,
+            to_group: Some(g),
+            content: "m10002 'quoted' \"é\" \u{1F600}".into(),
+            content_type: "text".into(),
+            ts_ms: 1_700_000_010_002,
+        }]
+    );
+    let first_pair = &s.history(&ab, 2, 1).await.unwrap()[0];
+    assert_eq!(
+        (
+            first_pair.id,
+            first_pair.sender,
+            first_pair.to_user,
+            first_pair.to_group
+        ),
+        (10_000, a, Some(b), None)
+    );
+
+    let all = [ab.clone(), ac.clone(), gc.clone(), "p:0:404".to_string()];
+    let mut expected = vec![(ab.clone(), 500), (ac.clone(), 500), (gc.clone(), 500)];
+    expected.sort();
+    assert_eq!(
+        sorted_max_seqs(s, &all).await,
+        expected,
+        "a conversation with no row is absent"
+    );
+    assert!(s.max_seqs(&[]).await.unwrap().is_empty());
+
+    // The pair conversations are in both parties' lists (and nobody else's), with their last message.
+    let convs_of = |u: u64| async move {
+        let mut v: Vec<(String, u64, Option<u64>)> = s
+            .conversations(u)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.conv, c.max_seq, c.last_message.map(|m| m.id)))
+            .collect();
+        v.sort();
+        v
+    };
+    let last_ab = Some(10_000 + 3 * 499);
+    let last_ac = Some(10_001 + 3 * 499);
+    let last_g = Some(10_002 + 3 * 499);
+    let mut want_a = vec![
+        (ab.clone(), 500, last_ab),
+        (ac.clone(), 500, last_ac),
+        (gc.clone(), 500, last_g),
+    ];
+    want_a.sort();
+    let mut want_b = vec![(ab.clone(), 500, last_ab), (gc.clone(), 500, last_g)];
+    want_b.sort();
+    assert_eq!(convs_of(a).await, want_a);
+    assert_eq!(convs_of(b).await, want_b);
+    assert_eq!(convs_of(c).await, vec![(ac.clone(), 500, last_ac)]);
+
+    // A replay of the whole batch stores nothing and changes nothing.
+    assert_eq!(s.insert_messages(&batch).await.unwrap(), 0);
+    assert_eq!(s.history(&ab, u64::MAX, 1000).await.unwrap().len(), 500);
+    assert_eq!(sorted_max_seqs(s, &all).await, expected);
+    assert_eq!(convs_of(b).await, want_b);
+
+    // Old and new mixed: only the new are stored, and max_seq follows them.
+    let mut mixed: Vec<Stored> = batch[1400..].to_vec();
+    mixed.extend((0..50u64).map(|i| rec(20_000 + i, &ab, 501 + i, a, b, 0, &format!("n{i}"))));
+    assert_eq!(s.insert_messages(&mixed).await.unwrap(), 50);
+    assert_eq!(s.history(&ab, u64::MAX, 1000).await.unwrap().len(), 550);
+    assert_eq!(
+        s.max_seqs(std::slice::from_ref(&ab)).await.unwrap(),
+        vec![(ab.clone(), 550)]
+    );
+
+    // An older batch replayed later never moves max_seq back, nor does a new row with a
+    // lower seq than the conversation's highest.
+    assert_eq!(s.insert_messages(&batch[..30]).await.unwrap(), 0);
+    assert_eq!(
+        s.max_seqs(std::slice::from_ref(&ab)).await.unwrap(),
+        vec![(ab.clone(), 550)]
+    );
+    let late = format!("p:{}:{}", b.min(c), b.max(c));
+    assert_eq!(
+        s.insert_messages(&[rec(30_000, &late, 5, b, c, 0, "l5")])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.insert_messages(&[rec(30_001, &late, 3, b, c, 0, "l3")])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.max_seqs(std::slice::from_ref(&late)).await.unwrap(),
+        vec![(late.clone(), 5)]
+    );
+
+    // Each unique key on its own makes a row a duplicate: id, (conv, seq), (sender, cid).
+    let same_id = rec(10_000, &late, 9, b, c, 0, "fresh-1");
+    let same_seq = rec(30_002, &late, 5, b, c, 0, "fresh-2");
+    let same_cid = rec(30_003, &late, 10, b, c, 0, "l5");
+    assert_eq!(
+        s.insert_messages(&[same_id, same_seq, same_cid])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        seqs(&s.messages_after(&late, 0, 10).await.unwrap()),
+        vec![3, 5]
+    );
+    assert_eq!(s.messages_after(&late, 0, 10).await.unwrap()[1].id, 30_000);
+    // max_seq is the last seq handed out (the schema's word), so it follows the batch even
+    // where the batch's rows were refused.
+    assert_eq!(
+        s.max_seqs(std::slice::from_ref(&late)).await.unwrap(),
+        vec![(late.clone(), 10)]
+    );
+
+    // find_by_cids: present pairs with their rows; a wrong sender, another case, or an
+    // unknown cid are absent.
+    let mut found = s
+        .find_by_cids(&[
+            (a, "c0".into()),
+            (c, "c1".into()),
+            (b, "c0".into()),
+            (a, "C0".into()),
+            (a, "nope".into()),
+            (a, "n7".into()),
+        ])
+        .await
+        .unwrap();
+    found.sort_by_key(|(_, cid, _)| cid.clone());
+    let summary: Vec<(u64, &str, u64, u64)> = found
+        .iter()
+        .map(|(u, cid, m)| (*u, cid.as_str(), m.id, m.seq))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (a, "c0", 10_000, 1),
+            (c, "c1", 10_001, 1),
+            (a, "n7", 20_007, 508)
+        ]
+    );
+    assert_eq!(found[0].2.conv, ab);
+    assert!(s.find_by_cids(&[]).await.unwrap().is_empty());
+    // More keys than one statement takes.
+    let keys: Vec<(u64, String)> = batch.iter().map(|m| (m.from, m.cid.clone())).collect();
+    let found = s.find_by_cids(&keys).await.unwrap();
+    assert_eq!(found.len(), 1500);
+    assert!(found
+        .iter()
+        .all(|(u, cid, m)| *u == m.sender && *cid == format!("c{}", m.id - 10_000)));
+
+    // messages_after: oldest first, bounded, past the end is empty.
+    assert_eq!(
+        seqs(&s.messages_after(&ab, 0, 2).await.unwrap()),
+        vec![1, 2]
+    );
+    assert_eq!(
+        seqs(&s.messages_after(&ab, 545, 3).await.unwrap()),
+        vec![546, 547, 548]
+    );
+    assert_eq!(
+        seqs(&s.messages_after(&ab, 548, 100).await.unwrap()),
+        vec![549, 550]
+    );
+    assert!(s.messages_after(&ab, 550, 100).await.unwrap().is_empty());
+    assert!(s
+        .messages_after("p:0:404", 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.messages_after(&gc, 499, 5).await.unwrap()[0].to_group,
+        Some(g)
+    );
+
+    let mut ab_ids = vec![a, b];
+    ab_ids.sort();
+    assert_eq!(s.member_ids(g).await.unwrap(), ab_ids);
+    assert!(s.member_ids(g + 1000).await.unwrap().is_empty());
+    assert!(s.remove_member(g, b).await.unwrap());
+    assert_eq!(s.member_ids(g).await.unwrap(), vec![a]);
+}
+
+#[tokio::test]
+async fn message_batches_on_mysql() {
+    let store = fresh_mysql().await;
+    message_batches(&store).await;
+    drop_mysql(store).await;
+}
+
+#[tokio::test]
+async fn message_batches_on_sqlite() {
+    let dir = tempdir();
+    message_batches(&fresh_sqlite(&dir).await).await;
     let _ = std::fs::remove_dir_all(dir);
 }

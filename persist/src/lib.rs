@@ -1,1 +1,148 @@
-//! Kafka → MySQL batch writer (to be written).
+//! The persist service (ARCHITECTURE.md, "Processes"): consumes `im.messages` as consumer
+//! group "persist" and writes the messages to MySQL in batches, a multi-row INSERT per batch.
+//!
+//! Why it is built this way:
+//! - **Batch ACK.** Offsets are committed only after the batch is in the database, so a crash
+//!   at any point replays records, it never loses them. Records that cannot be decoded are
+//!   counted and skipped, and their offsets committed with the rest: one bad record must not
+//!   stall its partition forever.
+//! - **Idempotent on message id.** Replays are normal (after a crash, a rebalance, a commit
+//!   that failed), so a row whose id — or (conversation, seq), or (sender, client id) — is
+//!   already stored is skipped (`Store::insert_messages`). At-least-once in, exactly once in
+//!   the table.
+//! - **Backoff while MySQL is down.** A failed batch is retried, the same batch, with capped
+//!   exponential backoff, and nothing more is consumed meanwhile: consumer lag grows, nothing
+//!   is lost or skipped, and the writes resume where they stopped. (An outage longer than
+//!   the consumer's `max.poll.interval.ms` makes this member leave the group and rejoin;
+//!   that is a rebalance like any other.)
+//!
+//! Where to look: `batch` (sans-I/O: what is buffered, when a batch is due, what to commit),
+//! `writer` (the database side and its retries), `consumer` (the Kafka driver and
+//! rebalances), `stats` (counters and their Prometheus form).
+
+mod batch;
+mod consumer;
+mod stats;
+mod writer;
+
+pub use batch::{Backoff, Batcher};
+pub use consumer::GROUP;
+pub use stats::{render_metrics, PersistStats};
+
+use im_shared::records::topics;
+use logic::store::Store;
+use rdkafka::consumer::Consumer;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long the final write at shutdown may keep retrying a failing database.
+const SHUTDOWN_GRACE_MS: u64 = 5_000;
+
+#[derive(Clone, Debug)]
+pub struct PersistConfig {
+    pub kafka: im_pipeline::KafkaConfig,
+    /// A batch is written when it holds this many rows…
+    pub batch_rows: usize,
+    /// …or this long after its first record arrived.
+    pub batch_ms: u64,
+    /// The cap of the backoff between attempts to write a failing batch.
+    pub retry_max_ms: u64,
+}
+
+impl Default for PersistConfig {
+    fn default() -> Self {
+        PersistConfig {
+            kafka: im_pipeline::KafkaConfig::default(),
+            batch_rows: 500,
+            batch_ms: 50,
+            retry_max_ms: 5_000,
+        }
+    }
+}
+
+/// The service, before it runs: lets the caller keep its counters (`stats`) to serve them.
+pub struct Persist {
+    store: Arc<dyn Store>,
+    cfg: PersistConfig,
+    stats: Arc<PersistStats>,
+}
+
+impl Persist {
+    pub fn new(store: Arc<dyn Store>, cfg: PersistConfig) -> Persist {
+        Persist {
+            store,
+            cfg,
+            stats: Arc::new(PersistStats::default()),
+        }
+    }
+
+    /// The counters `run` updates (render them with `render_metrics`).
+    pub fn stats(&self) -> Arc<PersistStats> {
+        self.stats.clone()
+    }
+
+    /// Creates `im.messages` if needed, then consumes it until `shutdown` turns true (or its
+    /// sender is dropped); then writes and commits what is buffered and returns `Ok`. An
+    /// `Err` is a start-up failure (broker, topic, consumer), or a shutdown while the
+    /// database kept failing (what was left is uncommitted and will be read again).
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), String> {
+        let cfg = &self.cfg;
+        cfg.kafka
+            .ensure_topics(&[(topics::MESSAGES, cfg.kafka.partitions)])
+            .await?;
+        let consumer: consumer::PersistConsumer = cfg
+            .kafka
+            .group_consumer(GROUP)
+            .create_with_context(consumer::PersistContext::default())
+            .map_err(|e| format!("kafka consumer on {}: {e}", cfg.kafka.brokers))?;
+        consumer
+            .subscribe(&[topics::MESSAGES])
+            .map_err(|e| format!("subscribing to {}: {e}", topics::MESSAGES))?;
+        log::info!(
+            "persist: consuming {} on {} as group {GROUP} into {}, {} rows or {} ms a batch",
+            topics::MESSAGES,
+            cfg.kafka.brokers,
+            self.store.backend(),
+            cfg.batch_rows.max(1),
+            cfg.batch_ms,
+        );
+        let writer = writer::Writer::new(
+            self.store.clone(),
+            self.stats.clone(),
+            Batcher::new(cfg.batch_rows.max(1), cfg.batch_ms),
+            cfg.retry_max_ms,
+            Duration::from_millis(SHUTDOWN_GRACE_MS),
+        );
+        consumer::consume(consumer, writer, shutdown).await
+    }
+}
+
+/// `Persist::new(store, cfg).run(shutdown)`, for callers that do not serve the counters.
+pub async fn run(
+    store: Arc<dyn Store>,
+    cfg: PersistConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    Persist::new(store, cfg).run(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = PersistConfig::default();
+        assert_eq!((c.batch_rows, c.batch_ms, c.retry_max_ms), (500, 50, 5_000));
+    }
+
+    /// `im persist` spawns it on its runtime: the future must be `Send` (checked by compiling).
+    #[allow(dead_code)]
+    fn run_is_spawnable(
+        store: Arc<dyn Store>,
+        rx: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        run(store, PersistConfig::default(), rx)
+    }
+}

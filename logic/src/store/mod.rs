@@ -175,6 +175,25 @@ pub trait Store: Send + Sync + 'static {
     async fn append_message(&self, m: &NewMessage<'_>) -> Result<MessageRow>;
     /// Messages of `conv` with seq < `before_seq`, newest first, at most `limit`.
     async fn history(&self, conv: &str, before_seq: u64, limit: u32) -> Result<Vec<MessageRow>>;
+
+    /// Writes a batch of sequenced messages (the `im.messages` records, seqs assigned by the
+    /// pipeline) in one transaction, a multi-row INSERT per chunk. Idempotent, because the
+    /// log is replayed after a crash: a row whose id, (conv, seq) or (sender, cid) is already
+    /// stored is skipped. Also raises each conversation's `max_seq` (the last seq handed out)
+    /// to the batch's highest seq for it, skipped rows included (never lowers it; creates the
+    /// row), and puts two-person conversations
+    /// (`to_user != 0`) in both users' lists, as `append_message` does. Returns the number of
+    /// message rows inserted.
+    async fn insert_messages(&self, batch: &[im_shared::records::Stored]) -> Result<u64>;
+    /// `max_seq` of each of `convs` that has a conversation row (the others are absent).
+    async fn max_seqs(&self, convs: &[String]) -> Result<Vec<(String, u64)>>;
+    /// Stored messages by (sender, cid), to recognise client retries; one query per chunk of
+    /// keys. Returns (sender, cid, row) for the pairs that exist.
+    async fn find_by_cids(&self, keys: &[(u64, String)]) -> Result<Vec<(u64, String, MessageRow)>>;
+    /// Messages of `conv` with seq > `after`, oldest first, at most `limit` (for `sync`).
+    async fn messages_after(&self, conv: &str, after: u64, limit: u32) -> Result<Vec<MessageRow>>;
+    /// Every member's user id of a group, ascending (empty when there is no such group).
+    async fn member_ids(&self, group: u64) -> Result<Vec<u64>>;
     /// The user's conversations: two-person ones they are part of, and their groups'.
     async fn conversations(&self, user: u64) -> Result<Vec<ConversationRow>>;
     /// Puts a two-person conversation in both users' lists (no message needed).

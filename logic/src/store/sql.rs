@@ -7,7 +7,9 @@ use super::{
     UserRow,
 };
 use async_trait::async_trait;
-use sqlx::{MySql, Pool, Row, Sqlite};
+use im_shared::records::Stored;
+use sqlx::{MySql, Pool, QueryBuilder, Row, Sqlite};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A sqlx pool of either database.
 pub struct SqlStore<DB: sqlx::Database> {
@@ -102,6 +104,63 @@ fn to_i64(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
+/// Rows per multi-row message INSERT: 10 placeholders each makes 5,000, well under SQLite's
+/// 32,766 and MySQL's 65,535 per statement.
+const MESSAGE_CHUNK_ROWS: usize = 500;
+/// Content bytes per multi-row message INSERT, so that one statement stays far below MySQL's
+/// `max_allowed_packet` (16 MiB by default on MariaDB) however long the messages are.
+const MESSAGE_CHUNK_BYTES: usize = 4 << 20;
+/// Keys per statement for the other multi-row statements (at most 2 placeholders a key).
+const KEY_CHUNK: usize = 1000;
+/// Keys per `find_by_cids` statement: an OR chain is as deep as it is long, and SQLite refuses
+/// expressions deeper than 1,000.
+const CID_CHUNK: usize = 250;
+
+/// `batch` cut into runs of at most `MESSAGE_CHUNK_ROWS` rows and, unless a single message is
+/// larger, `MESSAGE_CHUNK_BYTES` bytes of content.
+fn message_chunks(batch: &[Stored]) -> Vec<&[Stored]> {
+    let mut chunks = Vec::with_capacity(batch.len() / MESSAGE_CHUNK_ROWS + 1);
+    let (mut start, mut bytes) = (0, 0);
+    for (i, m) in batch.iter().enumerate() {
+        let len = m.content.len() + m.cid.len() + m.conv.len();
+        if i > start && (i - start == MESSAGE_CHUNK_ROWS || bytes + len > MESSAGE_CHUNK_BYTES) {
+            chunks.push(&batch[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < batch.len() {
+        chunks.push(&batch[start..]);
+    }
+    chunks
+}
+
+/// The highest seq of each conversation in `batch`, in conversation order (a fixed lock order
+/// for concurrent writers).
+fn highest_seqs(batch: &[Stored]) -> Vec<(&str, u64)> {
+    let mut max: BTreeMap<&str, u64> = BTreeMap::new();
+    for m in batch {
+        let seq = max.entry(m.conv.as_str()).or_insert(m.seq);
+        *seq = (*seq).max(m.seq);
+    }
+    max.into_iter().collect()
+}
+
+/// (user, conv) for both parties of every two-person message in `batch`, each once.
+fn pair_members(batch: &[Stored]) -> Vec<(u64, &str)> {
+    let mut set: BTreeSet<(u64, &str)> = BTreeSet::new();
+    for m in batch.iter().filter(|m| m.to_user != 0) {
+        set.insert((m.from, m.conv.as_str()));
+        set.insert((m.to_user, m.conv.as_str()));
+    }
+    set.into_iter().collect()
+}
+
+/// 0 means "none" in the record schema, NULL in the tables.
+fn nonzero(v: u64) -> Option<i64> {
+    (v != 0).then(|| to_i64(v))
+}
+
 macro_rules! impl_store {
     (
         $db:ty,
@@ -113,6 +172,7 @@ macro_rules! impl_store {
         for_update: $for_update:literal,
         bump_seq: $bump_seq:literal,
         insert_ignore: $insert_ignore:literal,
+        raise_max_seq: $raise_max_seq:literal,
         group_conv: $group_conv:literal
     ) => {
         #[async_trait]
@@ -396,6 +456,117 @@ macro_rules! impl_store {
                 rows.iter().map(message_row).collect()
             }
 
+            async fn insert_messages(&self, batch: &[Stored]) -> Result<u64> {
+                if batch.is_empty() {
+                    return Ok(0);
+                }
+                let mut tx = self.pool.begin().await?;
+                let mut inserted = 0;
+                // MySQL's IGNORE also turns an over-long value into a truncation warning rather
+                // than an error: one bad record cannot stall the batch forever, but the lengths
+                // (conv 48 characters, cid 64 bytes) are the pipeline's to check.
+                for chunk in message_chunks(batch) {
+                    let mut q = QueryBuilder::<$db>::new(concat!(
+                        $insert_ignore,
+                        " INTO messages (id, conv, seq, sender_id, cid, to_user_id, to_group_id, content, content_type, ts_ms) "
+                    ));
+                    q.push_values(chunk, |mut row, m| {
+                        row.push_bind(to_i64(m.id))
+                            .push_bind(m.conv.as_str())
+                            .push_bind(to_i64(m.seq))
+                            .push_bind(to_i64(m.from))
+                            .push_bind(m.cid.as_bytes())
+                            .push_bind(nonzero(m.to_user))
+                            .push_bind(nonzero(m.to_group))
+                            .push_bind(m.content.as_str())
+                            .push_bind(m.content_type.as_str())
+                            .push_bind(to_i64(m.ts));
+                    });
+                    // Only the full-size statement is worth a slot in the prepared-statement
+                    // cache; the odd-sized tails would evict the useful ones.
+                    let full = chunk.len() == MESSAGE_CHUNK_ROWS;
+                    inserted += q.build().persistent(full).execute(&mut *tx).await?.rows_affected();
+                }
+                for chunk in highest_seqs(batch).chunks(KEY_CHUNK) {
+                    let mut q = QueryBuilder::<$db>::new("INSERT INTO conversations (conv, max_seq) ");
+                    q.push_values(chunk, |mut row, &(conv, seq)| {
+                        row.push_bind(conv).push_bind(to_i64(seq));
+                    });
+                    q.push($raise_max_seq);
+                    q.build().persistent(false).execute(&mut *tx).await?;
+                }
+                for chunk in pair_members(batch).chunks(KEY_CHUNK) {
+                    let mut q = QueryBuilder::<$db>::new(concat!($insert_ignore, " INTO conversation_members (user_id, conv) "));
+                    q.push_values(chunk, |mut row, &(user, conv)| {
+                        row.push_bind(to_i64(user)).push_bind(conv);
+                    });
+                    q.build().persistent(false).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(inserted)
+            }
+
+            async fn max_seqs(&self, convs: &[String]) -> Result<Vec<(String, u64)>> {
+                let mut out = Vec::with_capacity(convs.len());
+                for chunk in convs.chunks(KEY_CHUNK) {
+                    let mut q = QueryBuilder::<$db>::new("SELECT conv, max_seq FROM conversations WHERE conv IN (");
+                    let mut list = q.separated(", ");
+                    for conv in chunk {
+                        list.push_bind(conv.as_str());
+                    }
+                    q.push(")");
+                    for r in q.build().persistent(false).fetch_all(&self.pool).await? {
+                        out.push((r.try_get("conv")?, r.try_get::<i64, _>("max_seq")? as u64));
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn find_by_cids(&self, keys: &[(u64, String)]) -> Result<Vec<(u64, String, MessageRow)>> {
+                let mut out = Vec::new();
+                for chunk in keys.chunks(CID_CHUNK) {
+                    // An OR of equalities on the (sender_id, cid) unique key: both engines read
+                    // it as index lookups, which row-constructor IN does not promise.
+                    let mut q = QueryBuilder::<$db>::new(concat!("SELECT ", message_columns!(), ", cid FROM messages WHERE "));
+                    for (i, (sender, cid)) in chunk.iter().enumerate() {
+                        q.push(if i == 0 { "(sender_id = " } else { " OR (sender_id = " })
+                            .push_bind(to_i64(*sender))
+                            .push(" AND cid = ")
+                            .push_bind(cid.as_bytes())
+                            .push(")");
+                    }
+                    for r in q.build().persistent(false).fetch_all(&self.pool).await? {
+                        let row = message_row(&r)?;
+                        let cid: Vec<u8> = r.try_get("cid")?;
+                        // Stored from a String, so UTF-8; lossy rather than failing the batch.
+                        out.push((row.sender, String::from_utf8_lossy(&cid).into_owned(), row));
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn messages_after(&self, conv: &str, after: u64, limit: u32) -> Result<Vec<MessageRow>> {
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    " FROM messages WHERE conv = ? AND seq > ? ORDER BY seq LIMIT ?"
+                ))
+                .bind(conv)
+                .bind(to_i64(after))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(message_row).collect()
+            }
+
+            async fn member_ids(&self, group: u64) -> Result<Vec<u64>> {
+                let ids: Vec<i64> = sqlx::query_scalar("SELECT user_id FROM group_members WHERE group_id = ? ORDER BY user_id")
+                    .bind(to_i64(group))
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(ids.into_iter().map(|id| id as u64).collect())
+            }
+
             async fn conversations(&self, user: u64) -> Result<Vec<ConversationRow>> {
                 // Two-person conversations the user is in, then the user's groups (whose
                 // conversation rows and read positions may not exist yet), each with its last
@@ -520,6 +691,7 @@ impl_store!(
     for_update: " FOR UPDATE",
     bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON DUPLICATE KEY UPDATE max_seq = max_seq + 1",
     insert_ignore: "INSERT IGNORE",
+    raise_max_seq: " ON DUPLICATE KEY UPDATE max_seq = GREATEST(max_seq, VALUES(max_seq))",
     // Collation pinned to the tables': compared with conv columns in joins.
     group_conv: "(CONCAT('g:', gm.group_id) COLLATE utf8mb4_unicode_ci)"
 );
@@ -534,6 +706,7 @@ impl_store!(
     for_update: "",
     bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON CONFLICT(conv) DO UPDATE SET max_seq = max_seq + 1",
     insert_ignore: "INSERT OR IGNORE",
+    raise_max_seq: " ON CONFLICT(conv) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)",
     group_conv: "('g:' || gm.group_id)"
 );
 
@@ -591,7 +764,38 @@ impl From<StoreError> for String {
 
 #[cfg(test)]
 mod tests {
-    use super::statements;
+    use super::{message_chunks, statements, Stored, MESSAGE_CHUNK_BYTES, MESSAGE_CHUNK_ROWS};
+
+    fn stored(content_bytes: usize) -> Stored {
+        Stored {
+            content: "x".repeat(content_bytes),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn message_batches_are_cut_by_rows_and_by_bytes() {
+        assert!(message_chunks(&[]).is_empty());
+        let batch: Vec<Stored> = (0..MESSAGE_CHUNK_ROWS * 2 + 1)
+            .map(|_| stored(10))
+            .collect();
+        let lens: Vec<usize> = message_chunks(&batch).iter().map(|c| c.len()).collect();
+        assert_eq!(lens, [MESSAGE_CHUNK_ROWS, MESSAGE_CHUNK_ROWS, 1]);
+
+        // Three messages of 40% of the byte budget: two fit a statement, the third starts
+        // the next; a message over the budget goes alone rather than being refused.
+        let big = MESSAGE_CHUNK_BYTES * 2 / 5;
+        let batch = [
+            stored(big),
+            stored(big),
+            stored(big),
+            stored(MESSAGE_CHUNK_BYTES * 2),
+            stored(1),
+        ];
+        let lens: Vec<usize> = message_chunks(&batch).iter().map(|c| c.len()).collect();
+        assert_eq!(lens, [2, 1, 1, 1]);
+        assert_eq!(lens.iter().sum::<usize>(), batch.len());
+    }
 
     #[test]
     fn migration_files_split_into_statements() {
