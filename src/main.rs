@@ -85,6 +85,11 @@ struct KafkaArgs {
     /// Replication factor of the topics this process creates.
     #[arg(long, env = "IM_KAFKA_REPLICATION", default_value_t = 1)]
     kafka_replication: i32,
+    /// Static consumer-group membership id, unique per logic or persist process: a restart
+    /// with the same id resumes its partitions at once, without waiting out the session of
+    /// the process that died [default: logic: its --logic-id; persist: persist-<host name>].
+    #[arg(long, env = "IM_KAFKA_INSTANCE_ID")]
+    kafka_instance_id: Option<String>,
 }
 
 impl KafkaArgs {
@@ -93,6 +98,7 @@ impl KafkaArgs {
             brokers: self.kafka_brokers.clone(),
             partitions: self.kafka_partitions.max(1),
             replication: self.kafka_replication.max(1),
+            instance_id: self.kafka_instance_id.clone(),
         }
     }
 }
@@ -568,7 +574,8 @@ fn logic_service(a: LogicArgs) -> Result<()> {
             (im_shared::conv::mix64(logic_id.bytes().fold(0u64, |h, b| h * 31 + b as u64)) % 1024)
                 as u16
         });
-        let kafka = a.kafka.config();
+        let mut kafka = a.kafka.config();
+        kafka.instance_id.get_or_insert_with(|| logic_id.clone());
         let presence = rt
             .block_on(logic::pipeline::presence::RedisPresence::connect(
                 &a.redis_url,
@@ -653,8 +660,12 @@ fn persist_service(a: PersistArgs) -> Result<()> {
     let store: Arc<dyn logic::store::Store> = Arc::new(store);
     rt.block_on(store.migrate())
         .map_err(|e| format!("migrating {}: {e}", redact(&a.mysql_url)))?;
+    let mut kafka = a.kafka.config();
+    kafka.instance_id.get_or_insert_with(|| {
+        im_shared::records::topic_safe_id(&format!("persist-{}", hostname()))
+    });
     let cfg = persist::PersistConfig {
-        kafka: a.kafka.config(),
+        kafka,
         batch_rows: a.batch_rows.max(1),
         batch_ms: a.batch_ms.max(1),
         ..Default::default()

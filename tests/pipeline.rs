@@ -137,7 +137,8 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         }
         got.extend(ws.drain(Duration::from_millis(300)));
         assert_eq!(seqs(&got), vec![1, 2, 3]);
-        assert!(msgs(&got).iter().all(|m| m["group"] == gid.to_string()));
+        let group = gid.to_string();
+        assert!(msgs(&got).iter().all(|m| m["group"] == group.as_str()));
     }
 
     // Carol goes offline; what she misses comes back by sync after her last seq.
@@ -434,9 +435,15 @@ fn kill_9_of_logic_loses_and_duplicates_nothing_acknowledged() {
     let (r, _) = c.user("receiver");
     let tokens: Vec<String> = (0..4).map(|i| c.user(&format!("sender{i}")).1).collect();
     let acks = run_senders(&mut c, &tokens, r, 500, 600, Duration::from_secs(3), |c| {
+        // Persist goes down first, so the restarted logic must recover the seqs and retries
+        // it handed out from the im.messages tail, not from the database.
+        c.persist.kill9();
+        std::thread::sleep(Duration::from_millis(500));
         c.logic.kill9();
         std::thread::sleep(Duration::from_millis(300));
         c.restart_logic();
+        std::thread::sleep(Duration::from_secs(3));
+        c.restart_persist();
     });
     assert_eq!(acks.iter().map(|a| a.len()).sum::<usize>(), 2_000);
     wait_rows(&c, 2_000);

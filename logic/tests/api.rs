@@ -35,6 +35,7 @@ impl Api {
             },
             dummy_hash: auth::dummy_hash(cost),
             snowflake: std::sync::Mutex::new(im_shared::snowflake::Snowflake::new(1)),
+            pipeline: None,
         };
         Api {
             app: api::router(Arc::new(state)),

@@ -40,6 +40,7 @@ async fn the_spec_and_the_router_agree() {
         },
         dummy_hash: auth::dummy_hash(cost),
         snowflake: std::sync::Mutex::new(im_shared::snowflake::Snowflake::new(1)),
+        pipeline: None,
     };
     let app = api::router(Arc::new(state));
     let call = |method: &str, path: String| {

@@ -19,6 +19,10 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// Replication factor for topics this process creates.
     pub replication: i32,
+    /// Static group membership (KIP-345, `group.instance.id`): a restarted process with the
+    /// same id takes its partitions back at once instead of waiting for the broker to expire
+    /// the crashed member. Unique per process within a group.
+    pub instance_id: Option<String>,
 }
 
 impl Default for KafkaConfig {
@@ -27,6 +31,7 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             partitions: 4,
             replication: 1,
+            instance_id: None,
         }
     }
 }
@@ -38,6 +43,10 @@ impl KafkaConfig {
             // Keep the logs ours: librdkafka's own go through `log` at warning and above.
             .set("log_level", "4")
             .set("socket.keepalive.enable", "true");
+        // librdkafka's own tracing, e.g. IM_KAFKA_DEBUG=cgrp,topic (logged at debug level).
+        if let Ok(d) = std::env::var("IM_KAFKA_DEBUG") {
+            c.set("debug", d);
+        }
         c
     }
 
@@ -68,9 +77,17 @@ impl KafkaConfig {
             // The classic protocol: the KIP-848 one is not available on every broker.
             .set("partition.assignment.strategy", "range")
             .set("session.timeout.ms", "10000")
+            // Also the rebalance timeout: how long a rebalance waits for members to rejoin.
+            // A member killed without leaving holds its partitions until then on some
+            // brokers, so it bounds the pause after a crash. The consume loops poll far more
+            // often than this, even while retrying a write.
+            .set("max.poll.interval.ms", "20000")
             .set("heartbeat.interval.ms", "1000")
             .set("fetch.wait.max.ms", "10")
             .set("isolation.level", "read_uncommitted");
+        if let Some(id) = &self.instance_id {
+            c.set("group.instance.id", id);
+        }
         c
     }
 

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::time::{Duration, Instant};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::WebSocket;
@@ -98,9 +98,9 @@ impl Proc {
     }
 
     pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let s = std::fs::read(&self.log).unwrap_or_default();
         let start = s.len().saturating_sub(4000);
-        s[s.floor_char_boundary(start)..].to_string()
+        String::from_utf8_lossy(&s[start..]).into_owned()
     }
 }
 
@@ -478,5 +478,3 @@ impl Ws {
         let _ = self.ws.flush();
     }
 }
-
-pub static REDIS_DB: AtomicU32 = AtomicU32::new(1);

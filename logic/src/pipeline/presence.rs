@@ -66,8 +66,11 @@ impl Presence for RedisPresence {
 /// just joined sees messages from that second through sync.
 pub struct Members {
     store: Arc<dyn Store>,
-    cache: std::sync::Mutex<HashMap<u64, (Instant, Arc<Vec<u64>>)>>,
+    cache: std::sync::Mutex<HashMap<u64, Cached>>,
 }
+
+/// When a member list was read, and the list.
+type Cached = (Instant, Arc<Vec<u64>>);
 
 const TTL: Duration = Duration::from_secs(1);
 const CACHED_GROUPS_MAX: usize = 100_000;
