@@ -228,6 +228,22 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         ),
         "21"
     );
+
+    // The broker goes away: a sender gets a retryable error with its cid after a bounded
+    // wait (the gateway's produce timeout, 5 s by default), and the connection stays open.
+    let mut c = c;
+    c.broker.kill9();
+    let t0 = Instant::now();
+    a0.send(json!({"type": "send", "cid": "down-1", "to": bob.to_string(), "content": "anyone?"}));
+    let e = a0.until(T, &mut Vec::new(), |v| v["type"] == "error");
+    assert_eq!(
+        (e["code"].as_u64(), e["cid"].as_str()),
+        (Some(5032), Some("down-1")),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    a0.send(json!({"type": "ping"}));
+    a0.until(T, &mut Vec::new(), |v| v["type"] == "pong");
 }
 
 /// Sends `n` messages from one connection with at most `window` unacknowledged, resending a
