@@ -6,6 +6,7 @@ mod api;
 mod gateway;
 mod hold;
 mod p2p;
+mod pipeline;
 mod proc;
 mod ws;
 
@@ -30,6 +31,12 @@ enum Cmd {
     History(api::HistoryArgs),
     /// Print SQL that stores N messages, for `history`.
     SeedMessages(api::SeedArgs),
+    /// Print SQL for benchmark users (and a group of them), for runs against `im logic`.
+    SeedUsers(pipeline::SeedUsersArgs),
+    /// One group message to every online member: delivery latency (needs the pipeline).
+    Fanout(pipeline::FanoutArgs),
+    /// Broker produce rate, persist rows/s on a backlog, and single-row INSERTs.
+    PersistRate(pipeline::PersistRateArgs),
     /// Internal: one client process of `hold`.
     #[command(hide = true)]
     Worker(hold::WorkerArgs),
@@ -70,6 +77,19 @@ fn main() {
             write_json(json.as_deref(), &r);
         }
         Cmd::SeedMessages(a) => api::seed(a),
+        Cmd::SeedUsers(a) => pipeline::seed_users(a),
+        Cmd::Fanout(a) => {
+            let json = a.json.clone();
+            let r = pipeline::fanout(a);
+            pipeline::print_fanout(&r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::PersistRate(a) => {
+            let json = a.json.clone();
+            let r = pipeline::persist_rate(a);
+            pipeline::print_persist(&r);
+            write_json(json.as_deref(), &r);
+        }
         Cmd::Worker(a) => hold::worker(a),
     }
 }
