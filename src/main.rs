@@ -639,13 +639,19 @@ fn logic_service(a: LogicArgs) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     if let Some(t) = pipeline_task {
-        if let Ok(Err(e)) = rt.block_on(t) {
-            log::error!("pipeline stage: {e}");
+        match rt.block_on(tokio::time::timeout(STOP_GRACE, t)) {
+            Ok(Ok(Err(e))) => log::error!("pipeline stage: {e}"),
+            Err(_) => log::warn!("the pipeline stage did not stop in {STOP_GRACE:?}; exiting anyway (uncommitted records replay)"),
+            _ => {}
         }
     }
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     result
 }
+
+/// How long logic and persist wait for their Kafka loops to finish after a signal; a broker
+/// or database that is down must not keep a stopping process alive.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn persist_service(a: PersistArgs) -> Result<()> {
     let set = block_signals();
@@ -678,10 +684,14 @@ fn persist_service(a: PersistArgs) -> Result<()> {
             break;
         }
     }
-    match rt.block_on(task) {
-        Ok(r) => r.map_err(|e| format!("persist: {e}").into()),
-        Err(e) => Err(e.into()),
-    }
+    let result = match rt.block_on(tokio::time::timeout(STOP_GRACE, task)) {
+        Ok(Ok(r)) => r.map_err(|e| format!("persist: {e}").into()),
+        Ok(Err(e)) => Err(e.into()),
+        // Uncommitted batches are replayed by the next owner, and inserts are idempotent.
+        Err(_) => Err(format!("persist did not stop in {STOP_GRACE:?}; exiting anyway").into()),
+    };
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// A database URL without its password, for messages.

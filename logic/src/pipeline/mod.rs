@@ -260,7 +260,12 @@ pub async fn run(
         if batch.is_empty() {
             continue;
         }
-        stage.process(&batch).await?;
+        // A shutdown while the broker is down must not wait for it: nothing of this batch is
+        // committed, so the next owner replays it (and recognises what was already logged).
+        tokio::select! {
+            r = stage.process(&batch) => r?,
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
         // Everything in the batch is in im.messages: its upstream records are done.
         let mut tpl = TopicPartitionList::new();
         let mut next: HashMap<i32, i64> = HashMap::new();

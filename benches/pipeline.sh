@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The distributed pipeline's figures in one run (benches/RESULTS.md, "Pipeline"): starts a
+# Kafka-protocol broker (tansu, as .ci/run installs it, or IM_TANSU), `im logic`, `im persist`
+# and `im gateway` on this host against MariaDB and Redis, seeds users, then runs
+#   1. persist-rate  — broker produce rate, persist rows/s on a backlog, single-row INSERTs
+#   2. p2p           — 1:1 messages end to end at a few rates
+#   3. fanout        — one group of MEMBERS members, all online on one gateway
+# and stops everything it started. Results go to benches/results/pipeline-*.json.
+#   usage: benches/pipeline.sh [MEMBERS]   (release build first: cargo build --release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# tansu holds a fetch for its whole max wait even when data arrives (Kafka answers at once),
+# so latency runs use a short wait; at idle that costs broker CPU, which is why it is not
+# the default (pipeline/src/kafka.rs).
+export IM_KAFKA_CONFIG="${IM_KAFKA_CONFIG:-fetch.wait.max.ms=10}"
+T="${CARGO_TARGET_DIR:-target}/release"
+IM="$T/im"; BENCH="$T/im-bench"
+TANSU="${IM_TANSU:-$HOME/.cache/im-tools/bin/tansu}"
+MEMBERS="${1:-10000}"
+SECRET=bench-secret
+DB=im_bench_pipeline
+MYSQL="mysql://root@127.0.0.1:3306/$DB"
+REDIS=redis://127.0.0.1:6379/9
+OUT=benches/results
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+start() { # name, command...
+  local name=$1; shift
+  ("$@" >"$WORK/$name.log" 2>&1) &
+  PIDS+=($!)
+}
+wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+mysql -uroot -h127.0.0.1 -e "DROP DATABASE IF EXISTS $DB; CREATE DATABASE $DB"
+redis-cli -n 9 FLUSHDB >/dev/null
+mkdir -p "$WORK/broker"
+(cd "$WORK/broker" && exec "$TANSU" broker --listener-url tcp://127.0.0.1:29092 \
+   --advertised-listener-url tcp://127.0.0.1:29092 --storage-engine sqlite://tansu.db >"$WORK/broker.log" 2>&1) &
+PIDS+=($!)
+wait_port 29092
+K=(--kafka-brokers 127.0.0.1:29092)
+echo "== persist-rate"
+"$BENCH" persist-rate "${K[@]}" --mysql-url "$MYSQL" --rows 50000 --single-rows 2000 \
+  --spawn-persist "$IM" --json "$OUT/pipeline-persist.json"
+
+start logic "$IM" logic --jwt-secret $SECRET --mysql-url "$MYSQL" --redis-url $REDIS "${K[@]}" --api-listen 127.0.0.1:28080
+wait_port 28080
+start persist "$IM" persist --mysql-url "$MYSQL" "${K[@]}"
+start gateway "$IM" gateway --jwt-secret $SECRET --ws-listen 127.0.0.1:28090 --redis-url $REDIS "${K[@]}" \
+  --gateway-id bench-gw --msgs-per-sec-max 1000
+wait_port 28090
+GW=$(pgrep -f -- "--gateway-id bench-gw" | head -1)
+"$BENCH" seed-users --first 10000000 --count 2000 | mysql -uroot -h127.0.0.1 "$DB"
+"$BENCH" seed-users --first 20000000 --count "$MEMBERS" --group 777 | mysql -uroot -h127.0.0.1 "$DB"
+sleep 3 # logic's first rebalance
+for rate in 250 500 1000 1500; do
+  echo "== p2p $rate msg/s"
+  "$BENCH" p2p --addr 127.0.0.1:28090 --secret $SECRET --pairs 200 --rate "$rate" --secs 10 \
+    --user-base 10000000 --gateway-pid "$GW" --json "$OUT/pipeline-p2p-$rate.json"
+done
+echo "== fanout $MEMBERS members"
+"$BENCH" fanout --addr 127.0.0.1:28090 --secret $SECRET --group 777 --first 20000000 \
+  --members "$MEMBERS" --messages 20 --interval-ms 500 --gateway-pid "$GW" --json "$OUT/pipeline-fanout.json"
