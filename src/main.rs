@@ -430,7 +430,16 @@ fn run_gateway_until_signal(
 ) -> Result<()> {
     cfg.presence_refresh_ms = (p.presence_ttl_s.max(3) * 1000) / 3;
     let gateway_id = cfg.gateway_id.clone();
-    let (handle, end) = Gateway::start_with(cfg, None, !p.local_router)?;
+    let stats = Arc::new(im_pipeline::bridge::BridgeStats::default());
+    let (s, gw) = (stats.clone(), gateway_id.clone());
+    let hook: gateway_core::shard::MetricsHook =
+        Arc::new(move |out: &mut String| s.render(&gw, out));
+    let (handle, end) = Gateway::start_with(
+        cfg,
+        None,
+        !p.local_router,
+        (!p.local_router).then_some(hook),
+    )?;
     let bridge = match end {
         None => None,
         Some(end) => {
@@ -442,7 +451,7 @@ fn run_gateway_until_signal(
                 produce_timeout_ms: p.produce_timeout_ms.max(1),
                 linger_ms: 1,
             };
-            match im_pipeline::bridge::start(bcfg, end) {
+            match im_pipeline::bridge::start(bcfg, end, stats) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     handle.shutdown();
@@ -598,10 +607,14 @@ fn logic_service(a: LogicArgs) -> Result<()> {
             Arc::new(presence),
             members.clone(),
             cfg,
-            stats,
+            stats.clone(),
             stop_rx.clone(),
         )));
-        pipeline = Some(logic::api::Pipeline { client, members });
+        pipeline = Some(logic::api::Pipeline {
+            client,
+            members,
+            stats,
+        });
         log::info!("logic {logic_id}: pipeline stage on, Snowflake worker {worker_id}");
     }
     let mut api_stop = stop_rx.clone();

@@ -229,6 +229,23 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         "21"
     );
 
+    // Both services count what went through them.
+    let (st, text) = get_text(c.gateways[0].1, "/metrics");
+    assert_eq!(st, 200);
+    let produced = metric(&text, "im_bridge_produced_total{gateway=\"gw0\"}");
+    assert!(produced.is_some_and(|n| n >= 27), "{text}");
+    let (st, text) = get_text(c.api, "/metrics");
+    assert_eq!(st, 200);
+    assert_eq!(metric(&text, "im_logic_messages_total"), Some(27), "{text}");
+    assert!(
+        metric(&text, "im_logic_retries_total").is_some_and(|n| n >= 1),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "im_logic_refused_total").is_some_and(|n| n >= 2),
+        "{text}"
+    );
+
     // The broker goes away: a sender gets a retryable error with its cid after a bounded
     // wait (the gateway's produce timeout, 5 s by default), and the connection stays open.
     let mut c = c;

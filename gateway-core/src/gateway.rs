@@ -6,7 +6,7 @@ use crate::bridge::{self, BridgeEnd};
 use crate::driver;
 use crate::mesh::{self, Waker};
 use crate::metrics::ShardStats;
-use crate::shard::{RevokedCheck, Shard};
+use crate::shard::{MetricsHook, RevokedCheck, Shard};
 use im_shared::config::GatewayConfig;
 use std::io;
 use std::net::SocketAddr;
@@ -174,15 +174,17 @@ impl Gateway {
         cfg: GatewayConfig,
         revoked: Option<RevokedCheck>,
     ) -> io::Result<GatewayHandle> {
-        Gateway::start_with(cfg, revoked, false).map(|(h, _)| h)
+        Gateway::start_with(cfg, revoked, false, None).map(|(h, _)| h)
     }
 
     /// `start` with every option: `bridge` puts the shards in pipeline mode and returns the
-    /// bridge's end of their rings, for the caller's Kafka bridge to drive.
+    /// bridge's end of their rings, for the caller's Kafka bridge to drive; `metrics` adds to
+    /// `/metrics`.
     pub fn start_with(
         mut cfg: GatewayConfig,
         revoked: Option<RevokedCheck>,
         bridge: bool,
+        metrics: Option<MetricsHook>,
     ) -> io::Result<(GatewayHandle, Option<BridgeEnd>)> {
         if cfg.jwt_secret.is_empty() {
             return Err(io::Error::new(
@@ -240,8 +242,13 @@ impl Gateway {
 
         let mut threads = Vec::with_capacity(n);
         for (i, (port, listener)) in ports.into_iter().zip(listeners).enumerate() {
-            let (cfg, stats, stop, revoked) =
-                (cfg.clone(), stats.clone(), stop.clone(), revoked.clone());
+            let (cfg, stats, stop, revoked, metrics) = (
+                cfg.clone(),
+                stats.clone(),
+                stop.clone(),
+                revoked.clone(),
+                metrics.clone(),
+            );
             let core = cfg
                 .pin_first_core
                 .filter(|_| !cores.is_empty())
@@ -252,7 +259,9 @@ impl Gateway {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    let shard = Shard::with_revocations(&cfg, port, stats, driver_name, revoked);
+                    let mut shard =
+                        Shard::with_revocations(&cfg, port, stats, driver_name, revoked);
+                    shard.set_metrics_hook(metrics);
                     let r = if driver_name == "io_uring" {
                         driver::uring::run(
                             shard,

@@ -42,6 +42,9 @@ use std::sync::Arc;
 /// must be cheap and must not block (an in-memory set, or a local cache of Redis).
 pub type RevokedCheck = Arc<dyn Fn(&str, u64) -> bool + Send + Sync>;
 
+/// Appends more Prometheus text to `/metrics` (the pipeline bridge's counters).
+pub type MetricsHook = Arc<dyn Fn(&mut String) + Send + Sync>;
+
 /// The clock, read once per loop turn by the driver.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Now {
@@ -109,6 +112,7 @@ pub struct Shard {
     limits: Limits,
     secret: Arc<[u8]>,
     revoked: Option<RevokedCheck>,
+    extra_metrics: Option<MetricsHook>,
     gateway_id: Arc<str>,
     driver: &'static str,
     conns: Slab<Conn>,
@@ -177,6 +181,7 @@ impl Shard {
             },
             secret: cfg.jwt_secret.clone().into(),
             revoked,
+            extra_metrics: None,
             gateway_id: cfg.gateway_id.as_str().into(),
             driver,
             // Capacity is reserved, not touched: pages are only committed as connections arrive.
@@ -204,6 +209,10 @@ impl Shard {
 
     pub fn id(&self) -> u16 {
         self.id
+    }
+
+    pub fn set_metrics_hook(&mut self, hook: Option<MetricsHook>) {
+        self.extra_metrics = hook;
     }
 
     fn st(&self) -> &ShardStats {
@@ -757,7 +766,10 @@ impl Shard {
                     }
                     "/healthz" => handshake::response(200, "text/plain", b"ok\n"),
                     "/metrics" => {
-                        let text = metrics::render(&self.gateway_id, &self.stats, self.driver);
+                        let mut text = metrics::render(&self.gateway_id, &self.stats, self.driver);
+                        if let Some(hook) = &self.extra_metrics {
+                            hook(&mut text);
+                        }
                         handshake::response(200, "text/plain; version=0.0.4", text.as_bytes())
                     }
                     _ => {

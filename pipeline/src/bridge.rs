@@ -117,7 +117,12 @@ impl BridgeHandle {
 /// Creates the gateway's downstream topic, positions the consumer at its end, then starts the
 /// threads. Returns once the bridge is ready, so nothing routed to this gateway after its first
 /// connection can be missed.
-pub fn start(cfg: BridgeConfig, end: BridgeEnd) -> Result<BridgeHandle, String> {
+/// `stats` may be shared with the gateway's `/metrics` beforehand (`BridgeStats::render`).
+pub fn start(
+    cfg: BridgeConfig,
+    end: BridgeEnd,
+    stats: Arc<BridgeStats>,
+) -> Result<BridgeHandle, String> {
     let topic = topics::downstream(&cfg.gateway_id);
     block_on(
         cfg.kafka
@@ -149,7 +154,6 @@ pub fn start(cfg: BridgeConfig, end: BridgeEnd) -> Result<BridgeHandle, String> 
         .assign(&tpl)
         .map_err(|e| format!("assigning {topic}: {e}"))?;
 
-    let stats = Arc::new(BridgeStats::default());
     let producer: BaseProducer<UpContext> = cfg
         .kafka
         .producer(cfg.linger_ms, cfg.produce_timeout_ms.max(1))

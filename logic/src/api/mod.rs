@@ -48,6 +48,27 @@ pub struct AppState {
 pub struct Pipeline {
     pub client: Arc<crate::pipeline::client::PipelineClient>,
     pub members: Arc<crate::pipeline::presence::Members>,
+    pub stats: Arc<crate::pipeline::PipelineStats>,
+}
+
+/// Prometheus text: what the service is, and the pipeline stage's counters when it runs one.
+async fn metrics(axum::extract::State(st): axum::extract::State<State>) -> Response {
+    let mut out = format!(
+        "# HELP im_logic_info The logic service.\n# TYPE im_logic_info gauge\nim_logic_info{{store=\"{}\",pipeline=\"{}\"}} 1\n",
+        st.store.backend(),
+        st.pipeline.is_some()
+    );
+    if let Some(p) = &st.pipeline {
+        p.stats.render(&mut out);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 impl AppState {
@@ -96,6 +117,7 @@ pub fn router(state: State) -> Router {
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
         })
