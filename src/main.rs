@@ -434,9 +434,21 @@ fn run_gateway_until_signal(
     let (s, gw) = (stats.clone(), gateway_id.clone());
     let hook: gateway_core::shard::MetricsHook =
         Arc::new(move |out: &mut String| s.render(&gw, out));
+    // Logged-out tokens are refused at the upgrade (their open connections are closed by
+    // logic through this gateway's downstream topic).
+    let follow_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let revoked: Option<gateway_core::shard::RevokedCheck> = if p.local_router {
+        None
+    } else {
+        let set = Arc::new(im_pipeline::revoked::RevokedSet::default());
+        im_pipeline::revoked::follow(&p.redis_url, set.clone(), follow_stop.clone())?;
+        Some(Arc::new(move |jti: &str, now_s: u64| {
+            set.contains(jti, now_s)
+        }))
+    };
     let (handle, end) = Gateway::start_with(
         cfg,
-        None,
+        revoked,
         !p.local_router,
         (!p.local_router).then_some(hook),
     )?;
@@ -476,6 +488,7 @@ fn run_gateway_until_signal(
     if let Some(b) = bridge {
         b.stop();
     }
+    follow_stop.store(true, std::sync::atomic::Ordering::Release);
     Ok(())
 }
 
@@ -564,7 +577,7 @@ fn logic_service(a: LogicArgs) -> Result<()> {
     let revocations = rt
         .block_on(logic::auth::RedisRevocations::connect(
             &a.redis_url,
-            "im:revoked:",
+            im_pipeline::revoked::KEY_PREFIX,
         ))
         .map_err(|e| format!("connecting to {}: {e}", redact(&a.redis_url)))?;
     let store: Arc<dyn logic::store::Store> = Arc::new(store);
@@ -585,11 +598,12 @@ fn logic_service(a: LogicArgs) -> Result<()> {
         });
         let mut kafka = a.kafka.config();
         kafka.instance_id.get_or_insert_with(|| logic_id.clone());
-        let presence = rt
-            .block_on(logic::pipeline::presence::RedisPresence::connect(
+        let presence: Arc<dyn logic::pipeline::presence::Presence> = Arc::new(
+            rt.block_on(logic::pipeline::presence::RedisPresence::connect(
                 &a.redis_url,
             ))
-            .map_err(|e| format!("connecting to {}: {e}", redact(&a.redis_url)))?;
+            .map_err(|e| format!("connecting to {}: {e}", redact(&a.redis_url)))?,
+        );
         let members = Arc::new(logic::pipeline::presence::Members::new(store.clone()));
         let client = rt
             .block_on(logic::pipeline::client::PipelineClient::start(
@@ -604,7 +618,7 @@ fn logic_service(a: LogicArgs) -> Result<()> {
         let stats = Arc::new(logic::pipeline::PipelineStats::default());
         pipeline_task = Some(rt.spawn(logic::pipeline::run(
             store.clone(),
-            Arc::new(presence),
+            presence.clone(),
             members.clone(),
             cfg,
             stats.clone(),
@@ -614,6 +628,7 @@ fn logic_service(a: LogicArgs) -> Result<()> {
             client,
             members,
             stats,
+            presence: presence.clone(),
         });
         log::info!("logic {logic_id}: pipeline stage on, Snowflake worker {worker_id}");
     }

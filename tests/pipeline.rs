@@ -246,6 +246,42 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         "{text}"
     );
 
+    // Logout closes the connections its token opened with 1008, and only those; the token
+    // cannot open new ones, on any gateway.
+    let (st, v) = http(
+        c.api,
+        "POST",
+        "/api/v1/auth/login",
+        None,
+        &json!({"username": "bob", "password": "password-123"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let tb2 = v["token"].as_str().unwrap().to_string();
+    let mut b2 = c.ws(0, &tb2);
+    wait_presence(&c, bob, 2);
+    let (st, v) = http(
+        c.api,
+        "POST",
+        "/api/v1/auth/logout",
+        Some(&tb),
+        &Value::Null,
+    );
+    assert_eq!(st, 204, "{v}");
+    assert_eq!(b.close_code(T), Some(1008), "{}", c.logs());
+    b2.send(json!({"type": "ping"}));
+    b2.until(T, &mut Vec::new(), |v| v["type"] == "pong");
+    for (_, addr) in &c.gateways {
+        // The gateways learn of the logout over Redis pub/sub: a moment, not a round trip.
+        let end = Instant::now() + Duration::from_secs(5);
+        while Ws::upgrade_status(*addr, &tb) != 401 {
+            assert!(
+                Instant::now() < end,
+                "a revoked token still upgrades on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     // The broker goes away: a sender gets a retryable error with its cid after a bounded
     // wait (the gateway's produce timeout, 5 s by default), and the connection stays open.
     let mut c = c;

@@ -27,6 +27,9 @@ pub enum UpMsg {
     Online {
         user: u64,
         conn: ConnRef,
+        /// The token's id (so a logout can find the connections its token opened) and the
+        /// device id when the token names one.
+        jti: Box<str>,
         device: Option<Box<str>>,
     },
     /// That connection closed.

@@ -64,6 +64,8 @@ pub enum ShardMsg {
     },
     /// To the origin shard: write `frame` (a `sent` or `error`) to one connection.
     Reply { to: ConnRef, frame: Frame },
+    /// Close one connection with 1008 (its token was revoked).
+    Kick { to: ConnRef },
 }
 
 /// Wakes a shard sleeping in its event loop.

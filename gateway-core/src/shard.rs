@@ -754,7 +754,8 @@ impl Shard {
                         self.arena.push_tx(&mut c.tx, response.into());
                         self.wheel.insert(key, due);
                         ShardStats::add(&self.st().handshakes_total, 1);
-                        self.join(key, user, claims.dev.map(Into::into));
+                        let token = (claims.jti.into(), claims.dev.map(Into::into));
+                        self.join(key, user, token);
                         self.mark_ready(key);
                     }
                 }
@@ -1002,6 +1003,15 @@ impl Shard {
                     key = next;
                 }
             }
+            ShardMsg::Kick { to } => {
+                if self
+                    .conns
+                    .get(to.key as usize)
+                    .is_some_and(|c| c.gen == to.gen)
+                {
+                    self.begin_close(to.key, close::POLICY, "token revoked");
+                }
+            }
             ShardMsg::Reply { to, frame } => {
                 if self
                     .conns
@@ -1083,16 +1093,22 @@ impl Shard {
     }
 
     /// Adds `key` to this shard's directory (and tells the user's home shard on the first).
-    fn join(&mut self, key: u32, user: u64, device: Option<Box<str>>) {
+    /// `token`: the token's id and device, for presence (pipeline mode).
+    fn join(&mut self, key: u32, user: u64, token: (Box<str>, Option<Box<str>>)) {
         if self.mesh.has_bridge() {
             let conn = ConnRef {
                 shard: self.id,
                 key,
                 gen: self.conns[key as usize].gen,
             };
-            let _ = self
-                .mesh
-                .send_up(UpMsg::Online { user, conn, device }, true);
+            let (jti, device) = token;
+            let online = UpMsg::Online {
+                user,
+                conn,
+                jti,
+                device,
+            };
+            let _ = self.mesh.send_up(online, true);
         }
         match self.local.get(&user).copied() {
             Some(head) => {

@@ -170,6 +170,13 @@ impl Revocations for RedisRevocations {
             .arg(ttl)
             .query_async::<()>(&mut c)
             .await
+            .map_err(|e| e.to_string())?;
+        // Gateways keep a local copy of the revocations and follow this channel.
+        redis::cmd("PUBLISH")
+            .arg(im_pipeline::revoked::CHANNEL)
+            .arg(format!("{jti} {exp_s}"))
+            .query_async::<()>(&mut c)
+            .await
             .map_err(|e| e.to_string())
     }
 

@@ -305,9 +305,19 @@ fn run_up(
                         refusals.push((ring::conn_token(conn), cid, code));
                     }
                 }
-                UpMsg::Online { user, conn, device } => {
+                UpMsg::Online {
+                    user,
+                    conn,
+                    jti,
+                    device,
+                } => {
                     let conn = ring::conn_token(conn);
-                    let _ = presence.send(Change::Online { user, conn, device });
+                    let _ = presence.send(Change::Online {
+                        user,
+                        conn,
+                        jti,
+                        device,
+                    });
                 }
                 UpMsg::Offline { user, conn } => {
                     let _ = presence.send(Change::Offline {
@@ -443,6 +453,12 @@ fn run_down(
                         },
                         &stats,
                     );
+                }
+            }
+            Some(DownstreamBody::Close(c)) => {
+                let to = ring::conn_ref(c.conn);
+                if to != ConnRef::NONE && (to.shard as usize) < shards {
+                    push(&mut d, to.shard, ShardMsg::Kick { to }, &stats);
                 }
             }
             None => {}

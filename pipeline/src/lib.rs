@@ -4,5 +4,6 @@
 pub mod bridge;
 pub mod kafka;
 pub mod presence;
+pub mod revoked;
 
 pub use kafka::KafkaConfig;

@@ -1,7 +1,8 @@
 //! Presence: which gateways hold a user's connections, in Redis.
 //!
 //! One hash per user, `im:presence:<user>`, with a field per connection,
-//! `<gateway-id>#<conn>`, whose value is the device id (empty when the token named none). The
+//! `<gateway-id>#<conn>`, whose value is `<token id> <device id>` (the device empty when the
+//! token named none): logout finds the connections its token opened through it. The
 //! key's TTL (three presence refresh periods) is refreshed while the user has a connection,
 //! so the entries of a gateway that died without saying goodbye age out. Logic reads the
 //! fields to learn which gateways to route to; a stale field costs one wasted downstream
@@ -28,12 +29,28 @@ pub fn gateway_of(field: &str) -> Option<&str> {
     field.rsplit_once('#').map(|(gw, _)| gw)
 }
 
+/// The value of a connection's field.
+pub fn value(jti: &str, device: Option<&str>) -> String {
+    format!("{jti} {}", device.unwrap_or(""))
+}
+
+/// The token id in a field's value.
+pub fn jti_of(value: &str) -> &str {
+    value.split(' ').next().unwrap_or("")
+}
+
+/// The connection (the records' `conn`) of a field.
+pub fn conn_of(field: &str) -> Option<u64> {
+    field.rsplit_once('#').and_then(|(_, c)| c.parse().ok())
+}
+
 /// A presence change, from the gateway's shards.
 #[derive(Debug)]
 pub enum Change {
     Online {
         user: u64,
         conn: u64,
+        jti: Box<str>,
         device: Option<Box<str>>,
     },
     Offline {
@@ -86,16 +103,17 @@ pub fn run_writer(redis_url: &str, gateway_id: &str, ttl_s: u64, rx: Receiver<Ch
         let mut pipe = redis::pipe();
         for c in &pending {
             match c {
-                Change::Online { user, conn, device } => {
+                Change::Online {
+                    user,
+                    conn,
+                    jti,
+                    device,
+                } => {
                     let k = key(*user);
-                    pipe.hset(
-                        &k,
-                        field(gateway_id, *conn),
-                        device.as_deref().unwrap_or(""),
-                    )
-                    .ignore()
-                    .expire(&k, ttl_s as i64)
-                    .ignore();
+                    pipe.hset(&k, field(gateway_id, *conn), value(jti, device.as_deref()))
+                        .ignore()
+                        .expire(&k, ttl_s as i64)
+                        .ignore();
                 }
                 Change::Offline { user, conn } => {
                     pipe.hdel(key(*user), field(gateway_id, *conn)).ignore();
@@ -142,6 +160,9 @@ mod tests {
         assert_eq!(f, "host-8090#x#42");
         assert_eq!(gateway_of(&f), Some("host-8090#x"));
         assert_eq!(gateway_of("nohash"), None);
+        assert_eq!(conn_of(&f), Some(42));
+        assert_eq!(jti_of(&value("abc", Some("phone"))), "abc");
+        assert_eq!(jti_of(&value("abc", None)), "abc");
         assert_eq!(key(7), "im:presence:7");
     }
 }

@@ -121,7 +121,7 @@ pub struct Stored {
 pub struct Downstream {
     #[prost(uint32, tag = "1")]
     pub version: u32,
-    #[prost(oneof = "DownstreamBody", tags = "10, 11")]
+    #[prost(oneof = "DownstreamBody", tags = "10, 11, 12")]
     pub body: Option<DownstreamBody>,
 }
 
@@ -131,6 +131,16 @@ pub enum DownstreamBody {
     Deliver(Deliver),
     #[prost(message, tag = "11")]
     Reply(Reply),
+    #[prost(message, tag = "12")]
+    Close(Close),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Close {
+    #[prost(uint64, tag = "1")]
+    pub conn: u64,
+    #[prost(string, tag = "2")]
+    pub reason: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -269,6 +279,7 @@ mod tests {
             "repeated uint64 users = 1;",
             "bytes json = 2;",
             "Reply reply = 11;",
+            "Close close = 12;",
         ] {
             assert!(proto.contains(line), "im.proto lost `{line}`");
         }

@@ -504,6 +504,33 @@ impl Ws {
         out
     }
 
+    /// Reads until the server's close frame: its code (None if the connection just ended).
+    pub fn close_code(&mut self, within: Duration) -> Option<u16> {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return None,
+            }
+        }
+        panic!("no close within {within:?}");
+    }
+
+    /// The HTTP status of an upgrade attempt (101 when it worked).
+    pub fn upgrade_status(addr: SocketAddr, token: &str) -> u16 {
+        match tungstenite::connect(format!("ws://{addr}/ws?token={token}")) {
+            Ok(_) => 101,
+            Err(tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+            Err(e) => panic!("upgrade: {e}"),
+        }
+    }
+
     pub fn close(mut self) {
         let _ = self.ws.close(None);
         let _ = self.ws.flush();

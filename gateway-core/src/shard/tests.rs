@@ -717,7 +717,12 @@ fn pipeline_mode_hands_requests_and_presence_to_the_bridge() {
     let online: Vec<(u64, u16)> = ups
         .iter()
         .map(|m| match m {
-            UpMsg::Online { user, conn, .. } => (*user, conn.shard),
+            UpMsg::Online {
+                user, conn, jti, ..
+            } => {
+                assert_eq!(jti.len(), 32, "the token's id goes up with presence");
+                (*user, conn.shard)
+            }
             other => panic!("{other:?}"),
         })
         .collect();
@@ -810,6 +815,25 @@ fn pipeline_mode_hands_requests_and_presence_to_the_bridge() {
         sim.json(a2),
         vec![serde_json::json!({"type":"msg","seq":"1"})]
     );
+
+    // A revoked token's connection is closed with 1008; the user's others stay.
+    end.down
+        .send(
+            1,
+            ShardMsg::Kick {
+                to: ConnRef {
+                    shard: 1,
+                    key: a2.1,
+                    gen: sim.shards[1].gen(a2.1).unwrap(),
+                },
+            },
+        )
+        .unwrap();
+    end.down.flush();
+    sim.run();
+    assert_eq!(sim.close_code(a2), Some(1008));
+    sim.send_text(a, r#"{"type":"ping"}"#);
+    assert_eq!(sim.json(a), vec![serde_json::json!({"type":"pong"})]);
 
     // Sending to oneself is refused at the gateway; closing goes up as presence.
     sim.send_text(a, &send_json(1, "c3", "me"));

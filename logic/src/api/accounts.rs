@@ -193,6 +193,22 @@ pub async fn logout(S(st): S<State>, caller: Caller) -> Result<StatusCode, ApiEr
             )
         })?;
     st.store.drop_refresh_tokens(caller.user_id).await?;
+    // The connections this token opened are closed with 1008 (PROTOCOL.md, logout); the
+    // gateways also refuse it at the next upgrade. Best effort: presence may be a moment old.
+    if let Some(p) = &st.pipeline {
+        match p.presence.connections(caller.user_id).await {
+            Ok(conns) => {
+                for (gw, conn, jti) in conns {
+                    if jti == caller.jti {
+                        if let Err(e) = p.client.close(&gw, conn, "token revoked") {
+                            log::warn!("logout: {e}");
+                        }
+                    }
+                }
+            }
+            Err(e) => log::warn!("logout: open connections not closed: {e}"),
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

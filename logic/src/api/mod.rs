@@ -49,6 +49,7 @@ pub struct Pipeline {
     pub client: Arc<crate::pipeline::client::PipelineClient>,
     pub members: Arc<crate::pipeline::presence::Members>,
     pub stats: Arc<crate::pipeline::PipelineStats>,
+    pub presence: Arc<dyn crate::pipeline::presence::Presence>,
 }
 
 /// Prometheus text: what the service is, and the pipeline stage's counters when it runs one.

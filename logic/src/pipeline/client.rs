@@ -128,6 +128,26 @@ impl PipelineClient {
     }
 }
 
+impl PipelineClient {
+    /// Closes one connection on a gateway with 1008 (its token was revoked).
+    pub fn close(&self, gateway: &str, conn: u64, reason: &str) -> Result<(), String> {
+        let rec = records::Downstream {
+            version: records::VERSION,
+            body: Some(DownstreamBody::Close(records::Close {
+                conn,
+                reason: reason.to_owned(),
+            })),
+        };
+        let payload = rec.to_bytes();
+        let topic = topics::downstream(gateway);
+        let key = conn.to_string();
+        self.producer
+            .send_result(FutureRecord::to(&topic).key(&key).payload(&payload))
+            .map(|_| ())
+            .map_err(|(e, _)| format!("closing a connection on {gateway}: {e}"))
+    }
+}
+
 impl Drop for PipelineClient {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 pub trait Presence: Send + Sync + 'static {
     /// For each user, the gateways holding at least one of their connections.
     async fn gateways(&self, users: &[u64]) -> Result<HashMap<u64, Vec<String>>, String>;
+
+    /// The user's connections: (gateway, conn, token id).
+    async fn connections(&self, user: u64) -> Result<Vec<(String, u64, String)>, String>;
 }
 
 /// Presence in Redis, written by the gateways' bridges (`im_pipeline::presence`).
@@ -57,6 +60,23 @@ impl Presence for RedisPresence {
             }
         }
         Ok(out)
+    }
+
+    async fn connections(&self, user: u64) -> Result<Vec<(String, u64, String)>, String> {
+        let mut conn = self.conn.clone();
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(presence::key(user))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("presence: {e}"))?;
+        Ok(all
+            .iter()
+            .filter_map(|(f, v)| {
+                let gw = presence::gateway_of(f)?;
+                let c = presence::conn_of(f)?;
+                Some((gw.to_owned(), c, presence::jti_of(v).to_owned()))
+            })
+            .collect())
     }
 }
 
