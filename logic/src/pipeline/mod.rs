@@ -345,10 +345,9 @@ impl Stage {
         let stored: HashMap<(u64, String), MessageRow> = if unknown.is_empty() {
             HashMap::new()
         } else {
-            self.store
-                .find_by_cids(&unknown)
+            let store = &self.store;
+            with_retry("looking up retries", || store.find_by_cids(&unknown))
                 .await
-                .map_err(|e| format!("looking up retries: {e}"))?
                 .into_iter()
                 .map(|(u, c, row)| ((u, c), row))
                 .collect()
@@ -364,10 +363,9 @@ impl Stage {
         let db_max: HashMap<String, u64> = if convs.is_empty() {
             HashMap::new()
         } else {
-            self.store
-                .max_seqs(&convs)
+            let store = &self.store;
+            with_retry("reading last seqs", || store.max_seqs(&convs))
                 .await
-                .map_err(|e| format!("reading last seqs: {e}"))?
                 .into_iter()
                 .collect()
         };
@@ -690,6 +688,27 @@ impl Stage {
                 let _ = down.send_result(FutureRecord::to(&topic).key(&key).payload(&payload));
             }
         });
+    }
+}
+
+/// Retries a database read with capped backoff until it works: nothing of the batch has been
+/// produced yet, so waiting loses nothing (the batch's offsets stay uncommitted, lag grows),
+/// and a shutdown interrupts the wait (`run`'s select).
+async fn with_retry<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::store::Result<T>>,
+{
+    let mut backoff_ms = 50;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                log::warn!("logic: {what}: {e}; retrying in {backoff_ms} ms");
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(2_000);
+            }
+        }
     }
 }
 
