@@ -326,7 +326,10 @@ fn run_up(
                     });
                 }
                 UpMsg::Refresh(users) => {
-                    let _ = presence.send(Change::Refresh(users));
+                    // In pieces, so one shard's refresh is not one huge Redis pipeline.
+                    for chunk in users.chunks(presence::BATCH_MAX) {
+                        let _ = presence.send(Change::Refresh(chunk.to_vec()));
+                    }
                 }
             }
         }

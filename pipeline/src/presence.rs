@@ -60,8 +60,8 @@ pub enum Change {
     Refresh(Vec<u64>),
 }
 
-/// Commands per pipelined round trip.
-const BATCH_MAX: usize = 2_000;
+/// Changes per pipelined round trip (a refresh arrives in pieces of this many users).
+pub const BATCH_MAX: usize = 2_000;
 
 /// Writes presence changes until the channel closes (the bridge stopped), in pipelined batches.
 /// While Redis is down, it keeps the batch and retries with capped backoff (the channel holds

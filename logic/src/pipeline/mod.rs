@@ -639,17 +639,7 @@ impl Stage {
                 }
             };
             stats.syncs_total.fetch_add(1, Ordering::Relaxed);
-            let rec = records::Downstream {
-                version: records::VERSION,
-                body: Some(DownstreamBody::Reply(records::Reply {
-                    conn: up.conn,
-                    json,
-                })),
-            };
-            let payload = rec.to_bytes();
-            let topic = topics::downstream(&up.reply_to);
-            let key = up.conn.to_string();
-            let _ = down.send_result(FutureRecord::to(&topic).key(&key).payload(&payload));
+            reply_to(&down, &up, json);
         });
     }
 
@@ -675,20 +665,26 @@ impl Stage {
             if let Err((code, msg)) = result {
                 let mut json = Vec::new();
                 protocol::encode_error(code, &msg, None, &mut json);
-                let rec = records::Downstream {
-                    version: records::VERSION,
-                    body: Some(DownstreamBody::Reply(records::Reply {
-                        conn: up2.conn,
-                        json,
-                    })),
-                };
-                let payload = rec.to_bytes();
-                let topic = topics::downstream(&up2.reply_to);
-                let key = up2.conn.to_string();
-                let _ = down.send_result(FutureRecord::to(&topic).key(&key).payload(&payload));
+                reply_to(&down, &up2, json);
             }
         });
     }
+}
+
+/// Sends one client frame to the requesting connection (from tasks off the batch loop; a
+/// reply that cannot be queued is dropped: the client's request times out and is retried).
+fn reply_to(down: &FutureProducer, up: &records::Upstream, json: Vec<u8>) {
+    let rec = records::Downstream {
+        version: records::VERSION,
+        body: Some(DownstreamBody::Reply(records::Reply {
+            conn: up.conn,
+            json,
+        })),
+    };
+    let payload = rec.to_bytes();
+    let topic = topics::downstream(&up.reply_to);
+    let key = up.conn.to_string();
+    let _ = down.send_result(FutureRecord::to(&topic).key(&key).payload(&payload));
 }
 
 /// Retries a database read with capped backoff until it works: nothing of the batch has been
