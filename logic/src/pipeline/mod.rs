@@ -214,7 +214,8 @@ pub async fn run(
         down,
         parts: HashMap::new(),
         stats,
-        syncs: Arc::new(Semaphore::new(64)),
+        // sync and read requests being answered at once (each holds a database connection).
+        syncs: Arc::new(Semaphore::new(256)),
         known_users: Default::default(),
     };
     log::info!(
@@ -622,10 +623,12 @@ impl Stage {
             up.clone(),
             self.stats.clone(),
         );
-        let (down, wait_ms, permits) =
-            (self.down.clone(), self.cfg.sync_wait_ms, self.syncs.clone());
+        let Some(permit) = self.db_task(&up) else {
+            return;
+        };
+        let (down, wait_ms) = (self.down.clone(), self.cfg.sync_wait_ms);
         tokio::spawn(async move {
-            let _permit = permits.acquire().await;
+            let _permit = permit;
             let answer = sync_answer(
                 &*store, &members, up.user, conv, s.after, limit, want, wait_ms,
             )
@@ -643,13 +646,32 @@ impl Stage {
         });
     }
 
+    /// A slot for a `sync` or `read` answered off the batch loop; none free (the database is
+    /// slow): the client gets a retryable 5030 instead of a task waiting without bound.
+    fn db_task(&self, up: &records::Upstream) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.syncs.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.reply_error(
+                up,
+                ErrorCode::Busy,
+                "too many sync and read requests in progress: retry",
+                None,
+            );
+        }
+        permit
+    }
+
     fn read(&self, up: &records::Upstream, r: records::Read) {
         let Some(conv) = Conv::parse(&r.conv) else {
             return self.reply_error(up, ErrorCode::InvalidField, "bad conv", None);
         };
+        let Some(permit) = self.db_task(up) else {
+            return;
+        };
         let (store, members, up2) = (self.store.clone(), self.members.clone(), up.clone());
         let down = self.down.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let result = match allowed(&*store, &members, up2.user, conv).await {
                 Ok(()) => store
                     .update_membership(up2.user, &r.conv, Some(r.seq), None, None)
