@@ -1,9 +1,9 @@
 //! The gateway's bridge (ARCHITECTURE.md, "Processes"): threads beside the shards that own
-//! the Kafka clients and the presence writer.
+//! the bus clients (Kafka, or the in-process bus in standalone) and the presence writer.
 //!
-//! - **up** — drains the shards' rings: `im.upstream` records go to the producer (acks=all,
-//!   idempotent, a few ms of linger); presence changes go to the presence writer. A record
-//!   the producer refuses (its bounded queue is full) or cannot deliver within
+//! - **up** — drains the shards' rings: `im.upstream` records go to the producer (on Kafka:
+//!   acks=all, idempotent, a few ms of linger); presence changes go to the presence writer.
+//!   A record the producer refuses (its bounded queue is full) or cannot deliver within
 //!   `produce_timeout_ms` (the broker is down) is answered at once with a retryable `error`
 //!   carrying the client's `cid`: senders never wait without bound and nothing queues without
 //!   bound.
@@ -11,10 +11,10 @@
 //!   (what was sent to connections before this process started is for connections that are
 //!   gone) and puts each record on the shard rings: a `Deliver` becomes one shared frame and a
 //!   `Fanout` per user to the user's home shard; a `Reply` goes to the connection's shard.
-//! - **presence** — `presence::run_writer`.
+//! - **presence** — `presence::run_writer` (Redis), or `MemoryPresence` in standalone.
 
-use crate::kafka::KafkaConfig;
-use crate::presence::{self, Change};
+use crate::bus::{Bus, Consumer, Done, Producer, SendError, Start};
+use crate::presence::{self, Change, MemoryPresence};
 use gateway_core::arena::Frame;
 use gateway_core::bridge::{self as ring, BridgeEnd, DownEnd, UpEnd, UpMsg};
 use gateway_core::codec::{self, opcode};
@@ -22,25 +22,26 @@ use gateway_core::mesh::{ConnRef, ShardMsg};
 use im_shared::protocol;
 use im_shared::records::{self, topics, DownstreamBody, UpstreamBody, Versioned};
 use im_shared::ErrorCode;
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::{Offset, TopicPartitionList};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Debug)]
+/// Where the bridge writes presence.
+#[derive(Clone)]
+pub enum PresenceSink {
+    /// Redis (the distributed mode); entries expire `ttl_s` after their last refresh.
+    Redis { url: String, ttl_s: u64 },
+    /// The process's own table (standalone: logic reads it in the same process).
+    Memory(Arc<MemoryPresence>),
+}
+
+#[derive(Clone)]
 pub struct BridgeConfig {
-    pub kafka: KafkaConfig,
     /// Topic-safe gateway id (see `records::topic_safe_id`).
     pub gateway_id: String,
-    pub redis_url: String,
-    /// Presence key TTL; the shards refresh every third of it.
-    pub presence_ttl_s: u64,
+    pub presence: PresenceSink,
     /// How long an upstream record may wait for the broker before its sender gets `error`.
     pub produce_timeout_ms: u32,
     pub linger_ms: u32,
@@ -114,78 +115,52 @@ impl BridgeHandle {
     }
 }
 
-/// Creates the gateway's downstream topic, positions the consumer at its end, then starts the
-/// threads. Returns once the bridge is ready, so nothing routed to this gateway after its first
-/// connection can be missed.
+/// Creates the gateway's downstream topic (one partition: the gateway reads it alone),
+/// positions the consumer at its end, then starts the threads. Returns once the bridge is
+/// ready, so nothing routed to this gateway after its first connection can be missed.
 /// `stats` may be shared with the gateway's `/metrics` beforehand (`BridgeStats::render`).
 pub fn start(
     cfg: BridgeConfig,
+    bus: Arc<dyn Bus>,
     end: BridgeEnd,
     stats: Arc<BridgeStats>,
 ) -> Result<BridgeHandle, String> {
     let topic = topics::downstream(&cfg.gateway_id);
-    block_on(
-        cfg.kafka
-            .ensure_topics(&[(&topic, 1), (topics::UPSTREAM, cfg.kafka.partitions)]),
-    )?;
-    let consumer: BaseConsumer = cfg
-        .kafka
-        .plain_consumer()
-        .create()
-        .map_err(|e| format!("kafka consumer: {e}"))?;
-    let timeout = Duration::from_secs(10);
-    let md = consumer
-        .fetch_metadata(Some(&topic), timeout)
-        .map_err(|e| format!("metadata of {topic}: {e}"))?;
-    let mut tpl = TopicPartitionList::new();
-    for t in md.topics() {
-        for p in t.partitions() {
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, p.id(), timeout)
-                .map_err(|e| format!("offsets of {topic}/{}: {e}", p.id()))?;
-            tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    if tpl.count() == 0 {
-        return Err(format!("topic {topic} has no partitions"));
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(|e| format!("assigning {topic}: {e}"))?;
+    let rt = runtime()?;
+    rt.block_on(bus.ensure_topics(&[(&topic, 1), (topics::UPSTREAM, bus.partitions())]))?;
+    let consumer = rt.block_on(bus.partition_consumer(&topic, &[(0, Start::End)]))?;
+    let producer = bus.producer(cfg.linger_ms, cfg.produce_timeout_ms.max(1))?;
+    let up = Up {
+        producer,
+        failed: Arc::new(Mutex::new(Vec::new())),
+        stats: stats.clone(),
+    };
 
-    let producer: BaseProducer<UpContext> = cfg
-        .kafka
-        .producer(cfg.linger_ms, cfg.produce_timeout_ms.max(1))
-        .create_with_context(UpContext {
-            failed: Mutex::new(Vec::new()),
-            stats: stats.clone(),
-        })
-        .map_err(|e| format!("kafka producer: {e}"))?;
-
-    let BridgeEnd { up, down } = end;
+    let BridgeEnd { up: end_up, down } = end;
     let down = Arc::new(Mutex::new(down));
     let stop = Arc::new(AtomicBool::new(false));
     let (presence_tx, presence_rx) = mpsc::channel();
     let mut threads = Vec::new();
-    let (gw, url, ttl) = (
-        cfg.gateway_id.clone(),
-        cfg.redis_url.clone(),
-        cfg.presence_ttl_s,
-    );
-    threads.push(spawn("im-presence", move || {
-        presence::run_writer(&url, &gw, ttl, presence_rx)
+    let (gw, sink) = (cfg.gateway_id.clone(), cfg.presence.clone());
+    threads.push(spawn("im-presence", move || match sink {
+        PresenceSink::Redis { url, ttl_s } => presence::run_writer(&url, &gw, ttl_s, presence_rx),
+        PresenceSink::Memory(table) => {
+            for change in presence_rx {
+                table.apply(&gw, change);
+            }
+        }
     })?);
     let (d, s, st) = (down.clone(), stop.clone(), stats.clone());
     threads.push(spawn("im-bridge-down", move || {
-        run_down(consumer, d, s, st)
+        run_down(rt, consumer, d, s, st)
     })?);
     let s = stop.clone();
     threads.push(spawn("im-bridge-up", move || {
-        run_up(up, producer, down, presence_tx, s)
+        run_up(end_up, up, down, presence_tx, s)
     })?);
     log::info!(
-        "bridge ready: consuming {topic}, producing {}",
+        "bridge ready on the {}: consuming {topic}, producing {}",
+        bus.describe(),
         topics::UPSTREAM
     );
     Ok(BridgeHandle {
@@ -202,41 +177,38 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         .map_err(|e| format!("spawning {name}: {e}"))
 }
 
-/// Runs a future to completion on a throwaway current-thread runtime (start-up only).
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+/// The down thread's runtime (the bus's consumers are async; this thread drives one).
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
-        .enable_time()
+        .enable_all()
         .build()
-        .expect("a current-thread runtime")
-        .block_on(f)
+        .map_err(|e| format!("a runtime for the bridge: {e}"))
 }
 
-/// Collects the records the broker did not take, for `error` answers on the up thread.
-struct UpContext {
-    failed: Mutex<Vec<(u64, Option<String>)>>,
+/// The producer side of the up thread, and the records the bus did not take, collected by
+/// their delivery callbacks for `error` answers.
+struct Up {
+    producer: Arc<dyn Producer>,
+    failed: Arc<Mutex<Vec<(u64, Option<String>)>>>,
     stats: Arc<BridgeStats>,
 }
 
-impl ClientContext for UpContext {}
-
-impl ProducerContext for UpContext {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => {
-                self.stats.produced_total.fetch_add(1, Ordering::Relaxed);
+impl Up {
+    /// The callback that counts a record's outcome and notes a failure for its sender. It
+    /// holds the record until then: the `cid` is decoded only when a failure needs it.
+    fn done(&self, conn: u64, payload: Arc<[u8]>) -> Done {
+        let (failed, stats) = (self.failed.clone(), self.stats.clone());
+        Box::new(move |r| match r {
+            Ok(()) => {
+                stats.produced_total.fetch_add(1, Ordering::Relaxed);
             }
-            Err((e, m)) => {
-                self.stats
-                    .produce_failed_total
-                    .fetch_add(1, Ordering::Relaxed);
+            Err(e) => {
+                stats.produce_failed_total.fetch_add(1, Ordering::Relaxed);
                 log::warn!("bridge: an upstream record was not delivered: {e}");
-                if let Some((conn, cid)) = m.payload().and_then(origin_of) {
-                    self.failed.lock().expect("not poisoned").push((conn, cid));
-                }
+                let cid = origin_of(&payload).and_then(|(_, cid)| cid);
+                failed.lock().expect("not poisoned").push((conn, cid));
             }
-        }
+        })
     }
 }
 
@@ -254,7 +226,7 @@ const UP_BATCH_MAX: usize = 4096;
 
 fn run_up(
     mut up: UpEnd,
-    producer: BaseProducer<UpContext>,
+    producer: Up,
     down: Arc<Mutex<DownEnd>>,
     presence: mpsc::Sender<Change>,
     stop: Arc<AtomicBool>,
@@ -268,7 +240,7 @@ fn run_up(
             up.waker().prepare_sleep();
             if up.is_empty() {
                 // Wake for the shards, or to serve delivery reports while records are out.
-                let ms = if producer.in_flight_count() > 0 {
+                let ms = if producer.producer.in_flight() > 0 {
                     5
                 } else {
                     100
@@ -288,18 +260,21 @@ fn run_up(
                 } => {
                     key.clear();
                     let _ = write!(key, "{conv}");
-                    let rec = BaseRecord::to(topics::UPSTREAM)
-                        .key(&key)
-                        .payload(&payload[..]);
-                    if let Err((e, _)) = producer.send(rec) {
+                    // Shared with the delivery callback (one copy of the record per send).
+                    let payload: Arc<[u8]> = payload.into();
+                    let done = producer.done(ring::conn_token(conn), payload.clone());
+                    let sent =
                         producer
-                            .context()
+                            .producer
+                            .send(topics::UPSTREAM, None, &key, &payload, Some(done));
+                    if let Err(e) = sent {
+                        producer
                             .stats
                             .produce_refused_total
                             .fetch_add(1, Ordering::Relaxed);
-                        let code = match e.rdkafka_error_code() {
-                            Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => ErrorCode::Busy,
-                            _ => ErrorCode::DependencyDown,
+                        let code = match e {
+                            SendError::QueueFull => ErrorCode::Busy,
+                            SendError::Failed(_) => ErrorCode::DependencyDown,
                         };
                         let cid = origin_of(&payload).and_then(|(_, cid)| cid);
                         refusals.push((ring::conn_token(conn), cid, code));
@@ -333,8 +308,7 @@ fn run_up(
                 }
             }
         }
-        producer.poll(Duration::ZERO);
-        let failed = std::mem::take(&mut *producer.context().failed.lock().expect("not poisoned"));
+        let failed = std::mem::take(&mut *producer.failed.lock().expect("not poisoned"));
         refusals.extend(
             failed
                 .into_iter()
@@ -369,7 +343,7 @@ fn run_up(
         }
     }
     // The shards are gone: give what is in flight its chance, then stop.
-    let _ = producer.flush(Duration::from_secs(5));
+    producer.producer.flush(Duration::from_secs(5));
 }
 
 fn wait_fd(fd: i32, timeout_ms: i32) {
@@ -396,13 +370,18 @@ fn frame(json: &[u8]) -> Frame {
 const RING_WAIT: Duration = Duration::from_secs(1);
 
 fn run_down(
-    consumer: BaseConsumer,
+    rt: tokio::runtime::Runtime,
+    mut consumer: Box<dyn Consumer>,
     down: Arc<Mutex<DownEnd>>,
     stop: Arc<AtomicBool>,
     stats: Arc<BridgeStats>,
 ) {
     while !stop.load(Ordering::Acquire) {
-        let Some(result) = consumer.poll(Duration::from_millis(100)) else {
+        // Bounded, so a stop is noticed within 100 ms.
+        let next = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await
+        });
+        let Ok(result) = next else {
             continue;
         };
         let m = match result {
@@ -416,7 +395,7 @@ fn run_down(
         stats
             .downstream_records_total
             .fetch_add(1, Ordering::Relaxed);
-        let rec = match records::Downstream::from_bytes(m.payload().unwrap_or_default()) {
+        let rec = match records::Downstream::from_bytes(&m.payload) {
             Ok(r) => r,
             Err(e) => {
                 stats
@@ -424,7 +403,7 @@ fn run_down(
                     .fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "bridge: skipping downstream record at offset {}: {e}",
-                    m.offset()
+                    m.offset
                 );
                 continue;
             }

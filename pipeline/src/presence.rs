@@ -166,3 +166,122 @@ mod tests {
         assert_eq!(key(7), "im:presence:7");
     }
 }
+
+/// Presence in the process's own memory (standalone: the gateway's bridge writes it, logic
+/// reads it in the same process). Entries live as long as their connection; there is no
+/// other gateway whose entries could go stale.
+#[derive(Default)]
+pub struct MemoryPresence {
+    users: std::sync::Mutex<std::collections::HashMap<u64, Vec<MemoryEntry>>>,
+}
+
+struct MemoryEntry {
+    gateway: std::sync::Arc<str>,
+    conn: u64,
+    jti: Box<str>,
+}
+
+impl MemoryPresence {
+    fn users(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Vec<MemoryEntry>>> {
+        self.users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies one change from gateway `gateway_id`'s shards.
+    pub fn apply(&self, gateway_id: &str, change: Change) {
+        let mut users = self.users();
+        match change {
+            Change::Online {
+                user, conn, jti, ..
+            } => {
+                let entries = users.entry(user).or_default();
+                entries.retain(|e| !(e.conn == conn && &*e.gateway == gateway_id));
+                entries.push(MemoryEntry {
+                    gateway: gateway_id.into(),
+                    conn,
+                    jti,
+                });
+            }
+            Change::Offline { user, conn } => {
+                if let Some(entries) = users.get_mut(&user) {
+                    entries.retain(|e| !(e.conn == conn && &*e.gateway == gateway_id));
+                    if entries.is_empty() {
+                        users.remove(&user);
+                    }
+                }
+            }
+            // Nothing expires in memory.
+            Change::Refresh(_) => {}
+        }
+    }
+
+    /// For each user with a connection, the gateways holding one (sorted, distinct).
+    pub fn gateways(&self, users: &[u64]) -> std::collections::HashMap<u64, Vec<String>> {
+        let table = self.users();
+        let mut out = std::collections::HashMap::new();
+        for u in users {
+            if let Some(entries) = table.get(u) {
+                let mut gws: Vec<String> = entries.iter().map(|e| e.gateway.to_string()).collect();
+                gws.sort_unstable();
+                gws.dedup();
+                out.insert(*u, gws);
+            }
+        }
+        out
+    }
+
+    /// The user's connections: (gateway, conn, token id).
+    pub fn connections(&self, user: u64) -> Vec<(String, u64, String)> {
+        self.users()
+            .get(&user)
+            .map(|es| {
+                es.iter()
+                    .map(|e| (e.gateway.to_string(), e.conn, e.jti.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn memory_presence_follows_connections() {
+        let p = MemoryPresence::default();
+        let online = |user, conn, jti: &str| Change::Online {
+            user,
+            conn,
+            jti: jti.into(),
+            device: None,
+        };
+        p.apply("gw-a", online(1, 10, "t1"));
+        p.apply("gw-a", online(1, 11, "t2"));
+        p.apply("gw-b", online(1, 10, "t3"));
+        p.apply("gw-a", online(2, 12, "t4"));
+        p.apply("gw-a", Change::Refresh(vec![1, 2]));
+        let g = p.gateways(&[1, 2, 3]);
+        assert_eq!(g[&1], vec!["gw-a", "gw-b"]);
+        assert_eq!(g[&2], vec!["gw-a"]);
+        assert!(!g.contains_key(&3));
+        let mut c = p.connections(1);
+        c.sort();
+        assert_eq!(
+            c,
+            vec![
+                ("gw-a".into(), 10, "t1".into()),
+                ("gw-a".into(), 11, "t2".into()),
+                ("gw-b".into(), 10, "t3".into())
+            ]
+        );
+        p.apply("gw-a", Change::Offline { user: 2, conn: 12 });
+        p.apply("gw-b", Change::Offline { user: 1, conn: 10 });
+        assert!(p.gateways(&[2]).is_empty());
+        assert_eq!(p.gateways(&[1])[&1], vec!["gw-a"]);
+        assert_eq!(p.connections(1).len(), 2);
+    }
+}

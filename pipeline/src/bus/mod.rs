@@ -1,0 +1,166 @@
+//! The message bus the processes talk over: one trait, two real implementations.
+//!
+//! - `KafkaBus` (`kafka`): the distributed mode. Topics, partitions, consumer groups and
+//!   committed offsets are Kafka's; a record is acknowledged once the brokers hold it
+//!   (acks=all, idempotent producer).
+//! - `MemoryBus` (`memory`): standalone, everything in one process. The same topics,
+//!   partitions, groups and offsets, held in bounded in-memory logs. It is not durable by
+//!   itself, so a topic can be declared *acknowledged after commit* by a group: in
+//!   standalone, a record of `im.messages` is acknowledged once persist has written it to
+//!   SQLite and committed it — the same durability point, moved to the database.
+//!
+//! The gateway's bridge, logic's stage and client, and persist are written once against
+//! these traits, so standalone runs exactly the code paths of the distributed mode.
+//!
+//! The surface is the part of Kafka those callers use, no more: keyed or partition-addressed
+//! produce with a delivery callback, group consumers with explicit commits and rebalance
+//! notes, consumers of chosen partitions from chosen offsets, committed offsets and
+//! watermarks (for logic's recovery).
+
+pub mod kafka;
+pub mod memory;
+
+pub use kafka::KafkaBus;
+pub use memory::MemoryBus;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One consumed record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+}
+
+/// Called once with a record's outcome: `Ok` once it is durable (as the bus defines it),
+/// `Err` when it never will be (timed out, refused by the broker).
+pub type Done = Box<dyn FnOnce(Result<(), String>) + Send + Sync>;
+
+/// Why a record was not even queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// The producer's bounded queue is full: slow down and retry.
+    QueueFull,
+    Failed(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::QueueFull => f.write_str("the producer queue is full"),
+            SendError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Where a partition consumer starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// At this offset (clamped to what the log still holds).
+    Offset(i64),
+    /// After the last record now in the partition: only what is produced from now on.
+    End,
+}
+
+pub trait Producer: Send + Sync {
+    /// Queues a record for `topic`: to `partition` when given, else to the partition of
+    /// `key` (records with one key stay in order). `done`, when given, hears the outcome.
+    fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        payload: &[u8],
+        done: Option<Done>,
+    ) -> Result<(), SendError>;
+
+    /// Records queued and not yet acknowledged or failed.
+    fn in_flight(&self) -> usize;
+
+    /// Waits (bounded) until what is queued is delivered or failed.
+    fn flush(&self, timeout: Duration);
+}
+
+/// Sends and waits for the record's acknowledgement. A full queue is `Err(QueueFull)` at
+/// once; the caller decides whether to wait.
+pub async fn send_acked(
+    producer: &dyn Producer,
+    topic: &str,
+    partition: Option<i32>,
+    key: &str,
+    payload: &[u8],
+) -> Result<(), SendError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done: Done = Box::new(move |r| {
+        let _ = tx.send(r);
+    });
+    producer.send(topic, partition, key, payload, Some(done))?;
+    match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(SendError::Failed(e)),
+        Err(_) => Err(SendError::Failed("the producer went away".into())),
+    }
+}
+
+/// A change of a group consumer's partitions, noted by the bus for the consume loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rebalance {
+    /// Noted before the partitions go: nothing of them is committed after this.
+    Revoked(Vec<i32>),
+    Assigned(Vec<i32>),
+}
+
+pub trait Consumer: Send {
+    /// The next record. Cancel-safe: a caller may select on it and drop it without losing
+    /// a record.
+    fn recv(&mut self) -> BoxFuture<'_, Result<Record, String>>;
+
+    /// Rebalances since the last call, oldest first (group consumers; empty otherwise).
+    fn take_rebalances(&mut self) -> Vec<Rebalance>;
+
+    /// Commits the next offsets to read, `(partition, offset)` (group consumers). With
+    /// `wait`, returns once the group holds them.
+    fn commit(&mut self, offsets: &[(i32, i64)], wait: bool) -> Result<(), String>;
+}
+
+pub trait Bus: Send + Sync {
+    /// For logs: `kafka 127.0.0.1:9092`, `in-process`.
+    fn describe(&self) -> String;
+
+    /// Partitions of `im.upstream` and `im.messages` this bus creates.
+    fn partitions(&self) -> i32;
+
+    /// Creates the topics that do not exist yet, `(name, partitions)`.
+    fn ensure_topics<'a>(&'a self, topics: &'a [(&'a str, i32)]) -> BoxFuture<'a, Result<(), String>>;
+
+    /// A producer whose records wait at most `timeout_ms` for the bus (0: forever), batched
+    /// for up to `linger_ms`.
+    fn producer(&self, linger_ms: u32, timeout_ms: u32) -> Result<Arc<dyn Producer>, String>;
+
+    /// A member of consumer group `group` on `topic`, committing only what it is told.
+    fn group_consumer(&self, group: &str, topic: &str) -> Result<Box<dyn Consumer>, String>;
+
+    /// A consumer of chosen partitions of `topic` outside any group (commits nothing).
+    fn partition_consumer(
+        &self,
+        topic: &str,
+        partitions: &[(i32, Start)],
+    ) -> BoxFuture<'_, Result<Box<dyn Consumer>, String>>;
+
+    /// The next offset `group` committed on `topic`/`partition`, if any.
+    fn committed<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: i32,
+    ) -> BoxFuture<'a, Result<Option<i64>, String>>;
+
+    /// (first offset still held, next offset to be written) of a partition.
+    fn watermarks<'a>(&'a self, topic: &'a str, partition: i32) -> BoxFuture<'a, Result<(i64, i64), String>>;
+}
