@@ -231,6 +231,13 @@ struct StandaloneArgs {
     /// Where standalone keeps its state: the generated JWT secret and the SQLite database.
     #[arg(long, env = "IM_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
+    /// Messages are written to SQLite (and only then acknowledged) in batches of this many
+    /// rows...
+    #[arg(long, env = "IM_PERSIST_BATCH_ROWS", default_value_t = 500)]
+    batch_rows: usize,
+    /// ...or after this long: the added latency of a send.
+    #[arg(long, env = "IM_PERSIST_BATCH_MS", default_value_t = 5)]
+    batch_ms: u64,
 }
 
 #[derive(Args)]
@@ -456,14 +463,17 @@ fn run_gateway_until_signal(
         None => None,
         Some(end) => {
             let bcfg = im_pipeline::bridge::BridgeConfig {
-                kafka: p.kafka.config(),
                 gateway_id,
-                redis_url: p.redis_url.clone(),
-                presence_ttl_s: p.presence_ttl_s.max(3),
+                presence: im_pipeline::bridge::PresenceSink::Redis {
+                    url: p.redis_url.clone(),
+                    ttl_s: p.presence_ttl_s.max(3),
+                },
                 produce_timeout_ms: p.produce_timeout_ms.max(1),
                 linger_ms: 1,
             };
-            match im_pipeline::bridge::start(bcfg, end, stats) {
+            let bus: Arc<dyn im_pipeline::Bus> =
+                Arc::new(im_pipeline::KafkaBus::new(p.kafka.config()));
+            match im_pipeline::bridge::start(bcfg, bus, end, stats) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     handle.shutdown();
@@ -492,73 +502,183 @@ fn run_gateway_until_signal(
     Ok(())
 }
 
+/// Standalone: the gateway, logic's pipeline stage and REST API, and persist in one process,
+/// on the in-process bus, SQLite and in-memory presence (ARCHITECTURE.md, "standalone").
+/// The same code paths as the distributed mode; a send is acknowledged once persist has
+/// written it to SQLite (the in-process bus acknowledges `im.messages` after persist's
+/// commit), so an acknowledged message survives a crash.
 fn standalone(a: StandaloneArgs) -> Result<()> {
+    use im_pipeline::bus::memory::PARTITION_BYTES_MAX;
+    use im_shared::records::topics;
     let set = block_signals();
     let nofile = gateway_core::gateway::raise_nofile();
     refuse_if_served(a.gateway.ws_listen)?;
+    refuse_if_served(a.api.api_listen)?;
     let secret = match &a.gateway.jwt_secret {
         Some(s) => s.clone(),
         None => standalone_secret(&a.data_dir)?,
     };
-    let cfg = gateway_config(&a.gateway, secret.clone().into_bytes(), None, 1);
+    let mut cfg = gateway_config(&a.gateway, secret.clone().into_bytes(), None, 1);
     let ws = cfg.ws_listen;
     let api = a.api.api_listen;
+    let gateway_id = cfg.gateway_id.clone();
 
-    // The REST side runs on a small tokio runtime beside the gateway's pinned shard threads.
+    // Logic and persist run on a small tokio runtime beside the gateway's pinned shards.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("im-logic")
         .enable_all()
         .build()?;
+    std::fs::create_dir_all(&a.data_dir)
+        .map_err(|e| format!("creating {}: {e}", a.data_dir.display()))?;
     let db = a.data_dir.join("im.db");
-    let store = rt
-        .block_on(logic::store::SqliteStore::open(&db))
-        .map_err(|e| format!("opening {}: {e}", db.display()))?;
-    let (stop_api, stopped) = tokio::sync::oneshot::channel::<()>();
-    let api_cfg = a.api.config(&secret, format!("ws://{ws}/ws"));
+    let store: Arc<dyn logic::store::Store> = Arc::new(
+        rt.block_on(logic::store::SqliteStore::open(&db))
+            .map_err(|e| format!("opening {}: {e}", db.display()))?,
+    );
+    rt.block_on(store.migrate())
+        .map_err(|e| format!("migrating {}: {e}", db.display()))?;
+
+    let memory_bus = im_pipeline::MemoryBus::new(4, PARTITION_BYTES_MAX)
+        .ack_after_commit(topics::MESSAGES, persist::GROUP);
+    let bus: Arc<dyn im_pipeline::Bus> = Arc::new(memory_bus);
+    let presence = Arc::new(im_pipeline::presence::MemoryPresence::default());
+
+    // Persist first, then logic: each consumer is in its group before anything is produced.
+    let (stop_persist, persist_rx) = tokio::sync::watch::channel(false);
+    let persist_cfg = persist::PersistConfig {
+        batch_rows: a.batch_rows.max(1),
+        batch_ms: a.batch_ms.max(1),
+        ..Default::default()
+    };
+    let persist = persist::Persist::new(bus.clone(), store.clone(), persist_cfg);
+    let persist_stats = persist.stats();
+    let persist_task = rt.spawn(persist.run(persist_rx));
+
+    let (stop_logic, logic_rx) = tokio::sync::watch::channel(false);
+    let members = Arc::new(logic::pipeline::presence::Members::new(store.clone()));
+    let client = rt
+        .block_on(logic::pipeline::client::PipelineClient::start(
+            bus.clone(),
+            "standalone-logic",
+        ))
+        .map_err(|e| format!("the in-process bus: {e}"))?;
+    let stage_stats = Arc::new(logic::pipeline::PipelineStats::default());
+    let presence_dyn: Arc<dyn logic::pipeline::presence::Presence> = presence.clone();
+    let stage_task = rt.spawn(logic::pipeline::run(
+        bus.clone(),
+        store.clone(),
+        presence_dyn.clone(),
+        members.clone(),
+        logic::pipeline::PipelineConfig {
+            // The REST API's own ids use 1000, the gateway's shards 0..64.
+            worker_id: 1001,
+            ..Default::default()
+        },
+        stage_stats.clone(),
+        logic_rx.clone(),
+    ));
+
     // One revocation list for both: a logged-out token no longer opens a WebSocket.
     let revocations = Arc::new(logic::auth::MemoryRevocations::default());
     let seen_by_gateway = revocations.clone();
     let revoked: gateway_core::shard::RevokedCheck =
         Arc::new(move |jti: &str, now_s: u64| seen_by_gateway.contains(jti, now_s));
-    let server = rt.spawn(logic::serve(
-        Arc::new(store),
+    let mut api_stop = logic_rx.clone();
+    let server = rt.spawn(logic::serve_with(
+        store,
         revocations,
-        api_cfg,
+        a.api.config(&secret, format!("ws://{ws}/ws")),
         api,
+        Some(logic::api::Pipeline {
+            client,
+            members,
+            stats: stage_stats,
+            presence: presence_dyn,
+        }),
         async move {
-            let _ = stopped.await;
+            let _ = api_stop.wait_for(|s| *s).await;
         },
     ));
-    let gateway = Gateway::start_with_revocations(cfg, Some(revoked))?;
+
+    // Nothing expires in in-memory presence: no refreshes needed.
+    cfg.presence_refresh_ms = 3_600_000;
+    let bridge_stats = Arc::new(im_pipeline::bridge::BridgeStats::default());
+    let (bs, pst, gw) = (bridge_stats.clone(), persist_stats.clone(), gateway_id.clone());
+    let hook: gateway_core::shard::MetricsHook = Arc::new(move |out: &mut String| {
+        bs.render(&gw, out);
+        out.push_str(&persist::render_metrics(&pst));
+    });
+    let (gateway, end) = Gateway::start_with(cfg, Some(revoked), true, Some(hook))?;
+    let bridge = im_pipeline::bridge::start(
+        im_pipeline::bridge::BridgeConfig {
+            gateway_id,
+            presence: im_pipeline::bridge::PresenceSink::Memory(presence),
+            produce_timeout_ms: 5_000,
+            linger_ms: 0,
+        },
+        bus,
+        end.ok_or("the gateway returned no bridge end")?,
+        bridge_stats,
+    );
+    let bridge = match bridge {
+        Ok(b) => b,
+        Err(e) => {
+            gateway.shutdown();
+            let _ = gateway.join();
+            return Err(format!("starting the bridge: {e}").into());
+        }
+    };
 
     println!(
-        "im standalone: gateway, logic (SQLite in {}) and the local router in one process",
+        "im standalone: gateway, logic and persist in one process (SQLite in {}, in-process bus)",
         a.data_dir.display()
     );
-    println!("  REST       http://{api}/api/v1   (register: POST /users/register, login: POST /auth/login)");
-    println!("  WebSocket  ws://{ws}/ws?token=<JWT from login, or: im token --user 1>");
-    println!("  health     http://{ws}/healthz   metrics http://{ws}/metrics");
+    println!("  open       http://{api}/          the browser client");
+    println!("  REST       http://{api}/api/v1    WebSocket ws://{ws}/ws?token=<JWT from login>");
+    println!("  health     http://{ws}/healthz   metrics http://{ws}/metrics and http://{api}/metrics");
     println!("  open files {nofile}; stop with Ctrl-C (connections get close 1001)");
+    let mut crashed = false;
     loop {
-        if server.is_finished() {
-            gateway.shutdown();
-            gateway.join()?;
-            return match rt.block_on(server) {
-                Ok(Err(e)) => Err(format!("REST API on {api}: {e}").into()),
-                _ => Err("the REST API stopped".into()),
-            };
+        if server.is_finished() || stage_task.is_finished() || persist_task.is_finished() {
+            crashed = true;
+            break;
         }
         if let Some(sig) = wait_for_signal(&set, 500) {
             log::info!("signal {sig}: closing connections with 1001 and stopping");
             break;
         }
     }
-    let _ = stop_api.send(());
+    // In the order data flows: no new sends, then logic finishes its batch, then persist
+    // writes and commits what it holds (which acknowledges nothing new: the senders are gone,
+    // and an unacknowledged send is retried by its client with the same cid).
     gateway.shutdown();
     gateway.join()?;
-    let _ = rt.block_on(server);
-    Ok(())
+    bridge.stop();
+    let _ = stop_logic.send(true);
+    let mut errors: Vec<String> = Vec::new();
+    match rt.block_on(tokio::time::timeout(STOP_GRACE, stage_task)) {
+        Ok(Ok(Err(e))) => errors.push(format!("pipeline stage: {e}")),
+        Err(_) => log::warn!("the pipeline stage did not stop in {STOP_GRACE:?}"),
+        _ => {}
+    }
+    match rt.block_on(tokio::time::timeout(STOP_GRACE, server)) {
+        Ok(Ok(Err(e))) => errors.push(format!("REST API on {api}: {e}")),
+        Err(_) => log::warn!("the REST API did not stop in {STOP_GRACE:?}"),
+        _ => {}
+    }
+    let _ = stop_persist.send(true);
+    match rt.block_on(tokio::time::timeout(STOP_GRACE, persist_task)) {
+        Ok(Ok(Err(e))) => errors.push(format!("persist: {e}")),
+        Err(_) => log::warn!("persist did not stop in {STOP_GRACE:?}"),
+        _ => {}
+    }
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    match (crashed, errors.is_empty()) {
+        (_, false) => Err(errors.join("; ").into()),
+        (true, true) => Err("a part of the standalone server stopped unexpectedly".into()),
+        (false, true) => Ok(()),
+    }
 }
 
 fn logic_service(a: LogicArgs) -> Result<()> {
@@ -598,6 +718,8 @@ fn logic_service(a: LogicArgs) -> Result<()> {
         });
         let mut kafka = a.kafka.config();
         kafka.instance_id.get_or_insert_with(|| logic_id.clone());
+        let brokers = kafka.brokers.clone();
+        let bus: Arc<dyn im_pipeline::Bus> = Arc::new(im_pipeline::KafkaBus::new(kafka));
         let presence: Arc<dyn logic::pipeline::presence::Presence> = Arc::new(
             rt.block_on(logic::pipeline::presence::RedisPresence::connect(
                 &a.redis_url,
@@ -607,16 +729,17 @@ fn logic_service(a: LogicArgs) -> Result<()> {
         let members = Arc::new(logic::pipeline::presence::Members::new(store.clone()));
         let client = rt
             .block_on(logic::pipeline::client::PipelineClient::start(
-                &kafka, &logic_id,
+                bus.clone(),
+                &logic_id,
             ))
-            .map_err(|e| format!("Kafka at {}: {e}", kafka.brokers))?;
+            .map_err(|e| format!("Kafka at {brokers}: {e}"))?;
         let cfg = logic::pipeline::PipelineConfig {
-            kafka,
             worker_id: worker_id & im_shared::snowflake::WORKER_MAX,
             ..Default::default()
         };
         let stats = Arc::new(logic::pipeline::PipelineStats::default());
         pipeline_task = Some(rt.spawn(logic::pipeline::run(
+            bus,
             store.clone(),
             presence.clone(),
             members.clone(),
@@ -699,13 +822,13 @@ fn persist_service(a: PersistArgs) -> Result<()> {
         im_shared::records::topic_safe_id(&format!("persist-{}", hostname()))
     });
     let cfg = persist::PersistConfig {
-        kafka,
         batch_rows: a.batch_rows.max(1),
         batch_ms: a.batch_ms.max(1),
         ..Default::default()
     };
+    let bus: Arc<dyn im_pipeline::Bus> = Arc::new(im_pipeline::KafkaBus::new(kafka));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let task = rt.spawn(persist::run(store, cfg, stop_rx));
+    let task = rt.spawn(persist::run(bus, store, cfg, stop_rx));
     while !task.is_finished() {
         if wait_for_signal(&set, 500).is_some() {
             let _ = stop_tx.send(true);

@@ -1,5 +1,5 @@
 //! The persist service (ARCHITECTURE.md, "Processes"): consumes `im.messages` as consumer
-//! group "persist" and writes the messages to MySQL in batches, a multi-row INSERT per batch.
+//! group "persist" and writes the messages to MySQL (SQLite in standalone) in batches, a multi-row INSERT per batch.
 //!
 //! Why it is built this way:
 //! - **Batch ACK.** Offsets are committed only after the batch is in the database, so a crash
@@ -29,9 +29,9 @@ pub use batch::{Backoff, Batcher};
 pub use consumer::GROUP;
 pub use stats::{render_metrics, PersistStats};
 
+use im_pipeline::Bus;
 use im_shared::records::topics;
 use logic::store::Store;
-use rdkafka::consumer::Consumer;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -41,7 +41,6 @@ const SHUTDOWN_GRACE_MS: u64 = 5_000;
 
 #[derive(Clone, Debug)]
 pub struct PersistConfig {
-    pub kafka: im_pipeline::KafkaConfig,
     /// A batch is written when it holds this many rows…
     pub batch_rows: usize,
     /// …or this long after its first record arrived.
@@ -53,7 +52,6 @@ pub struct PersistConfig {
 impl Default for PersistConfig {
     fn default() -> Self {
         PersistConfig {
-            kafka: im_pipeline::KafkaConfig::default(),
             batch_rows: 500,
             batch_ms: 50,
             retry_max_ms: 5_000,
@@ -63,14 +61,16 @@ impl Default for PersistConfig {
 
 /// The service, before it runs: lets the caller keep its counters (`stats`) to serve them.
 pub struct Persist {
+    bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     cfg: PersistConfig,
     stats: Arc<PersistStats>,
 }
 
 impl Persist {
-    pub fn new(store: Arc<dyn Store>, cfg: PersistConfig) -> Persist {
+    pub fn new(bus: Arc<dyn Bus>, store: Arc<dyn Store>, cfg: PersistConfig) -> Persist {
         Persist {
+            bus,
             store,
             cfg,
             stats: Arc::new(PersistStats::default()),
@@ -88,21 +88,14 @@ impl Persist {
     /// database kept failing (what was left is uncommitted and will be read again).
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), String> {
         let cfg = &self.cfg;
-        cfg.kafka
-            .ensure_topics(&[(topics::MESSAGES, cfg.kafka.partitions)])
+        let bus = &self.bus;
+        bus.ensure_topics(&[(topics::MESSAGES, bus.partitions())])
             .await?;
-        let consumer: consumer::PersistConsumer = cfg
-            .kafka
-            .group_consumer(GROUP)
-            .create_with_context(consumer::PersistContext::default())
-            .map_err(|e| format!("kafka consumer on {}: {e}", cfg.kafka.brokers))?;
-        consumer
-            .subscribe(&[topics::MESSAGES])
-            .map_err(|e| format!("subscribing to {}: {e}", topics::MESSAGES))?;
+        let consumer = bus.group_consumer(GROUP, topics::MESSAGES)?;
         log::info!(
-            "persist: consuming {} on {} as group {GROUP} into {}, {} rows or {} ms a batch",
+            "persist: consuming {} on the {} as group {GROUP} into {}, {} rows or {} ms a batch",
             topics::MESSAGES,
-            cfg.kafka.brokers,
+            bus.describe(),
             self.store.backend(),
             cfg.batch_rows.max(1),
             cfg.batch_ms,
@@ -118,13 +111,14 @@ impl Persist {
     }
 }
 
-/// `Persist::new(store, cfg).run(shutdown)`, for callers that do not serve the counters.
+/// `Persist::new(bus, store, cfg).run(shutdown)`, for callers that do not serve the counters.
 pub async fn run(
+    bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     cfg: PersistConfig,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    Persist::new(store, cfg).run(shutdown).await
+    Persist::new(bus, store, cfg).run(shutdown).await
 }
 
 #[cfg(test)]
@@ -140,9 +134,10 @@ mod tests {
     /// `im persist` spawns it on its runtime: the future must be `Send` (checked by compiling).
     #[allow(dead_code)]
     fn run_is_spawnable(
+        bus: Arc<dyn Bus>,
         store: Arc<dyn Store>,
         rx: watch::Receiver<bool>,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send {
-        run(store, PersistConfig::default(), rx)
+        run(bus, store, PersistConfig::default(), rx)
     }
 }

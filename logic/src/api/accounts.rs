@@ -229,6 +229,33 @@ pub async fn get_profile(
     profile_of(&st, caller.user_id).await
 }
 
+/// `GET /users/{id}`: another user's public profile (a client names its conversations).
+pub async fn get_user(
+    S(st): S<State>,
+    _caller: Caller,
+    axum::extract::Path(raw): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = im_shared::conv::parse_id(&raw)
+        .ok_or_else(|| ApiError::bad(ErrorCode::InvalidField, "user id: a positive integer"))?;
+    profile_of(&st, id).await
+}
+
+/// `GET /users/by-name/{username}`: find a user to talk to by username (case-insensitive,
+/// as usernames are stored lower-case).
+pub async fn get_user_by_name(
+    S(st): S<State>,
+    _caller: Caller,
+    axum::extract::Path(raw): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = username(&raw)?;
+    let u = st
+        .store
+        .user_by_username(&name)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such user"))?;
+    profile_of(&st, u.id).await
+}
+
 #[derive(Deserialize)]
 pub struct ProfileUpdate {
     nickname: Option<String>,

@@ -5,6 +5,7 @@
 mod accounts;
 mod groups;
 mod messages;
+mod web;
 
 use crate::auth::{PasswordCost, Revocations};
 use crate::store::{Store, StoreError};
@@ -93,6 +94,8 @@ pub fn router(state: State) -> Router {
             "/users/profile",
             get(accounts::get_profile).put(accounts::put_profile),
         )
+        .route("/users/by-name/{username}", get(accounts::get_user_by_name))
+        .route("/users/{id}", get(accounts::get_user))
         .route("/openapi.json", get(openapi))
         .route("/messages/send", post(messages::send))
         .route("/messages/history", get(messages::history))
@@ -117,6 +120,9 @@ pub fn router(state: State) -> Router {
         );
     Router::new()
         .nest("/api/v1", api)
+        .route("/", get(web::index))
+        .route("/app.js", get(web::app_js))
+        .route("/style.css", get(web::style_css))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(|| async {

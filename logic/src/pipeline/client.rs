@@ -2,86 +2,71 @@
 //! record like a WebSocket `send`, and its answer comes back on this instance's own
 //! downstream topic (`im.downstream.<logic-id>`), matched by a request number in `conn`.
 
-use im_pipeline::KafkaConfig;
+use im_pipeline::bus::{Bus, Producer, Start};
 use im_shared::records::{self, topics, DownstreamBody, Versioned};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>;
+
 pub struct PipelineClient {
     id: String,
-    producer: FutureProducer,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>,
+    producer: Arc<dyn Producer>,
+    pending: Pending,
     next: AtomicU64,
-    stop: Arc<AtomicBool>,
+    /// Dropped with the client: the reply reader stops.
+    _stop: oneshot::Sender<()>,
 }
 
 /// Requests waiting for an answer at once; past it, `send` is refused (bounded).
 const PENDING_MAX: usize = 10_000;
 
 impl PipelineClient {
-    /// `id`: topic-safe and unique among logic instances.
-    pub async fn start(kafka: &KafkaConfig, id: &str) -> Result<Arc<PipelineClient>, String> {
+    /// `id`: topic-safe and unique among logic instances. Spawns the reply reader on the
+    /// current runtime.
+    pub async fn start(bus: Arc<dyn Bus>, id: &str) -> Result<Arc<PipelineClient>, String> {
         let topic = topics::downstream(id);
-        kafka
-            .ensure_topics(&[(&topic, 1), (topics::UPSTREAM, kafka.partitions)])
+        bus.ensure_topics(&[(&topic, 1), (topics::UPSTREAM, bus.partitions())])
             .await?;
-        let producer: FutureProducer = kafka
-            .producer(1, 10_000)
-            .create()
-            .map_err(|e| format!("kafka producer: {e}"))?;
-        let consumer: BaseConsumer = kafka
-            .plain_consumer()
-            .create()
-            .map_err(|e| format!("kafka consumer: {e}"))?;
-        let (_, high) = consumer
-            .fetch_watermarks(&topic, 0, Duration::from_secs(10))
-            .map_err(|e| format!("offsets of {topic}: {e}"))?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Offset(high))
-            .map_err(|e| e.to_string())?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| format!("assigning {topic}: {e}"))?;
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>> = Default::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (pending.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("im-logic-replies".into())
-            .spawn(move || {
-                while !s.load(Ordering::Acquire) {
-                    let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
-                        continue;
-                    };
-                    let Ok(rec) = records::Downstream::from_bytes(m.payload().unwrap_or_default())
-                    else {
-                        continue;
-                    };
-                    if let Some(DownstreamBody::Reply(r)) = rec.body {
-                        if let Some(tx) = p.lock().expect("not poisoned").remove(&r.conn) {
-                            let _ = tx.send(r.json);
-                        }
+        let producer = bus.producer(1, 10_000)?;
+        let mut consumer = bus.partition_consumer(&topic, &[(0, Start::End)]).await?;
+        let pending: Pending = Default::default();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let p = pending.clone();
+        tokio::spawn(async move {
+            loop {
+                let m = tokio::select! {
+                    _ = &mut stopped => break,
+                    m = consumer.recv() => m,
+                };
+                let Ok(m) = m else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let Ok(rec) = records::Downstream::from_bytes(&m.payload) else {
+                    continue;
+                };
+                if let Some(DownstreamBody::Reply(r)) = rec.body {
+                    if let Some(tx) = p.lock().expect("not poisoned").remove(&r.conn) {
+                        let _ = tx.send(r.json);
                     }
                 }
-            })
-            .map_err(|e| format!("spawning the reply reader: {e}"))?;
+            }
+        });
         Ok(Arc::new(PipelineClient {
             id: id.to_owned(),
             producer,
             pending,
             next: AtomicU64::new(1),
-            stop,
+            _stop: stop,
         }))
     }
 
     /// Sends a request and waits for its answer (the client JSON: `sent` or `error`).
-    /// `Err` when the broker did not take it, or no answer came in `timeout`.
+    /// `Err` when the bus did not take it, or no answer came in `timeout`.
     pub async fn request(
         &self,
         user: u64,
@@ -107,18 +92,12 @@ impl PipelineClient {
             body: Some(body),
         };
         let payload = rec.to_bytes();
-        let produced = self
-            .producer
-            .send(
-                FutureRecord::to(topics::UPSTREAM)
-                    .key(key)
-                    .payload(&payload),
-                Duration::ZERO,
-            )
-            .await;
+        let produced =
+            im_pipeline::bus::send_acked(&*self.producer, topics::UPSTREAM, None, key, &payload)
+                .await;
         let result = match produced {
-            Err((e, _)) => Err(format!("the message broker did not take the message: {e}")),
-            Ok(_) => match tokio::time::timeout(timeout, rx).await {
+            Err(e) => Err(format!("the message bus did not take the message: {e}")),
+            Ok(()) => match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(json)) => Ok(json),
                 _ => Err("no answer from the pipeline in time".into()),
             },
@@ -126,9 +105,7 @@ impl PipelineClient {
         self.pending.lock().expect("not poisoned").remove(&conn);
         result
     }
-}
 
-impl PipelineClient {
     /// Closes one connection on a gateway with 1008 (its token was revoked).
     pub fn close(&self, gateway: &str, conn: u64, reason: &str) -> Result<(), String> {
         let rec = records::Downstream {
@@ -142,14 +119,7 @@ impl PipelineClient {
         let topic = topics::downstream(gateway);
         let key = conn.to_string();
         self.producer
-            .send_result(FutureRecord::to(&topic).key(&key).payload(&payload))
-            .map(|_| ())
-            .map_err(|(e, _)| format!("closing a connection on {gateway}: {e}"))
-    }
-}
-
-impl Drop for PipelineClient {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+            .send(&topic, None, &key, &payload, None)
+            .map_err(|e| format!("closing a connection on {gateway}: {e}"))
     }
 }

@@ -19,28 +19,25 @@ pub mod presence;
 pub mod state;
 
 use crate::store::{MessageRow, Store};
-use im_pipeline::KafkaConfig;
+use im_pipeline::bus::{self, Bus, Producer, Rebalance, Record, SendError, Start};
 use im_shared::protocol::{self, Message, Target};
 use im_shared::records::{self, topics, DownstreamBody, Stored, UpstreamBody, Versioned};
 use im_shared::snowflake::Snowflake;
 use im_shared::{Conv, ErrorCode};
 use presence::{Members, Presence};
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::message::{Message as _, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use state::{Ack, Partition};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
+
+/// The persist service's consumer group: its committed offset in `im.messages` is where the
+/// database ends (recovery reads the log after it).
+const PERSIST_GROUP: &str = "persist";
 
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
-    pub kafka: KafkaConfig,
     /// Snowflake worker id of this instance (distinct per logic instance).
     pub worker_id: u16,
     /// Records taken per batch, and how long a batch waits to fill.
@@ -53,7 +50,6 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            kafka: KafkaConfig::default(),
             worker_id: 1,
             batch_max: 1000,
             batch_wait_ms: 2,
@@ -117,52 +113,18 @@ impl PipelineStats {
     }
 }
 
-/// Rebalances, recorded by the consumer's callbacks and applied by the loop between batches.
-#[derive(Default)]
-struct GroupContext {
-    events: Mutex<Vec<(bool, Vec<i32>)>>,
-}
-
-impl ClientContext for GroupContext {}
-
-impl ConsumerContext for GroupContext {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
-        let (assigned, tpl) = match r {
-            Rebalance::Assign(t) => (true, t),
-            Rebalance::Revoke(t) => (false, t),
-            Rebalance::Error(e) => {
-                log::warn!("logic: rebalance error: {e}");
-                return;
-            }
-        };
-        let parts = tpl
-            .elements()
-            .iter()
-            .map(|e| e.partition())
-            .collect::<Vec<_>>();
-        log::info!(
-            "logic: partitions {} {:?}",
-            if assigned { "assigned" } else { "revoked" },
-            parts
-        );
-        self.events
-            .lock()
-            .expect("not poisoned")
-            .push((assigned, parts));
-    }
-}
-
 struct Stage {
+    bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     presence: Arc<dyn Presence>,
     members: Arc<Members>,
     cfg: PipelineConfig,
-    /// Produces im.messages: waits for the broker as long as it takes (nothing is acked to a
-    /// sender before its message is in the log, and nothing may be skipped).
-    log: FutureProducer,
+    /// Produces im.messages: waits for the bus as long as it takes (nothing is acked to a
+    /// sender before its message is durable, and nothing may be skipped).
+    log: Arc<dyn Producer>,
     /// Produces downstream records: a live delivery that cannot go out in 10 s is dropped
     /// (the client's sync recovers it).
-    down: FutureProducer,
+    down: Arc<dyn Producer>,
     parts: HashMap<i32, Partition>,
     snowflake: Snowflake,
     stats: Arc<PipelineStats>,
@@ -173,9 +135,10 @@ struct Stage {
 
 const KNOWN_USERS_MAX: usize = 1 << 20;
 
-/// Runs the stage until `shutdown` turns true. Errors are fatal to the stage (the broker
+/// Runs the stage until `shutdown` turns true. Errors are fatal to the stage (the bus
 /// refused a message for good); the caller exits and a restart recovers.
 pub async fn run(
+    bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     presence: Arc<dyn Presence>,
     members: Arc<Members>,
@@ -183,28 +146,14 @@ pub async fn run(
     stats: Arc<PipelineStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let k = &cfg.kafka;
-    k.ensure_topics(&[
-        (topics::UPSTREAM, k.partitions),
-        (topics::MESSAGES, k.partitions),
-    ])
-    .await?;
-    let consumer: StreamConsumer<GroupContext> = k
-        .group_consumer("logic")
-        .create_with_context(GroupContext::default())
-        .map_err(|e| format!("kafka consumer: {e}"))?;
-    consumer
-        .subscribe(&[topics::UPSTREAM])
-        .map_err(|e| format!("subscribing: {e}"))?;
-    let log: FutureProducer = k
-        .producer(1, 0)
-        .create()
-        .map_err(|e| format!("kafka producer: {e}"))?;
-    let down: FutureProducer = k
-        .producer(1, 10_000)
-        .create()
-        .map_err(|e| format!("kafka producer: {e}"))?;
+    let n = bus.partitions();
+    bus.ensure_topics(&[(topics::UPSTREAM, n), (topics::MESSAGES, n)])
+        .await?;
+    let mut consumer = bus.group_consumer("logic", topics::UPSTREAM)?;
+    let log = bus.producer(1, 0)?;
+    let down = bus.producer(1, 10_000)?;
     let mut stage = Stage {
+        bus: bus.clone(),
         store,
         presence,
         members,
@@ -219,16 +168,17 @@ pub async fn run(
         known_users: Default::default(),
     };
     log::info!(
-        "logic pipeline: consuming {} in group logic",
-        topics::UPSTREAM
+        "logic pipeline: consuming {} in group logic on the {}",
+        topics::UPSTREAM,
+        bus.describe()
     );
-    let mut batch: Vec<OwnedMessage> = Vec::new();
+    let mut batch: Vec<Record> = Vec::new();
     loop {
         batch.clear();
         tokio::select! {
             _ = shutdown.changed() => {}
             m = consumer.recv() => match m {
-                Ok(m) => batch.push(m.detach()),
+                Ok(m) => batch.push(m),
                 Err(e) => {
                     log::warn!("logic: consume error: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -245,15 +195,15 @@ pub async fn run(
             tokio::select! {
                 _ = &mut wait => break,
                 m = consumer.recv() => match m {
-                    Ok(m) => batch.push(m.detach()),
+                    Ok(m) => batch.push(m),
                     Err(_) => break,
                 },
             }
         }
-        let events = std::mem::take(&mut *consumer.context().events.lock().expect("not poisoned"));
         // Assigned or revoked, a partition's state is rebuilt before its next record: another
         // instance may have written to it in between.
-        for (_, parts) in events {
+        for r in consumer.take_rebalances() {
+            let (Rebalance::Assigned(parts) | Rebalance::Revoked(parts)) = r;
             for p in parts {
                 stage.parts.remove(&p);
             }
@@ -268,22 +218,19 @@ pub async fn run(
             _ = shutdown.wait_for(|s| *s) => break,
         }
         // Everything in the batch is in im.messages: its upstream records are done.
-        let mut tpl = TopicPartitionList::new();
         let mut next: HashMap<i32, i64> = HashMap::new();
         for m in &batch {
-            let e = next.entry(m.partition()).or_insert(0);
-            *e = (*e).max(m.offset() + 1);
+            let e = next.entry(m.partition).or_insert(0);
+            *e = (*e).max(m.offset + 1);
         }
-        for (p, off) in next {
-            let _ = tpl.add_partition_offset(topics::UPSTREAM, p, Offset::Offset(off));
-        }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        let offsets: Vec<(i32, i64)> = next.into_iter().collect();
+        if let Err(e) = consumer.commit(&offsets, false) {
             // Not fatal: a replay is recognised as retries.
             log::warn!("logic: committing upstream offsets: {e}");
         }
     }
-    let _ = stage.log.flush(Duration::from_secs(5));
-    let _ = stage.down.flush(Duration::from_secs(5));
+    stage.log.flush(Duration::from_secs(5));
+    stage.down.flush(Duration::from_secs(5));
     Ok(())
 }
 
@@ -296,19 +243,19 @@ struct Pending {
 }
 
 impl Stage {
-    async fn process(&mut self, batch: &[OwnedMessage]) -> Result<(), String> {
+    async fn process(&mut self, batch: &[Record]) -> Result<(), String> {
         let mut sends: Vec<Pending> = Vec::new();
         for m in batch {
-            let p = m.partition();
+            let p = m.partition;
             if !self.parts.contains_key(&p) {
-                let part = recover(&self.cfg.kafka, p).await?;
+                let part = recover(&*self.bus, p).await?;
                 self.parts.insert(p, part);
             }
-            let up = match records::Upstream::from_bytes(m.payload().unwrap_or_default()) {
+            let up = match records::Upstream::from_bytes(&m.payload) {
                 Ok(u) => u,
                 Err(e) => {
                     self.stats.bad_records_total.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("logic: skipping upstream record {p}/{}: {e}", m.offset());
+                    log::warn!("logic: skipping upstream record {p}/{}: {e}", m.offset);
                     continue;
                 }
             };
@@ -420,14 +367,14 @@ impl Stage {
                     ts,
                 },
             );
-            futures.push(self.produce_log(&rec, s.partition).await);
+            futures.push(self.produce_log(&rec, s.partition).await?);
             fresh.push((s, rec));
         }
         // The durability point: every new message of the batch is in im.messages.
         for f in futures {
             match f.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(format!("producing to {}: {e}", topics::MESSAGES)),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("producing to {}: {e}", topics::MESSAGES)),
                 Err(_) => return Err("the producer went away".into()),
             }
         }
@@ -450,17 +397,30 @@ impl Stage {
         Ok(())
     }
 
-    async fn produce_log(&self, rec: &Stored, partition: i32) -> rdkafka::producer::DeliveryFuture {
+    /// Queues a message for `im.messages`, in the partition its request came from; the
+    /// receiver hears when it is durable.
+    async fn produce_log(
+        &self,
+        rec: &Stored,
+        partition: i32,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, String> {
         let payload = rec.to_bytes();
         loop {
-            let r = FutureRecord::to(topics::MESSAGES)
-                .partition(partition)
-                .key(rec.conv.as_str())
-                .payload(&payload);
-            match self.log.send_result(r) {
-                Ok(f) => return f,
-                // The producer's queue is full: the broker is slow or down; wait for room.
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            let (tx, rx) = oneshot::channel();
+            let done: bus::Done = Box::new(move |r| {
+                let _ = tx.send(r);
+            });
+            let key = rec.conv.as_str();
+            match self
+                .log
+                .send(topics::MESSAGES, Some(partition), key, &payload, Some(done))
+            {
+                Ok(()) => return Ok(rx),
+                // The queue is full: the bus is slow or down; wait for room.
+                Err(SendError::QueueFull) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(SendError::Failed(e)) => {
+                    return Err(format!("producing to {}: {e}", topics::MESSAGES))
+                }
             }
         }
     }
@@ -565,12 +525,11 @@ impl Stage {
         };
         let payload = rec.to_bytes();
         let topic = topics::downstream(gateway);
-        let r = FutureRecord::to(&topic).key(key).payload(&payload);
-        match self.down.send_result(r) {
-            Ok(_) => {
+        match self.down.send(&topic, None, key, &payload, None) {
+            Ok(()) => {
                 self.stats.deliveries_total.fetch_add(1, Ordering::Relaxed);
             }
-            Err((e, _)) => log::warn!("logic: dropping a record for {topic}: {e}"),
+            Err(e) => log::warn!("logic: dropping a record for {topic}: {e}"),
         }
     }
 
@@ -695,7 +654,7 @@ impl Stage {
 
 /// Sends one client frame to the requesting connection (from tasks off the batch loop; a
 /// reply that cannot be queued is dropped: the client's request times out and is retried).
-fn reply_to(down: &FutureProducer, up: &records::Upstream, json: Vec<u8>) {
+fn reply_to(down: &Arc<dyn Producer>, up: &records::Upstream, json: Vec<u8>) {
     let rec = records::Downstream {
         version: records::VERSION,
         body: Some(DownstreamBody::Reply(records::Reply {
@@ -706,7 +665,7 @@ fn reply_to(down: &FutureProducer, up: &records::Upstream, json: Vec<u8>) {
     let payload = rec.to_bytes();
     let topic = topics::downstream(&up.reply_to);
     let key = up.conn.to_string();
-    let _ = down.send_result(FutureRecord::to(&topic).key(&key).payload(&payload));
+    let _ = down.send(&topic, None, &key, &payload, None);
 }
 
 /// Retries a database read with capped backoff until it works: nothing of the batch has been
@@ -838,35 +797,12 @@ fn message_of_row(r: &MessageRow, conv: Conv) -> Message {
 
 /// Rebuilds a partition's state: the persist group's committed offset in `im.messages` is
 /// where the database ends; the records after it are read back.
-async fn recover(kafka: &KafkaConfig, partition: i32) -> Result<Partition, String> {
-    let kafka = kafka.clone();
-    tokio::task::spawn_blocking(move || recover_blocking(&kafka, partition))
-        .await
-        .map_err(|e| format!("recovery task: {e}"))?
-}
-
-fn recover_blocking(kafka: &KafkaConfig, partition: i32) -> Result<Partition, String> {
-    let timeout = Duration::from_secs(10);
-    let mut cfg = kafka.plain_consumer();
-    // Reading the persist group's offsets does not join the group.
-    cfg.set("group.id", "persist");
-    let reader: BaseConsumer = cfg.create().map_err(|e| format!("kafka consumer: {e}"))?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topics::MESSAGES, partition);
-    let committed = reader
-        .committed_offsets(tpl, timeout)
-        .map_err(|e| format!("persist's offsets: {e}"))?;
-    let from = committed
-        .find_partition(topics::MESSAGES, partition)
-        .map(|e| e.offset())
-        .unwrap_or(Offset::Beginning);
-    let (low, high) = reader
-        .fetch_watermarks(topics::MESSAGES, partition, timeout)
-        .map_err(|e| format!("offsets of {}/{partition}: {e}", topics::MESSAGES))?;
-    let start = match from {
-        Offset::Offset(o) if o >= low => o,
-        _ => low,
-    };
+async fn recover(bus: &dyn Bus, partition: i32) -> Result<Partition, String> {
+    let committed = bus
+        .committed(PERSIST_GROUP, topics::MESSAGES, partition)
+        .await?;
+    let (low, high) = bus.watermarks(topics::MESSAGES, partition).await?;
+    let start = committed.unwrap_or(low).max(low);
     let mut part = Partition::default();
     if start >= high {
         log::info!(
@@ -874,28 +810,26 @@ fn recover_blocking(kafka: &KafkaConfig, partition: i32) -> Result<Partition, St
         );
         return Ok(part);
     }
-    let mut assign = TopicPartitionList::new();
-    assign
-        .add_partition_offset(topics::MESSAGES, partition, Offset::Offset(start))
-        .map_err(|e| e.to_string())?;
-    reader
-        .assign(&assign)
-        .map_err(|e| format!("assigning: {e}"))?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut reader = bus
+        .partition_consumer(topics::MESSAGES, &[(partition, Start::Offset(start))])
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let mut next = start;
     while next < high {
-        if std::time::Instant::now() > deadline {
-            return Err(format!(
-                "recovering partition {partition}: the tail did not arrive in 120 s"
-            ));
-        }
-        match reader.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                part.replay(m.payload().unwrap_or_default());
-                next = m.offset() + 1;
+        match tokio::time::timeout_at(deadline, reader.recv()).await {
+            Err(_) => {
+                return Err(format!(
+                    "recovering partition {partition}: the tail did not arrive in 120 s"
+                ))
             }
-            Some(Err(e)) => log::warn!("logic: reading the tail of {partition}: {e}"),
-            None => {}
+            Ok(Ok(m)) => {
+                part.replay(&m.payload);
+                next = m.offset + 1;
+            }
+            Ok(Err(e)) => {
+                log::warn!("logic: reading the tail of {partition}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
     log::info!(

@@ -80,6 +80,18 @@ impl Presence for RedisPresence {
     }
 }
 
+/// Presence in the process's memory (standalone: the gateway's bridge writes it).
+#[async_trait]
+impl Presence for presence::MemoryPresence {
+    async fn gateways(&self, users: &[u64]) -> Result<HashMap<u64, Vec<String>>, String> {
+        Ok(presence::MemoryPresence::gateways(self, users))
+    }
+
+    async fn connections(&self, user: u64) -> Result<Vec<(String, u64, String)>, String> {
+        Ok(presence::MemoryPresence::connections(self, user))
+    }
+}
+
 /// Group member lists, cached. An entry is trusted for `TTL`; a membership change made
 /// through this instance's REST API drops it at once (`invalidate`). Other instances see a
 /// change within `TTL`: a member who just left may get up to a second of messages, and one who

@@ -1,0 +1,311 @@
+// End-to-end test of the browser chat client (logic/web) in headless Chromium: two users in
+// two browser contexts register, chat 1:1 and in a group, one goes away and comes back to
+// unread counts and missed messages, and a message that looks like HTML stays text.
+//
+//   IM_BASE_URL=http://127.0.0.1:18080 IM_OUT_DIR=/tmp/shots node tests/browser/chat.mjs
+//
+// IM_BASE_URL serves the page and the REST API; the page finds the WebSocket from the login
+// answer. IM_OUT_DIR receives alice.png and bob.png (failure-*.png when a step fails).
+// CHROMIUM (default /usr/bin/chromium) is the browser binary: playwright-core downloads none.
+//
+// Prints "browser e2e: ok" and exits 0, or names the failed step and exits 1.
+
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+
+const BASE_URL = process.env.IM_BASE_URL;
+const OUT_DIR = process.env.IM_OUT_DIR;
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+if (!BASE_URL || !OUT_DIR) {
+  console.error('browser e2e: IM_BASE_URL and IM_OUT_DIR must be set');
+  process.exit(2);
+}
+mkdirSync(OUT_DIR, { recursive: true });
+
+const STEP_TIMEOUT_MS = 15_000;
+const RUN_TIMEOUT_MS = 100_000;   // the whole run; a hang must not outlive CI's patience
+const PASSWORD = `pw-${randomBytes(8).toString('hex')}`;
+const suffix = randomBytes(4).toString('hex');
+const ALICE = `alice-${suffix}`;
+const BOB = `bob-${suffix}`;
+const XSS = '<img src=x onerror="window.__xss=1">';
+
+// What the pages said: console messages and uncaught errors, printed on failure.
+const logs = [];
+const pageErrors = [];
+const pages = { alice: null, bob: null };
+let step = 'launch';
+
+function watch(page, who) {
+  page.on('console', (m) => logs.push(`[${who}] console.${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => {
+    pageErrors.push(`[${who}] ${e.message}`);
+    logs.push(`[${who}] pageerror: ${e.stack || e.message}`);
+  });
+  page.on('requestfailed', (r) => {
+    logs.push(`[${who}] request failed: ${r.method()} ${r.url()} ${r.failure()?.errorText || ''}`);
+  });
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/// Polls `probe` until it returns true; anything else it returns describes what it saw, and
+/// goes into the error when time is up.
+async function until(what, probe, timeoutMs = STEP_TIMEOUT_MS) {
+  const deadline = Date.now() + timeoutMs;
+  let seen;
+  for (;;) {
+    try {
+      seen = await probe();
+      if (seen === true) return;
+    } catch (e) {
+      seen = `error: ${e.message.split('\n')[0]}`;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`${step}: timed out after ${timeoutMs} ms waiting for ${what}; last seen: ${JSON.stringify(seen)}`);
+    }
+    await sleep(100);
+  }
+}
+
+function check(ok, what) {
+  if (!ok) throw new Error(`${step}: ${what}`);
+}
+
+// Reading the page through its data-testid hooks.
+
+const byTestId = (page, id) => page.locator(`[data-testid="${id}"]`);
+
+async function text(page, id) {
+  return (await byTestId(page, id).textContent()) ?? '';
+}
+
+/// The messages of the open conversation, top to bottom.
+function messagesOf(page) {
+  return page.$$eval('[data-testid="messages"] [data-testid="message"]', (els) =>
+    els.map((e) => ({
+      id: e.dataset.id,
+      seq: e.dataset.seq === undefined ? null : Number(e.dataset.seq),
+      state: e.dataset.state,
+      text: e.querySelector('[data-testid="message-content"]')?.textContent ?? null,
+    })));
+}
+
+async function openConvId(page) {
+  return (await byTestId(page, 'messages').getAttribute('data-conv')) || '';
+}
+
+/// The unread badge of a conversation in the list: a number, or null when it is not listed.
+function unreadOf(page, conv) {
+  return page.evaluate((c) => {
+    const item = [...document.querySelectorAll('[data-testid="conv-item"]')].find((e) => e.dataset.conv === c);
+    if (!item) return null;
+    const badge = item.querySelector('[data-testid="unread"]');
+    return !badge || badge.hidden ? 0 : Number(badge.textContent);
+  }, conv);
+}
+
+function convItem(page, conv) {
+  return page.locator(`[data-testid="conv-item"][data-conv="${conv}"]`);
+}
+
+// Actions.
+
+async function waitConnected(page, who) {
+  await until(`${who}'s conn-state to be "connected"`, async () => {
+    const t = await text(page, 'conn-state');
+    return t === 'connected' || t;
+  });
+}
+
+async function register(page, who, username) {
+  await page.goto(BASE_URL, { waitUntil: 'domcontentloaded' });
+  await byTestId(page, 'login-username').fill(username);
+  await byTestId(page, 'login-password').fill(PASSWORD);
+  await byTestId(page, 'register-submit').click();
+  await until(`${who} to be logged in as ${username}`, async () => {
+    const me = byTestId(page, 'me');
+    if (await me.isVisible() && (await me.textContent()) === username) return true;
+    return `me="${await me.textContent()}", error="${await text(page, 'error')}"`;
+  });
+  await waitConnected(page, who);
+}
+
+async function openConversation(page, who, conv) {
+  await convItem(page, conv).click();
+  await until(`${who} to open ${conv}`, async () => (await openConvId(page)) === conv || openConvId(page));
+}
+
+/// Sends `content` in the open conversation and waits for the server's `sent` (the pending
+/// marker gone, a seq shown).
+async function send(page, who, content) {
+  await byTestId(page, 'compose-input').fill(content);
+  await byTestId(page, 'compose-send').click();
+  await until(`${who}'s "${content}" to be sent`, async () => {
+    const all = await messagesOf(page);
+    const mine = all.filter((m) => m.text === content);
+    const ok = mine.length === 1 && mine[0].state === 'sent' && mine[0].seq > 0 && !all.some((m) => m.state !== 'sent');
+    return ok || { matching: mine, error: await text(page, 'error') };
+  });
+}
+
+async function waitMessage(page, who, content) {
+  await until(`${who} to see "${content}"`, async () => {
+    const all = await messagesOf(page);
+    return all.some((m) => m.text === content && m.state === 'sent') || all.map((m) => m.text);
+  });
+}
+
+async function newUserPage(context, who) {
+  const page = await context.newPage();
+  watch(page, who);
+  page.setDefaultTimeout(STEP_TIMEOUT_MS);
+  pages[who] = page;
+  return page;
+}
+
+async function main() {
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--disable-background-networking'],
+  });
+  try {
+    await scenario(browser);
+  } catch (e) {
+    await failureReport(e);
+    await browser.close().catch(() => {});
+    process.exit(1);
+  }
+  await browser.close();
+  console.log('browser e2e: ok');
+  process.exit(0);
+}
+
+async function scenario(browser) {
+  const viewport = { width: 1100, height: 720 };
+  const aliceCtx = await browser.newContext({ viewport });
+  const bobCtx = await browser.newContext({ viewport });
+  const alice = await newUserPage(aliceCtx, 'alice');
+  let bob = await newUserPage(bobCtx, 'bob');
+
+  step = 'a. register and log in';
+  await Promise.all([register(alice, 'alice', ALICE), register(bob, 'bob', BOB)]);
+
+  step = 'b. 1:1 conversation';
+  await byTestId(alice, 'open-user-input').fill(BOB);
+  await byTestId(alice, 'open-user-submit').click();
+  await until('alice to open the conversation with bob', async () => {
+    const conv = await openConvId(alice);
+    return conv.startsWith('p:') || `open: "${conv}", error: "${await text(alice, 'error')}"`;
+  });
+  const pair = await openConvId(alice);
+  await until('alice\'s header to name bob', async () => (await text(alice, 'conv-title')) === BOB || text(alice, 'conv-title'));
+  await send(alice, 'alice', 'hello bob');
+  await until('bob\'s list to show the conversation with unread 1 (live)', async () =>
+    (await unreadOf(bob, pair)) === 1 || { unread: await unreadOf(bob, pair) });
+  await until('bob\'s list to name alice', async () => {
+    const t = await convItem(bob, pair).locator('.conv-name').textContent();
+    return t === ALICE || t;
+  });
+  await openConversation(bob, 'bob', pair);
+  await waitMessage(bob, 'bob', 'hello bob');
+  await until('bob\'s badge to clear once the conversation is open', async () =>
+    (await unreadOf(bob, pair)) === 0 || { unread: await unreadOf(bob, pair) });
+  await send(bob, 'bob', 'hi alice');
+  await waitMessage(alice, 'alice', 'hi alice');
+
+  step = 'c. group';
+  await byTestId(alice, 'group-create-name').fill(`team-${suffix}`);
+  await byTestId(alice, 'group-create-submit').click();
+  await until('alice to see the new group\'s id', async () => {
+    const id = await text(alice, 'group-id');
+    return /^[0-9]+$/.test(id) || `group-id: "${id}", error: "${await text(alice, 'error')}"`;
+  });
+  const groupId = await text(alice, 'group-id');
+  const group = `g:${groupId}`;
+  await until('alice to have the group open and listed', async () =>
+    ((await openConvId(alice)) === group && (await convItem(alice, group).count()) === 1) || openConvId(alice));
+  await byTestId(bob, 'group-join-id').fill(groupId);
+  await byTestId(bob, 'group-join-submit').click();
+  await until('bob to have joined and opened the group', async () => {
+    const open = await openConvId(bob);
+    const shown = await text(bob, 'group-id');
+    const listed = await convItem(bob, group).count();
+    return (open === group && shown === groupId && listed === 1) || { open, shown, listed, error: await text(bob, 'error') };
+  });
+  await send(alice, 'alice', 'hello group');
+  await waitMessage(bob, 'bob', 'hello group');
+
+  step = 'd. offline and back';
+  await bob.close();
+  pages.bob = null;
+  await openConversation(alice, 'alice', pair);
+  await send(alice, 'alice', 'while you were away 1');
+  await send(alice, 'alice', 'while you were away 2');
+  await openConversation(alice, 'alice', group);
+  await send(alice, 'alice', 'group while you were away');
+  bob = await newUserPage(bobCtx, 'bob');
+  await bob.goto(BASE_URL, { waitUntil: 'domcontentloaded' });
+  await waitConnected(bob, 'bob (new page)');
+  check((await text(bob, 'me')) === BOB, `the new page shows "${await text(bob, 'me')}" logged in, not ${BOB}`);
+  await until('bob\'s 1:1 conversation to show unread 2', async () =>
+    (await unreadOf(bob, pair)) === 2 || { unread: await unreadOf(bob, pair) });
+  await until('bob\'s group conversation to show unread 1', async () =>
+    (await unreadOf(bob, group)) === 1 || { unread: await unreadOf(bob, group) });
+  await openConversation(bob, 'bob', pair);
+  await until('bob to see the missed messages after the earlier ones, in order', async () => {
+    const texts = (await messagesOf(bob)).map((m) => m.text);
+    const want = ['hello bob', 'hi alice', 'while you were away 1', 'while you were away 2'];
+    return JSON.stringify(texts) === JSON.stringify(want) || texts;
+  });
+  const seqs = (await messagesOf(bob)).map((m) => m.seq);
+  check(seqs.every((s, i) => i === 0 || s > seqs[i - 1]), `messages are not in seq order: ${seqs}`);
+  await until('bob\'s badge to clear', async () => (await unreadOf(bob, pair)) === 0 || { unread: await unreadOf(bob, pair) });
+
+  step = 'e. HTML in a message stays text';
+  await openConversation(alice, 'alice', pair);
+  await send(alice, 'alice', XSS);
+  await waitMessage(bob, 'bob', XSS);
+  for (const [who, page] of [['alice', alice], ['bob', bob]]) {
+    const images = await page.locator('[data-testid="messages"] img').count();
+    check(images === 0, `${who}'s message pane holds ${images} img element(s)`);
+    const flag = await page.evaluate(() => typeof window.__xss);
+    check(flag === 'undefined', `window.__xss is set on ${who}'s page: the message ran as HTML`);
+  }
+
+  step = 'f. screenshots';
+  await alice.screenshot({ path: path.join(OUT_DIR, 'alice.png') });
+  await bob.screenshot({ path: path.join(OUT_DIR, 'bob.png') });
+  check(pageErrors.length === 0, `uncaught errors in the pages:\n  ${pageErrors.join('\n  ')}`);
+}
+
+async function failureReport(e) {
+  console.error(`browser e2e: FAILED in step ${step}`);
+  console.error(e && e.stack ? e.stack : String(e));
+  for (const [who, page] of Object.entries(pages)) {
+    if (!page || page.isClosed()) continue;
+    const file = path.join(OUT_DIR, `failure-${who}.png`);
+    try {
+      await page.screenshot({ path: file, timeout: 5_000 });
+      console.error(`  screenshot: ${file}`);
+    } catch (err) {
+      console.error(`  no screenshot of ${who}: ${err.message.split('\n')[0]}`);
+    }
+  }
+  console.error(logs.length ? `console and page errors (${logs.length}):` : 'no console output from the pages');
+  for (const line of logs) console.error(`  ${line}`);
+}
+
+const watchdog = setTimeout(async () => {
+  await failureReport(new Error(`${step}: the whole run took longer than ${RUN_TIMEOUT_MS} ms`));
+  process.exit(1);
+}, RUN_TIMEOUT_MS);
+watchdog.unref();
+
+main().catch(async (e) => {
+  await failureReport(e);
+  process.exit(1);
+});
