@@ -604,7 +604,11 @@ fn standalone(a: StandaloneArgs) -> Result<()> {
     // Nothing expires in in-memory presence: no refreshes needed.
     cfg.presence_refresh_ms = 3_600_000;
     let bridge_stats = Arc::new(im_pipeline::bridge::BridgeStats::default());
-    let (bs, pst, gw) = (bridge_stats.clone(), persist_stats.clone(), gateway_id.clone());
+    let (bs, pst, gw) = (
+        bridge_stats.clone(),
+        persist_stats.clone(),
+        gateway_id.clone(),
+    );
     let hook: gateway_core::shard::MetricsHook = Arc::new(move |out: &mut String| {
         bs.render(&gw, out);
         out.push_str(&persist::render_metrics(&pst));
@@ -636,7 +640,9 @@ fn standalone(a: StandaloneArgs) -> Result<()> {
     );
     println!("  open       http://{api}/          the browser client");
     println!("  REST       http://{api}/api/v1    WebSocket ws://{ws}/ws?token=<JWT from login>");
-    println!("  health     http://{ws}/healthz   metrics http://{ws}/metrics and http://{api}/metrics");
+    println!(
+        "  health     http://{ws}/healthz   metrics http://{ws}/metrics and http://{api}/metrics"
+    );
     println!("  open files {nofile}; stop with Ctrl-C (connections get close 1001)");
     let mut crashed = false;
     loop {

@@ -182,9 +182,7 @@ struct MemoryEntry {
 }
 
 impl MemoryPresence {
-    fn users(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Vec<MemoryEntry>>> {
+    fn users(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Vec<MemoryEntry>>> {
         self.users
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -248,11 +248,10 @@ pub async fn get_user_by_name(
     axum::extract::Path(raw): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let name = username(&raw)?;
-    let u = st
-        .store
-        .user_by_username(&name)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such user"))?;
+    let u =
+        st.store.user_by_username(&name).await?.ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such user")
+        })?;
     profile_of(&st, u.id).await
 }
 

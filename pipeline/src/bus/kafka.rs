@@ -9,7 +9,9 @@ use rdkafka::consumer::{
     StreamConsumer,
 };
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -66,10 +68,12 @@ impl Producer for KafkaProducer {
         if let Some(p) = partition {
             rec = rec.partition(p);
         }
-        self.inner.send(rec).map_err(|(e, _)| match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
-            _ => SendError::Failed(e.to_string()),
-        })
+        self.inner
+            .send(rec)
+            .map_err(|(e, _)| match e.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
+                _ => SendError::Failed(e.to_string()),
+            })
     }
 
     fn in_flight(&self) -> usize {
@@ -189,7 +193,10 @@ impl Bus for KafkaBus {
         self.cfg.partitions
     }
 
-    fn ensure_topics<'a>(&'a self, topics: &'a [(&'a str, i32)]) -> BoxFuture<'a, Result<(), String>> {
+    fn ensure_topics<'a>(
+        &'a self,
+        topics: &'a [(&'a str, i32)],
+    ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(self.cfg.ensure_topics(topics))
     }
 
@@ -267,7 +274,10 @@ impl Bus for KafkaBus {
                 .committed_offsets(tpl, QUERY_TIMEOUT)
                 .map_err(|e| format!("offsets of group {group}: {e}"))?;
             Ok(
-                match committed.find_partition(&topic, partition).map(|e| e.offset()) {
+                match committed
+                    .find_partition(&topic, partition)
+                    .map(|e| e.offset())
+                {
                     Some(Offset::Offset(o)) => Some(o),
                     _ => None,
                 },
@@ -275,7 +285,11 @@ impl Bus for KafkaBus {
         }))
     }
 
-    fn watermarks<'a>(&'a self, topic: &'a str, partition: i32) -> BoxFuture<'a, Result<(i64, i64), String>> {
+    fn watermarks<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+    ) -> BoxFuture<'a, Result<(i64, i64), String>> {
         let (cfg, topic) = (self.cfg.clone(), topic.to_owned());
         Box::pin(blocking(move || {
             let reader: BaseConsumer = cfg

@@ -381,7 +381,10 @@ impl Bus for MemoryBus {
         self.inner.partitions
     }
 
-    fn ensure_topics<'a>(&'a self, topics: &'a [(&'a str, i32)]) -> BoxFuture<'a, Result<(), String>> {
+    fn ensure_topics<'a>(
+        &'a self,
+        topics: &'a [(&'a str, i32)],
+    ) -> BoxFuture<'a, Result<(), String>> {
         let mut st = self.inner.lock();
         for &(name, parts) in topics {
             if st.topics.contains_key(name) {
@@ -490,7 +493,11 @@ impl Bus for MemoryBus {
         Box::pin(std::future::ready(Ok(c)))
     }
 
-    fn watermarks<'a>(&'a self, topic: &'a str, partition: i32) -> BoxFuture<'a, Result<(i64, i64), String>> {
+    fn watermarks<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+    ) -> BoxFuture<'a, Result<(i64, i64), String>> {
         let st = self.inner.lock();
         let w = st
             .topics
@@ -545,7 +552,10 @@ mod tests {
                     .unwrap();
             }
             let mut c = bus.group_consumer("g", "t").unwrap();
-            assert_eq!(c.take_rebalances(), vec![Rebalance::Assigned(vec![0, 1, 2, 3])]);
+            assert_eq!(
+                c.take_rebalances(),
+                vec![Rebalance::Assigned(vec![0, 1, 2, 3])]
+            );
             let first = next(&mut c).await;
             assert_eq!(first.offset, 0);
             for i in 1..20 {
@@ -564,12 +574,16 @@ mod tests {
             bus.ensure_topics(&[("m", 1)]).await.unwrap();
             let p = bus.producer(0, 0).unwrap();
             let p2 = p.clone();
-            let acked = tokio::spawn(async move { send_acked(&*p2, "m", Some(0), "k", b"a").await });
+            let acked =
+                tokio::spawn(async move { send_acked(&*p2, "m", Some(0), "k", b"a").await });
             tokio::task::yield_now().await;
             assert_eq!(p.in_flight(), 1);
             assert!(!acked.is_finished());
             let mut c = bus.group_consumer("persist", "m").unwrap();
-            assert!(bus.group_consumer("persist", "m").is_err(), "one member per group");
+            assert!(
+                bus.group_consumer("persist", "m").is_err(),
+                "one member per group"
+            );
             assert_eq!(next(&mut c).await.payload, b"a");
             // Read but not committed: not acknowledged, and a new member reads it again.
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -582,7 +596,11 @@ mod tests {
             assert_eq!(acked.await.unwrap(), Ok(()));
             assert_eq!(p.in_flight(), 0);
             assert_eq!(bus.committed("persist", "m", 0).await.unwrap(), Some(1));
-            assert_eq!(bus.watermarks("m", 0).await.unwrap(), (1, 1), "trimmed once committed");
+            assert_eq!(
+                bus.watermarks("m", 0).await.unwrap(),
+                (1, 1),
+                "trimmed once committed"
+            );
         });
     }
 
@@ -595,7 +613,10 @@ mod tests {
             // Nobody reads yet: kept for a reader to come.
             p.send("d", None, "k", b"0123456789", None).unwrap();
             assert_eq!(bus.held_bytes("d"), 10);
-            let mut c = bus.partition_consumer("d", &[(0, Start::End)]).await.unwrap();
+            let mut c = bus
+                .partition_consumer("d", &[(0, Start::End)])
+                .await
+                .unwrap();
             p.send("d", None, "k", b"0123456789", None).unwrap();
             assert_eq!(
                 p.send("d", None, "k", b"x", None),
@@ -617,7 +638,10 @@ mod tests {
             acked.ensure_topics(&[("m", 1)]).await.unwrap();
             let p = acked.producer(0, 0).unwrap();
             p.send("m", None, "k", b"0123456789", None).unwrap();
-            assert_eq!(p.send("m", None, "k", b"x", None), Err(SendError::QueueFull));
+            assert_eq!(
+                p.send("m", None, "k", b"x", None),
+                Err(SendError::QueueFull)
+            );
         });
     }
 
@@ -631,7 +655,10 @@ mod tests {
             for i in 0..3u8 {
                 p.send("t", Some(1), "", &[i], None).unwrap();
             }
-            let mut tail = bus.partition_consumer("t", &[(1, Start::Offset(1))]).await.unwrap();
+            let mut tail = bus
+                .partition_consumer("t", &[(1, Start::Offset(1))])
+                .await
+                .unwrap();
             assert_eq!(next(&mut tail).await.payload, [1]);
             assert_eq!(next(&mut tail).await.payload, [2]);
             let bus2 = bus.clone();
@@ -645,7 +672,11 @@ mod tests {
             for _ in 0..4 {
                 next(&mut g).await;
             }
-            assert_eq!(bus.watermarks("t", 1).await.unwrap(), (0, 4), "uncommitted: kept");
+            assert_eq!(
+                bus.watermarks("t", 1).await.unwrap(),
+                (0, 4),
+                "uncommitted: kept"
+            );
             g.commit(&[(1, 4)], true).unwrap();
             drop(tail);
             p.send("t", Some(1), "", &[4], None).unwrap();

@@ -137,7 +137,10 @@ pub trait Bus: Send + Sync {
     fn partitions(&self) -> i32;
 
     /// Creates the topics that do not exist yet, `(name, partitions)`.
-    fn ensure_topics<'a>(&'a self, topics: &'a [(&'a str, i32)]) -> BoxFuture<'a, Result<(), String>>;
+    fn ensure_topics<'a>(
+        &'a self,
+        topics: &'a [(&'a str, i32)],
+    ) -> BoxFuture<'a, Result<(), String>>;
 
     /// A producer whose records wait at most `timeout_ms` for the bus (0: forever), batched
     /// for up to `linger_ms`.
@@ -162,5 +165,9 @@ pub trait Bus: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<i64>, String>>;
 
     /// (first offset still held, next offset to be written) of a partition.
-    fn watermarks<'a>(&'a self, topic: &'a str, partition: i32) -> BoxFuture<'a, Result<(i64, i64), String>>;
+    fn watermarks<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+    ) -> BoxFuture<'a, Result<(i64, i64), String>>;
 }

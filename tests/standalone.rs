@@ -1,0 +1,279 @@
+//! `im standalone` end to end: the whole pipeline in one process on the in-process bus and
+//! SQLite. Its data survives a stop (SIGTERM) and a crash (SIGKILL): every acknowledged
+//! message is there once afterwards. And the browser client works in a real browser
+//! (headless Chromium, driven by `tests/browser/chat.mjs`).
+
+mod support;
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::{free_port, http, im, scratch, wait_port, Proc, Ws};
+
+struct Standalone {
+    proc: Proc,
+    api: SocketAddr,
+    ws: SocketAddr,
+}
+
+impl Standalone {
+    /// Starts `im standalone` on free ports with its data in `data`.
+    fn start(dir: &Path, data: &Path, name: &str) -> Standalone {
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = im();
+        cmd.arg("standalone")
+            .args(["--api-listen", &api.to_string()])
+            .args(["--ws-listen", &ws.to_string()])
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--shards", "2", "--no-pin", "--msgs-per-sec-max", "1000"])
+            // Test-strength password hashing: registration is not what is tested here.
+            .args(["--argon2-m-kib", "64"])
+            .env("RUST_LOG", "info");
+        let proc = Proc::spawn(name, cmd, dir);
+        wait_port(api, "im standalone (REST)", Duration::from_secs(60));
+        wait_port(ws, "im standalone (WebSocket)", Duration::from_secs(60));
+        Standalone { proc, api, ws }
+    }
+
+    fn user(&self, name: &str) -> (u64, String) {
+        let body = json!({"username": name, "password": "password-123"});
+        let (st, v) = http(self.api, "POST", "/api/v1/users/register", None, &body);
+        assert_eq!(st, 201, "{v}");
+        self.login(name)
+    }
+
+    fn login(&self, name: &str) -> (u64, String) {
+        let body = json!({"username": name, "password": "password-123"});
+        let (st, v) = http(self.api, "POST", "/api/v1/auth/login", None, &body);
+        assert_eq!(st, 200, "{v}");
+        (
+            v["user_id"].as_str().unwrap().parse().unwrap(),
+            v["token"].as_str().unwrap().to_string(),
+        )
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Sends `n` messages (`to` a user or a `group`) with cids `prefix-i`, and returns their
+/// `sent` acks by cid once all are in.
+fn send_all(ws: &mut Ws, target: Value, prefix: &str, n: usize) -> HashMap<String, Value> {
+    for i in 0..n {
+        let mut m = json!({"type": "send", "cid": format!("{prefix}-{i}"), "content": format!("{prefix} {i}")});
+        for (k, v) in target.as_object().unwrap() {
+            m[k] = v.clone();
+        }
+        ws.send(m);
+    }
+    let mut acks = HashMap::new();
+    let mut seen = Vec::new();
+    while acks.len() < n {
+        let v = ws.until(WAIT, &mut seen, |v| {
+            v["type"] == "sent" || v["type"] == "error"
+        });
+        assert_eq!(v["type"], "sent", "a send failed: {v}");
+        acks.insert(v["cid"].as_str().unwrap().to_string(), v);
+    }
+    acks
+}
+
+/// Every message of `conv` through `sync`, following `more`.
+fn sync_all(ws: &mut Ws, conv: &str) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    loop {
+        let after = out.last().map(|m| m["seq"].as_u64().unwrap()).unwrap_or(0);
+        ws.send(json!({"type": "sync", "conv": conv, "after": after, "limit": 500}));
+        let mut seen = Vec::new();
+        let v = ws.until(WAIT, &mut seen, |v| {
+            v["type"] == "sync" || v["type"] == "error"
+        });
+        assert_eq!(v["type"], "sync", "sync failed: {v}");
+        out.extend(v["messages"].as_array().unwrap().iter().cloned());
+        if v["more"] != true {
+            return out;
+        }
+    }
+}
+
+/// The conversation holds exactly the acknowledged messages, once each, in seq order 1..n.
+fn assert_exactly(messages: &[Value], acks: &HashMap<String, Value>, when: &str) {
+    let seqs: Vec<u64> = messages
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=acks.len() as u64).collect::<Vec<_>>(),
+        "{when}: seqs 1..{} once each",
+        acks.len()
+    );
+    let mut by_id: HashMap<&str, &Value> = HashMap::new();
+    for m in messages {
+        assert!(
+            by_id.insert(m["id"].as_str().unwrap(), m).is_none(),
+            "{when}: a duplicate id"
+        );
+    }
+    for (cid, ack) in acks {
+        let m = by_id
+            .get(ack["id"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("{when}: acknowledged {cid} ({ack}) is missing"));
+        assert_eq!(m["seq"], ack["seq"], "{when}: {cid}");
+        let (prefix, i) = cid.rsplit_once('-').unwrap();
+        assert_eq!(m["content"], format!("{prefix} {i}"), "{when}: {cid}");
+    }
+}
+
+#[test]
+fn acknowledged_messages_survive_a_stop_and_a_crash_once_each() {
+    let dir = scratch("standalone-restart");
+    let data = dir.join("data");
+    let s = Standalone::start(&dir, &data, "standalone-1");
+    let (alice, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    let (st, g) = http(
+        s.api,
+        "POST",
+        "/api/v1/groups/create",
+        Some(&ta),
+        &json!({"name": "team"}),
+    );
+    assert_eq!(st, 201, "{g}");
+    let group = g["group_id"].as_str().unwrap().to_string();
+    let (st, v) = http(
+        s.api,
+        "POST",
+        &format!("/api/v1/groups/{group}/join"),
+        Some(&tb),
+        &Value::Null,
+    );
+    assert!(st < 300, "join: {st} {v}");
+    let pair = format!("p:{}:{}", alice.min(bob), alice.max(bob));
+    let gconv = format!("g:{group}");
+
+    let mut a = Ws::connect(s.ws, &ta);
+    let mut b = Ws::connect(s.ws, &tb);
+    let mut p2p = send_all(&mut a, json!({"to": bob.to_string()}), "before-stop", 40);
+    let mut grp = send_all(&mut a, json!({"group": group}), "group", 10);
+    // Bob was online: he got them live.
+    let live: Vec<Value> = b.drain(Duration::from_millis(500));
+    let live_msgs = live.iter().filter(|v| v["type"] == "msg").count();
+    assert_eq!(live_msgs, 50, "live deliveries to bob: {live:?}");
+
+    // A clean stop, and a start on the same data: the secret is kept, the tokens still work.
+    let mut s = s;
+    s.proc.stop();
+    let s = Standalone::start(&dir, &data, "standalone-2");
+    let mut b = Ws::connect(s.ws, &tb);
+    assert_exactly(&sync_all(&mut b, &pair), &p2p, "after SIGTERM");
+    assert_exactly(&sync_all(&mut b, &gconv), &grp, "after SIGTERM (group)");
+
+    // Seqs go on from the database, and a retry of a pre-restart cid gets its first ack.
+    let mut a = Ws::connect(s.ws, &ta);
+    let again = send_all(&mut a, json!({"to": bob.to_string()}), "before-stop", 1);
+    assert_eq!(
+        again["before-stop-0"]["id"], p2p["before-stop-0"]["id"],
+        "retry after restart"
+    );
+    p2p.extend(send_all(
+        &mut a,
+        json!({"to": bob.to_string()}),
+        "after-start",
+        20,
+    ));
+    grp.extend(send_all(&mut a, json!({"group": group}), "group2", 5));
+
+    // A crash right after the acks: nothing acknowledged is lost (acks follow the SQLite commit).
+    let mut s = s;
+    s.proc.kill9();
+    let s = Standalone::start(&dir, &data, "standalone-3");
+    let mut b = Ws::connect(s.ws, &tb);
+    assert_exactly(&sync_all(&mut b, &pair), &p2p, "after SIGKILL");
+    assert_exactly(&sync_all(&mut b, &gconv), &grp, "after SIGKILL (group)");
+
+    // History and unread agree with sync.
+    let (st, h) = http(
+        s.api,
+        "GET",
+        &format!("/api/v1/messages/history?conv={pair}&limit=100"),
+        Some(&tb),
+        &Value::Null,
+    );
+    assert_eq!(st, 200);
+    assert_eq!(h["messages"].as_array().unwrap().len(), p2p.len());
+    let (st, convs) = http(
+        s.api,
+        "GET",
+        "/api/v1/conversations",
+        Some(&tb),
+        &Value::Null,
+    );
+    assert_eq!(st, 200);
+    let unread: HashMap<String, u64> = convs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["conv"].as_str().unwrap().to_string(),
+                c["unread"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(unread[&pair], p2p.len() as u64, "{convs}");
+    assert_eq!(unread[&gconv], grp.len() as u64, "{convs}");
+}
+
+fn browser_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+#[test]
+fn the_browser_client_chats_in_headless_chromium() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "Chromium is missing at {chromium} (set CHROMIUM, or `apt-get install chromium`; .ci/run installs it)"
+    );
+    assert!(
+        browser_dir().join("node_modules/playwright-core").exists(),
+        "playwright-core is missing: run `npm ci --prefix tests/browser` (.ci/run does)"
+    );
+    let dir = scratch("standalone-browser");
+    let s = Standalone::start(&dir, &dir.join("data"), "standalone");
+    let out = dir.join("screenshots");
+    std::fs::create_dir_all(&out).unwrap();
+    let run = std::process::Command::new("node")
+        .arg(browser_dir().join("chat.mjs"))
+        .env("IM_BASE_URL", format!("http://{}", s.api))
+        .env("IM_OUT_DIR", &out)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .expect("node (Node.js) to run tests/browser/chat.mjs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        run.status.success() && text.contains("browser e2e: ok"),
+        "the browser test failed ({}):\n{text}\n===== server =====\n{}",
+        run.status,
+        s.proc.log_tail()
+    );
+    for f in ["alice.png", "bob.png"] {
+        let p = out.join(f);
+        assert!(
+            std::fs::metadata(&p)
+                .map(|m| m.len() > 1000)
+                .unwrap_or(false),
+            "no screenshot at {}",
+            p.display()
+        );
+    }
+    println!("screenshots of the final state: {}", out.display());
+}
