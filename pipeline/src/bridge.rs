@@ -185,11 +185,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("a runtime for the bridge: {e}"))
 }
 
+/// A record the bus did not take: its connection and the `cid` of its `send`.
+type Failed = (u64, Option<String>);
+
 /// The producer side of the up thread, and the records the bus did not take, collected by
 /// their delivery callbacks for `error` answers.
 struct Up {
     producer: Arc<dyn Producer>,
-    failed: Arc<Mutex<Vec<(u64, Option<String>)>>>,
+    failed: Arc<Mutex<Vec<Failed>>>,
     stats: Arc<BridgeStats>,
 }
 
