@@ -105,6 +105,44 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         assert_eq!(got[3]["id"], acks[3]["id"]);
     }
 
+    // Marked read the moment it arrives, before persist has stored it: the read position
+    // still covers it (logic waits, bounded, for the database to hold it).
+    a0.send(json!({"type": "send", "cid": "p20", "to": bob.to_string(), "content": "read me"}));
+    let m = b.until(T, &mut Vec::new(), |v| v["type"] == "msg");
+    assert_eq!(m["seq"], 21);
+    b.send(json!({"type": "read", "conv": conv, "seq": 21}));
+    let end = std::time::Instant::now() + T;
+    loop {
+        let (st, convs) = http(
+            c.api,
+            "GET",
+            "/api/v1/conversations",
+            Some(&tb),
+            &Value::Null,
+        );
+        assert_eq!(st, 200, "{convs}");
+        let entry = convs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["conv"] == conv.as_str())
+            .cloned()
+            .unwrap_or(Value::Null);
+        if entry["read_seq"] == 21 && entry["unread"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "bob's read of seq 21 did not stick: {entry}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a0.until(T, &mut Vec::new(), |v| {
+        v["type"] == "sent" && v["cid"] == "p20"
+    });
+    a1.until(T, &mut Vec::new(), |v| v["type"] == "msg" && v["seq"] == 21);
+
     // A group: created and joined over REST, fanned out to members on both gateways.
     let (st, v) = http(
         c.api,
@@ -170,14 +208,14 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         &json!({"to": bob.to_string(), "content": "via rest", "cid": "rest-1"}),
     );
     assert_eq!(st, 200, "{v}\n{}", c.logs());
-    assert_eq!(v["seq"], 21);
+    assert_eq!(v["seq"], 22);
     // (Bob also got the group messages sent while Carol was away.)
     let live = b.until(T, &mut Vec::new(), |v| {
         v["type"] == "msg" && v["conv"] == conv.as_str()
     });
     assert_eq!(
         (live["seq"].as_u64(), live["content"].as_str()),
-        (Some(21), Some("via rest"))
+        (Some(22), Some("via rest"))
     );
     // A retry of the same cid is the same message.
     let (_, again) = http(
@@ -211,9 +249,9 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         "another pair's conversation does not exist for dave"
     );
 
-    // Persist wrote everything once: 21 pair messages and 6 group ones.
+    // Persist wrote everything once: 22 pair messages and 6 group ones.
     let end = Instant::now() + T;
-    while mysql_query(&c.db, "SELECT COUNT(*) FROM messages") != "27" {
+    while mysql_query(&c.db, "SELECT COUNT(*) FROM messages") != "28" {
         assert!(
             Instant::now() < end,
             "rows: {}",
@@ -226,17 +264,17 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
             &c.db,
             &format!("SELECT max_seq FROM conversations WHERE conv = '{conv}'")
         ),
-        "21"
+        "22"
     );
 
     // Both services count what went through them.
     let (st, text) = get_text(c.gateways[0].1, "/metrics");
     assert_eq!(st, 200);
     let produced = metric(&text, "im_bridge_produced_total{gateway=\"gw0\"}");
-    assert!(produced.is_some_and(|n| n >= 27), "{text}");
+    assert!(produced.is_some_and(|n| n >= 28), "{text}");
     let (st, text) = get_text(c.api, "/metrics");
     assert_eq!(st, 200);
-    assert_eq!(metric(&text, "im_logic_messages_total"), Some(27), "{text}");
+    assert_eq!(metric(&text, "im_logic_messages_total"), Some(28), "{text}");
     assert!(
         metric(&text, "im_logic_retries_total").is_some_and(|n| n >= 1),
         "{text}"

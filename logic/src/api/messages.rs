@@ -357,6 +357,9 @@ pub struct Update {
     pinned: Option<bool>,
 }
 
+/// How long marking a conversation read waits for persist to store the messages it covers.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn update(
     S(st): S<State>,
     caller: Caller,
@@ -365,6 +368,10 @@ pub async fn update(
 ) -> Result<StatusCode, ApiError> {
     let conv = conv_param(&conv)?;
     authorize(&st, caller.user_id, conv).await?;
+    if let (Some(seq), Some(_)) = (u.read_seq, &st.pipeline) {
+        // The client may have the message live before persist has stored it.
+        crate::store::wait_stored(&*st.store, &conv.to_string(), seq, READ_WAIT).await?;
+    }
     st.store
         .update_membership(
             caller.user_id,

@@ -273,7 +273,7 @@ impl Stage {
                     }
                 },
                 Some(UpstreamBody::Sync(s)) => self.sync(&up, s, p),
-                Some(UpstreamBody::Read(r)) => self.read(&up, r),
+                Some(UpstreamBody::Read(r)) => self.read(&up, r, p),
                 None => {}
             }
         }
@@ -620,27 +620,38 @@ impl Stage {
         permit
     }
 
-    fn read(&self, up: &records::Upstream, r: records::Read) {
+    fn read(&self, up: &records::Upstream, r: records::Read, partition: i32) {
         let Some(conv) = Conv::parse(&r.conv) else {
             return self.reply_error(up, ErrorCode::InvalidField, "bad conv", None);
         };
+        // Messages up to the conversation's last seq are logged, maybe not yet stored.
+        let last = self
+            .parts
+            .get(&partition)
+            .and_then(|p| p.last_seq(&r.conv))
+            .unwrap_or(0);
         let Some(permit) = self.db_task(up) else {
             return;
         };
         let (store, members, up2) = (self.store.clone(), self.members.clone(), up.clone());
-        let down = self.down.clone();
+        let (down, wait_ms) = (self.down.clone(), self.cfg.sync_wait_ms);
         tokio::spawn(async move {
             let _permit = permit;
+            let wait = Duration::from_millis(wait_ms);
             let result = match allowed(&*store, &members, up2.user, conv).await {
-                Ok(()) => store
-                    .update_membership(up2.user, &r.conv, Some(r.seq), None, None)
-                    .await
-                    .map_err(|_| {
-                        (
-                            ErrorCode::DependencyDown,
-                            "the database is unavailable".to_string(),
-                        )
-                    }),
+                Ok(()) => async {
+                    crate::store::wait_stored(&*store, &r.conv, r.seq.min(last), wait).await?;
+                    store
+                        .update_membership(up2.user, &r.conv, Some(r.seq), None, None)
+                        .await
+                }
+                .await
+                .map_err(|_| {
+                    (
+                        ErrorCode::DependencyDown,
+                        "the database is unavailable".to_string(),
+                    )
+                }),
                 Err(e) => Err(e),
             };
             if let Err((code, msg)) = result {

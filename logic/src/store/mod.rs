@@ -8,6 +8,24 @@ pub use sql::{MySqlStore, SqlStore, SqliteStore};
 
 use async_trait::async_trait;
 use std::fmt;
+use std::time::Duration;
+
+/// Waits, at most `wait`, until the database holds `conv` up to `seq`. In the distributed
+/// mode a client sees a message (and may mark it read) before persist has written it, and a
+/// read position is capped at what is stored: marking it read a moment too early would
+/// otherwise leave it unread.
+pub async fn wait_stored(store: &dyn Store, conv: &str, seq: u64, wait: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let convs = [conv.to_string()];
+    loop {
+        let have = store.max_seqs(&convs).await?.first().map_or(0, |(_, s)| *s);
+        if have >= seq || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        // Persist flushes every few tens of milliseconds.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// A stored account.
 #[derive(Clone, Debug, PartialEq, Eq)]
