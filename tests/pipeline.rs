@@ -105,12 +105,20 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         assert_eq!(got[3]["id"], acks[3]["id"]);
     }
 
-    // Marked read the moment it arrives, before persist has stored it: the read position
-    // still covers it (logic waits, bounded, for the database to hold it).
+    // Marked read the moment it arrives, before persist has stored it (as the browser client
+    // does, over REST): the read position still covers it (logic waits, bounded, for the
+    // database to hold it).
     a0.send(json!({"type": "send", "cid": "p20", "to": bob.to_string(), "content": "read me"}));
     let m = b.until(T, &mut Vec::new(), |v| v["type"] == "msg");
     assert_eq!(m["seq"], 21);
-    b.send(json!({"type": "read", "conv": conv, "seq": 21}));
+    let (st, v) = http(
+        c.api,
+        "PUT",
+        &format!("/api/v1/conversations/{conv}"),
+        Some(&tb),
+        &json!({"read_seq": 21}),
+    );
+    assert_eq!(st, 204, "{v}");
     let end = std::time::Instant::now() + T;
     loop {
         let (st, convs) = http(

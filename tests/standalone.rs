@@ -166,7 +166,10 @@ fn acknowledged_messages_survive_a_stop_and_a_crash_once_each() {
 
     // The generated secret is the owner's alone.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(data.join("jwt_secret")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(data.join("jwt_secret"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "jwt_secret mode {mode:o}");
 
     // A clean stop, and a start on the same data: the secret is kept, the tokens still work.
