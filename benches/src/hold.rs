@@ -52,6 +52,21 @@ pub struct HoldArgs {
     /// Write the result as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Draw connections vs gateway and kernel memory here (SVG).
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
+}
+
+/// Memory as connections grow (sampled every second while connecting, every 10 s holding).
+#[derive(Serialize, Clone, Copy)]
+pub struct Sample {
+    secs: f64,
+    conns: u64,
+    gateway_pss_bytes: u64,
+    /// Pages charged to TCP socket buffers (/proc/net/sockstat).
+    kernel_tcp_bytes: u64,
+    /// All kernel slab memory (socket structs, inodes, files), from /proc/meminfo.
+    kernel_slab_bytes: u64,
 }
 
 #[derive(clap::Args)]
@@ -109,6 +124,10 @@ pub struct HoldResult {
     gateway_cpu_us_per_connect: f64,
     /// Harness CPU (parent and workers), to show it was not the bottleneck.
     harness_cpu_secs: f64,
+    /// Kernel slab growth from before the first connection to the end of the hold, per
+    /// connection (both sockets: the client's and the gateway's).
+    kernel_slab_bytes_per_conn: f64,
+    samples: Vec<Sample>,
 }
 
 fn user_token(secret: &str, user: u64) -> String {
@@ -269,6 +288,15 @@ pub fn hold(a: HoldArgs) -> HoldResult {
     let gateways = gateway::spawn(&a.gateway, a.addr, &a.secret);
     let pids = gateways.pids();
     let pss_idle = pss_sum(&pids);
+    let slab0 = proc::kernel_slab_bytes().unwrap_or(0);
+    let mut samples: Vec<Sample> = Vec::new();
+    let sample = |t: Instant, conns: u64| Sample {
+        secs: t.elapsed().as_secs_f64(),
+        conns,
+        gateway_pss_bytes: pss_sum(&pids),
+        kernel_tcp_bytes: proc::tcp_kernel_bytes().unwrap_or(0),
+        kernel_slab_bytes: proc::kernel_slab_bytes().unwrap_or(0),
+    };
 
     let raw_rate = (a.raw_tcp > 0).then(|| raw_tcp_rate(a.addr, a.raw_tcp, a.concurrency));
     if raw_rate.is_some() {
@@ -337,11 +365,17 @@ pub fn hold(a: HoldArgs) -> HoldResult {
     };
     // Connect phase: bounded by time as well as count.
     let connect_deadline = t0 + Duration::from_secs(60 + a.conns / 1000);
+    samples.push(sample(t0, 0));
+    let mut next_sample = t0 + Duration::from_secs(1);
     loop {
         if let Ok((w, p)) = rx.recv_timeout(Duration::from_millis(250)) {
             latest[w] = p;
         }
         let (ok, err, _) = total(&latest);
+        if Instant::now() >= next_sample {
+            samples.push(sample(t0, ok));
+            next_sample += Duration::from_secs(1);
+        }
         bar.set_position(ok);
         bar.set_message(format!("errors {err}"));
         if ok + err >= a.conns || Instant::now() > connect_deadline {
@@ -364,9 +398,25 @@ pub fn hold(a: HoldArgs) -> HoldResult {
     let cpu0 = cpu_sum(&pids);
     let h0 = Instant::now();
     let hold_end = h0 + Duration::from_secs(a.hold_secs);
+    let mut next_sample = h0;
     while Instant::now() < hold_end {
         if let Ok((w, p)) = rx.recv_timeout(Duration::from_millis(500)) {
             latest[w] = p;
+        }
+        if Instant::now() >= next_sample {
+            let (ok, _, dropped) = total(&latest);
+            let s = sample(t0, ok);
+            // One line per 10 s, so a long hold shows it is alive and what it holds.
+            println!(
+                "holding {:>9} connections  dropped {dropped}  gateway {:.0} MiB  kernel slab {:.0} MiB  {:.0}/{} s",
+                ok,
+                s.gateway_pss_bytes as f64 / 1048576.0,
+                s.kernel_slab_bytes as f64 / 1048576.0,
+                h0.elapsed().as_secs_f64(),
+                a.hold_secs
+            );
+            samples.push(s);
+            next_sample += Duration::from_secs(10);
         }
     }
     let gateway_cpu = (cpu_sum(&pids) - cpu0).as_secs_f64() / h0.elapsed().as_secs_f64() * 100.0;
@@ -376,6 +426,14 @@ pub fn hold(a: HoldArgs) -> HoldResult {
     let (ok, _, dropped) = total(&latest);
     let pss = pss_sum(&pids);
     let kernel = proc::tcp_kernel_bytes();
+    let slab = proc::kernel_slab_bytes().unwrap_or(0);
+    samples.push(sample(t0, ok));
+    if let Some(path) = &a.plot {
+        match plot(path, &samples) {
+            Ok(()) => println!("plot: {}", path.display()),
+            Err(e) => eprintln!("im-bench: plotting to {}: {e}", path.display()),
+        }
+    }
     let mut errors = BTreeMap::new();
     for p in &latest {
         for (k, v) in &p.errors {
@@ -411,7 +469,79 @@ pub fn hold(a: HoldArgs) -> HoldResult {
         gateway_cpu_percent_while_holding: gateway_cpu,
         gateway_cpu_us_per_connect: connect_cpu.as_secs_f64() * 1e6 / ok.max(1) as f64,
         harness_cpu_secs: harness_cpu.as_secs_f64(),
+        kernel_slab_bytes_per_conn: per(slab.saturating_sub(slab0)),
+        samples,
     }
+}
+
+/// Connections (x) against gateway userspace memory and kernel memory (y, MiB).
+fn plot(path: &std::path::Path, samples: &[Sample]) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    const MIB: f64 = 1048576.0;
+    let max_x = samples.iter().map(|s| s.conns).max().unwrap_or(1).max(1) as f64;
+    let base_slab = samples.first().map_or(0, |s| s.kernel_slab_bytes);
+    let series: [(&str, RGBColor, Box<dyn Fn(&Sample) -> f64>); 3] = [
+        (
+            "gateway userspace (PSS, all processes)",
+            BLUE,
+            Box::new(|s: &Sample| s.gateway_pss_bytes as f64 / MIB),
+        ),
+        (
+            "kernel slab growth (sockets, files)",
+            RED,
+            Box::new(move |s: &Sample| s.kernel_slab_bytes.saturating_sub(base_slab) as f64 / MIB),
+        ),
+        (
+            "kernel TCP buffers (sockstat)",
+            GREEN,
+            Box::new(|s: &Sample| s.kernel_tcp_bytes as f64 / MIB),
+        ),
+    ];
+    let max_y = samples
+        .iter()
+        .flat_map(|s| series.iter().map(move |(_, _, f)| f(s)))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("memory as connections grow", ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.0..max_x, 0.0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc("connections")
+        .y_desc("MiB")
+        .x_label_formatter(&|x| {
+            if max_x >= 20_000.0 {
+                format!("{:.0}k", x / 1000.0)
+            } else {
+                format!("{x:.0}")
+            }
+        })
+        .draw()?;
+    for (name, color, f) in &series {
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(
+                samples.iter().map(|s| (s.conns as f64, f(s))),
+                color.stroke_width(2),
+            ))?
+            .label(*name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 pub fn print(r: &HoldResult) {
@@ -458,6 +588,11 @@ pub fn print(r: &HoldResult) {
             k as f64 / 1048576.0
         );
     }
+    let _ = writeln!(
+        out,
+        "  kernel slab/connection    {:.0} bytes (both sockets, grown since start)",
+        r.kernel_slab_bytes_per_conn
+    );
     let _ = writeln!(
         out,
         "  gateway CPU while holding {:.2} % of one core (ping every {} s)",

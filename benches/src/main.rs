@@ -3,6 +3,7 @@
 //! Micro-benchmarks (criterion) live in `benches/`.
 
 mod api;
+mod baseline;
 mod gateway;
 mod hold;
 mod p2p;
@@ -37,6 +38,8 @@ enum Cmd {
     Fanout(pipeline::FanoutArgs),
     /// Broker produce rate, persist rows/s on a backlog, and single-row INSERTs.
     PersistRate(pipeline::PersistRateArgs),
+    /// The baseline server (tokio + tokio-tungstenite, a task per connection) for ratios.
+    Baseline(baseline::BaselineArgs),
     /// Internal: one client process of `hold`.
     #[command(hide = true)]
     Worker(hold::WorkerArgs),
@@ -90,6 +93,7 @@ fn main() {
             pipeline::print_persist(&r);
             write_json(json.as_deref(), &r);
         }
+        Cmd::Baseline(a) => baseline::run(a),
         Cmd::Worker(a) => hold::worker(a),
     }
 }

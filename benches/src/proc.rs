@@ -50,6 +50,13 @@ pub fn tcp_kernel_bytes() -> Option<u64> {
     None
 }
 
+/// Kernel slab memory (sockets, inodes, dentries, file structs: what a connection costs the
+/// kernel beyond its buffers), from /proc/meminfo, in bytes.
+pub fn kernel_slab_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    kb_field(&text, "Slab:")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +67,6 @@ mod tests {
         assert!(pss_bytes(pid).unwrap() > 0);
         assert!(cpu_time(pid).is_some());
         assert_eq!(kb_field("Rss: 10 kB\nPss:  7 kB\n", "Pss:"), Some(7 * 1024));
+        assert!(kernel_slab_bytes().unwrap() > 0);
     }
 }
