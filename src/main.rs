@@ -663,18 +663,18 @@ fn standalone(a: StandaloneArgs) -> Result<()> {
     bridge.stop();
     let _ = stop_logic.send(true);
     let mut errors: Vec<String> = Vec::new();
-    match rt.block_on(tokio::time::timeout(STOP_GRACE, stage_task)) {
+    match within_grace(&rt, stage_task) {
         Ok(Ok(Err(e))) => errors.push(format!("pipeline stage: {e}")),
         Err(_) => log::warn!("the pipeline stage did not stop in {STOP_GRACE:?}"),
         _ => {}
     }
-    match rt.block_on(tokio::time::timeout(STOP_GRACE, server)) {
+    match within_grace(&rt, server) {
         Ok(Ok(Err(e))) => errors.push(format!("REST API on {api}: {e}")),
         Err(_) => log::warn!("the REST API did not stop in {STOP_GRACE:?}"),
         _ => {}
     }
     let _ = stop_persist.send(true);
-    match rt.block_on(tokio::time::timeout(STOP_GRACE, persist_task)) {
+    match within_grace(&rt, persist_task) {
         Ok(Ok(Err(e))) => errors.push(format!("persist: {e}")),
         Err(_) => log::warn!("persist did not stop in {STOP_GRACE:?}"),
         _ => {}
@@ -796,7 +796,7 @@ fn logic_service(a: LogicArgs) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     if let Some(t) = pipeline_task {
-        match rt.block_on(tokio::time::timeout(STOP_GRACE, t)) {
+        match within_grace(&rt, t) {
             Ok(Ok(Err(e))) => log::error!("pipeline stage: {e}"),
             Err(_) => log::warn!("the pipeline stage did not stop in {STOP_GRACE:?}; exiting anyway (uncommitted records replay)"),
             _ => {}
@@ -804,6 +804,16 @@ fn logic_service(a: LogicArgs) -> Result<()> {
     }
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     result
+}
+
+/// Waits for `task` at most `STOP_GRACE`: `Err` when it did not finish in time. (The timer
+/// must be made inside the runtime, hence the `async` block.)
+fn within_grace<T>(
+    rt: &tokio::runtime::Runtime,
+    task: tokio::task::JoinHandle<T>,
+) -> std::result::Result<std::result::Result<T, tokio::task::JoinError>, tokio::time::error::Elapsed>
+{
+    rt.block_on(async { tokio::time::timeout(STOP_GRACE, task).await })
 }
 
 /// How long logic and persist wait for their Kafka loops to finish after a signal; a broker
@@ -841,7 +851,7 @@ fn persist_service(a: PersistArgs) -> Result<()> {
             break;
         }
     }
-    let result = match rt.block_on(tokio::time::timeout(STOP_GRACE, task)) {
+    let result = match within_grace(&rt, task) {
         Ok(Ok(r)) => r.map_err(|e| format!("persist: {e}").into()),
         Ok(Err(e)) => Err(e.into()),
         // Uncommitted batches are replayed by the next owner, and inserts are idempotent.

@@ -174,7 +174,12 @@ fn acknowledged_messages_survive_a_stop_and_a_crash_once_each() {
 
     // A clean stop, and a start on the same data: the secret is kept, the tokens still work.
     let mut s = s;
-    s.proc.stop();
+    let status = s.proc.stop();
+    assert!(
+        status.is_some_and(|st| st.success()),
+        "a clean stop exits 0, got {status:?}:\n{}",
+        s.proc.log_tail()
+    );
     let s = Standalone::start(&dir, &data, "standalone-2");
     let mut b = Ws::connect(s.ws, &tb);
     assert_exactly(&sync_all(&mut b, &pair), &p2p, "after SIGTERM");

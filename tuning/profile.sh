@@ -25,9 +25,11 @@ done
 [ -n "$pid" ] || { echo "--pid PID of the gateway to profile is required" >&2; exit 2; }
 kill -0 "$pid" 2>/dev/null || { echo "no process $pid" >&2; exit 1; }
 command -v perf >/dev/null || { echo "perf is missing (Debian: apt-get install linux-perf)" >&2; exit 1; }
-if [ "$("$TOOLS/bin/inferno-flamegraph" --version 2>/dev/null)" != "inferno-flamegraph $INFERNO_VERSION" ]; then
+# inferno's tools print no version: a stamp file records which one is installed.
+if [ ! -x "$TOOLS/bin/inferno-flamegraph" ] || [ "$(cat "$TOOLS/.inferno-version" 2>/dev/null)" != "$INFERNO_VERSION" ]; then
   echo "installing inferno $INFERNO_VERSION into $TOOLS (once)"
   CARGO_TARGET_DIR="$TOOLS/target" cargo install inferno --version "$INFERNO_VERSION" --locked --root "$TOOLS" >&2
+  echo "$INFERNO_VERSION" > "$TOOLS/.inferno-version"
 fi
 mkdir -p "$out"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(clap::Args)]
@@ -30,6 +31,10 @@ pub struct BaselineArgs {
     /// Messages a slow connection may fall behind by before it skips (broadcast capacity).
     #[arg(long, default_value_t = 1024)]
     pub backlog: usize,
+    /// tungstenite's per-connection read buffer (its default is 128 KiB, allocated at the
+    /// upgrade). Unset: the default, as a straightforward server runs it.
+    #[arg(long)]
+    pub read_buffer_bytes: Option<usize>,
 }
 
 pub fn run(a: BaselineArgs) {
@@ -47,6 +52,10 @@ pub fn run(a: BaselineArgs) {
         );
         let (tx, _) = broadcast::channel::<Arc<str>>(a.backlog.max(1));
         let secret: Arc<[u8]> = a.secret.as_bytes().into();
+        let mut config = WebSocketConfig::default();
+        if let Some(n) = a.read_buffer_bytes {
+            config = config.read_buffer_size(n).write_buffer_size(0);
+        }
         loop {
             let (sock, _) = match listener.accept().await {
                 Ok(c) => c,
@@ -57,7 +66,7 @@ pub fn run(a: BaselineArgs) {
                     continue;
                 }
             };
-            tokio::spawn(connection(sock, tx.clone(), secret.clone()));
+            tokio::spawn(connection(sock, tx.clone(), secret.clone(), config));
         }
     });
 }
@@ -86,8 +95,11 @@ async fn connection(
     sock: tokio::net::TcpStream,
     tx: broadcast::Sender<Arc<str>>,
     secret: Arc<[u8]>,
+    config: WebSocketConfig,
 ) {
     let _ = sock.set_nodelay(true);
+    // tungstenite's callback signature: its error type is the whole HTTP response.
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let now = im_shared::unix_ms() / 1000;
         match token_of(req).map(|t| im_shared::jwt::verify(&secret, t, now)) {
@@ -99,7 +111,8 @@ async fn connection(
             }
         }
     };
-    let Ok(ws) = tokio_tungstenite::accept_hdr_async(sock, check).await else {
+    let Ok(ws) = tokio_tungstenite::accept_hdr_async_with_config(sock, check, Some(config)).await
+    else {
         return;
     };
     let (mut sink, mut stream) = ws.split();

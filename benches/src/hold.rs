@@ -474,13 +474,16 @@ pub fn hold(a: HoldArgs) -> HoldResult {
     }
 }
 
+/// One plotted quantity of a sample, in MiB.
+type Measure = Box<dyn Fn(&Sample) -> f64>;
+
 /// Connections (x) against gateway userspace memory and kernel memory (y, MiB).
 fn plot(path: &std::path::Path, samples: &[Sample]) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     const MIB: f64 = 1048576.0;
     let max_x = samples.iter().map(|s| s.conns).max().unwrap_or(1).max(1) as f64;
     let base_slab = samples.first().map_or(0, |s| s.kernel_slab_bytes);
-    let series: [(&str, RGBColor, Box<dyn Fn(&Sample) -> f64>); 3] = [
+    let series: [(&str, RGBColor, Measure); 3] = [
         (
             "gateway userspace (PSS, all processes)",
             BLUE,

@@ -74,21 +74,22 @@ impl Proc {
         }
     }
 
-    /// SIGTERM and wait for a clean exit.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: signalling our own child by pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let end = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+    /// SIGTERM and wait for the exit (killed after 15 s): its status, None if it had to be
+    /// killed or was already gone.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
     }
 
     pub fn alive(&mut self) -> bool {
