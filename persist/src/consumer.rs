@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Consumer group of the persist service.
-pub const GROUP: &str = "persist";
+pub const GROUP: &str = im_shared::records::groups::PERSIST;
 /// The longest wait for a record while nothing is buffered (bounds how late a shutdown or a
 /// revocation is noticed).
 const IDLE_POLL_MS: u64 = 500;

@@ -13,7 +13,7 @@
 //!   `Fanout` per user to the user's home shard; a `Reply` goes to the connection's shard.
 //! - **presence** — `presence::run_writer` (Redis), or `MemoryPresence` in standalone.
 
-use crate::bus::{Bus, Consumer, Done, Producer, SendError, Start};
+use crate::bus::{self, Bus, Consumer, Done, Producer, SendError, Start};
 use crate::presence::{self, Change, MemoryPresence};
 use gateway_core::arena::Frame;
 use gateway_core::bridge::{self as ring, BridgeEnd, DownEnd, UpEnd, UpMsg};
@@ -132,8 +132,10 @@ pub fn start(
     let producer = bus.producer(cfg.linger_ms, cfg.produce_timeout_ms.max(1))?;
     let up = Up {
         producer,
-        failed: Arc::new(Mutex::new(Vec::new())),
-        stats: stats.clone(),
+        outcomes: Arc::new(Outcomes {
+            failed: Mutex::new(Vec::new()),
+            stats: stats.clone(),
+        }),
     };
 
     let BridgeEnd { up: end_up, down } = end;
@@ -188,28 +190,33 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 /// A record the bus did not take: its connection and the `cid` of its `send`.
 type Failed = (u64, Option<String>);
 
-/// The producer side of the up thread, and the records the bus did not take, collected by
-/// their delivery callbacks for `error` answers.
+/// The producer side of the up thread.
 struct Up {
     producer: Arc<dyn Producer>,
-    failed: Arc<Mutex<Vec<Failed>>>,
+    outcomes: Arc<Outcomes>,
+}
+
+/// What delivery callbacks report to the up thread: counters, and the records the bus did
+/// not take, for `error` answers.
+struct Outcomes {
+    failed: Mutex<Vec<Failed>>,
     stats: Arc<BridgeStats>,
 }
 
 impl Up {
-    /// The callback that counts a record's outcome and notes a failure for its sender. It
-    /// holds the record until then: the `cid` is decoded only when a failure needs it.
-    fn done(&self, conn: u64, payload: Arc<[u8]>) -> Done {
-        let (failed, stats) = (self.failed.clone(), self.stats.clone());
-        Box::new(move |r| match r {
+    /// The callback that counts a record's outcome and notes a failure for its sender (the
+    /// bus hands the record back on failure, so the `cid` is decoded only then).
+    fn done(&self, conn: u64) -> Done {
+        let o = self.outcomes.clone();
+        Box::new(move |r: Result<(), bus::Undelivered<'_>>| match r {
             Ok(()) => {
-                stats.produced_total.fetch_add(1, Ordering::Relaxed);
+                o.stats.produced_total.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => {
-                stats.produce_failed_total.fetch_add(1, Ordering::Relaxed);
+            Err((e, payload)) => {
+                o.stats.produce_failed_total.fetch_add(1, Ordering::Relaxed);
                 log::warn!("bridge: an upstream record was not delivered: {e}");
-                let cid = origin_of(&payload).and_then(|(_, cid)| cid);
-                failed.lock().expect("not poisoned").push((conn, cid));
+                let cid = origin_of(payload).and_then(|(_, cid)| cid);
+                o.failed.lock().expect("not poisoned").push((conn, cid));
             }
         })
     }
@@ -263,15 +270,14 @@ fn run_up(
                 } => {
                     key.clear();
                     let _ = write!(key, "{conv}");
-                    // Shared with the delivery callback (one copy of the record per send).
-                    let payload: Arc<[u8]> = payload.into();
-                    let done = producer.done(ring::conn_token(conn), payload.clone());
+                    let done = producer.done(ring::conn_token(conn));
                     let sent =
                         producer
                             .producer
                             .send(topics::UPSTREAM, None, &key, &payload, Some(done));
                     if let Err(e) = sent {
                         producer
+                            .outcomes
                             .stats
                             .produce_refused_total
                             .fetch_add(1, Ordering::Relaxed);
@@ -311,7 +317,7 @@ fn run_up(
                 }
             }
         }
-        let failed = std::mem::take(&mut *producer.failed.lock().expect("not poisoned"));
+        let failed = std::mem::take(&mut *producer.outcomes.failed.lock().expect("not poisoned"));
         refusals.extend(
             failed
                 .into_iter()

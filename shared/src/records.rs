@@ -17,6 +17,15 @@ pub mod topics {
     }
 }
 
+/// Consumer groups. Logic reads persist's committed offset in `im.messages` to learn where
+/// the database ends, so both name it from here.
+pub mod groups {
+    /// The logic stage, on `im.upstream`.
+    pub const LOGIC: &str = "logic";
+    /// The persist service, on `im.messages`.
+    pub const PERSIST: &str = "persist";
+}
+
 /// A gateway id usable in a topic name: Kafka allows `[a-zA-Z0-9._-]`, 249 characters at most.
 pub fn topic_safe_id(raw: &str) -> String {
     let mut s: String = raw

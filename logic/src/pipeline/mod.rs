@@ -21,7 +21,7 @@ pub mod state;
 use crate::store::{MessageRow, Store};
 use im_pipeline::bus::{self, Bus, Producer, Rebalance, Record, SendError, Start};
 use im_shared::protocol::{self, Message, Target};
-use im_shared::records::{self, topics, DownstreamBody, Stored, UpstreamBody, Versioned};
+use im_shared::records::{self, groups, topics, DownstreamBody, Stored, UpstreamBody, Versioned};
 use im_shared::snowflake::Snowflake;
 use im_shared::{Conv, ErrorCode};
 use presence::{Members, Presence};
@@ -31,10 +31,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, Semaphore};
-
-/// The persist service's consumer group: its committed offset in `im.messages` is where the
-/// database ends (recovery reads the log after it).
-const PERSIST_GROUP: &str = "persist";
 
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
@@ -149,7 +145,7 @@ pub async fn run(
     let n = bus.partitions();
     bus.ensure_topics(&[(topics::UPSTREAM, n), (topics::MESSAGES, n)])
         .await?;
-    let mut consumer = bus.group_consumer("logic", topics::UPSTREAM)?;
+    let mut consumer = bus.group_consumer(groups::LOGIC, topics::UPSTREAM)?;
     let log = bus.producer(1, 0)?;
     let down = bus.producer(1, 10_000)?;
     let mut stage = Stage {
@@ -405,17 +401,16 @@ impl Stage {
         partition: i32,
     ) -> Result<oneshot::Receiver<Result<(), String>>, String> {
         let payload = rec.to_bytes();
+        let key = rec.conv.as_str();
         loop {
-            let (tx, rx) = oneshot::channel();
-            let done: bus::Done = Box::new(move |r| {
-                let _ = tx.send(r);
-            });
-            let key = rec.conv.as_str();
-            match self
-                .log
-                .send(topics::MESSAGES, Some(partition), key, &payload, Some(done))
-            {
-                Ok(()) => return Ok(rx),
+            match bus::send_with_receipt(
+                &*self.log,
+                topics::MESSAGES,
+                Some(partition),
+                key,
+                &payload,
+            ) {
+                Ok(rx) => return Ok(rx),
                 // The queue is full: the bus is slow or down; wait for room.
                 Err(SendError::QueueFull) => tokio::time::sleep(Duration::from_millis(5)).await,
                 Err(SendError::Failed(e)) => {
@@ -810,7 +805,8 @@ fn message_of_row(r: &MessageRow, conv: Conv) -> Message {
 /// where the database ends; the records after it are read back.
 async fn recover(bus: &dyn Bus, partition: i32) -> Result<Partition, String> {
     let committed = bus
-        .committed(PERSIST_GROUP, topics::MESSAGES, partition)
+        // Persist's committed offset in im.messages is where the database ends.
+        .committed(groups::PERSIST, topics::MESSAGES, partition)
         .await?;
     let (low, high) = bus.watermarks(topics::MESSAGES, partition).await?;
     let start = committed.unwrap_or(low).max(low);

@@ -44,7 +44,10 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, done: Self::DeliveryOpaque) {
         if let Some(done) = *done {
-            done(result.as_ref().map(|_| ()).map_err(|(e, _)| e.to_string()));
+            done(match result {
+                Ok(_) => Ok(()),
+                Err((e, m)) => Err((e.to_string(), m.payload().unwrap_or_default())),
+            });
         }
     }
 }

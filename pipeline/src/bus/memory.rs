@@ -221,7 +221,7 @@ impl Producer for MemoryProducer {
             (Some(done), true) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
                 let waiting = self.waiting.clone();
-                let done: Done = Box::new(move |r| {
+                let done: Done = Box::new(move |r: Result<(), super::Undelivered<'_>>| {
                     waiting.fetch_sub(1, Ordering::Relaxed);
                     done(r)
                 });

@@ -38,9 +38,13 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
+/// A record that will never be durable: why, and the record itself (so a caller need not
+/// keep a copy of every record just in case one fails).
+pub type Undelivered<'a> = (String, &'a [u8]);
+
 /// Called once with a record's outcome: `Ok` once it is durable (as the bus defines it),
 /// `Err` when it never will be (timed out, refused by the broker).
-pub type Done = Box<dyn FnOnce(Result<(), String>) + Send + Sync>;
+pub type Done = Box<dyn for<'a> FnOnce(Result<(), Undelivered<'a>>) + Send + Sync>;
 
 /// Why a record was not even queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +91,23 @@ pub trait Producer: Send + Sync {
     fn flush(&self, timeout: Duration);
 }
 
+/// Sends, and returns a receiver that hears the record's outcome (for callers that queue
+/// many records and then wait for them all). A full queue is `Err(QueueFull)` at once.
+pub fn send_with_receipt(
+    producer: &dyn Producer,
+    topic: &str,
+    partition: Option<i32>,
+    key: &str,
+    payload: &[u8],
+) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, SendError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done: Done = Box::new(move |r: Result<(), Undelivered<'_>>| {
+        let _ = tx.send(r.map_err(|(why, _)| why));
+    });
+    producer.send(topic, partition, key, payload, Some(done))?;
+    Ok(rx)
+}
+
 /// Sends and waits for the record's acknowledgement. A full queue is `Err(QueueFull)` at
 /// once; the caller decides whether to wait.
 pub async fn send_acked(
@@ -96,11 +117,7 @@ pub async fn send_acked(
     key: &str,
     payload: &[u8],
 ) -> Result<(), SendError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let done: Done = Box::new(move |r| {
-        let _ = tx.send(r);
-    });
-    producer.send(topic, partition, key, payload, Some(done))?;
+    let rx = send_with_receipt(producer, topic, partition, key, payload)?;
     match rx.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(SendError::Failed(e)),
