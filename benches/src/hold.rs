@@ -6,6 +6,7 @@
 use crate::gateway::{self, GatewayArgs};
 use crate::proc;
 use crate::ws::{self, Failure};
+use gateway_core::codec::opcode;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::cell::Cell;
@@ -16,7 +17,6 @@ use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(clap::Args, Clone)]
 pub struct HoldArgs {
@@ -99,6 +99,119 @@ struct Progress {
     /// Established connections the server closed later.
     dropped: u64,
     connect_secs: Option<f64>,
+    /// WebSocket pings sent and pongs read back (the last line counts every pong that came).
+    #[serde(default)]
+    pings: u64,
+    #[serde(default)]
+    pongs: u64,
+}
+
+/// The hold phase of a worker, without epoll or a task per connection: once upgraded, a
+/// socket leaves tokio's reactor and sits in one of `interval / TICK` slots. Every tick the
+/// worker visits one slot: it reads whatever pongs arrived (non-blocking) and sends the next
+/// ping. No socket is watched, so a pong's arrival wakes nobody: the harness costs two
+/// syscalls per ping, and the gateway is not charged for waking it (on loopback the sender
+/// runs the receiver's wake-up).
+struct Held {
+    slots: Vec<Vec<std::net::TcpStream>>,
+    next: usize,
+    pings: u64,
+    pongs: u64,
+    dropped: u64,
+}
+
+const HOLD_TICK: Duration = Duration::from_millis(100);
+
+impl Held {
+    fn new(interval: Duration) -> Held {
+        let n = (interval.as_millis() / HOLD_TICK.as_millis()).max(1) as usize;
+        Held {
+            slots: (0..n).map(|_| Vec::new()).collect(),
+            next: 0,
+            pings: 0,
+            pongs: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Connection `i` of `n` pings in slot `i * slots / n`: evenly spread over the interval.
+    fn add(&mut self, i: u64, n: u64, s: std::net::TcpStream) {
+        let len = self.slots.len();
+        let slot = (i as u128 * len as u128 / n.max(1) as u128) as usize;
+        self.slots[slot.min(len - 1)].push(s);
+    }
+
+    /// Reads the pongs waiting on `s`; false when the server closed it.
+    fn drain(s: &std::net::TcpStream, pongs: &mut u64) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 256];
+        loop {
+            // SAFETY: reads into our stack buffer from a socket we own.
+            let n = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match n {
+                0 => return false,
+                n if n < 0 => {
+                    return std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+                }
+                n => {
+                    // An idle connection gets pongs only: 2-byte frames (0x8A, length 0).
+                    *pongs += buf[..n as usize]
+                        .chunks(2)
+                        .filter(|f| f == &[0x80 | opcode::PONG, 0])
+                        .count() as u64;
+                }
+            }
+        }
+    }
+
+    /// One tick: the next slot's connections read their pongs and ping again.
+    fn tick(&mut self, ping: &[u8]) {
+        use std::os::fd::AsRawFd;
+        let slot = self.next;
+        self.next = (self.next + 1) % self.slots.len();
+        let (mut pings, mut pongs, mut dropped) = (0, 0, 0);
+        self.slots[slot].retain(|s| {
+            let alive = Self::drain(s, &mut pongs) && {
+                // SAFETY: sends our ping bytes on a socket we own.
+                let n = unsafe {
+                    libc::send(
+                        s.as_raw_fd(),
+                        ping.as_ptr().cast(),
+                        ping.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                n == ping.len() as isize
+            };
+            if alive {
+                pings += 1;
+            } else {
+                dropped += 1;
+            }
+            alive
+        });
+        self.pings += pings;
+        self.pongs += pongs;
+        self.dropped += dropped;
+    }
+
+    /// Reads every pong still waiting (at the end, so the counts are complete).
+    fn drain_all(&mut self) {
+        let mut pongs = 0;
+        for slot in &self.slots {
+            for s in slot {
+                Self::drain(s, &mut pongs);
+            }
+        }
+        self.pongs += pongs;
+    }
 }
 
 #[derive(Serialize)]
@@ -120,6 +233,16 @@ pub struct HoldResult {
     hold_secs: u64,
     ping_interval_s: u64,
     gateway_cpu_percent_while_holding: f64,
+    /// The same, apart: the gateways' own code (user) and the kernel's work for them (system).
+    gateway_user_cpu_percent: f64,
+    gateway_sys_cpu_percent: f64,
+    /// Pings the clients sent while holding, and gateway CPU per ping over the hold.
+    pings_while_holding: u64,
+    gateway_cpu_us_per_ping: f64,
+    /// Every ping sent (connect phase included) and every pong read back: equal when the
+    /// gateway answered them all.
+    pings_sent: u64,
+    pongs_received: u64,
     /// Gateway CPU spent in the connect phase, per connection established.
     gateway_cpu_us_per_connect: f64,
     /// Harness CPU (parent and workers), to show it was not the bottleneck.
@@ -147,21 +270,19 @@ pub fn worker(a: WorkerArgs) {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let ok = Rc::new(Cell::new(0u64));
-        let dropped = Rc::new(Cell::new(0u64));
         let errors: Rc<std::cell::RefCell<BTreeMap<String, u64>>> = Rc::default();
         let sem = Rc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
         let interval = Duration::from_secs(a.ping_interval_s.max(1));
+        let held = Rc::new(std::cell::RefCell::new(Held::new(interval)));
         let started = Instant::now();
         for i in 0..a.conns {
-            let (ok, dropped, errors, sem) =
-                (ok.clone(), dropped.clone(), errors.clone(), sem.clone());
+            let (ok, errors, sem, held) = (ok.clone(), errors.clone(), sem.clone(), held.clone());
             let token = user_token(&a.secret, a.user_start + i);
-            // Spread pings evenly over the interval.
-            let first_ping = interval.mul_f64((i as f64 + 0.5) / a.conns as f64);
             let (src, dst) = (
                 SocketAddr::new(a.src, a.port_base.wrapping_add(i as u16)),
                 a.addr,
             );
+            let n = a.conns;
             tokio::task::spawn_local(async move {
                 let permit = sem.acquire().await.expect("semaphore open");
                 let fail = |k: Failure| {
@@ -191,23 +312,14 @@ pub fn worker(a: WorkerArgs) {
                     Err(_) => return fail(Failure::HandshakeTimeout),
                 }
                 drop(permit);
-                ok.set(ok.get() + 1);
-                let ping = ws::ping();
-                let mut next = tokio::time::Instant::now() + first_ping;
-                let mut buf = [0u8; 64];
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(next) => {
-                            if s.write_all(&ping).await.is_err() { break; }
-                            next += interval;
-                        }
-                        r = s.read(&mut buf) => match r {
-                            Ok(0) | Err(_) => break,
-                            Ok(_) => {} // pongs
-                        },
+                // Out of the reactor (into_std deregisters it) and into its ping slot.
+                match s.into_std() {
+                    Ok(s) => {
+                        held.borrow_mut().add(i, n, s);
+                        ok.set(ok.get() + 1);
                     }
+                    Err(_) => fail(Failure::Io),
                 }
-                dropped.set(dropped.get() + 1);
             });
         }
         // Report progress until stdin closes (the parent's signal to stop).
@@ -223,22 +335,41 @@ pub fn worker(a: WorkerArgs) {
             }
             let _ = tx.blocking_send(());
         });
+        let ping = ws::ping();
         let mut connect_secs = None;
+        let mut ticks = tokio::time::interval(HOLD_TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut reports = 0u32;
         loop {
+            let stop = tokio::select! {
+                _ = ticks.tick() => false,
+                _ = rx.recv() => true,
+            };
+            let mut h = held.borrow_mut();
+            if stop {
+                h.drain_all();
+            } else {
+                h.tick(&ping);
+            }
             let done = ok.get() + errors.borrow().values().sum::<u64>();
             if connect_secs.is_none() && done >= a.conns {
                 connect_secs = Some(started.elapsed().as_secs_f64());
             }
-            let p = Progress {
-                ok: ok.get(),
-                errors: errors.borrow().clone(),
-                dropped: dropped.get(),
-                connect_secs,
-            };
-            println!("{}", serde_json::to_string(&p).expect("serialise"));
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                _ = rx.recv() => break,
+            // A line every 300 ms, and a last one with every pong counted.
+            reports += 1;
+            if stop || reports % 3 == 0 {
+                let p = Progress {
+                    ok: ok.get(),
+                    errors: errors.borrow().clone(),
+                    dropped: h.dropped,
+                    connect_secs,
+                    pings: h.pings,
+                    pongs: h.pongs,
+                };
+                println!("{}", serde_json::to_string(&p).expect("serialise"));
+            }
+            if stop {
+                break;
             }
         }
     });
@@ -252,6 +383,14 @@ fn pss_sum(pids: &[u32]) -> u64 {
 
 fn cpu_sum(pids: &[u32]) -> Duration {
     pids.iter().filter_map(|&p| proc::cpu_time(p)).sum()
+}
+
+fn cpu_split_sum(pids: &[u32]) -> (Duration, Duration) {
+    pids.iter()
+        .filter_map(|&p| proc::cpu_split(p))
+        .fold((Duration::ZERO, Duration::ZERO), |a, b| {
+            (a.0 + b.0, a.1 + b.1)
+        })
 }
 
 /// Times `n` raw TCP connects (no WebSocket) to the gateway port, then closes them.
@@ -396,6 +535,8 @@ pub fn hold(a: HoldArgs) -> HoldResult {
 
     // Hold: let timers and heartbeats run, then measure.
     let cpu0 = cpu_sum(&pids);
+    let split0 = cpu_split_sum(&pids);
+    let pings0: u64 = latest.iter().map(|p| p.pings).sum();
     let h0 = Instant::now();
     let hold_end = h0 + Duration::from_secs(a.hold_secs);
     let mut next_sample = h0;
@@ -419,7 +560,14 @@ pub fn hold(a: HoldArgs) -> HoldResult {
             next_sample += Duration::from_secs(10);
         }
     }
-    let gateway_cpu = (cpu_sum(&pids) - cpu0).as_secs_f64() / h0.elapsed().as_secs_f64() * 100.0;
+    let held_secs = h0.elapsed().as_secs_f64();
+    let gateway_cpu = (cpu_sum(&pids) - cpu0).as_secs_f64() / held_secs * 100.0;
+    let split1 = cpu_split_sum(&pids);
+    let (user_cpu, sys_cpu) = (
+        (split1.0 - split0.0).as_secs_f64() / held_secs * 100.0,
+        (split1.1 - split0.1).as_secs_f64() / held_secs * 100.0,
+    );
+    let pings_held = latest.iter().map(|p| p.pings).sum::<u64>() - pings0;
     while let Ok((w, p)) = rx.try_recv() {
         latest[w] = p;
     }
@@ -447,6 +595,12 @@ pub fn hold(a: HoldArgs) -> HoldResult {
     for mut c in children {
         let _ = c.wait();
     }
+    // Each worker's last line counts every pong (the readers end with their workers).
+    while let Ok((w, p)) = rx.recv_timeout(Duration::from_secs(5)) {
+        latest[w] = p;
+    }
+    let pings: u64 = latest.iter().map(|p| p.pings).sum();
+    let pongs: u64 = latest.iter().map(|p| p.pongs).sum();
     gateways.stop();
     let per = |b: u64| if ok > 0 { b as f64 / ok as f64 } else { 0.0 };
     HoldResult {
@@ -467,6 +621,12 @@ pub fn hold(a: HoldArgs) -> HoldResult {
         hold_secs: a.hold_secs,
         ping_interval_s: a.ping_interval_s,
         gateway_cpu_percent_while_holding: gateway_cpu,
+        gateway_user_cpu_percent: user_cpu,
+        gateway_sys_cpu_percent: sys_cpu,
+        pings_while_holding: pings_held,
+        gateway_cpu_us_per_ping: gateway_cpu / 100.0 * held_secs * 1e6 / pings_held.max(1) as f64,
+        pings_sent: pings,
+        pongs_received: pongs,
         gateway_cpu_us_per_connect: connect_cpu.as_secs_f64() * 1e6 / ok.max(1) as f64,
         harness_cpu_secs: harness_cpu.as_secs_f64(),
         kernel_slab_bytes_per_conn: per(slab.saturating_sub(slab0)),
@@ -598,12 +758,50 @@ pub fn print(r: &HoldResult) {
     );
     let _ = writeln!(
         out,
-        "  gateway CPU while holding {:.2} % of one core (ping every {} s)",
-        r.gateway_cpu_percent_while_holding, r.ping_interval_s
+        "  gateway CPU while holding {:.2} % of one core (ping every {} s): user {:.2} %, kernel {:.2} %",
+        r.gateway_cpu_percent_while_holding,
+        r.ping_interval_s,
+        r.gateway_user_cpu_percent,
+        r.gateway_sys_cpu_percent
+    );
+    let _ = writeln!(
+        out,
+        "  per ping                  {:.1} us of gateway CPU ({} pings while holding)",
+        r.gateway_cpu_us_per_ping, r.pings_while_holding
+    );
+    let _ = writeln!(
+        out,
+        "  pings / pongs             {} / {}",
+        r.pings_sent, r.pongs_received
     );
     let _ = writeln!(
         out,
         "  harness CPU               {:.1} s",
         r.harness_cpu_secs
+    );
+}
+
+/// `heartbeat`: what holding idle connections costs, per ping.
+pub fn print_heartbeat(r: &HoldResult) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\nheartbeat: {} idle connections, a ping from each every {} s, held {} s ({} gateway process(es))",
+        r.conns_established, r.ping_interval_s, r.hold_secs, r.gateway_processes
+    );
+    let _ = writeln!(
+        out,
+        "  gateway CPU   {:.2} % of one core  (user {:.2} %, kernel {:.2} %)",
+        r.gateway_cpu_percent_while_holding, r.gateway_user_cpu_percent, r.gateway_sys_cpu_percent
+    );
+    let _ = writeln!(
+        out,
+        "  per ping      {:.1} us  ({} pings while holding; {} sent, {} pongs back in all)",
+        r.gateway_cpu_us_per_ping, r.pings_while_holding, r.pings_sent, r.pongs_received
+    );
+    let _ = writeln!(
+        out,
+        "  dropped {}  errors {:?}  harness CPU {:.1} s",
+        r.dropped_while_holding, r.errors, r.harness_cpu_secs
     );
 }

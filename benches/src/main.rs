@@ -24,6 +24,9 @@ struct Cli {
 enum Cmd {
     /// Open and hold N connections; report connect rates and gateway bytes per connection.
     Hold(hold::HoldArgs),
+    /// Hold N idle connections pinging every --ping-interval-s and report what the
+    /// heartbeats cost the gateway: CPU (user and kernel apart) and CPU per ping.
+    Heartbeat(hold::HoldArgs),
     /// 1:1 messages between pairs of users: delivered/s and latency percentiles.
     P2p(p2p::P2pArgs),
     /// Logins per second against the REST API (argon2id is the cost).
@@ -59,6 +62,13 @@ fn main() {
             let json = a.json.clone();
             let r = hold::hold(a);
             hold::print(&r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::Heartbeat(a) => {
+            let json = a.json.clone();
+            let r = hold::hold(a);
+            hold::print(&r);
+            hold::print_heartbeat(&r);
             write_json(json.as_deref(), &r);
         }
         Cmd::P2p(a) => {

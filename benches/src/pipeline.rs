@@ -30,11 +30,79 @@ pub struct SeedUsersArgs {
     /// Also a group with this id, owned by the first user, with every seeded user a member.
     #[arg(long)]
     pub group: Option<u64>,
+    /// Instead of printing SQL, create the users and one group of all of them in this SQLite
+    /// database (standalone's `data/im.db`) through the store, and print their ids as JSON.
+    /// Ids are the store's own (`--first` and `--group` do not apply); start from an empty
+    /// data directory so that they are consecutive.
+    #[arg(long)]
+    pub sqlite: Option<std::path::PathBuf>,
+}
+
+/// What `seed-users --sqlite` created.
+#[derive(Serialize)]
+struct Seeded {
+    first_user: u64,
+    last_user: u64,
+    group: u64,
+}
+
+/// Seeds standalone's database through the same store code the server runs.
+fn seed_sqlite(path: &std::path::Path, count: u64) -> Result<Seeded, String> {
+    if count < 2 {
+        return Err("--count: a group needs at least 2 users".into());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let err = |e: logic::store::StoreError| e.to_string();
+        let store = logic::store::SqliteStore::open(path).await.map_err(err)?;
+        store.migrate().await.map_err(err)?;
+        let now = im_shared::unix_ms();
+        let tag = now % 1_000_000_000;
+        let mut ids = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let name = format!("bench{tag}-{i}");
+            ids.push(
+                store
+                    .create_user(&name, "!", &name, now)
+                    .await
+                    .map_err(err)?,
+            );
+        }
+        if ids.windows(2).any(|w| w[1] != w[0] + 1) {
+            return Err("user ids are not consecutive: seed an empty data directory".into());
+        }
+        let max = u32::try_from(count).map_err(|_| "--count: too many for one group")?;
+        let group = store
+            .create_group(ids[0], "bench", "", max, now)
+            .await
+            .map_err(err)?;
+        for &u in &ids[1..] {
+            store.add_member(group, u, now).await.map_err(err)?;
+        }
+        Ok(Seeded {
+            first_user: ids[0],
+            last_user: ids[ids.len() - 1],
+            group,
+        })
+    })
 }
 
 /// Prints SQL for `mysql`: users (unusable password hash: tokens are minted with the secret)
 /// and optionally one group of all of them.
 pub fn seed_users(a: SeedUsersArgs) {
+    if let Some(path) = &a.sqlite {
+        match seed_sqlite(path, a.count) {
+            Ok(s) => println!("{}", serde_json::to_string(&s).expect("serialise")),
+            Err(e) => {
+                eprintln!("im-bench seed-users: {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let _ = writeln!(out, "SET autocommit=0;");
     let mut id = a.first;
@@ -83,7 +151,18 @@ pub struct FanoutArgs {
     pub messages: u64,
     #[arg(long, default_value_t = 500)]
     pub interval_ms: u64,
-    /// Gateway processes' PIDs, for their CPU time.
+    /// Send this many messages per second instead (a throughput run), paced on a schedule.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Members that take turns sending [default: enough to keep each under 50 messages/s,
+    /// half the gateway's per-connection rate limit].
+    #[arg(long)]
+    pub senders: Option<u64>,
+    /// The server is `im-bench baseline`: it re-broadcasts each `send` frame as it is to
+    /// every other connection, so count those instead of `msg` frames.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Server processes' PIDs (gateways, standalone `im`, or the baseline), for their CPU.
     #[arg(long = "gateway-pid")]
     pub gateway_pids: Vec<u32>,
     #[arg(long)]
@@ -104,7 +183,18 @@ pub struct FanoutResult {
     /// Send → the last member's `msg`, per message.
     all_members_p50_us: u64,
     all_members_p99_us: u64,
+    /// Offered messages per second (`--rate`, or 1000 / `--interval-ms`).
+    offered_msgs_per_s: f64,
+    senders: u64,
+    /// From the first send to the last delivery.
+    window_secs: f64,
+    deliveries_per_s: f64,
+    /// Server CPU over the window (utime + stime of every `--gateway-pid`).
     gateway_cpu_secs: Option<f64>,
+    /// Server CPU ÷ window: how many cores it used.
+    gateway_cores: Option<f64>,
+    /// Deliveries ÷ server CPU seconds: deliveries per second per core.
+    deliveries_per_cpu_s: Option<f64>,
     harness_cpu_secs: f64,
 }
 
@@ -128,6 +218,13 @@ async fn run_fanout(a: FanoutArgs) -> FanoutResult {
     let per_msg: Rc<RefCell<std::collections::HashMap<u64, (u64, u64)>>> = Default::default();
     let (deliveries, errors) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
     let src_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 3, 1));
+    // What a delivery looks like: the protocol's `msg`, or the baseline's echo of `send`.
+    let want: &'static [u8] = if a.baseline {
+        b"{\"type\":\"send\""
+    } else {
+        b"{\"type\":\"msg\""
+    };
+    let last_delivery = Rc::new(Cell::new(0u64));
     let mut writers = Vec::with_capacity(a.members as usize);
     let t_connect = Instant::now();
     for i in 0..a.members {
@@ -141,11 +238,12 @@ async fn run_fanout(a: FanoutArgs) -> FanoutResult {
         ws::upgrade(&mut s, a.addr, &token).await.expect("upgrade");
         let (mut rd, wr) = s.into_split();
         writers.push(wr);
-        let (lat, per_msg, deliveries, errors) = (
+        let (lat, per_msg, deliveries, errors, last_delivery) = (
             lat.clone(),
             per_msg.clone(),
             deliveries.clone(),
             errors.clone(),
+            last_delivery.clone(),
         );
         tokio::task::spawn_local(async move {
             let mut buf = Vec::with_capacity(1024);
@@ -165,7 +263,7 @@ async fn run_fanout(a: FanoutArgs) -> FanoutResult {
                         errors.set(errors.get() + 1);
                         return;
                     }
-                    if !payload.starts_with(b"{\"type\":\"msg\"") {
+                    if !payload.starts_with(want) {
                         return;
                     }
                     let key = b"\"content\":\"";
@@ -180,6 +278,7 @@ async fn run_fanout(a: FanoutArgs) -> FanoutResult {
                         return;
                     };
                     deliveries.set(deliveries.get() + 1);
+                    last_delivery.set(now);
                     let _ = lat.borrow_mut().record(now.saturating_sub(t).max(1));
                     let mut m = per_msg.borrow_mut();
                     let e = m.entry(t).or_insert((0, 0));
@@ -202,8 +301,20 @@ async fn run_fanout(a: FanoutArgs) -> FanoutResult {
             .sum::<Duration>()
     };
     let cpu0 = cpu(&a.gateway_pids);
+    // 100-byte contents: a 20-digit send stamp (for latency) and padding.
     let padding = "x".repeat(80);
+    let rate = a
+        .rate
+        .unwrap_or(1000.0 / a.interval_ms.max(1) as f64)
+        .max(0.001);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let senders = a
+        .senders
+        .unwrap_or((rate / 50.0).ceil() as u64)
+        .clamp(1, a.members);
     let mut stamps = Vec::new();
+    let first_send = now_us();
+    let mut next = tokio::time::Instant::now();
     for k in 0..a.messages {
         let t = now_us();
         stamps.push(t);
@@ -211,20 +322,22 @@ async fn run_fanout(a: FanoutArgs) -> FanoutResult {
             r#"{{"type":"send","cid":"f{k}-{t}","group":"{}","content":"{t:020}{padding}"}}"#,
             a.group
         );
-        writers[0]
+        writers[(k % senders) as usize]
             .write_all(&ws::frame(opcode::TEXT, text.as_bytes()))
             .await
             .expect("send");
-        tokio::time::sleep(Duration::from_millis(a.interval_ms)).await;
+        next += interval;
+        tokio::time::sleep_until(next).await;
     }
     // Wait (bounded) for the stragglers.
     let expected = a.messages * (a.members - 1);
     let end = Instant::now() + Duration::from_secs(30);
     while deliveries.get() < expected && Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let gateway_cpu =
         (!a.gateway_pids.is_empty()).then(|| (cpu(&a.gateway_pids) - cpu0).as_secs_f64());
+    let window_secs = (last_delivery.get().saturating_sub(first_send) as f64 / 1e6).max(1e-6);
     let mut all = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
     for t in &stamps {
         if let Some((n, last)) = per_msg.borrow().get(t) {
@@ -246,7 +359,13 @@ async fn run_fanout(a: FanoutArgs) -> FanoutResult {
         latency_max_us: lat.max(),
         all_members_p50_us: all.value_at_quantile(0.5),
         all_members_p99_us: all.value_at_quantile(0.99),
+        offered_msgs_per_s: rate,
+        senders,
+        window_secs,
+        deliveries_per_s: deliveries.get() as f64 / window_secs,
         gateway_cpu_secs: gateway_cpu,
+        gateway_cores: gateway_cpu.map(|c| c / window_secs),
+        deliveries_per_cpu_s: gateway_cpu.map(|c| deliveries.get() as f64 / c.max(1e-9)),
         harness_cpu_secs: proc::own_cpu_time().as_secs_f64(),
     }
 }
@@ -268,8 +387,16 @@ pub fn print_fanout(r: &FanoutResult) {
         "  send → all members  p50 {} us  p99 {} us",
         r.all_members_p50_us, r.all_members_p99_us
     );
-    if let Some(c) = r.gateway_cpu_secs {
-        println!("  gateway CPU        {c:.2} s");
+    println!(
+        "  offered {:.0} msgs/s from {} senders; {:.0} deliveries/s over {:.2} s",
+        r.offered_msgs_per_s, r.senders, r.deliveries_per_s, r.window_secs
+    );
+    if let (Some(c), Some(cores), Some(per)) =
+        (r.gateway_cpu_secs, r.gateway_cores, r.deliveries_per_cpu_s)
+    {
+        println!(
+            "  server CPU         {c:.2} s ({cores:.2} cores): {per:.0} deliveries per CPU-second"
+        );
     }
     println!("  harness CPU        {:.1} s", r.harness_cpu_secs);
 }

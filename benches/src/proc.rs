@@ -18,14 +18,21 @@ fn kb_field(text: &str, name: &str) -> Option<u64> {
 
 /// User + system CPU time of `pid` so far.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
+    cpu_split(pid).map(|(user, sys)| user + sys)
+}
+
+/// User and system (kernel) CPU time of `pid` so far, apart: on loopback most of a
+/// connection's cost is the kernel's.
+pub fn cpu_split(pid: u32) -> Option<(Duration, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let (user, sys): (u64, u64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
     // SAFETY: sysconf is always safe to call.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_millis(ticks * 1000 / hz))
+    let d = |ticks: u64| Duration::from_millis(ticks * 1000 / hz);
+    Some((d(user), d(sys)))
 }
 
 /// CPU time this process used (not its children: those may include gateways we started).
