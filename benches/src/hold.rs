@@ -109,9 +109,9 @@ struct Progress {
 /// The hold phase of a worker, without epoll or a task per connection: once upgraded, a
 /// socket leaves tokio's reactor and sits in one of `interval / TICK` slots. Every tick the
 /// worker visits one slot: it reads whatever pongs arrived (non-blocking) and sends the next
-/// ping. No socket is watched, so a pong's arrival wakes nobody: the harness costs two
-/// syscalls per ping, and the gateway is not charged for waking it (on loopback the sender
-/// runs the receiver's wake-up).
+/// ping, and reads the pongs of the slot before it. No socket is watched, so a pong's
+/// arrival wakes nobody: the harness costs three syscalls per ping, and the gateway is not
+/// charged for waking it (on loopback the sender runs the receiver's wake-up).
 struct Held {
     slots: Vec<Vec<std::net::TcpStream>>,
     next: usize,
@@ -197,6 +197,14 @@ impl Held {
             }
             alive
         });
+        // The previous slot's pongs have had a tick to come back: read them now, so that an
+        // unread pong (a 4 KiB page of kernel memory) is not left on every socket for 30 s.
+        let prev = (slot + self.slots.len() - 1) % self.slots.len();
+        if prev != slot {
+            for s in &self.slots[prev] {
+                Self::drain(s, &mut pongs);
+            }
+        }
         self.pings += pings;
         self.pongs += pongs;
         self.dropped += dropped;
@@ -345,6 +353,10 @@ pub fn worker(a: WorkerArgs) {
                 _ = ticks.tick() => false,
                 _ = rx.recv() => true,
             };
+            if stop {
+                // The last tick's pings are a moment old: let their pongs arrive.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
             let mut h = held.borrow_mut();
             if stop {
                 h.drain_all();
