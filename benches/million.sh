@@ -18,9 +18,18 @@ GATEWAYS="${GATEWAYS:-$(( (CONNS + 16699) / 16700 ))}"
 OUT=benches/results
 mkdir -p "$OUT"
 tuning/apply.sh
-trap 'tuning/apply.sh --revert' EXIT
-echo "== $CONNS connections, $GATEWAYS gateway processes, hold $HOLD s ($(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB)"
-"$T/im-bench" hold --conns "$CONNS" --secret million-secret \
+# Everything runs in a network namespace of its own: it gets an established-connection hash
+# table sized by net.ipv4.tcp_child_ehash_entries (sysctl.conf) instead of the host's, which
+# is sized at boot and too small past a million connections. Per-namespace settings start
+# at their defaults there, so sysctl.conf is applied inside too (-e: the global ones are
+# already set).
+NS="im-million-$$"
+ip netns add "$NS"
+trap 'ip netns del "$NS" 2>/dev/null || true; tuning/apply.sh --revert' EXIT
+ip netns exec "$NS" ip link set lo up
+ip netns exec "$NS" sysctl -e -q -p sysctl.conf || true
+echo "== $CONNS connections, $GATEWAYS gateway processes, hold $HOLD s ($(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB), namespace $NS"
+ip netns exec "$NS" "$T/im-bench" hold --conns "$CONNS" --secret million-secret \
   --spawn-gateway "$T/im" --gateway-processes "$GATEWAYS" --gateway-shards 1 \
   --per-worker 18000 --hold-secs "$HOLD" --ping-interval-s 30 --raw-tcp 0 \
   --addr 127.0.0.1:18090 \
