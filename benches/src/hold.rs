@@ -522,6 +522,11 @@ pub fn hold(a: HoldArgs) -> HoldResult {
         if let Ok((w, p)) = rx.recv_timeout(Duration::from_millis(250)) {
             latest[w] = p;
         }
+        // Take every line that queued up: under load one sample of 90 gateways' smaps can
+        // take longer than the workers take to report, and the counts would fall behind.
+        while let Ok((w, p)) = rx.try_recv() {
+            latest[w] = p;
+        }
         let (ok, err, _) = total(&latest);
         if Instant::now() >= next_sample {
             samples.push(sample(t0, ok));
@@ -554,6 +559,9 @@ pub fn hold(a: HoldArgs) -> HoldResult {
     let mut next_sample = h0;
     while Instant::now() < hold_end {
         if let Ok((w, p)) = rx.recv_timeout(Duration::from_millis(500)) {
+            latest[w] = p;
+        }
+        while let Ok((w, p)) = rx.try_recv() {
             latest[w] = p;
         }
         if Instant::now() >= next_sample {
