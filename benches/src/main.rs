@@ -67,7 +67,6 @@ fn main() {
         Cmd::Heartbeat(a) => {
             let json = a.json.clone();
             let r = hold::hold(a);
-            hold::print(&r);
             hold::print_heartbeat(&r);
             write_json(json.as_deref(), &r);
         }
