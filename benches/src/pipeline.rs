@@ -9,7 +9,7 @@ use crate::ws;
 use gateway_core::codec::opcode;
 use hdrhistogram::Histogram;
 use im_shared::records::{self, topics, Versioned};
-use logic::store::Store;
+use im_store::Store;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use std::cell::{Cell, RefCell};
@@ -56,8 +56,8 @@ fn seed_sqlite(path: &std::path::Path, count: u64) -> Result<Seeded, String> {
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let err = |e: logic::store::StoreError| e.to_string();
-        let store = logic::store::SqliteStore::open(path).await.map_err(err)?;
+        let err = |e: im_store::StoreError| e.to_string();
+        let store = im_store::SqliteStore::open(path).await.map_err(err)?;
         store.migrate().await.map_err(err)?;
         let now = im_shared::unix_ms();
         let tag = now % 1_000_000_000;
@@ -461,7 +461,7 @@ fn stored(run: u64, i: u64, conv_base: u64, content: &str) -> records::Stored {
 
 async fn run_persist_rate(a: PersistRateArgs) -> PersistRateResult {
     let store: Arc<dyn Store> = Arc::new(
-        logic::store::MySqlStore::connect_or_create(&a.mysql_url)
+        im_store::MySqlStore::connect_or_create(&a.mysql_url)
             .await
             .expect("mysql"),
     );
@@ -469,7 +469,7 @@ async fn run_persist_rate(a: PersistRateArgs) -> PersistRateResult {
     let run = im_shared::unix_ms() % 100_000 + 1;
     let conv_base = run * 1000;
     let content = "x".repeat(100);
-    let kafka = im_pipeline::KafkaConfig {
+    let kafka = im_bus::KafkaConfig {
         brokers: a.kafka_brokers.clone(),
         ..Default::default()
     };

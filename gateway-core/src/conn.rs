@@ -20,8 +20,8 @@ pub enum State {
     Dead,
 }
 
-/// I/O bookkeeping the driver and the shard share (bit flags in `Conn::io`).
-pub mod io {
+/// I/O bookkeeping the driver and the shard share: bit flags in `Conn::io`. (Not `std::io`.)
+pub mod flags {
     /// In the shard's ready list.
     pub const READY: u8 = 1;
     /// A (multishot) receive is armed in the kernel.

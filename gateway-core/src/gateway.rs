@@ -3,11 +3,13 @@
 //! shard mesh, pin one thread per shard, pick the driver.
 
 use crate::bridge::{self, BridgeEnd};
-use crate::driver;
-use crate::mesh::{self, Waker};
+use crate::config::GatewayConfig;
+use crate::driver::Driver;
+use crate::mesh;
 use crate::metrics::ShardStats;
+use crate::msg::{CONNS_PER_SHARD_MAX, SHARDS_MAX};
 use crate::shard::{MetricsHook, RevokedCheck, Shard};
-use im_shared::config::GatewayConfig;
+use crate::waker::Waker;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,13 +18,34 @@ use std::thread::JoinHandle;
 
 pub struct Gateway;
 
+/// What a gateway process adds to its shards.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Refuses upgrades whose token was revoked (logout).
+    pub revoked: Option<RevokedCheck>,
+    /// Adds to `/metrics` (the bridge's counters).
+    pub metrics: Option<MetricsHook>,
+}
+
+/// How the shards route what clients send.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Routing {
+    /// Through the pipeline bridge (logic sequences): every deployment.
+    Bridge,
+    /// Between this process's own connections (gateway benchmarks).
+    LocalRouter,
+}
+
+/// Backlog of the listening sockets.
+const LISTEN_BACKLOG: i32 = 65535;
+
 pub struct GatewayHandle {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     wakers: Arc<[Waker]>,
     stats: Arc<[ShardStats]>,
     threads: Vec<JoinHandle<io::Result<()>>>,
-    driver: &'static str,
+    driver: Driver,
 }
 
 /// Creates a listening TCP socket with SO_REUSEPORT (so shards and processes share the port).
@@ -164,137 +187,113 @@ pub fn raise_nofile() -> usize {
 }
 
 impl Gateway {
-    /// Binds, spawns the shards and returns at once; the gateway runs until `shutdown`.
+    /// Binds, spawns the shards with the local router and returns at once; the gateway runs
+    /// until `shutdown`. For tests and gateway benchmarks.
     pub fn start(cfg: GatewayConfig) -> io::Result<GatewayHandle> {
-        Gateway::start_with_revocations(cfg, None)
+        Gateway::start_local(cfg, Options::default())
     }
 
-    /// `start`, refusing upgrades whose token `revoked` says was revoked (logout).
-    pub fn start_with_revocations(
+    /// The shards route between this process's own connections (`im gateway --local-router`).
+    pub fn start_local(cfg: GatewayConfig, opts: Options) -> io::Result<GatewayHandle> {
+        start(cfg, opts, Routing::LocalRouter).map(|(h, _)| h)
+    }
+
+    /// The shards hand requests to a pipeline bridge: the returned end of their rings is for
+    /// the caller's bridge to drive.
+    pub fn start_bridged(
         cfg: GatewayConfig,
-        revoked: Option<RevokedCheck>,
-    ) -> io::Result<GatewayHandle> {
-        Gateway::start_with(cfg, revoked, false, None).map(|(h, _)| h)
+        opts: Options,
+    ) -> io::Result<(GatewayHandle, BridgeEnd)> {
+        let (handle, end) = start(cfg, opts, Routing::Bridge)?;
+        Ok((handle, end.expect("a bridged gateway has a bridge end")))
     }
+}
 
-    /// `start` with every option: `bridge` puts the shards in pipeline mode and returns the
-    /// bridge's end of their rings, for the caller's Kafka bridge to drive; `metrics` adds to
-    /// `/metrics`.
-    pub fn start_with(
-        mut cfg: GatewayConfig,
-        revoked: Option<RevokedCheck>,
-        bridge: bool,
-        metrics: Option<MetricsHook>,
-    ) -> io::Result<(GatewayHandle, Option<BridgeEnd>)> {
-        if cfg.jwt_secret.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the JWT secret is empty",
-            ));
-        }
-        let n = cfg.shards.clamp(1, 64);
-        cfg.shards = n;
-        let per_shard = fd_budget() / n;
-        // Connection tokens in the pipeline's records hold 25 bits of slab key.
-        cfg.conns_per_shard_max = cfg.conns_per_shard_max.min(1 << 25);
-        if cfg.conns_per_shard_max > per_shard {
-            cfg.conns_per_shard_max = per_shard;
-        }
+fn start(
+    mut cfg: GatewayConfig,
+    opts: Options,
+    routing: Routing,
+) -> io::Result<(GatewayHandle, Option<BridgeEnd>)> {
+    if cfg.jwt_secret.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the JWT secret is empty",
+        ));
+    }
+    let n = cfg.shards.clamp(1, SHARDS_MAX);
+    cfg.shards = n;
+    // What the open-file limit allows, and what a connection token can address.
+    let per_shard = fd_budget() / n;
+    cfg.conns_per_shard_max = cfg.conns_per_shard_max.min(CONNS_PER_SHARD_MAX).min(per_shard);
+    let driver = Driver::choose(cfg.force_epoll);
 
-        let driver_name = if cfg.force_epoll {
-            "epoll"
-        } else {
-            match driver::uring::available() {
-                Ok(()) => "io_uring",
-                Err(why) => {
-                    log::warn!("io_uring unavailable ({why}): falling back to epoll");
-                    "epoll"
-                }
-            }
-        };
-
-        let (first, addr) = reuseport_listener(cfg.ws_listen, 65535)?;
-        let mut listeners = vec![first];
-        for _ in 1..n {
-            listeners.push(reuseport_listener(addr, 65535)?.0);
-        }
-        let wakers: Arc<[Waker]> = (0..n)
-            .map(|_| Waker::new())
-            .collect::<io::Result<Vec<_>>>()?
-            .into();
-        let stats: Arc<[ShardStats]> = (0..n)
-            .map(|_| ShardStats::default())
-            .collect::<Vec<_>>()
-            .into();
-        let mut ports = mesh::build(n, cfg.ring_capacity, cfg.ring_backlog_max, wakers.clone());
-        let bridge_end = if bridge {
+    let (first, addr) = reuseport_listener(cfg.ws_listen, LISTEN_BACKLOG)?;
+    let mut listeners = vec![first];
+    for _ in 1..n {
+        listeners.push(reuseport_listener(addr, LISTEN_BACKLOG)?.0);
+    }
+    let wakers: Arc<[Waker]> = (0..n)
+        .map(|_| Waker::new())
+        .collect::<io::Result<Vec<_>>>()?
+        .into();
+    let stats: Arc<[ShardStats]> = (0..n)
+        .map(|_| ShardStats::default())
+        .collect::<Vec<_>>()
+        .into();
+    let mut ports = mesh::build(n, cfg.ring_capacity, cfg.ring_backlog_max, wakers.clone());
+    let bridge_end = match routing {
+        Routing::Bridge => {
             let (links, end) = bridge::build(n, cfg.ring_capacity, wakers.clone())?;
             for (port, link) in ports.iter_mut().zip(links) {
                 port.attach_bridge(link);
             }
             Some(end)
-        } else {
-            None
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let cfg = Arc::new(cfg);
-
-        let mut threads = Vec::with_capacity(n);
-        for (i, (port, listener)) in ports.into_iter().zip(listeners).enumerate() {
-            let (cfg, stats, stop, revoked, metrics) = (
-                cfg.clone(),
-                stats.clone(),
-                stop.clone(),
-                revoked.clone(),
-                metrics.clone(),
-            );
-            let core = cfg
-                .pin_first_core
-                .filter(|_| !cores.is_empty())
-                .map(|f| cores[(f + i) % cores.len()]);
-            let t = std::thread::Builder::new()
-                .name(format!("im-shard-{i}"))
-                .spawn(move || {
-                    if let Some(core) = core {
-                        core_affinity::set_for_current(core);
-                    }
-                    let mut shard =
-                        Shard::with_revocations(&cfg, port, stats, driver_name, revoked);
-                    shard.set_metrics_hook(metrics);
-                    let r = if driver_name == "io_uring" {
-                        driver::uring::run(
-                            shard,
-                            listener,
-                            &stop,
-                            cfg.recv_buffers,
-                            cfg.recv_buffer_bytes,
-                        )
-                    } else {
-                        driver::epoll::run(shard, listener, &stop, cfg.recv_buffer_bytes)
-                    };
-                    if let Err(e) = &r {
-                        log::error!("shard {i} stopped: {e}");
-                    }
-                    r
-                })?;
-            threads.push(t);
         }
-        log::info!(
-            "gateway {} listening on ws://{addr}/ws with {n} shard(s), driver {driver_name}, up to {} connections per shard",
-            cfg.gateway_id,
-            cfg.conns_per_shard_max
-        );
-        let handle = GatewayHandle {
-            addr,
-            stop,
-            wakers,
-            stats,
-            threads,
-            driver: driver_name,
-        };
-        Ok((handle, bridge_end))
+        Routing::LocalRouter => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let cfg = Arc::new(cfg);
+
+    let mut threads = Vec::with_capacity(n);
+    for (i, (port, listener)) in ports.into_iter().zip(listeners).enumerate() {
+        let (cfg, stats, stop, opts) = (cfg.clone(), stats.clone(), stop.clone(), opts.clone());
+        let core = cfg
+            .pin_first_core
+            .filter(|_| !cores.is_empty())
+            .map(|f| cores[(f + i) % cores.len()]);
+        let t = std::thread::Builder::new()
+            .name(format!("im-shard-{i}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                let mut shard =
+                    Shard::with_revocations(&cfg, port, stats, driver.name(), opts.revoked);
+                shard.set_metrics_hook(opts.metrics);
+                let r = driver.run(shard, listener, &stop, &cfg);
+                if let Err(e) = &r {
+                    log::error!("shard {i} stopped: {e}");
+                }
+                r
+            })?;
+        threads.push(t);
     }
+    log::info!(
+        "gateway {} listening on ws://{addr}/ws with {n} shard(s), driver {}, up to {} connections per shard",
+        cfg.gateway_id,
+        driver.name(),
+        cfg.conns_per_shard_max
+    );
+    let handle = GatewayHandle {
+        addr,
+        stop,
+        wakers,
+        stats,
+        threads,
+        driver,
+    };
+    Ok((handle, bridge_end))
 }
 
 impl GatewayHandle {
@@ -302,7 +301,7 @@ impl GatewayHandle {
         self.addr
     }
 
-    pub fn driver(&self) -> &'static str {
+    pub fn driver(&self) -> Driver {
         self.driver
     }
 

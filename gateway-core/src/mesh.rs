@@ -1,128 +1,19 @@
 //! Cross-shard messaging: one `rtrb` SPSC ring per ordered pair of shards, drained in batches,
-//! plus an eventfd per shard to wake it when it sleeps in the kernel.
+//! plus an eventfd per shard (`Waker`) to wake it when it sleeps in the kernel. The messages
+//! are in `msg`; the shard's rings to and from the pipeline bridge (`bridge`) hang off its
+//! port here, so a shard drains one place.
 //!
 //! A full ring never blocks the sender: the message waits in a bounded per-peer backlog that
 //! is moved into the ring on later turns; past the bound it is refused (the caller answers
 //! `error` to the sender, or counts a drop) — ARCHITECTURE.md, "Bounded everything".
 
-use crate::arena::Frame;
-use crate::bridge::{BridgeLink, UpMsg};
-use im_shared::conv::Conv;
+use crate::bridge::BridgeLink;
+use crate::msg::{ShardMsg, UpMsg, SHARDS_MAX};
+use crate::ring;
+use crate::waker::{WakeSet, Waker};
 use rtrb::{Consumer, Producer, RingBuffer};
 use std::collections::VecDeque;
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-/// Names one connection anywhere in this gateway process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnRef {
-    pub shard: u16,
-    pub key: u32,
-    pub gen: u32,
-}
-
-impl ConnRef {
-    pub const NONE: ConnRef = ConnRef {
-        shard: u16::MAX,
-        key: u32::MAX,
-        gen: 0,
-    };
-}
-
-/// A message to be sequenced by the shard that owns its conversation.
-#[derive(Debug)]
-pub struct Submit {
-    pub conv: Conv,
-    pub from: u64,
-    pub to: u64,
-    pub cid: Box<str>,
-    pub content: Box<str>,
-    pub content_type: Box<str>,
-    pub origin: ConnRef,
-}
-
-#[derive(Debug)]
-pub enum ShardMsg {
-    /// `shard` now holds connections of `user` (sent to the user's home shard).
-    Attach { user: u64, shard: u16 },
-    /// `shard` holds no more connections of `user`.
-    Detach { user: u64, shard: u16 },
-    /// To the conversation's owner: assign id and seq, then route.
-    Submit(Box<Submit>),
-    /// To the user's home shard: forward `frame` to every shard holding the user.
-    Fanout {
-        user: u64,
-        frame: Frame,
-        except: ConnRef,
-    },
-    /// To a shard holding the user: write `frame` to each of the user's connections.
-    Deliver {
-        user: u64,
-        frame: Frame,
-        except: ConnRef,
-    },
-    /// To the origin shard: write `frame` (a `sent` or `error`) to one connection.
-    Reply { to: ConnRef, frame: Frame },
-    /// Close one connection with 1008 (its token was revoked).
-    Kick { to: ConnRef },
-}
-
-/// Wakes a shard sleeping in its event loop.
-pub struct Waker {
-    efd: RawFd,
-    sleeping: AtomicBool,
-}
-
-impl Waker {
-    pub fn new() -> std::io::Result<Waker> {
-        // SAFETY: plain syscall; the fd is owned by the Waker and closed on drop.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Waker {
-            efd,
-            sleeping: AtomicBool::new(false),
-        })
-    }
-
-    pub fn fd(&self) -> RawFd {
-        self.efd
-    }
-
-    /// Called by another thread after pushing work. Writes the eventfd only when the shard
-    /// said it is about to sleep, so busy shards cost no syscall.
-    pub fn wake(&self) {
-        if self.sleeping.swap(false, Ordering::SeqCst) {
-            self.force();
-        }
-    }
-
-    /// Unconditional wake (shutdown).
-    pub fn force(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd. EAGAIN (counter full) still
-        // leaves it readable, which is all we need.
-        unsafe { libc::write(self.efd, (&one as *const u64).cast(), 8) };
-    }
-
-    /// The owner announces it will block; it must re-check its rings afterwards.
-    pub fn prepare_sleep(&self) {
-        self.sleeping.store(true, Ordering::SeqCst);
-    }
-
-    pub fn cancel_sleep(&self) {
-        self.sleeping.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Waker {
-    fn drop(&mut self) {
-        // SAFETY: we own the fd.
-        unsafe { libc::close(self.efd) };
-    }
-}
 
 /// One shard's ends of the mesh.
 pub struct MeshPort {
@@ -133,7 +24,7 @@ pub struct MeshPort {
     backlog_len: usize,
     backlog_max: usize,
     wakers: Arc<[Waker]>,
-    to_wake: u64,
+    to_wake: WakeSet,
     /// The rings to and from the pipeline bridge (pipeline mode only).
     bridge: Option<BridgeLink>,
     /// Records waiting for room in the bridge ring (bounded by `backlog_max`, but presence
@@ -142,14 +33,17 @@ pub struct MeshPort {
     wake_bridge: bool,
 }
 
-/// Builds the full mesh for `n` shards (n ≤ 64).
+/// Builds the full mesh for `n` shards (n ≤ `SHARDS_MAX`).
 pub fn build(
     n: usize,
     ring_capacity: usize,
     backlog_max: usize,
     wakers: Arc<[Waker]>,
 ) -> Vec<MeshPort> {
-    assert!((1..=64).contains(&n), "1..=64 shards per process, not {n}");
+    assert!(
+        (1..=SHARDS_MAX).contains(&n),
+        "1..={SHARDS_MAX} shards per process, not {n}"
+    );
     assert_eq!(wakers.len(), n);
     let mut ports: Vec<MeshPort> = (0..n)
         .map(|id| MeshPort {
@@ -160,7 +54,7 @@ pub fn build(
             backlog_len: 0,
             backlog_max,
             wakers: wakers.clone(),
-            to_wake: 0,
+            to_wake: WakeSet::default(),
             bridge: None,
             up_backlog: VecDeque::new(),
             wake_bridge: false,
@@ -196,28 +90,43 @@ impl MeshPort {
         self.bridge.is_some()
     }
 
-    /// Hands `msg` to the bridge. `Err` gives it back when the ring and the backlog are full;
-    /// `must` parks it past the bound (presence changes: at most two per connection).
-    pub fn send_up(&mut self, msg: UpMsg, must: bool) -> Result<(), UpMsg> {
+    /// Hands `msg` to the bridge. `Err` gives it back when there is no bridge, or when the
+    /// ring and the backlog are full.
+    pub fn send_up(&mut self, msg: UpMsg) -> Result<(), UpMsg> {
+        if self.bridge.is_none() {
+            return Err(msg);
+        }
+        match self.push_up(msg) {
+            Ok(()) => Ok(()),
+            Err(msg) if self.up_backlog.len() < self.backlog_max => {
+                self.up_backlog.push_back(msg);
+                Ok(())
+            }
+            Err(msg) => Err(msg),
+        }
+    }
+
+    /// Hands `msg` to the bridge, parking it past the backlog bound when the ring is full:
+    /// for presence changes, which must not be lost and are bounded anyway (two per
+    /// connection). Without a bridge it is dropped.
+    pub fn send_up_always(&mut self, msg: UpMsg) {
+        if let Err(msg) = self.push_up(msg) {
+            if self.bridge.is_some() {
+                self.up_backlog.push_back(msg);
+            }
+        }
+    }
+
+    /// Pushes into the bridge ring when nothing waits before `msg`; gives it back otherwise.
+    fn push_up(&mut self, msg: UpMsg) -> Result<(), UpMsg> {
         let Some(link) = self.bridge.as_mut() else {
             return Err(msg);
         };
         self.wake_bridge = true;
-        if self.up_backlog.is_empty() {
-            match link.up.push(msg) {
-                Ok(()) => return Ok(()),
-                Err(rtrb::PushError::Full(m)) => return self.park_up(m, must),
-            }
-        }
-        self.park_up(msg, must)
-    }
-
-    fn park_up(&mut self, msg: UpMsg, must: bool) -> Result<(), UpMsg> {
-        if !must && self.up_backlog.len() >= self.backlog_max {
+        if !self.up_backlog.is_empty() {
             return Err(msg);
         }
-        self.up_backlog.push_back(msg);
-        Ok(())
+        link.up.push(msg).map_err(|rtrb::PushError::Full(m)| m)
     }
 
     /// Queues `msg` for shard `dst` (not ourselves). `Err` gives it back when the ring and the
@@ -225,7 +134,7 @@ impl MeshPort {
     pub fn send(&mut self, dst: u16, msg: ShardMsg) -> Result<(), ShardMsg> {
         let d = dst as usize;
         debug_assert_ne!(dst, self.id);
-        self.to_wake |= 1 << d;
+        self.to_wake.add(d);
         let q = &mut self.backlog[d];
         if q.is_empty() {
             let ring = self.out[d].as_mut().expect("a ring to every other shard");
@@ -270,7 +179,7 @@ impl MeshPort {
                     self.backlog_len -= 1;
                 }
                 if !self.backlog[d].is_empty() {
-                    self.to_wake |= 1 << d;
+                    self.to_wake.add(d);
                 }
             }
         }
@@ -285,38 +194,17 @@ impl MeshPort {
                 link.bridge_waker.wake();
             }
         }
-        let mut w = std::mem::take(&mut self.to_wake);
-        while w != 0 {
-            let d = w.trailing_zeros() as usize;
-            w &= w - 1;
-            self.wakers[d].wake();
-        }
+        self.to_wake.wake(&self.wakers);
     }
 
     /// Pops up to `budget` inbound messages, round-robin over peers, into `out`.
     pub fn drain(&mut self, budget: usize, out: &mut VecDeque<ShardMsg>) -> usize {
-        let mut n = 0;
-        if let Some(link) = self.bridge.as_mut() {
-            let take = link.down.slots().min(budget / 2);
-            if let Ok(chunk) = link.down.read_chunk(take) {
-                out.extend(chunk);
-                n += take;
-            }
-        }
-        for c in self.inbound.iter_mut().flatten() {
-            let take = c.slots().min(budget - n);
-            if take == 0 {
-                continue;
-            }
-            if let Ok(chunk) = c.read_chunk(take) {
-                out.extend(chunk);
-                n += take;
-            }
-            if n >= budget {
-                break;
-            }
-        }
-        n
+        // The bridge gets at most half the budget: peers' messages are never starved by it.
+        let n = match self.bridge.as_mut() {
+            Some(link) => ring::drain([&mut link.down], budget / 2, out),
+            None => 0,
+        };
+        n + ring::drain(self.inbound.iter_mut().flatten(), budget - n, out)
     }
 
     pub fn has_inbound(&self) -> bool {
@@ -393,17 +281,5 @@ mod tests {
         } else {
             panic!()
         }
-    }
-
-    #[test]
-    fn wake_writes_the_eventfd_only_for_a_sleeper() {
-        let w = Waker::new().unwrap();
-        let mut buf = 0u64;
-        let read = |buf: &mut u64| unsafe { libc::read(w.fd(), (buf as *mut u64).cast(), 8) };
-        w.wake();
-        assert_eq!(read(&mut buf), -1, "not sleeping: no write");
-        w.prepare_sleep();
-        w.wake();
-        assert_eq!(read(&mut buf), 8);
     }
 }

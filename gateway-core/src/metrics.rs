@@ -4,14 +4,14 @@
 //! on its own cache lines); `/metrics` reads them all with relaxed loads. Nothing on the hot
 //! path takes a lock or crosses a core.
 
-use std::fmt::Write;
+use im_shared::metrics::{Kind, Prom};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Close codes counted separately.
 pub const CLOSE_CODES: [u16; 8] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 1013];
 
 macro_rules! stats {
-    ($( $name:ident : $kind:literal, $help:literal ),* $(,)?) => {
+    ($( $name:ident : $kind:expr, $help:literal ),* $(,)?) => {
         #[derive(Default)]
         #[repr(align(128))]
         pub struct ShardStats {
@@ -20,7 +20,7 @@ macro_rules! stats {
             pub closes: [AtomicU64; CLOSE_CODES.len()],
         }
 
-        const FIELDS: &[(&str, &str, &str)] = &[ $( (stringify!($name), $kind, $help) ),* ];
+        const FIELDS: &[(&str, Kind, &str)] = &[ $( (stringify!($name), $kind, $help) ),* ];
 
         impl ShardStats {
             fn values(&self) -> Vec<u64> {
@@ -31,27 +31,27 @@ macro_rules! stats {
 }
 
 stats! {
-    connections: "gauge", "Connections held now.",
-    accepted_total: "counter", "TCP connections accepted.",
-    handshakes_total: "counter", "WebSocket upgrades completed.",
-    refused_token_total: "counter", "Upgrades refused for a missing or invalid token (HTTP 401).",
-    refused_http_total: "counter", "Requests refused for bad HTTP (400/405/426/431) or an unknown path.",
-    refused_full_total: "counter", "Connections closed at accept because the shard is full.",
-    handshake_timeouts_total: "counter", "Connections that did not finish the upgrade in time.",
-    heartbeat_timeouts_total: "counter", "Connections closed for showing no life within the heartbeat timeout.",
-    slow_consumer_closes_total: "counter", "Connections closed because their outbound queue passed its bound.",
-    peer_resets_total: "counter", "Peers that went away without a close handshake.",
-    frames_in_total: "counter", "WebSocket frames received.",
-    frames_out_total: "counter", "WebSocket frames queued for sending.",
-    bytes_in_total: "counter", "Bytes received.",
-    bytes_out_total: "counter", "Bytes sent.",
-    messages_routed_total: "counter", "Messages sequenced by this shard (as a conversation owner).",
-    deliveries_total: "counter", "Message copies written to connections.",
-    ring_backlog: "gauge", "Cross-shard messages waiting because a ring was full.",
-    ring_dropped_total: "counter", "Cross-shard messages dropped because ring and backlog were full.",
-    timers_armed: "gauge", "Timers armed in the wheel.",
-    arena_bytes: "gauge", "Bytes held in the buffer arena (partial frames, pending writes).",
-    recv_buffer_exhausted_total: "counter", "Receive buffers the kernel ran out of (multishot receive re-armed).",
+    connections: Kind::Gauge, "Connections held now.",
+    accepted_total: Kind::Counter, "TCP connections accepted.",
+    handshakes_total: Kind::Counter, "WebSocket upgrades completed.",
+    refused_token_total: Kind::Counter, "Upgrades refused for a missing or invalid token (HTTP 401).",
+    refused_http_total: Kind::Counter, "Requests refused for bad HTTP (400/405/426/431) or an unknown path.",
+    refused_full_total: Kind::Counter, "Connections closed at accept because the shard is full.",
+    handshake_timeouts_total: Kind::Counter, "Connections that did not finish the upgrade in time.",
+    heartbeat_timeouts_total: Kind::Counter, "Connections closed for showing no life within the heartbeat timeout.",
+    slow_consumer_closes_total: Kind::Counter, "Connections closed because their outbound queue passed its bound.",
+    peer_resets_total: Kind::Counter, "Peers that went away without a close handshake.",
+    frames_in_total: Kind::Counter, "WebSocket frames received.",
+    frames_out_total: Kind::Counter, "WebSocket frames queued for sending.",
+    bytes_in_total: Kind::Counter, "Bytes received.",
+    bytes_out_total: Kind::Counter, "Bytes sent.",
+    messages_routed_total: Kind::Counter, "Messages sequenced by this shard (as a conversation owner).",
+    deliveries_total: Kind::Counter, "Message copies written to connections.",
+    ring_backlog: Kind::Gauge, "Cross-shard messages waiting because a ring was full.",
+    ring_dropped_total: Kind::Counter, "Cross-shard messages dropped because ring and backlog were full.",
+    timers_armed: Kind::Gauge, "Timers armed in the wheel.",
+    arena_bytes: Kind::Gauge, "Bytes held in the buffer arena (partial frames, pending writes).",
+    recv_buffer_exhausted_total: Kind::Counter, "Receive buffers the kernel ran out of (multishot receive re-armed).",
 }
 
 impl ShardStats {
@@ -77,36 +77,30 @@ impl ShardStats {
 pub fn render(gateway_id: &str, shards: &[ShardStats], driver: &str) -> String {
     let mut out = String::with_capacity(4096);
     let per: Vec<Vec<u64>> = shards.iter().map(|s| s.values()).collect();
-    let _ = writeln!(
-        out,
-        "# HELP im_gateway_info The gateway process.\n# TYPE im_gateway_info gauge"
+    let mut p = Prom::new(&mut out);
+    let n = shards.len().to_string();
+    p.single(
+        "im_gateway_info",
+        Kind::Gauge,
+        "The gateway process.",
+        &[("gateway", gateway_id), ("driver", driver), ("shards", &n)],
+        1,
     );
-    let _ = writeln!(
-        out,
-        "im_gateway_info{{gateway=\"{gateway_id}\",driver=\"{driver}\",shards=\"{}\"}} 1",
-        shards.len()
-    );
+    let ids: Vec<String> = (0..shards.len()).map(|i| i.to_string()).collect();
     for (i, (name, kind, help)) in FIELDS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "# HELP im_gateway_{name} {}\n# TYPE im_gateway_{name} {kind}",
-            help.trim()
-        );
+        let name = format!("im_gateway_{name}");
+        p.family(&name, *kind, help);
         for (shard, vals) in per.iter().enumerate() {
-            let _ = writeln!(out, "im_gateway_{name}{{shard=\"{shard}\"}} {}", vals[i]);
+            p.sample(&name, &[("shard", &ids[shard])], vals[i]);
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP im_gateway_closes_total Close frames sent, by code.\n# TYPE im_gateway_closes_total counter"
-    );
+    let name = "im_gateway_closes_total";
+    p.family(name, Kind::Counter, "Close frames sent, by code.");
     for (shard, s) in shards.iter().enumerate() {
         for (i, code) in CLOSE_CODES.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "im_gateway_closes_total{{shard=\"{shard}\",code=\"{code}\"}} {}",
-                s.closes[i].load(Relaxed)
-            );
+            let code = code.to_string();
+            let labels = [("shard", ids[shard].as_str()), ("code", code.as_str())];
+            p.sample(name, &labels, s.closes[i].load(Relaxed));
         }
     }
     out

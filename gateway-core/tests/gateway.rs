@@ -3,7 +3,7 @@
 
 use gateway_core::codec::{self, opcode};
 use gateway_core::{Gateway, GatewayHandle};
-use im_shared::config::GatewayConfig;
+use gateway_core::GatewayConfig;
 use im_shared::jwt;
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -98,7 +98,7 @@ fn users_on_different_shards_exchange_messages_on_both_drivers() {
         let gw = start(config(epoll));
         let addr = gw.local_addr();
         let uring = !epoll && gateway_core::driver::uring::available().is_ok();
-        assert_eq!(gw.driver(), if uring { "io_uring" } else { "epoll" });
+        assert_eq!(gw.driver().name(), if uring { "io_uring" } else { "epoll" });
         let mut alice = connect_on(addr, 1, 0);
         let mut bob = connect_on(addr, 2, 1);
         std::thread::sleep(Duration::from_millis(50)); // directory updates cross shards

@@ -1,14 +1,12 @@
 //! The REST API through the real router, on both real backends: happy paths and, for each
 //! endpoint, the bad inputs (PROTOCOL.md, "REST").
 
-mod common;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
+use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
 use logic::api::{self, ApiConfig, AppState};
 use logic::auth::{self, MemoryRevocations, PasswordCost};
-use logic::store::Store;
+use im_store::Store;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tower::ServiceExt;

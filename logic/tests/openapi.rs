@@ -2,8 +2,6 @@
 //! documented protection, documented paths have no undocumented methods, and every route in
 //! the source is documented.
 
-mod common;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use logic::api::{self, ApiConfig, AppState, OPENAPI_JSON};
@@ -26,10 +24,10 @@ fn concrete(path: &str) -> String {
 async fn the_spec_and_the_router_agree() {
     let spec: Value = serde_json::from_str(OPENAPI_JSON).expect("openapi.json is JSON");
     assert_eq!(spec["openapi"], "3.0.3");
-    let dir = common::tempdir();
+    let dir = im_store::testing::tempdir();
     let cost = PasswordCost::test();
     let state = AppState {
-        store: Arc::new(common::fresh_sqlite(&dir).await),
+        store: Arc::new(im_store::testing::fresh_sqlite(&dir).await),
         revocations: Arc::new(MemoryRevocations::default()),
         cfg: ApiConfig {
             jwt_secret: b"s".to_vec(),

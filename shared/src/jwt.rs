@@ -109,6 +109,12 @@ pub fn sign(secret: &[u8], claims: &Claims) -> String {
     out
 }
 
+/// Whether a token expiring at `exp_s` is still good at `now_s`: the one rule for tokens and
+/// for revocations alike (a revoked token needs remembering exactly while it would verify).
+pub fn unexpired(exp_s: u64, now_s: u64) -> bool {
+    exp_s > now_s
+}
+
 /// Checks algorithm, signature, expiry and subject, in that order, at Unix time `now_s`.
 pub fn verify(secret: &[u8], token: &str, now_s: u64) -> Result<Claims, JwtError> {
     if token.len() > TOKEN_BYTES_MAX {
@@ -140,7 +146,7 @@ pub fn verify(secret: &[u8], token: &str, now_s: u64) -> Result<Claims, JwtError
         .decode_slice(p, &mut buf)
         .map_err(|_| JwtError::Malformed)?;
     let claims: Claims = serde_json::from_slice(&buf[..n]).map_err(|_| JwtError::Malformed)?;
-    if claims.exp <= now_s {
+    if !unexpired(claims.exp, now_s) {
         return Err(JwtError::Expired);
     }
     if crate::conv::parse_id(&claims.sub).is_none() {

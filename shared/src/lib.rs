@@ -1,12 +1,15 @@
-//! What every IM process agrees on: the client protocol (PROTOCOL.md), HS256 tokens, Snowflake
-//! ids, conversation ids, configuration, error codes, and the Kafka record schema.
+//! What every IM process agrees on: the client protocol (docs/PROTOCOL.md), HS256 tokens and
+//! the one rule for how long a token (or its revocation) lasts, Snowflake ids, conversation
+//! ids, error codes, the Kafka record schema, the presence key format, and the Prometheus
+//! text writer every `/metrics` uses.
 //!
 //! This crate does no I/O. Dependencies point inward to it, never sideways between services.
 
-pub mod config;
 pub mod conv;
 pub mod error;
 pub mod jwt;
+pub mod metrics;
+pub mod presence;
 pub mod protocol;
 pub mod records;
 pub mod snowflake;

@@ -10,9 +10,62 @@
 pub mod epoll;
 pub mod uring;
 
+use crate::config::GatewayConfig;
 use crate::shard::{IoPlan, Now, Shard};
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// Which loop drives the shards of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    Uring,
+    Epoll,
+}
+
+impl Driver {
+    /// io_uring where this kernel runs it, unless `force_epoll`; epoll otherwise.
+    pub fn choose(force_epoll: bool) -> Driver {
+        if force_epoll {
+            return Driver::Epoll;
+        }
+        match uring::available() {
+            Ok(()) => Driver::Uring,
+            Err(why) => {
+                log::warn!("io_uring unavailable ({why}): falling back to epoll");
+                Driver::Epoll
+            }
+        }
+    }
+
+    /// The name `/metrics` and the logs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Uring => "io_uring",
+            Driver::Epoll => "epoll",
+        }
+    }
+
+    /// Runs `shard` on `listener` until `stop` is set and its connections are closed.
+    pub fn run(
+        self,
+        shard: Shard,
+        listener: i32,
+        stop: &AtomicBool,
+        cfg: &GatewayConfig,
+    ) -> io::Result<()> {
+        match self {
+            Driver::Uring => uring::run(
+                shard,
+                listener,
+                stop,
+                cfg.recv_buffers,
+                cfg.recv_buffer_bytes,
+            ),
+            Driver::Epoll => epoll::run(shard, listener, stop, cfg.recv_buffer_bytes),
+        }
+    }
+}
 
 /// How long shutdown waits for close handshakes before dropping connections.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -31,6 +84,11 @@ pub(crate) mod tag {
     }
 }
 
+/// Where the shard's monotonic clock starts. Any origin works (only differences matter), but
+/// not zero: the shard keeps some deadlines as ticks where 0 means "not set yet" (the first
+/// presence refresh), which a clock starting at 0 would make a real instant.
+const MONO_START_MS: u64 = 1_000_000;
+
 /// The clock both drivers read once per turn.
 pub(crate) struct Clock {
     start: Instant,
@@ -45,7 +103,7 @@ impl Clock {
 
     pub fn now(&self) -> Now {
         Now {
-            mono_ms: self.start.elapsed().as_millis() as u64 + 1_000_000,
+            mono_ms: self.start.elapsed().as_millis() as u64 + MONO_START_MS,
             unix_ms: im_shared::unix_ms(),
         }
     }

@@ -3,7 +3,7 @@
 //! shard's eventfd for cross-shard wake-ups. One `io_uring_enter` per turn submits and waits.
 
 use super::{close_fd, run_plans, set_nodelay, shutdown_wr, tag, Clock, Stopper};
-use crate::shard::Shard;
+use crate::shard::{IoPlan, Shard};
 use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use std::io;
@@ -101,6 +101,7 @@ impl Drop for BufRing {
 
 /// Whether this kernel can run the io_uring driver (multishot receive needs Linux 6.0).
 pub fn available() -> Result<(), String> {
+    // SAFETY: utsname is plain bytes; all zeros is a valid value.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: uname fills the struct.
     unsafe { libc::uname(&mut uts) };
@@ -172,6 +173,74 @@ pub fn run(
     result
 }
 
+/// Multishot accept on the listener, re-armed when the kernel ends it; paused for a moment
+/// when the process is out of file descriptors, instead of spinning or sleeping.
+struct Acceptor {
+    listener: i32,
+    accepting: bool,
+    again_at: Option<Instant>,
+}
+
+impl Acceptor {
+    fn arm(&self, ring: &mut IoUring) -> io::Result<()> {
+        let e = opcode::AcceptMulti::new(Fd(self.listener))
+            .flags(libc::SOCK_CLOEXEC)
+            .build();
+        push(ring, e.user_data(tag::ACCEPT))
+    }
+
+    /// Re-arms once the pause after running out of descriptors is over.
+    fn resume(&mut self, ring: &mut IoUring) -> io::Result<()> {
+        if self.accepting && self.again_at.is_some_and(|t| Instant::now() >= t) {
+            self.again_at = None;
+            self.arm(ring)?;
+        }
+        Ok(())
+    }
+
+    fn on_complete(
+        &mut self,
+        shard: &mut Shard,
+        ring: &mut IoUring,
+        res: i32,
+        flags: u32,
+    ) -> io::Result<()> {
+        if res >= 0 {
+            set_nodelay(res);
+            if shard.accept(res).is_none() {
+                close_fd(res);
+            }
+        } else if res != -libc::ECANCELED {
+            log::warn!(
+                "shard {}: accept failed: {}",
+                shard.id(),
+                io::Error::from_raw_os_error(-res)
+            );
+        }
+        if !cqueue::more(flags) && self.accepting {
+            if res == -libc::EMFILE || res == -libc::ENFILE {
+                self.again_at = Some(Instant::now() + ACCEPT_BACKOFF);
+            } else {
+                self.arm(ring)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Shutdown: no more connections.
+    fn stop(&mut self, ring: &mut IoUring) -> io::Result<()> {
+        self.accepting = false;
+        let e = opcode::AsyncCancel::new(tag::ACCEPT).build();
+        push(ring, e.user_data(tag::CANCEL))
+    }
+}
+
+/// The read on the shard's eventfd that ends a sleep when a peer pushed work.
+fn arm_wake(ring: &mut IoUring, wake_fd: i32, buf: &mut u64) -> io::Result<()> {
+    let e = opcode::Read::new(Fd(wake_fd), (buf as *mut u64).cast(), 8).build();
+    push(ring, e.user_data(tag::WAKE))
+}
+
 fn event_loop(
     mut shard: Shard,
     listener: i32,
@@ -181,112 +250,38 @@ fn event_loop(
     wake_buf: &mut u64,
 ) -> io::Result<()> {
     let wake_fd = shard.mesh().waker().fd();
-    let accept = || {
-        opcode::AcceptMulti::new(Fd(listener))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(tag::ACCEPT)
+    let mut acceptor = Acceptor {
+        listener,
+        accepting: true,
+        again_at: None,
     };
-    let wake_read = |buf: &mut u64| {
-        opcode::Read::new(Fd(wake_fd), (buf as *mut u64).cast(), 8)
-            .build()
-            .user_data(tag::WAKE)
-    };
-    push(ring, accept())?;
-    push(ring, wake_read(wake_buf))?;
+    acceptor.arm(ring)?;
+    arm_wake(ring, wake_fd, wake_buf)?;
 
     let clock = Clock::new();
     let mut stopper = Stopper::new();
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(SQ_ENTRIES as usize * 4);
     let mut ready = Vec::new();
-    let mut accepting = true;
-    // Out of file descriptors: re-arm accept a little later instead of spinning or sleeping.
-    let mut accept_again_at: Option<Instant> = None;
     loop {
         shard.set_now(clock.now());
-        if accept_again_at.is_some_and(|t| Instant::now() >= t) && accepting {
-            accept_again_at = None;
-            push(ring, accept())?;
-        }
+        acceptor.resume(ring)?;
         cqes.clear();
         cqes.extend(
             ring.completion()
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
         for &(ud, res, flags) in &cqes {
-            let key = tag::key(ud);
             match ud & tag::MASK {
-                tag::ACCEPT => {
-                    if res >= 0 {
-                        set_nodelay(res);
-                        if shard.accept(res).is_none() {
-                            close_fd(res);
-                        }
-                    } else if res != -libc::ECANCELED {
-                        log::warn!(
-                            "shard {}: accept failed: {}",
-                            shard.id(),
-                            io::Error::from_raw_os_error(-res)
-                        );
-                    }
-                    if !cqueue::more(flags) && accepting {
-                        if res == -libc::EMFILE || res == -libc::ENFILE {
-                            accept_again_at = Some(Instant::now() + ACCEPT_BACKOFF);
-                        } else {
-                            push(ring, accept())?;
-                        }
-                    }
-                }
-                tag::RECV => {
-                    if res > 0 {
-                        let bid = cqueue::buffer_select(flags)
-                            .expect("a receive with data carries a buffer id");
-                        shard.on_recv(key, bufs.buf(bid, res as usize));
-                        bufs.push(bid);
-                    } else if res == 0 {
-                        shard.on_eof(key);
-                    } else if res == -libc::ENOBUFS {
-                        shard.count_recv_buffer_exhausted();
-                    } else if res != -libc::ECANCELED {
-                        shard.on_recv_error(key);
-                    }
-                    if !cqueue::more(flags) {
-                        shard.recv_disarmed(key);
-                    }
-                }
-                tag::SEND => shard.on_sent(key, res),
-                tag::WAKE => push(ring, wake_read(wake_buf))?,
+                tag::ACCEPT => acceptor.on_complete(&mut shard, ring, res, flags)?,
+                tag::RECV => on_recv(&mut shard, bufs, tag::key(ud), res, flags),
+                tag::SEND => shard.on_sent(tag::key(ud), res),
+                tag::WAKE => arm_wake(ring, wake_fd, wake_buf)?,
                 _ => {} // cancel completions carry nothing we need
             }
         }
         bufs.publish();
         run_plans(&mut shard, &mut ready, |shard, key, fd, plan| {
-            if let Some((ptr, len)) = plan.send {
-                let e = opcode::Send::new(Fd(fd), ptr, len as u32)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build();
-                push(ring, e.user_data(tag::SEND | key as u64))?;
-            }
-            if plan.shutdown_wr {
-                shutdown_wr(fd);
-            }
-            if plan.arm_recv {
-                let e = opcode::RecvMulti::new(Fd(fd), BUF_GROUP).build();
-                push(ring, e.user_data(tag::RECV | key as u64))?;
-            }
-            if plan.cancel_recv {
-                let e = opcode::AsyncCancel::new(tag::RECV | key as u64).build();
-                push(ring, e.user_data(tag::CANCEL | key as u64))?;
-            }
-            if plan.cancel_send {
-                let e = opcode::AsyncCancel::new(tag::SEND | key as u64).build();
-                push(ring, e.user_data(tag::CANCEL | key as u64))?;
-            }
-            if plan.close {
-                close_fd(fd);
-                shard.release(key);
-            }
-            io::Result::Ok(())
+            execute(ring, shard, key, fd, plan)
         })?;
         shard.end_turn();
         let mut stop_accepting = false;
@@ -294,36 +289,81 @@ fn event_loop(
             return Ok(());
         }
         if stop_accepting {
-            accepting = false;
-            push(
-                ring,
-                opcode::AsyncCancel::new(tag::ACCEPT)
-                    .build()
-                    .user_data(tag::CANCEL),
-            )?;
+            acceptor.stop(ring)?;
         }
-        // Sleep only when idle, and tell peers so that their pushes wake us. When not sleeping
-        // we still ask for completions (a zero timeout): with DEFER_TASKRUN nothing completes
-        // unless we enter the kernel to get events.
-        let waker = shard.mesh().waker();
-        waker.prepare_sleep();
-        let idle = shard.idle() && ring.completion().is_empty() && !stopper.stopping();
-        let timeout = if idle {
-            Duration::from_millis(shard.sleep_ms())
-        } else {
-            Duration::ZERO
-        };
-        let ts = Timespec::from(timeout);
-        let args = SubmitArgs::new().timespec(&ts);
-        let r = ring.submitter().submit_with_args(1, &args);
-        waker.cancel_sleep();
-        if let Err(e) = r {
-            if !matches!(
-                e.raw_os_error(),
-                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-            ) {
-                return Err(e);
-            }
+        enter(ring, &shard, &stopper)?;
+    }
+}
+
+/// A multishot receive completed: bytes (from the provided-buffer ring, given back at once),
+/// EOF, an error, or the end of the multishot.
+fn on_recv(shard: &mut Shard, bufs: &mut BufRing, key: u32, res: i32, flags: u32) {
+    if res > 0 {
+        let bid = cqueue::buffer_select(flags).expect("a receive with data carries a buffer id");
+        shard.on_recv(key, bufs.buf(bid, res as usize));
+        bufs.push(bid);
+    } else if res == 0 {
+        shard.on_eof(key);
+    } else if res == -libc::ENOBUFS {
+        shard.count_recv_buffer_exhausted();
+    } else if res != -libc::ECANCELED {
+        shard.on_recv_error(key);
+    }
+    if !cqueue::more(flags) {
+        shard.recv_disarmed(key);
+    }
+}
+
+/// Turns one connection's plan into submissions (and the close, which is synchronous).
+fn execute(ring: &mut IoUring, shard: &mut Shard, key: u32, fd: i32, plan: IoPlan) -> io::Result<()> {
+    if let Some((ptr, len)) = plan.send {
+        let e = opcode::Send::new(Fd(fd), ptr, len as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        push(ring, e.user_data(tag::SEND | key as u64))?;
+    }
+    if plan.shutdown_wr {
+        shutdown_wr(fd);
+    }
+    if plan.arm_recv {
+        let e = opcode::RecvMulti::new(Fd(fd), BUF_GROUP).build();
+        push(ring, e.user_data(tag::RECV | key as u64))?;
+    }
+    if plan.cancel_recv {
+        let e = opcode::AsyncCancel::new(tag::RECV | key as u64).build();
+        push(ring, e.user_data(tag::CANCEL | key as u64))?;
+    }
+    if plan.cancel_send {
+        let e = opcode::AsyncCancel::new(tag::SEND | key as u64).build();
+        push(ring, e.user_data(tag::CANCEL | key as u64))?;
+    }
+    if plan.close {
+        close_fd(fd);
+        shard.release(key);
+    }
+    Ok(())
+}
+
+/// Submits the turn's entries and waits for completions: sleeps until the next tick when
+/// idle (telling peers, so their pushes wake us), else only collects what is ready. Even busy
+/// we enter the kernel: with DEFER_TASKRUN nothing completes unless we ask for events.
+fn enter(ring: &mut IoUring, shard: &Shard, stopper: &Stopper) -> io::Result<()> {
+    let waker = shard.mesh().waker();
+    waker.prepare_sleep();
+    let idle = shard.idle() && ring.completion().is_empty() && !stopper.stopping();
+    let timeout = if idle {
+        Duration::from_millis(shard.sleep_ms())
+    } else {
+        Duration::ZERO
+    };
+    let ts = Timespec::from(timeout);
+    let args = SubmitArgs::new().timespec(&ts);
+    let r = ring.submitter().submit_with_args(1, &args);
+    waker.cancel_sleep();
+    match r {
+        Err(e) if !matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {
+            Err(e)
         }
+        _ => Ok(()),
     }
 }

@@ -2,7 +2,12 @@
 //! we move by hand.
 
 use super::*;
-use crate::mesh::{self, Waker};
+use crate::mesh;
+use crate::msg::{ConnRef, ShardMsg, UpMsg};
+use crate::waker::Waker;
+use im_shared::conv::Conv;
+use im_shared::jwt;
+use im_shared::records::{self, UpstreamBody, Versioned};
 use std::collections::{HashMap, HashSet};
 
 const SECRET: &[u8] = b"shard-test-secret";
@@ -743,7 +748,7 @@ fn pipeline_mode_hands_requests_and_presence_to_the_bridge() {
     assert_eq!((origin.shard, origin.key), (0, a.1));
     assert_eq!(rec.user, 1);
     assert_eq!(rec.reply_to, "gw");
-    assert_eq!(crate::bridge::conn_ref(rec.conn), origin);
+    assert_eq!(crate::msg::conn_ref(rec.conn), origin);
     assert_eq!(rec.ts, NOW_UNIX_MS);
     match rec.body {
         Some(UpstreamBody::Send(s)) => {
@@ -784,7 +789,7 @@ fn pipeline_mode_hands_requests_and_presence_to_the_bridge() {
     let msg: Frame = codec::server_frame(opcode::TEXT, br#"{"type":"msg","seq":"1"}"#).into();
     let sent: Frame = codec::server_frame(opcode::TEXT, br#"{"type":"sent","cid":"c1"}"#).into();
     for user in [1u64, 2] {
-        let home = crate::bridge::home_shard(user, 2);
+        let home = crate::msg::home_shard(user, 2);
         let fan = ShardMsg::Fanout {
             user,
             frame: msg.clone(),

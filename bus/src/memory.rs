@@ -17,7 +17,7 @@
 //!
 //! One mutex guards the whole bus; it is never held across an await or while calling back.
 
-use super::{BoxFuture, Bus, Consumer, Done, Producer, Rebalance, Record, SendError, Start};
+use crate::{BoxFuture, Bus, Consumer, Done, Producer, Rebalance, Record, SendError, Start};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -221,7 +221,7 @@ impl Producer for MemoryProducer {
             (Some(done), true) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
                 let waiting = self.waiting.clone();
-                let done: Done = Box::new(move |r: Result<(), super::Undelivered<'_>>| {
+                let done: Done = Box::new(move |r: Result<(), crate::Undelivered<'_>>| {
                     waiting.fetch_sub(1, Ordering::Relaxed);
                     done(r)
                 });
@@ -515,7 +515,7 @@ impl Bus for MemoryBus {
 
 #[cfg(test)]
 mod tests {
-    use super::super::send_acked;
+    use crate::send_acked;
     use super::*;
 
     fn rt() -> tokio::runtime::Runtime {

@@ -1,8 +1,13 @@
-//! Storage behind the logic service: one trait, two real implementations on sqlx — MySQL
-//! (production; MariaDB in tests) and SQLite (standalone). Both come from one body of SQL
-//! (`sql.rs`), so they cannot drift apart; where the dialects differ, the difference is named.
+//! Storage behind the logic and persist services: one trait, two real implementations on
+//! sqlx — MySQL (production; MariaDB in tests) and SQLite (standalone). Both come from one
+//! body of SQL (`sql/body.rs`), so they cannot drift apart; where the dialects differ, the
+//! difference is named. The schema is in `migrations/<dialect>/`, applied by `Store::migrate`.
+//!
+//! `testing` makes a fresh MySQL database or SQLite file per test, for this crate's tests
+//! and for the services' tests that need a real store.
 
 mod sql;
+pub mod testing;
 
 pub use sql::{MySqlStore, SqlStore, SqliteStore};
 

@@ -1,8 +1,8 @@
-//! Test helpers shared by the logic test suites: a fresh MySQL database per test (on the
-//! real MariaDB), a fresh SQLite file per test, and a temp directory.
-#![allow(dead_code)] // each test binary uses its own subset
+//! Test helpers: a fresh MySQL database per test (on the real MariaDB, which `scripts/test`
+//! starts), a fresh SQLite file per test, and a temporary directory. Used by this crate's
+//! tests and by the services' tests (logic's REST API runs on a real store).
 
-use logic::store::{MySqlStore, SqliteStore, Store};
+use crate::{MySqlStore, SqliteStore, Store};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The server the tests use; override with IM_TEST_MYSQL_URL (no database path).
@@ -79,7 +79,7 @@ pub async fn fresh_sqlite(dir: &std::path::Path) -> SqliteStore {
 pub fn tempdir() -> std::path::PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
     let d = std::env::temp_dir().join(format!(
-        "im-logic-{}-{}",
+        "im-store-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));

@@ -1,8 +1,11 @@
 //! The bus on Kafka (any Kafka-protocol broker): librdkafka through `rdkafka`, with the
-//! client settings of `crate::kafka::KafkaConfig`.
+//! client settings of `config::KafkaConfig`.
 
-use super::{BoxFuture, Bus, Consumer, Done, Producer, Rebalance, Record, SendError, Start};
-use crate::kafka::KafkaConfig;
+mod config;
+
+pub use config::{KafkaConfig, CONFIG_ENV};
+
+use crate::{BoxFuture, Bus, Consumer, Done, Producer, Rebalance, Record, SendError, Start};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance as KRebalance,

@@ -1,4 +1,12 @@
-//! The message bus the processes talk over: one trait, two real implementations.
+//! What the processes talk over, each with a real distributed implementation and an
+//! in-process one for standalone:
+//! - the message bus (this module's `Bus`): Kafka (`kafka`) or bounded in-memory logs (`memory`);
+//! - presence, which gateways hold a user's connections (`presence`): Redis or memory;
+//! - revoked tokens (`revocation`): Redis with a local set per gateway, or memory.
+//!
+//! The Redis implementations are behind the `redis` feature (persist uses neither).
+//!
+//! ## The bus
 //!
 //! - `KafkaBus` (`kafka`): the distributed mode. Topics, partitions, consumer groups and
 //!   committed offsets are Kafka's; a record is acknowledged once the brokers hold it
@@ -19,8 +27,10 @@
 
 pub mod kafka;
 pub mod memory;
+pub mod presence;
+pub mod revocation;
 
-pub use kafka::KafkaBus;
+pub use kafka::{KafkaBus, KafkaConfig};
 pub use memory::MemoryBus;
 
 use std::future::Future;

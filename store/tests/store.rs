@@ -1,11 +1,9 @@
 //! The `Store` trait against both real backends: MariaDB (MySQL protocol) on this machine and
 //! SQLite in a temporary directory. Each MySQL test gets a database of its own.
 
-mod common;
-
-use common::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
+use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
 use im_shared::records::Stored;
-use logic::store::{Join, MessageRow, NewMessage, Store, StoreError};
+use im_store::{Join, MessageRow, NewMessage, Store, StoreError};
 
 async fn accounts_and_refresh_tokens(s: &dyn Store) {
     let id = s.create_user("alice", "hash", "Alice", 1).await.unwrap();

@@ -1,0 +1,66 @@
+//! Presence: which gateways hold a user's connections. The gateways write it (each shard's
+//! connection opens and closes, in batches from the gateway's presence thread); logic reads
+//! it to route a message to the gateways of its recipients, and to find the connections a
+//! logged-out token opened.
+//!
+//! Two implementations of one trait: `RedisPresence` (the distributed mode; the key format is
+//! `im_shared::presence`) and `MemoryPresence` (standalone: gateway and logic share the
+//! process).
+
+pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+pub use memory::MemoryPresence;
+#[cfg(feature = "redis")]
+pub use redis::RedisPresence;
+
+use async_trait::async_trait;
+use std::collections::HashMap;
+
+/// A presence change, from a gateway's shards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Connection `conn` (the records' `conn` token) of `user` opened, with the token's id
+    /// (logout finds its connections by it) and device.
+    Online {
+        user: u64,
+        conn: u64,
+        jti: Box<str>,
+        device: Option<Box<str>>,
+    },
+    Offline {
+        user: u64,
+        conn: u64,
+    },
+    /// These users still have connections: keep their entries alive.
+    Refresh(Vec<u64>),
+}
+
+/// One connection of a user, as presence knows it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Connection {
+    pub gateway: String,
+    /// The records' `conn` token (gateway-local).
+    pub conn: u64,
+    /// The id of the token that opened it.
+    pub jti: String,
+}
+
+/// Changes per write (one pipelined round trip on Redis); a refresh is cut into pieces of
+/// this many users.
+pub const BATCH_MAX: usize = 2_000;
+
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    /// Applies `changes` made by gateway `gateway_id`, in order. On `Err` none or some may
+    /// have been applied; applying them again is harmless (every change is idempotent).
+    async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<(), String>;
+
+    /// For each user with a connection, the gateways holding one (sorted, distinct); users
+    /// with none are absent.
+    async fn gateways(&self, users: &[u64]) -> Result<HashMap<u64, Vec<String>>, String>;
+
+    /// The user's connections.
+    async fn connections(&self, user: u64) -> Result<Vec<Connection>, String>;
+}

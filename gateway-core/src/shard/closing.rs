@@ -1,0 +1,92 @@
+//! Closing: the WebSocket close handshake (our close frame, shut down our side, linger for the
+//! peer), HTTP answers that close after they are flushed, hard kills, and shutdown of the
+//! whole shard (1001 to every connection, then kill what is left after the grace period).
+
+use super::Shard;
+use crate::arena::NONE;
+use crate::codec::{self, close, FrameError};
+use crate::conn::{flags, State};
+
+impl Shard {
+    /// Answers an HTTP request and closes after the answer is flushed.
+    pub(super) fn http_answer(&mut self, key: u32, response: Vec<u8>) {
+        let linger = self.tick() + self.limits.linger_ticks;
+        let c = &mut self.conns[key as usize];
+        self.arena.push_tx(&mut c.tx, response.into());
+        c.state = State::Closing;
+        self.wheel.insert(key, linger);
+        self.mark_ready(key);
+    }
+
+    pub(super) fn fail(&mut self, key: u32, e: FrameError) {
+        self.begin_close(key, e.close_code(), e.reason());
+    }
+
+    /// Starts the close handshake: drop what is queued (but a frame already partly on the
+    /// wire), send a close frame, shut down our side once it is out, and wait for the peer.
+    pub(super) fn begin_close(&mut self, key: u32, code: u16, reason: &str) {
+        let linger = self.tick() + self.limits.linger_ticks;
+        let Some(c) = self.conns.get(key as usize) else {
+            return;
+        };
+        match c.state {
+            State::Closing | State::Linger | State::Dead => return,
+            State::Open => self.leave(key),
+            State::Handshake => {}
+        }
+        let c = &mut self.conns[key as usize];
+        let keep_front = c.has(flags::SEND_INFLIGHT)
+            || c.has(flags::UPGRADE_UNSENT)
+            || self.arena.tx(c.tx).is_some_and(|t| t.head_sent > 0);
+        self.arena.truncate_tx(&mut c.tx, keep_front);
+        self.arena
+            .push_tx(&mut c.tx, codec::close_frame(code, reason).into());
+        c.state = State::Closing;
+        self.wheel.insert(key, linger);
+        self.st().count_close(code);
+        self.mark_ready(key);
+    }
+
+    /// Closes without ceremony; the driver closes the fd once no I/O is in flight.
+    pub(super) fn kill(&mut self, key: u32) {
+        let Some(c) = self.conns.get(key as usize) else {
+            return;
+        };
+        match c.state {
+            State::Dead => return,
+            State::Open => self.leave(key),
+            _ => {}
+        }
+        let c = &mut self.conns[key as usize];
+        c.state = State::Dead;
+        let rx = std::mem::replace(&mut c.rx, NONE);
+        self.arena.release(rx, NONE);
+        self.wheel.cancel(key);
+        self.mark_ready(key);
+    }
+
+    /// Starts a graceful shutdown: close 1001 to every connection, refuse new ones.
+    pub fn shutdown(&mut self) {
+        self.shutting_down = true;
+        let keys: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
+        for key in keys {
+            match self.conns[key as usize].state {
+                State::Open => self.begin_close(key, close::GOING_AWAY, "server shutting down"),
+                State::Handshake => self.kill(key),
+                _ => {}
+            }
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Hard-closes every connection still open (the shutdown deadline passed).
+    pub fn kill_all(&mut self) {
+        let keys: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
+        for key in keys {
+            self.kill(key);
+        }
+    }
+}

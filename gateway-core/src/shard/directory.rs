@@ -1,0 +1,208 @@
+//! Directory routing: which shards hold a user's connections. Each shard links its own
+//! connections of a user (`local`, an intrusive list through `Conn`); the user's *home* shard
+//! (`msg::home_shard`) keeps a bit mask of the shards holding any (`home`). A delivery goes to
+//! the home shard as `Fanout`, which forwards a `Deliver` to each shard in the mask; that
+//! shard writes the shared frame to each of the user's connections.
+//!
+//! Directory updates (`Attach`, `Detach`) are never dropped; a delivery that meets a full ring
+//! and backlog is counted and dropped (the client's sync recovers it).
+
+use super::Shard;
+use crate::arena::NONE;
+use crate::codec::close;
+use crate::metrics::ShardStats;
+use crate::msg::{self, ConnRef, ShardMsg, UpMsg};
+
+impl Shard {
+    pub(super) fn home_of(&self, user: u64) -> u16 {
+        msg::home_shard(user, self.shards as usize)
+    }
+
+    pub(super) fn route(&mut self, dst: u16, msg: ShardMsg) -> Result<(), ShardMsg> {
+        if dst == self.id {
+            self.inbox.push_back(msg);
+            Ok(())
+        } else {
+            self.mesh.send(dst, msg)
+        }
+    }
+
+    /// Routes a message whose loss only costs a live delivery (the receiver syncs later).
+    pub(super) fn route_or_count(&mut self, dst: u16, msg: ShardMsg) {
+        if self.route(dst, msg).is_err() {
+            ShardStats::add(&self.st().ring_dropped_total, 1);
+        }
+    }
+
+    /// Directory updates are never dropped: a lost Attach would hide a user's devices from
+    /// live delivery until they all reconnect. At most two per connection, so still bounded.
+    pub(super) fn route_directory(&mut self, dst: u16, msg: ShardMsg) {
+        if dst == self.id {
+            self.inbox.push_back(msg);
+        } else {
+            self.mesh.send_unbounded(dst, msg);
+        }
+    }
+
+    pub(super) fn run_inbox(&mut self) {
+        // Handling a message can queue more for ourselves (at most three hops); the loop ends.
+        while let Some(msg) = self.inbox.pop_front() {
+            self.on_shard_msg(msg);
+        }
+    }
+
+    pub(super) fn on_shard_msg(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Attach { user, shard } => *self.home.entry(user).or_insert(0) |= 1 << shard,
+            ShardMsg::Detach { user, shard } => {
+                if let Some(mask) = self.home.get_mut(&user) {
+                    *mask &= !(1 << shard);
+                    if *mask == 0 {
+                        self.home.remove(&user);
+                    }
+                }
+            }
+            ShardMsg::Submit(s) => self.sequence(*s),
+            ShardMsg::Fanout {
+                user,
+                frame,
+                except,
+            } if self.shards == 1 => self.on_shard_msg(ShardMsg::Deliver {
+                user,
+                frame,
+                except,
+            }),
+            ShardMsg::Fanout {
+                user,
+                frame,
+                except,
+            } => {
+                let mut mask = self.home.get(&user).copied().unwrap_or(0);
+                while mask != 0 {
+                    let shard = mask.trailing_zeros() as u16;
+                    mask &= mask - 1;
+                    self.route_or_count(
+                        shard,
+                        ShardMsg::Deliver {
+                            user,
+                            frame: frame.clone(),
+                            except,
+                        },
+                    );
+                }
+            }
+            ShardMsg::Deliver {
+                user,
+                frame,
+                except,
+            } => {
+                let mut key = self.local.get(&user).copied().unwrap_or(NONE);
+                while key != NONE {
+                    let c = &self.conns[key as usize];
+                    let next = c.dev_next;
+                    let is_origin =
+                        except.shard == self.id && except.key == key && except.gen == c.gen;
+                    if !is_origin {
+                        ShardStats::add(&self.st().deliveries_total, 1);
+                        self.enqueue(key, frame.clone());
+                    }
+                    key = next;
+                }
+            }
+            ShardMsg::Kick { to } => {
+                if self
+                    .conns
+                    .get(to.key as usize)
+                    .is_some_and(|c| c.gen == to.gen)
+                {
+                    self.begin_close(to.key, close::POLICY, "token revoked");
+                }
+            }
+            ShardMsg::Reply { to, frame } => {
+                if self
+                    .conns
+                    .get(to.key as usize)
+                    .is_some_and(|c| c.gen == to.gen)
+                {
+                    self.enqueue(to.key, frame);
+                }
+            }
+        }
+    }
+
+    /// Adds `key` to this shard's directory (and tells the user's home shard on the first).
+    /// `token`: the token's id and device, for presence (pipeline mode).
+    pub(super) fn join(&mut self, key: u32, user: u64, token: (Box<str>, Option<Box<str>>)) {
+        if self.mesh.has_bridge() {
+            let conn = ConnRef {
+                shard: self.id,
+                key,
+                gen: self.conns[key as usize].gen,
+            };
+            let (jti, device) = token;
+            let online = UpMsg::Online {
+                user,
+                conn,
+                jti,
+                device,
+            };
+            self.mesh.send_up_always(online);
+        }
+        match self.local.get(&user).copied() {
+            Some(head) => {
+                self.conns[key as usize].dev_next = head;
+                self.conns[head as usize].dev_prev = key;
+                self.local.insert(user, key);
+            }
+            None => {
+                self.local.insert(user, key);
+                // With one shard `local` is the whole directory; a home map would repeat it.
+                if self.shards > 1 {
+                    let home = self.home_of(user);
+                    self.route_directory(
+                        home,
+                        ShardMsg::Attach {
+                            user,
+                            shard: self.id,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    pub(super) fn leave(&mut self, key: u32) {
+        let c = &mut self.conns[key as usize];
+        let (user, prev, next) = (c.user, c.dev_prev, c.dev_next);
+        c.dev_prev = NONE;
+        c.dev_next = NONE;
+        if self.mesh.has_bridge() {
+            let conn = ConnRef {
+                shard: self.id,
+                key,
+                gen: c.gen,
+            };
+            self.mesh.send_up_always(UpMsg::Offline { user, conn });
+        }
+        if next != NONE {
+            self.conns[next as usize].dev_prev = prev;
+        }
+        if prev != NONE {
+            self.conns[prev as usize].dev_next = next;
+        } else if next != NONE {
+            self.local.insert(user, next);
+        } else {
+            self.local.remove(&user);
+            if self.shards > 1 {
+                let home = self.home_of(user);
+                self.route_directory(
+                    home,
+                    ShardMsg::Detach {
+                        user,
+                        shard: self.id,
+                    },
+                );
+            }
+        }
+    }
+}

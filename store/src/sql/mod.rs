@@ -1,0 +1,298 @@
+//! The `Store` implementations for MySQL and SQLite, generated from one body of SQL by
+//! `impl_store!`. The SQL sticks to what both dialects accept (`?` placeholders, plain
+//! INSERT/SELECT/UPDATE); the schema lives in `migrations/<dialect>/`.
+
+use crate::{
+    ConversationRow, GroupRow, Join, MemberRow, MessageRow, NewMessage, Result, Store, StoreError,
+    UserRow,
+};
+use async_trait::async_trait;
+use im_shared::records::Stored;
+use sqlx::{MySql, Pool, QueryBuilder, Row, Sqlite};
+use std::collections::{BTreeMap, BTreeSet};
+
+mod body;
+use body::impl_store;
+
+/// A sqlx pool of either database.
+pub struct SqlStore<DB: sqlx::Database> {
+    pool: Pool<DB>,
+}
+
+pub type MySqlStore = SqlStore<MySql>;
+pub type SqliteStore = SqlStore<Sqlite>;
+
+impl<DB: sqlx::Database> SqlStore<DB> {
+    pub fn new(pool: Pool<DB>) -> SqlStore<DB> {
+        SqlStore { pool }
+    }
+
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+}
+
+impl MySqlStore {
+    /// Connects to `mysql://user:pass@host:port/db`.
+    pub async fn connect(url: &str) -> Result<MySqlStore> {
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(SqlStore::new(pool))
+    }
+}
+
+impl MySqlStore {
+    /// Like `connect`, creating the database first when the server does not have it yet.
+    pub async fn connect_or_create(url: &str) -> Result<MySqlStore> {
+        match MySqlStore::connect(url).await {
+            Err(StoreError::Unavailable(e)) if e.contains("Unknown database") => {
+                let (server, db) = url
+                    .rsplit_once('/')
+                    .ok_or_else(|| StoreError::Unavailable(format!("no database in {url}")))?;
+                let db = db.split('?').next().unwrap_or(db);
+                if db.is_empty() || !db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(StoreError::Unavailable(format!(
+                        "database name `{db}`: letters, digits and '_' only"
+                    )));
+                }
+                let admin = MySqlStore::connect(server).await?;
+                sqlx::query(&format!(
+                    "CREATE DATABASE IF NOT EXISTS {db} CHARACTER SET utf8mb4"
+                ))
+                .execute(admin.pool())
+                .await?;
+                admin.pool().close().await;
+                log::info!("created database {db}");
+                MySqlStore::connect(url).await
+            }
+            other => other,
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, in WAL mode.
+    pub async fn open(path: &std::path::Path) -> Result<SqliteStore> {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        Ok(SqlStore::new(pool))
+    }
+}
+
+const MYSQL_MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("../../migrations/mysql/0001_init.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+
+/// The statements of a migration file: split at `;` line ends, comment-only chunks dropped.
+fn statements(sql: &str) -> impl Iterator<Item = &str> {
+    sql.split(";\n").map(str::trim).filter(|s| {
+        s.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+    })
+}
+
+fn to_i64(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+/// Rows per multi-row message INSERT: 10 placeholders each makes 5,000, well under SQLite's
+/// 32,766 and MySQL's 65,535 per statement.
+const MESSAGE_CHUNK_ROWS: usize = 500;
+/// Content bytes per multi-row message INSERT, so that one statement stays far below MySQL's
+/// `max_allowed_packet` (16 MiB by default on MariaDB) however long the messages are.
+const MESSAGE_CHUNK_BYTES: usize = 4 << 20;
+/// Keys per statement for the other multi-row statements (at most 2 placeholders a key).
+const KEY_CHUNK: usize = 1000;
+/// Keys per `find_by_cids` statement: an OR chain is as deep as it is long, and SQLite refuses
+/// expressions deeper than 1,000.
+const CID_CHUNK: usize = 250;
+
+/// `batch` cut into runs of at most `MESSAGE_CHUNK_ROWS` rows and, unless a single message is
+/// larger, `MESSAGE_CHUNK_BYTES` bytes of content.
+fn message_chunks(batch: &[Stored]) -> Vec<&[Stored]> {
+    let mut chunks = Vec::with_capacity(batch.len() / MESSAGE_CHUNK_ROWS + 1);
+    let (mut start, mut bytes) = (0, 0);
+    for (i, m) in batch.iter().enumerate() {
+        let len = m.content.len() + m.cid.len() + m.conv.len();
+        if i > start && (i - start == MESSAGE_CHUNK_ROWS || bytes + len > MESSAGE_CHUNK_BYTES) {
+            chunks.push(&batch[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < batch.len() {
+        chunks.push(&batch[start..]);
+    }
+    chunks
+}
+
+/// The highest seq of each conversation in `batch`, in conversation order (a fixed lock order
+/// for concurrent writers).
+fn highest_seqs(batch: &[Stored]) -> Vec<(&str, u64)> {
+    let mut max: BTreeMap<&str, u64> = BTreeMap::new();
+    for m in batch {
+        let seq = max.entry(m.conv.as_str()).or_insert(m.seq);
+        *seq = (*seq).max(m.seq);
+    }
+    max.into_iter().collect()
+}
+
+/// (user, conv) for both parties of every two-person message in `batch`, each once.
+fn pair_members(batch: &[Stored]) -> Vec<(u64, &str)> {
+    let mut set: BTreeSet<(u64, &str)> = BTreeSet::new();
+    for m in batch.iter().filter(|m| m.to_user != 0) {
+        set.insert((m.from, m.conv.as_str()));
+        set.insert((m.to_user, m.conv.as_str()));
+    }
+    set.into_iter().collect()
+}
+
+/// 0 means "none" in the record schema, NULL in the tables.
+fn nonzero(v: u64) -> Option<i64> {
+    (v != 0).then(|| to_i64(v))
+}
+
+impl_store!(
+    MySql,
+    "mysql",
+    MYSQL_MIGRATIONS,
+    "SELECT GET_LOCK('im_migrate', 60)",
+    "SELECT RELEASE_LOCK('im_migrate')",
+    last_insert_id: "SELECT CAST(LAST_INSERT_ID() AS SIGNED)",
+    for_update: " FOR UPDATE",
+    bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON DUPLICATE KEY UPDATE max_seq = max_seq + 1",
+    insert_ignore: "INSERT IGNORE",
+    raise_max_seq: " ON DUPLICATE KEY UPDATE max_seq = GREATEST(max_seq, VALUES(max_seq))",
+    // Collation pinned to the tables': compared with conv columns in joins.
+    group_conv: "(CONCAT('g:', gm.group_id) COLLATE utf8mb4_unicode_ci)"
+);
+// One SQLite file has one writer at a time: no lock statements, no row locks.
+impl_store!(
+    Sqlite,
+    "sqlite",
+    SQLITE_MIGRATIONS,
+    "SELECT 1",
+    "SELECT 1",
+    last_insert_id: "SELECT last_insert_rowid()",
+    for_update: "",
+    bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON CONFLICT(conv) DO UPDATE SET max_seq = max_seq + 1",
+    insert_ignore: "INSERT OR IGNORE",
+    raise_max_seq: " ON CONFLICT(conv) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)",
+    group_conv: "('g:' || gm.group_id)"
+);
+
+/// The columns `message_row` reads, in one place.
+macro_rules! message_columns {
+    () => {
+        "id, conv, seq, sender_id, to_user_id, to_group_id, content, content_type, ts_ms"
+    };
+}
+use message_columns;
+
+fn message_row<R: Row>(r: &R) -> Result<MessageRow>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(MessageRow {
+        id: r.try_get::<i64, _>("id")? as u64,
+        conv: r.try_get("conv")?,
+        seq: r.try_get::<i64, _>("seq")? as u64,
+        sender: r.try_get::<i64, _>("sender_id")? as u64,
+        to_user: r.try_get::<Option<i64>, _>("to_user_id")?.map(|v| v as u64),
+        to_group: r
+            .try_get::<Option<i64>, _>("to_group_id")?
+            .map(|v| v as u64),
+        content: r.try_get("content")?,
+        content_type: r.try_get("content_type")?,
+        ts_ms: r.try_get::<i64, _>("ts_ms")? as u64,
+    })
+}
+
+fn user_row<R: Row>(r: &R) -> Result<UserRow>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: i64 = r.try_get("id")?;
+    Ok(UserRow {
+        id: id as u64,
+        username: r.try_get("username")?,
+        password_hash: r.try_get("password_hash")?,
+        nickname: r.try_get("nickname")?,
+        avatar: r.try_get("avatar")?,
+    })
+}
+
+impl From<StoreError> for String {
+    fn from(e: StoreError) -> String {
+        e.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{message_chunks, statements, Stored, MESSAGE_CHUNK_BYTES, MESSAGE_CHUNK_ROWS};
+
+    fn stored(content_bytes: usize) -> Stored {
+        Stored {
+            content: "x".repeat(content_bytes),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn message_batches_are_cut_by_rows_and_by_bytes() {
+        assert!(message_chunks(&[]).is_empty());
+        let batch: Vec<Stored> = (0..MESSAGE_CHUNK_ROWS * 2 + 1)
+            .map(|_| stored(10))
+            .collect();
+        let lens: Vec<usize> = message_chunks(&batch).iter().map(|c| c.len()).collect();
+        assert_eq!(lens, [MESSAGE_CHUNK_ROWS, MESSAGE_CHUNK_ROWS, 1]);
+
+        // Three messages of 40% of the byte budget: two fit a statement, the third starts
+        // the next; a message over the budget goes alone rather than being refused.
+        let big = MESSAGE_CHUNK_BYTES * 2 / 5;
+        let batch = [
+            stored(big),
+            stored(big),
+            stored(big),
+            stored(MESSAGE_CHUNK_BYTES * 2),
+            stored(1),
+        ];
+        let lens: Vec<usize> = message_chunks(&batch).iter().map(|c| c.len()).collect();
+        assert_eq!(lens, [2, 1, 1, 1]);
+        assert_eq!(lens.iter().sum::<usize>(), batch.len());
+    }
+
+    #[test]
+    fn migration_files_split_into_statements() {
+        for (_, sql) in super::MYSQL_MIGRATIONS
+            .iter()
+            .chain(super::SQLITE_MIGRATIONS)
+        {
+            let stmts: Vec<&str> = statements(sql).collect();
+            let tables = stmts.iter().filter(|s| s.contains("CREATE TABLE")).count();
+            assert_eq!(
+                tables, 7,
+                "both dialects create the same seven tables: {stmts:#?}"
+            );
+            assert!(stmts.iter().all(|s| s.contains("CREATE")));
+        }
+    }
+}
