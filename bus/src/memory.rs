@@ -515,8 +515,8 @@ impl Bus for MemoryBus {
 
 #[cfg(test)]
 mod tests {
-    use crate::send_acked;
     use super::*;
+    use crate::send_acked;
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()

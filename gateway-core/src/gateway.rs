@@ -224,7 +224,10 @@ fn start(
     cfg.shards = n;
     // What the open-file limit allows, and what a connection token can address.
     let per_shard = fd_budget() / n;
-    cfg.conns_per_shard_max = cfg.conns_per_shard_max.min(CONNS_PER_SHARD_MAX).min(per_shard);
+    cfg.conns_per_shard_max = cfg
+        .conns_per_shard_max
+        .min(CONNS_PER_SHARD_MAX)
+        .min(per_shard);
     let driver = Driver::choose(cfg.force_epoll);
 
     let (first, addr) = reuseport_listener(cfg.ws_listen, LISTEN_BACKLOG)?;

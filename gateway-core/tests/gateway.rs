@@ -2,8 +2,8 @@
 //! ephemeral port, on both drivers. Raw TCP where the client library would refuse to misbehave.
 
 use gateway_core::codec::{self, opcode};
-use gateway_core::{Gateway, GatewayHandle};
 use gateway_core::GatewayConfig;
+use gateway_core::{Gateway, GatewayHandle};
 use im_shared::jwt;
 use serde_json::Value;
 use std::io::{Read, Write};

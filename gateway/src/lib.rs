@@ -1,1 +1,191 @@
-//! (being assembled)
+//! The gateway role (ARCHITECTURE.md, "Processes"): the shards of `gateway-core` plus what
+//! connects them to the rest of the system — the bridge threads on the bus (`bridge`), the
+//! presence writer (`presence`), the revoked-token set that follows Redis, and the
+//! supervisor of a multi-process gateway (`supervisor`).
+//!
+//! `run(config, shutdown)` is `im gateway` (one process); `start` is the same assembly for a
+//! caller that owns the backends (standalone hands it the in-process bus and presence).
+
+pub mod bridge;
+mod presence;
+pub mod supervisor;
+
+use bridge::{BridgeConfig, BridgeHandle, BridgeStats};
+use gateway_core::shard::{MetricsHook, RevokedCheck};
+use gateway_core::{Gateway, GatewayConfig, GatewayHandle, Options};
+use im_bus::presence::{Presence, RedisPresence};
+use im_bus::revocation::{self, RevokedSet};
+use im_bus::{Bus, KafkaBus, KafkaConfig};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// What the shards are connected to.
+pub enum Routing {
+    /// Nothing: the shards route between this process's connections (`--local-router`,
+    /// for gateway benchmarks).
+    LocalRouter,
+    /// The pipeline: every deployment.
+    Pipeline(Pipeline),
+}
+
+/// The backends of a gateway in pipeline mode.
+pub struct Pipeline {
+    pub bus: Arc<dyn Bus>,
+    pub presence: Arc<dyn Presence>,
+    /// Revoked tokens, refused at the upgrade.
+    pub revoked: Arc<RevokedSet>,
+    /// How long an upstream record may wait for the bus before its sender gets `error`.
+    pub produce_timeout_ms: u32,
+    /// How long the producer may hold a record to batch it.
+    pub linger_ms: u32,
+}
+
+/// A started gateway: its shards and, in pipeline mode, its bridge.
+pub struct Running {
+    handle: GatewayHandle,
+    bridge: Option<BridgeHandle>,
+}
+
+/// Starts the shards and, in pipeline mode, the bridge (returning once it is ready).
+/// `extra_metrics` adds to `/metrics` after the shards' and the bridge's counters.
+pub fn start(
+    cfg: GatewayConfig,
+    routing: Routing,
+    extra_metrics: Option<MetricsHook>,
+) -> Result<Running, String> {
+    let listen = cfg.ws_listen;
+    let p = match routing {
+        Routing::LocalRouter => {
+            let opts = Options {
+                revoked: None,
+                metrics: extra_metrics,
+            };
+            let handle = Gateway::start_local(cfg, opts)
+                .map_err(|e| format!("starting the gateway on {listen}: {e}"))?;
+            return Ok(Running {
+                handle,
+                bridge: None,
+            });
+        }
+        Routing::Pipeline(p) => p,
+    };
+    let gateway_id = cfg.gateway_id.clone();
+    let stats = Arc::new(BridgeStats::default());
+    let (s, gw) = (stats.clone(), gateway_id.clone());
+    let metrics: MetricsHook = Arc::new(move |out: &mut String| {
+        s.render(&gw, out);
+        if let Some(more) = &extra_metrics {
+            more(out);
+        }
+    });
+    let set = p.revoked.clone();
+    let revoked: RevokedCheck = Arc::new(move |jti: &str, now_s: u64| set.contains(jti, now_s));
+    let opts = Options {
+        revoked: Some(revoked),
+        metrics: Some(metrics),
+    };
+    let (handle, end) = Gateway::start_bridged(cfg, opts)
+        .map_err(|e| format!("starting the gateway on {listen}: {e}"))?;
+    let bcfg = BridgeConfig {
+        gateway_id,
+        produce_timeout_ms: p.produce_timeout_ms.max(1),
+        linger_ms: p.linger_ms,
+    };
+    let describe = p.bus.describe();
+    match bridge::start(bcfg, p.bus, p.presence, end, stats) {
+        Ok(b) => Ok(Running {
+            handle,
+            bridge: Some(b),
+        }),
+        Err(e) => {
+            handle.shutdown();
+            let _ = handle.join();
+            Err(format!("starting the bridge on the {describe}: {e}"))
+        }
+    }
+}
+
+impl Running {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    /// Closes every connection with 1001, waits for the shards, then stops the bridge (which
+    /// still produces what the shards handed over).
+    pub fn stop(self) -> Result<(), String> {
+        self.handle.shutdown();
+        let shards = self
+            .handle
+            .join()
+            .map_err(|e| format!("a shard failed: {e}"));
+        if let Some(b) = self.bridge {
+            b.stop();
+        }
+        shards
+    }
+}
+
+/// `im gateway`: one process.
+pub struct Config {
+    pub core: GatewayConfig,
+    /// `None`: the local router (`--local-router`).
+    pub distributed: Option<Distributed>,
+}
+
+/// Where a distributed gateway's backends are.
+pub struct Distributed {
+    pub kafka: KafkaConfig,
+    pub redis_url: String,
+    /// Presence entries expire this long after their last refresh; shards refresh every third.
+    pub presence_ttl_s: u64,
+    pub produce_timeout_ms: u32,
+}
+
+/// The shortest presence TTL: the shards refresh every third of it, once a second at most.
+const PRESENCE_TTL_MIN_S: u64 = 3;
+/// How long a distributed gateway's producer holds a record to batch it.
+const KAFKA_LINGER_MS: u32 = 1;
+
+/// Runs one gateway process until `shutdown` turns true.
+pub fn run(mut cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
+    let follow_stop = Arc::new(AtomicBool::new(false));
+    let routing = match &cfg.distributed {
+        None => Routing::LocalRouter,
+        Some(d) => {
+            let ttl_s = d.presence_ttl_s.max(PRESENCE_TTL_MIN_S);
+            cfg.core.presence_refresh_ms = ttl_s * 1000 / 3;
+            // Logged-out tokens are refused at the upgrade (their open connections are
+            // closed by logic through this gateway's downstream topic).
+            let revoked = Arc::new(RevokedSet::default());
+            revocation::redis::follow(&d.redis_url, revoked.clone(), follow_stop.clone())?;
+            Routing::Pipeline(Pipeline {
+                bus: Arc::new(KafkaBus::new(d.kafka.clone())),
+                presence: Arc::new(RedisPresence::open(&d.redis_url, ttl_s)?),
+                revoked,
+                produce_timeout_ms: d.produce_timeout_ms,
+                linger_ms: KAFKA_LINGER_MS,
+            })
+        }
+    };
+    let running = start(cfg.core, routing, None);
+    if let Ok(running) = &running {
+        log::info!("gateway on ws://{}/ws", running.local_addr());
+    }
+    let result = running.and_then(|running| {
+        wait(&mut shutdown);
+        log::info!("stopping: closing connections with 1001");
+        running.stop()
+    });
+    follow_stop.store(true, Ordering::Release);
+    result
+}
+
+/// Blocks until `shutdown` turns true (or its sender is gone).
+fn wait(shutdown: &mut watch::Receiver<bool>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime without I/O or timers always builds");
+    let _ = rt.block_on(shutdown.wait_for(|s| *s));
+}

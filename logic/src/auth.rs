@@ -4,13 +4,11 @@
 //! a burst of logins cannot stall the async workers. Access tokens: HS256 JWTs with `jti`
 //! (shared::jwt), short-lived. Refresh tokens: 32 random bytes, stored as SHA-256 hashes, good
 //! for one use (each refresh returns a new one). Logout revokes the access token's `jti` until
-//! it would have expired anyway.
+//! it would have expired anyway (`im_bus::revocation`, shared with the gateways).
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::sync::Mutex;
 
 /// argon2id cost; the defaults are OWASP's recommendation.
 #[derive(Clone, Copy, Debug)]
@@ -88,109 +86,6 @@ pub fn refresh_hash(token: &str) -> String {
         .collect()
 }
 
-/// Revoked access-token ids, kept until the token would have expired. Gateways read the same
-/// list (Redis in the distributed setup) to refuse and close revoked sessions.
-#[async_trait::async_trait]
-pub trait Revocations: Send + Sync + 'static {
-    async fn revoke(&self, jti: &str, exp_s: u64) -> Result<(), String>;
-    async fn is_revoked(&self, jti: &str, now_s: u64) -> Result<bool, String>;
-}
-
-/// In-process revocations (standalone; one logic instance).
-#[derive(Default)]
-pub struct MemoryRevocations {
-    jtis: Mutex<HashMap<String, u64>>,
-}
-
-/// Revocations kept in memory before the expired ones are swept.
-const REVOCATIONS_SWEEP_AT: usize = 100_000;
-
-impl MemoryRevocations {
-    /// The synchronous check an in-process gateway makes at each upgrade.
-    pub fn contains(&self, jti: &str, now_s: u64) -> bool {
-        self.jtis
-            .lock()
-            .expect("revocations lock")
-            .get(jti)
-            .is_some_and(|&exp| exp > now_s)
-    }
-}
-
-#[async_trait::async_trait]
-impl Revocations for MemoryRevocations {
-    async fn revoke(&self, jti: &str, exp_s: u64) -> Result<(), String> {
-        let mut m = self.jtis.lock().expect("revocations lock");
-        if m.len() >= REVOCATIONS_SWEEP_AT {
-            let now = im_shared::unix_ms() / 1000;
-            m.retain(|_, &mut exp| exp > now);
-        }
-        m.insert(jti.to_owned(), exp_s);
-        Ok(())
-    }
-
-    async fn is_revoked(&self, jti: &str, now_s: u64) -> Result<bool, String> {
-        Ok(self
-            .jtis
-            .lock()
-            .expect("revocations lock")
-            .get(jti)
-            .is_some_and(|&exp| exp > now_s))
-    }
-}
-
-/// Revocations in Redis: `<prefix><jti>` with a TTL that ends when the token would have.
-pub struct RedisRevocations {
-    conn: redis::aio::ConnectionManager,
-    prefix: String,
-}
-
-impl RedisRevocations {
-    /// Connects (and reconnects on its own later) to `redis://host:port/db`.
-    pub async fn connect(url: &str, prefix: &str) -> Result<RedisRevocations, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let conn = redis::aio::ConnectionManager::new(client)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(RedisRevocations {
-            conn,
-            prefix: prefix.to_owned(),
-        })
-    }
-}
-
-#[async_trait::async_trait]
-impl Revocations for RedisRevocations {
-    async fn revoke(&self, jti: &str, exp_s: u64) -> Result<(), String> {
-        let ttl = exp_s.saturating_sub(im_shared::unix_ms() / 1000).max(1);
-        let mut c = self.conn.clone();
-        redis::cmd("SET")
-            .arg(format!("{}{jti}", self.prefix))
-            .arg(exp_s)
-            .arg("EX")
-            .arg(ttl)
-            .query_async::<()>(&mut c)
-            .await
-            .map_err(|e| e.to_string())?;
-        // Gateways keep a local copy of the revocations and follow this channel.
-        redis::cmd("PUBLISH")
-            .arg(im_pipeline::revoked::CHANNEL)
-            .arg(format!("{jti} {exp_s}"))
-            .query_async::<()>(&mut c)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn is_revoked(&self, jti: &str, _now_s: u64) -> Result<bool, String> {
-        let mut c = self.conn.clone();
-        let n: i64 = redis::cmd("EXISTS")
-            .arg(format!("{}{jti}", self.prefix))
-            .query_async(&mut c)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(n > 0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,14 +107,5 @@ mod tests {
         assert_eq!(h1, refresh_hash(&t1));
         assert_eq!(h1.len(), 64);
         assert!(!h1.contains(&t1));
-    }
-
-    #[tokio::test]
-    async fn revocation_lasts_until_expiry() {
-        let r = MemoryRevocations::default();
-        r.revoke("j", 100).await.unwrap();
-        assert!(r.is_revoked("j", 99).await.unwrap());
-        assert!(!r.is_revoked("j", 100).await.unwrap());
-        assert!(!r.is_revoked("other", 0).await.unwrap());
     }
 }

@@ -1,34 +1,190 @@
-//! The logic service: accounts, tokens, groups, conversations and history over REST
-//! (PROTOCOL.md, "REST"), on MySQL or SQLite through one `Store` trait.
+//! The logic service (ARCHITECTURE.md, "Processes"): the REST API (accounts, tokens, groups,
+//! conversations, history; docs/PROTOCOL.md) and the pipeline stage that sequences messages.
 //!
-//! Where to look: `store` (the trait and its two sqlx implementations, the schema in
-//! `migrations/`), `auth` (argon2id passwords, access and refresh tokens), `api` (the axum
-//! routes and their JSON errors).
+//! Where to look: `api` (the axum routes and their JSON errors), `auth` (argon2id passwords,
+//! access and refresh tokens), `stage` (the pipeline stage: a sans-I/O `Sequencer` driven by
+//! a thin async loop). Storage is `im_store`; the bus, presence and revocations are `im_bus`.
+//!
+//! `run(config, shutdown)` is `im logic`: it connects MySQL, Redis and Kafka, then serves with
+//! `serve_on` — the same function standalone calls with its in-process backends.
 
 pub mod api;
 pub mod auth;
-pub mod pipeline;
-pub mod store;
+pub mod stage;
 
+use im_bus::presence::{Presence, RedisPresence};
+use im_bus::revocation::{RedisRevocations, Revocations};
+use im_bus::{Bus, KafkaBus, KafkaConfig};
+use im_shared::redact_url;
+use im_store::{MySqlStore, Store};
+use stage::client::PipelineClient;
+use stage::members::Members;
+use stage::{StageConfig, StageStats};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 
-/// Builds the API state around a store (migrated here) and serves it on `listen` until
-/// `shutdown` resolves.
-pub async fn serve(
-    store: Arc<dyn store::Store>,
-    revocations: Arc<dyn auth::Revocations>,
-    cfg: api::ApiConfig,
-    listen: SocketAddr,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    serve_with(store, revocations, cfg, listen, None, shutdown).await
+/// How long the stage and the REST API may take to stop after `shutdown`: a broker or
+/// database that is down must not keep a stopping process alive (uncommitted records replay).
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What the service serves, whatever its backends.
+#[derive(Clone, Debug)]
+pub struct LogicConfig {
+    pub api: api::ApiConfig,
+    pub api_listen: SocketAddr,
+    /// The pipeline stage; `None` serves REST only (`--no-pipeline`: `messages/send` then
+    /// stores directly and delivers nothing live).
+    pub stage: Option<StageSettings>,
 }
 
-/// `serve`, with the Kafka pipeline behind `POST /messages/send`.
-pub async fn serve_with(
-    store: Arc<dyn store::Store>,
-    revocations: Arc<dyn auth::Revocations>,
+#[derive(Clone, Debug)]
+pub struct StageSettings {
+    /// Topic-safe, unique among logic instances: the REST API's reply topic is named after it.
+    pub logic_id: String,
+    pub stage: StageConfig,
+}
+
+/// What the service runs on: MySQL, Redis and Kafka (`run`), or SQLite, memory and the
+/// in-process bus (standalone).
+pub struct Backends {
+    pub store: Arc<dyn Store>,
+    pub revocations: Arc<dyn Revocations>,
+    pub bus: Arc<dyn Bus>,
+    pub presence: Arc<dyn Presence>,
+}
+
+/// `im logic`: where its backends are.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub logic: LogicConfig,
+    pub mysql_url: String,
+    pub redis_url: String,
+    pub kafka: KafkaConfig,
+}
+
+/// Presence TTL given to the Redis client; logic only reads presence, so it is not used.
+const PRESENCE_TTL_UNUSED_S: u64 = 180;
+
+/// `im logic`: connects MySQL (creating the database and migrating it), Redis and Kafka,
+/// then serves until `shutdown` turns true.
+pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), String> {
+    let store = MySqlStore::connect_or_create(&cfg.mysql_url)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", redact_url(&cfg.mysql_url)))?;
+    let revocations = RedisRevocations::connect(&cfg.redis_url)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", redact_url(&cfg.redis_url)))?;
+    let presence = RedisPresence::open(&cfg.redis_url, PRESENCE_TTL_UNUSED_S)?;
+    let backends = Backends {
+        store: Arc::new(store),
+        revocations: Arc::new(revocations),
+        bus: Arc::new(KafkaBus::new(cfg.kafka)),
+        presence: Arc::new(presence),
+    };
+    serve_on(cfg.logic, backends, shutdown).await
+}
+
+/// Serves the REST API and runs the stage on `b` until `shutdown` turns true; an `Err` when
+/// either stops by itself or cannot start.
+pub async fn serve_on(
+    cfg: LogicConfig,
+    b: Backends,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    b.store
+        .migrate()
+        .await
+        .map_err(|e| format!("migrating the {} store: {e}", b.store.backend()))?;
+    let mut stage_task = None;
+    let mut pipeline = None;
+    if let Some(s) = cfg.stage {
+        let members = Arc::new(Members::new(b.store.clone()));
+        let client = PipelineClient::start(b.bus.clone(), &s.logic_id)
+            .await
+            .map_err(|e| format!("the {}: {e}", b.bus.describe()))?;
+        let stats = Arc::new(StageStats::default());
+        stage_task = Some(tokio::spawn(stage::run(
+            b.bus,
+            b.store.clone(),
+            b.presence.clone(),
+            members.clone(),
+            s.stage.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        )));
+        pipeline = Some(api::Pipeline {
+            client,
+            members,
+            stats,
+            presence: b.presence,
+        });
+        log::info!(
+            "logic {}: pipeline stage on, Snowflake worker {}",
+            s.logic_id,
+            s.stage.worker_id
+        );
+    }
+    let mut api_stop = shutdown.clone();
+    let listen = cfg.api_listen;
+    let mut server = tokio::spawn(serve(
+        b.store,
+        b.revocations,
+        cfg.api,
+        listen,
+        pipeline,
+        async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        },
+    ));
+    let stage_done = async {
+        match &mut stage_task {
+            Some(t) => t.await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => Ok(()),
+        r = &mut server => {
+            return match r {
+                Ok(r) => r.map_err(|e| format!("REST API on {listen}: {e}")),
+                Err(e) => Err(format!("REST API on {listen}: {e}")),
+            }
+        }
+        r = stage_done => match r {
+            Ok(Ok(())) => Err("the pipeline stage stopped".to_string()),
+            Ok(Err(e)) => Err(format!("pipeline stage: {e}")),
+            Err(e) => Err(format!("pipeline stage: {e}")),
+        },
+    };
+    if result.is_err() {
+        // The stage failed: the process stops (a restart recovers), the API with it.
+        server.abort();
+        return result;
+    }
+    if let Some(t) = stage_task {
+        match tokio::time::timeout(STOP_GRACE, t).await {
+            Ok(Ok(Err(e))) => log::error!("pipeline stage: {e}"),
+            Err(_) => log::warn!(
+                "the pipeline stage did not stop in {STOP_GRACE:?}; stopping anyway (uncommitted records replay)"
+            ),
+            _ => {}
+        }
+    }
+    match tokio::time::timeout(STOP_GRACE, server).await {
+        Ok(Ok(Err(e))) => log::error!("REST API on {listen}: {e}"),
+        Err(_) => log::warn!("the REST API did not stop in {STOP_GRACE:?}"),
+        _ => {}
+    }
+    result
+}
+
+/// The REST API alone on `store`, until `shutdown` resolves; with `pipeline`, `POST
+/// /messages/send` goes through it.
+pub async fn serve(
+    store: Arc<dyn Store>,
+    revocations: Arc<dyn Revocations>,
     cfg: api::ApiConfig,
     listen: SocketAddr,
     pipeline: Option<api::Pipeline>,

@@ -3,10 +3,11 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use im_bus::revocation::RevokedSet;
 use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
-use logic::api::{self, ApiConfig, AppState};
-use logic::auth::{self, MemoryRevocations, PasswordCost};
 use im_store::Store;
+use logic::api::{self, ApiConfig, AppState};
+use logic::auth::{self, PasswordCost};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -22,7 +23,7 @@ impl Api {
         let cost = PasswordCost::test();
         let state = AppState {
             store,
-            revocations: Arc::new(MemoryRevocations::default()),
+            revocations: Arc::new(RevokedSet::default()),
             cfg: ApiConfig {
                 jwt_secret: SECRET.to_vec(),
                 access_ttl_s: 600,

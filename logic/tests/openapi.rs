@@ -4,8 +4,9 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use im_bus::revocation::RevokedSet;
 use logic::api::{self, ApiConfig, AppState, OPENAPI_JSON};
-use logic::auth::{self, MemoryRevocations, PasswordCost};
+use logic::auth::{self, PasswordCost};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ async fn the_spec_and_the_router_agree() {
     let cost = PasswordCost::test();
     let state = AppState {
         store: Arc::new(im_store::testing::fresh_sqlite(&dir).await),
-        revocations: Arc::new(MemoryRevocations::default()),
+        revocations: Arc::new(RevokedSet::default()),
         cfg: ApiConfig {
             jwt_secret: b"s".to_vec(),
             access_ttl_s: 60,

@@ -13,7 +13,7 @@
 //! any commit.
 
 use crate::writer::Writer;
-use im_pipeline::bus::{Consumer, Rebalance};
+use im_bus::{Consumer, Rebalance};
 use im_shared::records::topics;
 use std::time::Duration;
 use tokio::sync::watch;

@@ -1,5 +1,7 @@
 //! The persist service (ARCHITECTURE.md, "Processes"): consumes `im.messages` as consumer
-//! group "persist" and writes the messages to MySQL (SQLite in standalone) in batches, a multi-row INSERT per batch.
+//! group "persist" and writes the messages to MySQL (SQLite in standalone) in batches, a
+//! multi-row INSERT per batch. `run(config, shutdown)` is `im persist`; standalone builds a
+//! `Persist` on its own bus and store.
 //!
 //! Why it is built this way:
 //! - **Batch ACK.** Offsets are committed only after the batch is in the database, so a crash
@@ -29,9 +31,10 @@ pub use batch::{Backoff, Batcher};
 pub use consumer::GROUP;
 pub use stats::{render_metrics, PersistStats};
 
-use im_pipeline::Bus;
+use im_bus::{Bus, KafkaBus, KafkaConfig};
 use im_shared::records::topics;
-use logic::store::Store;
+use im_shared::redact_url;
+use im_store::{MySqlStore, Store};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -111,14 +114,43 @@ impl Persist {
     }
 }
 
-/// `Persist::new(bus, store, cfg).run(shutdown)`, for callers that do not serve the counters.
-pub async fn run(
-    bus: Arc<dyn Bus>,
-    store: Arc<dyn Store>,
-    cfg: PersistConfig,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), String> {
-    Persist::new(bus, store, cfg).run(shutdown).await
+/// `im persist`: where its backends are.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub persist: PersistConfig,
+    pub mysql_url: String,
+    pub kafka: KafkaConfig,
+}
+
+/// How long `run` waits for the consumer to stop after `shutdown`, beyond the final write's
+/// own grace: a broker that is down must not keep a stopping process alive.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// `im persist`: connects MySQL (creating the database and migrating it) and Kafka, then
+/// consumes until `shutdown` turns true.
+pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), String> {
+    let store = MySqlStore::connect_or_create(&cfg.mysql_url)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", redact_url(&cfg.mysql_url)))?;
+    store
+        .migrate()
+        .await
+        .map_err(|e| format!("migrating {}: {e}", redact_url(&cfg.mysql_url)))?;
+    let bus: Arc<dyn Bus> = Arc::new(KafkaBus::new(cfg.kafka));
+    let mut stopped = shutdown.clone();
+    let task = tokio::spawn(Persist::new(bus, Arc::new(store), cfg.persist).run(shutdown));
+    tokio::pin!(task);
+    tokio::select! {
+        r = &mut task => return r.map_err(|e| e.to_string())?,
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+    match tokio::time::timeout(STOP_GRACE, task).await {
+        Ok(r) => r.map_err(|e| e.to_string())?,
+        // Uncommitted batches are replayed by the next owner, and inserts are idempotent.
+        Err(_) => Err(format!(
+            "persist did not stop in {STOP_GRACE:?}; exiting anyway"
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -131,13 +163,13 @@ mod tests {
         assert_eq!((c.batch_rows, c.batch_ms, c.retry_max_ms), (500, 50, 5_000));
     }
 
-    /// `im persist` spawns it on its runtime: the future must be `Send` (checked by compiling).
+    /// Callers spawn it on their runtime: the future must be `Send` (checked by compiling).
     #[allow(dead_code)]
     fn run_is_spawnable(
         bus: Arc<dyn Bus>,
         store: Arc<dyn Store>,
         rx: watch::Receiver<bool>,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send {
-        run(bus, store, PersistConfig::default(), rx)
+        Persist::new(bus, store, PersistConfig::default()).run(rx)
     }
 }

@@ -1,6 +1,6 @@
 //! Counters of the persist service, and their Prometheus text form.
 
-use std::fmt::Write as _;
+use im_shared::metrics::{Kind, Prom};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Updated by the writer, read by whoever serves metrics; all counters only grow.
@@ -64,19 +64,23 @@ pub fn render_metrics(stats: &PersistStats) -> String {
         ),
     ];
     let mut out = String::with_capacity(1024);
+    let mut p = Prom::new(&mut out);
     for (name, help, value) in counters {
-        let _ = write!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-            value.load(Ordering::Relaxed)
+        p.single(
+            name,
+            Kind::Counter,
+            help,
+            &[],
+            value.load(Ordering::Relaxed),
         );
     }
-    let _ = write!(
-        out,
-        "# HELP im_persist_last_batch_seconds Time to write the last batch.\n\
-         # TYPE im_persist_last_batch_seconds gauge\n\
-         im_persist_last_batch_seconds {:.6}\n",
-        stats.last_batch_us.load(Ordering::Relaxed) as f64 / 1e6
+    let seconds = stats.last_batch_us.load(Ordering::Relaxed) as f64 / 1e6;
+    p.single(
+        "im_persist_last_batch_seconds",
+        Kind::Gauge,
+        "Time to write the last batch.",
+        &[],
+        format_args!("{seconds:.6}"),
     );
     out
 }

@@ -4,7 +4,7 @@
 
 use crate::batch::{Backoff, Batcher};
 use crate::stats::PersistStats;
-use logic::store::Store;
+use im_store::Store;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,7 +147,7 @@ impl Writer {
 mod tests {
     use super::*;
     use im_shared::records::{Stored, Versioned, VERSION};
-    use logic::store::SqliteStore;
+    use im_store::SqliteStore;
 
     fn tempdir() -> std::path::PathBuf {
         use std::sync::atomic::AtomicU32;

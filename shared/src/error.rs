@@ -35,12 +35,48 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in numeric order.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownType,
+        ErrorCode::MissingField,
+        ErrorCode::InvalidField,
+        ErrorCode::TooLarge,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::Conflict,
+        ErrorCode::RateLimited,
+        ErrorCode::Busy,
+        ErrorCode::Unavailable,
+        ErrorCode::DependencyDown,
+    ];
+
     pub fn code(self) -> u16 {
         self as u16
+    }
+
+    /// The code a number names (as read back from an `error` frame).
+    pub fn from_code(code: u64) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.code() as u64 == code)
     }
 
     /// Whether retrying the same request later can succeed.
     pub fn retryable(self) -> bool {
         self.code() >= 5000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip() {
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_code(c.code() as u64), Some(c));
+        }
+        assert_eq!(ErrorCode::from_code(1234), None);
+        assert!(ErrorCode::ALL.windows(2).all(|w| w[0].code() < w[1].code()));
     }
 }

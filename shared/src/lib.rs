@@ -24,3 +24,27 @@ pub fn unix_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// A URL without its password, for messages and logs: `mysql://root:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_lose_their_password_only() {
+        assert_eq!(
+            super::redact_url("mysql://root:pw@127.0.0.1:3306/im"),
+            "mysql://root:***@127.0.0.1:3306/im"
+        );
+        assert_eq!(super::redact_url("mysql://root@h/im"), "mysql://root@h/im");
+        assert_eq!(super::redact_url("redis://h:6379"), "redis://h:6379");
+    }
+}

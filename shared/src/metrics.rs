@@ -47,7 +47,12 @@ impl<'a> Prom<'a> {
     }
 
     /// One sample, `name{label="value",...} value`.
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) -> &mut Self {
+    pub fn sample(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: impl Display,
+    ) -> &mut Self {
         self.out.push_str(name);
         if !labels.is_empty() {
             self.out.push('{');

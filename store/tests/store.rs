@@ -1,8 +1,8 @@
 //! The `Store` trait against both real backends: MariaDB (MySQL protocol) on this machine and
 //! SQLite in a temporary directory. Each MySQL test gets a database of its own.
 
-use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
 use im_shared::records::Stored;
+use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
 use im_store::{Join, MessageRow, NewMessage, Store, StoreError};
 
 async fn accounts_and_refresh_tokens(s: &dyn Store) {

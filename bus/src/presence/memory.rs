@@ -127,7 +127,11 @@ mod tests {
         };
         assert_eq!(
             c,
-            vec![conn("gw-a", 10, "t1"), conn("gw-a", 11, "t2"), conn("gw-b", 10, "t3")]
+            vec![
+                conn("gw-a", 10, "t1"),
+                conn("gw-a", 11, "t2"),
+                conn("gw-b", 10, "t3")
+            ]
         );
         p.apply("gw-a", &[Change::Offline { user: 2, conn: 12 }])
             .await

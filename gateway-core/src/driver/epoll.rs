@@ -68,7 +68,13 @@ pub fn run(
     };
     let wake_fd = shard.mesh().waker().fd();
     p.watch_listener()?;
-    ctl(ep, libc::EPOLL_CTL_ADD, wake_fd, libc::EPOLLIN as u32, tag::WAKE)?;
+    ctl(
+        ep,
+        libc::EPOLL_CTL_ADD,
+        wake_fd,
+        libc::EPOLLIN as u32,
+        tag::WAKE,
+    )?;
 
     let clock = Clock::new();
     let mut stopper = Stopper::new();

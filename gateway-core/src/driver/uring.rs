@@ -315,7 +315,13 @@ fn on_recv(shard: &mut Shard, bufs: &mut BufRing, key: u32, res: i32, flags: u32
 }
 
 /// Turns one connection's plan into submissions (and the close, which is synchronous).
-fn execute(ring: &mut IoUring, shard: &mut Shard, key: u32, fd: i32, plan: IoPlan) -> io::Result<()> {
+fn execute(
+    ring: &mut IoUring,
+    shard: &mut Shard,
+    key: u32,
+    fd: i32,
+    plan: IoPlan,
+) -> io::Result<()> {
     if let Some((ptr, len)) = plan.send {
         let e = opcode::Send::new(Fd(fd), ptr, len as u32)
             .flags(libc::MSG_NOSIGNAL)
@@ -361,7 +367,12 @@ fn enter(ring: &mut IoUring, shard: &Shard, stopper: &Stopper) -> io::Result<()>
     let r = ring.submitter().submit_with_args(1, &args);
     waker.cancel_sleep();
     match r {
-        Err(e) if !matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {
+        Err(e)
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) =>
+        {
             Err(e)
         }
         _ => Ok(()),

@@ -47,7 +47,10 @@ impl Shard {
                     }
                     Err(Refusal::Status(status, reason)) => {
                         ShardStats::add(&self.st().refused_http_total, 1);
-                        self.http_answer(key, handshake::json_error(status, ErrorCode::BadRequest.code(), reason));
+                        self.http_answer(
+                            key,
+                            handshake::json_error(status, ErrorCode::BadRequest.code(), reason),
+                        );
                         return buf.len();
                     }
                 },
@@ -74,7 +77,13 @@ impl Shard {
         }
     }
 
-    pub(super) fn on_frame(&mut self, key: u32, rx: &mut RxState, h: codec::Header, payload: &[u8]) {
+    pub(super) fn on_frame(
+        &mut self,
+        key: u32,
+        rx: &mut RxState,
+        h: codec::Header,
+        payload: &[u8],
+    ) {
         ShardStats::add(&self.st().frames_in_total, 1);
         match h.opcode {
             opcode::PING => match self.spend(key) {

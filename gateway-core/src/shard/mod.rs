@@ -39,9 +39,9 @@ use crate::mesh::MeshPort;
 use crate::metrics::ShardStats;
 use crate::msg::{ShardMsg, UpMsg};
 use crate::wheel::Wheel;
+use frames::CREDIT_UNIT;
 use im_shared::protocol;
 use im_shared::ErrorCode;
-use frames::CREDIT_UNIT;
 use local_router::LocalRouter;
 use slab::Slab;
 use std::collections::VecDeque;
@@ -247,7 +247,9 @@ impl Shard {
 
     /// Whether the peer has sent EOF (drivers stop watching its input).
     pub fn peer_eof(&self, key: u32) -> bool {
-        self.conns.get(key as usize).is_some_and(|c| c.has(flags::EOF))
+        self.conns
+            .get(key as usize)
+            .is_some_and(|c| c.has(flags::EOF))
     }
 
     /// The bytes a pending send should (re)try, for drivers that write synchronously.

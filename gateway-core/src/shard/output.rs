@@ -31,11 +31,22 @@ impl Shard {
         Frame::from(&self.scratch[H - hl..])
     }
 
-    pub(super) fn error_frame(&mut self, code: ErrorCode, message: &str, cid: Option<&str>) -> Frame {
+    pub(super) fn error_frame(
+        &mut self,
+        code: ErrorCode,
+        message: &str,
+        cid: Option<&str>,
+    ) -> Frame {
         self.text_frame(|out| protocol::encode_error(code, message, cid, out))
     }
 
-    pub(super) fn reply_error(&mut self, key: u32, code: ErrorCode, message: &str, cid: Option<&str>) {
+    pub(super) fn reply_error(
+        &mut self,
+        key: u32,
+        code: ErrorCode,
+        message: &str,
+        cid: Option<&str>,
+    ) {
         let frame = self.error_frame(code, message, cid);
         self.enqueue(key, frame);
     }

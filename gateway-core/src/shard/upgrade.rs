@@ -43,7 +43,10 @@ impl Shard {
                 match verified {
                     Err(why) => {
                         ShardStats::add(&self.st().refused_token_total, 1);
-                        self.http_answer(key, handshake::json_error(401, ErrorCode::Unauthorized.code(), &why));
+                        self.http_answer(
+                            key,
+                            handshake::json_error(401, ErrorCode::Unauthorized.code(), &why),
+                        );
                     }
                     Ok(claims) => {
                         let user = claims.user_id();

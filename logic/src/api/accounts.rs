@@ -102,7 +102,7 @@ pub async fn register(
         .create_user(&name, &hash, &nick, im_shared::unix_ms())
         .await
         .map_err(|e| match e {
-            crate::store::StoreError::Conflict => ApiError::new(
+            im_store::StoreError::Conflict => ApiError::new(
                 StatusCode::CONFLICT,
                 ErrorCode::Conflict,
                 "username is taken",
@@ -198,11 +198,9 @@ pub async fn logout(S(st): S<State>, caller: Caller) -> Result<StatusCode, ApiEr
     if let Some(p) = &st.pipeline {
         match p.presence.connections(caller.user_id).await {
             Ok(conns) => {
-                for (gw, conn, jti) in conns {
-                    if jti == caller.jti {
-                        if let Err(e) = p.client.close(&gw, conn, "token revoked") {
-                            log::warn!("logout: {e}");
-                        }
+                for c in conns.iter().filter(|c| c.jti == caller.jti) {
+                    if let Err(e) = p.client.close(&c.gateway, c.conn, "token revoked") {
+                        log::warn!("logout: {e}");
                     }
                 }
             }

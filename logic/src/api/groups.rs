@@ -2,13 +2,13 @@
 //! owner). Membership changes here are what the pipeline's member cache will listen to.
 
 use super::{ApiError, Body, Caller, Params, State};
-use crate::store::{GroupRow, Join};
 use axum::extract::{Path, State as S};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use im_shared::conv::parse_id;
 use im_shared::ErrorCode;
+use im_store::{GroupRow, Join};
 use serde::Deserialize;
 use serde_json::{json, Value};
 

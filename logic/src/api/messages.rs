@@ -1,14 +1,14 @@
-//! Messages and conversations: send over HTTP (for bots; the same store path the pipeline
-//! will use), history pages, unread counts, the conversation list and read positions.
+//! Messages and conversations: send over HTTP (for bots; through the pipeline when there is
+//! one, straight to the store otherwise), history pages, unread counts, the conversation list and read positions.
 
 use super::{ApiError, Body, Caller, Params, State};
-use crate::store::{MessageRow, NewMessage};
 use axum::extract::{Path, State as S};
 use axum::http::StatusCode;
 use axum::Json;
 use im_shared::conv::{parse_id, Conv};
 use im_shared::protocol::{CID_BYTES_MAX, CONTENT_BYTES_MAX, CONTENT_TYPE_BYTES_MAX};
 use im_shared::ErrorCode;
+use im_store::{MessageRow, NewMessage};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -227,12 +227,12 @@ async fn send_through_pipeline(
             json!({ "id": v["id"], "conv": v["conv"], "seq": v["seq"], "ts": v["ts"], "cid": cid }),
         ));
     }
-    let code = v["code"].as_u64().unwrap_or(5032);
+    let code = v["code"].as_u64().and_then(ErrorCode::from_code);
     let (status, code) = match code {
-        4030 => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
-        4040 => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
-        4003 => (StatusCode::BAD_REQUEST, ErrorCode::InvalidField),
-        5030 => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Busy),
+        Some(c @ ErrorCode::Forbidden) => (StatusCode::FORBIDDEN, c),
+        Some(c @ ErrorCode::NotFound) => (StatusCode::NOT_FOUND, c),
+        Some(c @ ErrorCode::InvalidField) => (StatusCode::BAD_REQUEST, c),
+        Some(c @ ErrorCode::Busy) => (StatusCode::SERVICE_UNAVAILABLE, c),
         _ => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::DependencyDown),
     };
     let msg = v["message"]
@@ -276,7 +276,7 @@ pub async fn history(
     ))
 }
 
-fn conversation_json(caller: u64, c: &crate::store::ConversationRow) -> Value {
+fn conversation_json(caller: u64, c: &im_store::ConversationRow) -> Value {
     let unread = c.max_seq.saturating_sub(c.read_seq);
     let mut v = json!({
         "conv": c.conv,
@@ -370,7 +370,7 @@ pub async fn update(
     authorize(&st, caller.user_id, conv).await?;
     if let (Some(seq), Some(_)) = (u.read_seq, &st.pipeline) {
         // The client may have the message live before persist has stored it.
-        crate::store::wait_stored(&*st.store, &conv.to_string(), seq, READ_WAIT).await?;
+        im_store::wait_stored(&*st.store, &conv.to_string(), seq, READ_WAIT).await?;
     }
     st.store
         .update_membership(

@@ -7,15 +7,18 @@ mod groups;
 mod messages;
 mod web;
 
-use crate::auth::{PasswordCost, Revocations};
-use crate::store::{Store, StoreError};
+use crate::auth::PasswordCost;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use im_bus::presence::Presence;
+use im_bus::revocation::Revocations;
+use im_shared::metrics::{Kind, Prom, CONTENT_TYPE};
 use im_shared::{jwt, ErrorCode};
+use im_store::{Store, StoreError};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
@@ -47,30 +50,31 @@ pub struct AppState {
 
 #[derive(Clone)]
 pub struct Pipeline {
-    pub client: Arc<crate::pipeline::client::PipelineClient>,
-    pub members: Arc<crate::pipeline::presence::Members>,
-    pub stats: Arc<crate::pipeline::PipelineStats>,
-    pub presence: Arc<dyn crate::pipeline::presence::Presence>,
+    pub client: Arc<crate::stage::client::PipelineClient>,
+    pub members: Arc<crate::stage::members::Members>,
+    pub stats: Arc<crate::stage::StageStats>,
+    pub presence: Arc<dyn Presence>,
 }
 
 /// Prometheus text: what the service is, and the pipeline stage's counters when it runs one.
 async fn metrics(axum::extract::State(st): axum::extract::State<State>) -> Response {
-    let mut out = format!(
-        "# HELP im_logic_info The logic service.\n# TYPE im_logic_info gauge\nim_logic_info{{store=\"{}\",pipeline=\"{}\"}} 1\n",
-        st.store.backend(),
-        st.pipeline.is_some()
+    let mut out = String::new();
+    let pipeline = st.pipeline.is_some().to_string();
+    let labels = [
+        ("store", st.store.backend()),
+        ("pipeline", pipeline.as_str()),
+    ];
+    Prom::new(&mut out).single(
+        "im_logic_info",
+        Kind::Gauge,
+        "The logic service.",
+        &labels,
+        1,
     );
     if let Some(p) = &st.pipeline {
         p.stats.render(&mut out);
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
-        .into_response()
+    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], out).into_response()
 }
 
 impl AppState {

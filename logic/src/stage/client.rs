@@ -2,7 +2,7 @@
 //! record like a WebSocket `send`, and its answer comes back on this instance's own
 //! downstream topic (`im.downstream.<logic-id>`), matched by a request number in `conn`.
 
-use im_pipeline::bus::{Bus, Producer, Start};
+use im_bus::{Bus, Producer, Start};
 use im_shared::records::{self, topics, DownstreamBody, Versioned};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +23,12 @@ pub struct PipelineClient {
 
 /// Requests waiting for an answer at once; past it, `send` is refused (bounded).
 const PENDING_MAX: usize = 10_000;
+/// How long a request may wait for the bus before it fails.
+const PRODUCE_TIMEOUT_MS: u32 = 10_000;
+/// How long the producer may hold a request to batch it.
+const LINGER_MS: u32 = 1;
+/// The pause after an error reading the reply topic.
+const CONSUME_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 impl PipelineClient {
     /// `id`: topic-safe and unique among logic instances. Spawns the reply reader on the
@@ -31,7 +37,7 @@ impl PipelineClient {
         let topic = topics::downstream(id);
         bus.ensure_topics(&[(&topic, 1), (topics::UPSTREAM, bus.partitions())])
             .await?;
-        let producer = bus.producer(1, 10_000)?;
+        let producer = bus.producer(LINGER_MS, PRODUCE_TIMEOUT_MS)?;
         let mut consumer = bus.partition_consumer(&topic, &[(0, Start::End)]).await?;
         let pending: Pending = Default::default();
         let (stop, mut stopped) = oneshot::channel::<()>();
@@ -43,7 +49,7 @@ impl PipelineClient {
                     m = consumer.recv() => m,
                 };
                 let Ok(m) = m else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(CONSUME_ERROR_PAUSE).await;
                     continue;
                 };
                 let Ok(rec) = records::Downstream::from_bytes(&m.payload) else {
@@ -93,8 +99,7 @@ impl PipelineClient {
         };
         let payload = rec.to_bytes();
         let produced =
-            im_pipeline::bus::send_acked(&*self.producer, topics::UPSTREAM, None, key, &payload)
-                .await;
+            im_bus::send_acked(&*self.producer, topics::UPSTREAM, None, key, &payload).await;
         let result = match produced {
             Err(e) => Err(format!("the message bus did not take the message: {e}")),
             Ok(()) => match tokio::time::timeout(timeout, rx).await {

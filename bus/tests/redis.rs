@@ -1,0 +1,142 @@
+//! Presence and revocations on the real Redis (127.0.0.1:6379, or IM_TEST_REDIS_URL). Keys
+//! carry this process's id, so parallel runs do not meet.
+#![cfg(feature = "redis")]
+
+use im_bus::presence::{Change, Connection, Presence, RedisPresence};
+use im_bus::revocation::{self, RedisRevocations, Revocations, RevokedSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn url() -> String {
+    std::env::var("IM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn required(e: String) -> ! {
+    panic!(
+        "Redis is required for this test at {} ({e}); scripts/test starts it",
+        url()
+    )
+}
+
+#[tokio::test]
+async fn revoked_tokens_live_in_redis_until_they_would_have_expired() {
+    let r = RedisRevocations::connect(&url())
+        .await
+        .unwrap_or_else(|e| required(e));
+    let pid = std::process::id();
+    let (j1, j2, j3) = (
+        format!("t{pid}-1"),
+        format!("t{pid}-2"),
+        format!("t{pid}-3"),
+    );
+    let now = im_shared::unix_ms() / 1000;
+    assert!(!r.is_revoked(&j1, now).await.unwrap());
+    r.revoke(&j1, now + 60).await.unwrap();
+    assert!(r.is_revoked(&j1, now).await.unwrap());
+    assert!(!r.is_revoked(&j2, now).await.unwrap());
+    // A token that is about to expire is kept at least a second, then Redis forgets it.
+    r.revoke(&j3, now).await.unwrap();
+    assert!(r.is_revoked(&j3, now).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(
+        !r.is_revoked(&j3, now).await.unwrap(),
+        "the key expired with the token"
+    );
+}
+
+#[tokio::test]
+async fn a_gateways_set_follows_revocations_made_before_and_after_it_starts() {
+    let r = RedisRevocations::connect(&url())
+        .await
+        .unwrap_or_else(|e| required(e));
+    let pid = std::process::id();
+    let (before, after) = (format!("f{pid}-before"), format!("f{pid}-after"));
+    let now = im_shared::unix_ms() / 1000;
+    r.revoke(&before, now + 60).await.unwrap();
+    let set = Arc::new(RevokedSet::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    revocation::redis::follow(&url(), set.clone(), stop.clone()).unwrap();
+    let seen = |jti: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if set.contains(jti, now) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    assert!(seen(&before), "loaded at start");
+    r.revoke(&after, now + 60).await.unwrap();
+    assert!(seen(&after), "followed on the channel");
+    assert!(
+        !set.contains(&after, now + 60),
+        "gone once the token would be"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Release);
+}
+
+#[tokio::test]
+async fn presence_routes_to_the_gateways_holding_a_user() {
+    let p = RedisPresence::connect(&url(), 60)
+        .await
+        .unwrap_or_else(|e| required(e));
+    // Users far above any test's ids, distinct per process.
+    let base = 9_000_000_000 + std::process::id() as u64 * 10;
+    let (u1, u2, u3) = (base + 1, base + 2, base + 3);
+    let online = |user, conn, jti: &str| Change::Online {
+        user,
+        conn,
+        jti: jti.into(),
+        device: Some("phone".into()),
+    };
+    p.apply(
+        "gw-a",
+        &[
+            online(u1, 10, "t1"),
+            online(u1, 11, "t2"),
+            online(u2, 12, "t3"),
+        ],
+    )
+    .await
+    .unwrap();
+    p.apply(
+        "gw-b",
+        &[online(u1, 10, "t4"), Change::Refresh(vec![u1, u2])],
+    )
+    .await
+    .unwrap();
+    let g = p.gateways(&[u1, u2, u3]).await.unwrap();
+    assert_eq!(g[&u1], vec!["gw-a", "gw-b"]);
+    assert_eq!(g[&u2], vec!["gw-a"]);
+    assert!(!g.contains_key(&u3));
+    let mut c = p.connections(u1).await.unwrap();
+    c.sort();
+    let conn = |gateway: &str, conn, jti: &str| Connection {
+        gateway: gateway.into(),
+        conn,
+        jti: jti.into(),
+    };
+    assert_eq!(
+        c,
+        vec![
+            conn("gw-a", 10, "t1"),
+            conn("gw-a", 11, "t2"),
+            conn("gw-b", 10, "t4")
+        ]
+    );
+    p.apply("gw-a", &[Change::Offline { user: u2, conn: 12 }])
+        .await
+        .unwrap();
+    let gone = [
+        Change::Offline { user: u1, conn: 10 },
+        Change::Offline { user: u1, conn: 11 },
+    ];
+    p.apply("gw-a", &gone).await.unwrap();
+    assert!(p.gateways(&[u2]).await.unwrap().is_empty());
+    assert_eq!(p.gateways(&[u1]).await.unwrap()[&u1], vec!["gw-b"]);
+    p.apply("gw-b", &[Change::Offline { user: u1, conn: 10 }])
+        .await
+        .unwrap();
+}

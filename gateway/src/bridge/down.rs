@@ -1,0 +1,115 @@
+//! The down thread: this gateway's downstream topic → the shard rings.
+
+use super::{frame, BridgeStats};
+use gateway_core::bridge::DownEnd;
+use gateway_core::msg::{conn_ref, home_shard, ConnRef, ShardMsg};
+use im_bus::Consumer;
+use im_shared::records::{self, DownstreamBody, Versioned};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the down thread waits for room in a shard ring before dropping a frame (the
+/// client's sync recovers it); meanwhile the bus holds the rest.
+const RING_WAIT: Duration = Duration::from_secs(1);
+/// How long one poll of the bus may take, so a stop is noticed in time.
+const POLL: Duration = Duration::from_millis(100);
+/// The pause after a consume error, and between looks at a full ring.
+const ERROR_PAUSE: Duration = Duration::from_millis(100);
+const RING_RETRY: Duration = Duration::from_micros(200);
+
+pub(super) fn run(
+    rt: tokio::runtime::Runtime,
+    mut consumer: Box<dyn Consumer>,
+    down: Arc<Mutex<DownEnd>>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<BridgeStats>,
+) {
+    while !stop.load(Ordering::Acquire) {
+        let Ok(next) = rt.block_on(async { tokio::time::timeout(POLL, consumer.recv()).await })
+        else {
+            continue;
+        };
+        let m = match next {
+            Ok(m) => m,
+            Err(e) => {
+                log::warn!("bridge: downstream consume error: {e}");
+                std::thread::sleep(ERROR_PAUSE);
+                continue;
+            }
+        };
+        stats
+            .downstream_records_total
+            .fetch_add(1, Ordering::Relaxed);
+        match records::Downstream::from_bytes(&m.payload) {
+            Ok(rec) => dispatch(rec, &mut down.lock().expect("not poisoned"), &stats),
+            Err(e) => {
+                stats
+                    .downstream_bad_records_total
+                    .fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "bridge: skipping downstream record at offset {}: {e}",
+                    m.offset
+                );
+            }
+        }
+    }
+}
+
+/// Puts one downstream record on the shard rings.
+fn dispatch(rec: records::Downstream, d: &mut DownEnd, stats: &BridgeStats) {
+    let shards = d.shards();
+    // A connection of this process, or none (a record for a shard this process lacks).
+    let conn = |token: u64| {
+        Some(conn_ref(token)).filter(|c| *c != ConnRef::NONE && (c.shard as usize) < shards)
+    };
+    match rec.body {
+        Some(DownstreamBody::Deliver(del)) => {
+            // One frame, shared by every recipient on every shard.
+            let f = frame(&del.json);
+            let except = conn_ref(del.except_conn);
+            for user in del.users {
+                let msg = ShardMsg::Fanout {
+                    user,
+                    frame: f.clone(),
+                    except,
+                };
+                push(d, home_shard(user, shards), msg, stats);
+            }
+        }
+        Some(DownstreamBody::Reply(r)) => {
+            if let Some(to) = conn(r.conn) {
+                let frame = frame(&r.json);
+                push(d, to.shard, ShardMsg::Reply { to, frame }, stats);
+            }
+        }
+        Some(DownstreamBody::Close(c)) => {
+            if let Some(to) = conn(c.conn) {
+                push(d, to.shard, ShardMsg::Kick { to }, stats);
+            }
+        }
+        None => {}
+    }
+    d.flush();
+}
+
+/// Puts `msg` on a shard ring, waiting (bounded) while the shard catches up.
+fn push(d: &mut DownEnd, shard: u16, mut msg: ShardMsg, stats: &BridgeStats) {
+    let deadline = Instant::now() + RING_WAIT;
+    loop {
+        match d.send(shard, msg) {
+            Ok(()) => return,
+            Err(m) if Instant::now() < deadline => {
+                msg = m;
+                d.flush();
+                std::thread::sleep(RING_RETRY);
+            }
+            Err(_) => {
+                stats
+                    .downstream_dropped_total
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}

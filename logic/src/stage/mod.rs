@@ -1,0 +1,555 @@
+//! The logic service's pipeline stage (ARCHITECTURE.md, "Processes" and "Delivery
+//! guarantees"): consumes `im.upstream` in consumer group `logic`, and for each `send` checks
+//! the sender's rights, drops client retries already seen, assigns the Snowflake id and the
+//! conversation's next seq, produces the message to `im.messages`, and — once that produce is
+//! acknowledged — routes it: one `im.downstream.<gateway>` record per gateway holding any
+//! recipient, plus the `sent` ack to the sender's connection. Upstream offsets are committed
+//! only after the batch's messages are acknowledged, so a crash replays and the retry check
+//! turns the replay into the same acks.
+//!
+//! The decisions are the `Sequencer`'s (`sequencer.rs`, no I/O, tested on its own); this
+//! file is the thin async driver around it: it consumes, does the lookups and produces the
+//! sequencer asks for, and answers.
+//!
+//! Modules: `sequencer` (the decisions), `state` (per-partition seqs and retries, and
+//! recovery's replay), `members` (the group member cache), `answers` (`sync` and `read` from
+//! the database), `downstream` (records to gateways), `client` (the REST API's way in).
+
+mod answers;
+pub mod client;
+mod downstream;
+pub mod members;
+pub mod sequencer;
+pub mod state;
+
+use answers::Answers;
+use downstream::Downstream;
+use im_bus::presence::Presence;
+use im_bus::{Bus, Producer, Rebalance, Record, SendError, Start};
+use im_shared::metrics::{Kind, Prom};
+use im_shared::protocol::{self, Message, Target};
+use im_shared::records::{self, groups, topics, DownstreamBody, Stored, UpstreamBody, Versioned};
+use im_shared::{Conv, ErrorCode};
+use im_store::Store;
+use members::Members;
+use sequencer::{Admitted, Check, Decision, Sequencer};
+use state::{Ack, Partition};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch, Semaphore};
+
+#[derive(Clone, Debug)]
+pub struct StageConfig {
+    /// Snowflake worker id of this instance (distinct per logic instance).
+    pub worker_id: u16,
+    /// Records taken per batch, and how long a batch waits to fill.
+    pub batch_max: usize,
+    pub batch_wait_ms: u64,
+    /// How long `sync` waits for persist to catch up with the conversation's last seq.
+    pub sync_wait_ms: u64,
+}
+
+impl Default for StageConfig {
+    fn default() -> Self {
+        StageConfig {
+            worker_id: 1,
+            batch_max: 1000,
+            batch_wait_ms: 2,
+            sync_wait_ms: 2_000,
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default, Debug)]
+pub struct StageStats {
+    pub messages_total: AtomicU64,
+    pub retries_total: AtomicU64,
+    pub refused_total: AtomicU64,
+    pub deliveries_total: AtomicU64,
+    pub bad_records_total: AtomicU64,
+    pub syncs_total: AtomicU64,
+}
+
+impl StageStats {
+    pub fn render(&self, out: &mut String) {
+        let mut p = Prom::new(out);
+        for (name, help, v) in [
+            (
+                "im_logic_messages_total",
+                "messages sequenced and logged to im.messages",
+                &self.messages_total,
+            ),
+            (
+                "im_logic_retries_total",
+                "sends recognised as retries (answered with the first ack)",
+                &self.retries_total,
+            ),
+            (
+                "im_logic_refused_total",
+                "sends refused (not a member, unknown user)",
+                &self.refused_total,
+            ),
+            (
+                "im_logic_downstream_records_total",
+                "records produced to gateways",
+                &self.deliveries_total,
+            ),
+            (
+                "im_logic_bad_records_total",
+                "upstream records skipped as unreadable",
+                &self.bad_records_total,
+            ),
+            (
+                "im_logic_syncs_total",
+                "sync requests answered",
+                &self.syncs_total,
+            ),
+        ] {
+            p.single(name, Kind::Counter, help, &[], v.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// How long a live delivery may wait for the bus before it is dropped (sync recovers it).
+const DOWNSTREAM_TIMEOUT_MS: u32 = 10_000;
+/// How long the producers may hold a record to batch it.
+const LINGER_MS: u32 = 1;
+/// How long a full `im.messages` producer queue is waited on before trying again.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+/// How long reading back a partition's tail may take at recovery.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(120);
+/// The pause after a consume error.
+const CONSUME_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How long the producers may deliver what they hold once the stage stops.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
+
+struct Stage {
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    presence: Arc<dyn Presence>,
+    members: Arc<Members>,
+    cfg: StageConfig,
+    /// Produces im.messages: waits for the bus as long as it takes (nothing is acked to a
+    /// sender before its message is durable, and nothing may be skipped).
+    log: Arc<dyn Producer>,
+    down: Downstream,
+    answers: Answers,
+    seq: Sequencer,
+    stats: Arc<StageStats>,
+}
+
+/// Runs the stage until `shutdown` turns true. Errors are fatal to the stage (the bus
+/// refused a message for good); the caller exits and a restart recovers.
+pub async fn run(
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    presence: Arc<dyn Presence>,
+    members: Arc<Members>,
+    cfg: StageConfig,
+    stats: Arc<StageStats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let n = bus.partitions();
+    bus.ensure_topics(&[(topics::UPSTREAM, n), (topics::MESSAGES, n)])
+        .await?;
+    let mut consumer = bus.group_consumer(groups::LOGIC, topics::UPSTREAM)?;
+    let down = Downstream::new(
+        bus.producer(LINGER_MS, DOWNSTREAM_TIMEOUT_MS)?,
+        stats.clone(),
+    );
+    let answers = Answers {
+        store: store.clone(),
+        members: members.clone(),
+        down: down.clone(),
+        stats: stats.clone(),
+        slots: Arc::new(Semaphore::new(answers::DB_TASKS_MAX)),
+        wait: Duration::from_millis(cfg.sync_wait_ms),
+    };
+    let mut stage = Stage {
+        bus: bus.clone(),
+        store,
+        presence,
+        members,
+        log: bus.producer(LINGER_MS, 0)?,
+        down,
+        answers,
+        seq: Sequencer::new(cfg.worker_id),
+        cfg,
+        stats,
+    };
+    log::info!(
+        "logic pipeline: consuming {} in group logic on the {}",
+        topics::UPSTREAM,
+        bus.describe()
+    );
+    let mut batch: Vec<Record> = Vec::new();
+    loop {
+        batch.clear();
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            m = consumer.recv() => match m {
+                Ok(m) => batch.push(m),
+                Err(e) => {
+                    log::warn!("logic: consume error: {e}");
+                    tokio::time::sleep(CONSUME_ERROR_PAUSE).await;
+                }
+            },
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+        // Fill the batch with what is already there, or arrives within the batch wait.
+        let wait = tokio::time::sleep(Duration::from_millis(stage.cfg.batch_wait_ms));
+        tokio::pin!(wait);
+        while !batch.is_empty() && batch.len() < stage.cfg.batch_max {
+            tokio::select! {
+                _ = &mut wait => break,
+                m = consumer.recv() => match m {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                },
+            }
+        }
+        for r in consumer.take_rebalances() {
+            let (Rebalance::Assigned(parts) | Rebalance::Revoked(parts)) = r;
+            for p in parts {
+                stage.seq.forget(p);
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        // A shutdown while the broker is down must not wait for it: nothing of this batch is
+        // committed, so the next owner replays it (and recognises what was already logged).
+        tokio::select! {
+            r = stage.process(&batch) => r?,
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        // Everything in the batch is in im.messages: its upstream records are done.
+        if let Err(e) = consumer.commit(&next_offsets(&batch), false) {
+            // Not fatal: a replay is recognised as retries.
+            log::warn!("logic: committing upstream offsets: {e}");
+        }
+    }
+    stage.log.flush(FINAL_FLUSH);
+    stage.down.producer().flush(FINAL_FLUSH);
+    Ok(())
+}
+
+/// The next offset to read in each partition of `batch`.
+fn next_offsets(batch: &[Record]) -> Vec<(i32, i64)> {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for m in batch {
+        let e = next.entry(m.partition).or_insert(0);
+        *e = (*e).max(m.offset + 1);
+    }
+    next.into_iter().collect()
+}
+
+impl Stage {
+    async fn process(&mut self, batch: &[Record]) -> Result<(), String> {
+        let mut sends: Vec<Admitted> = Vec::new();
+        for m in batch {
+            let p = m.partition;
+            if !self.seq.has(p) {
+                let part = recover(&*self.bus, p).await?;
+                self.seq.recovered(p, part);
+            }
+            let up = match records::Upstream::from_bytes(&m.payload) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.stats.bad_records_total.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("logic: skipping upstream record {p}/{}: {e}", m.offset);
+                    continue;
+                }
+            };
+            match up.body.clone() {
+                Some(UpstreamBody::Send(send)) => match self.admit(up.user, &send).await {
+                    Ok(conv) => sends.push(Admitted {
+                        up,
+                        send,
+                        conv,
+                        partition: p,
+                    }),
+                    Err((code, msg)) => {
+                        self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
+                        self.down.reply_error(&up, code, msg, Some(&send.cid));
+                    }
+                },
+                Some(UpstreamBody::Sync(s)) => {
+                    let last = self.seq.last_seq(p, &s.conv).unwrap_or(0);
+                    self.answers.sync(&up, s, last)
+                }
+                Some(UpstreamBody::Read(r)) => {
+                    let last = self.seq.last_seq(p, &r.conv).unwrap_or(0);
+                    self.answers.read(&up, r, last)
+                }
+                None => {}
+            }
+        }
+        if sends.is_empty() {
+            return Ok(());
+        }
+        let decisions = self.sequence(&sends).await;
+        // The durability point: every new message of the batch is in im.messages.
+        let mut receipts = Vec::new();
+        for d in &decisions {
+            if let (Decision::Assigned(rec), s) = d {
+                receipts.push(self.produce_log(rec, s.partition).await?);
+            }
+        }
+        for r in receipts {
+            match r.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("producing to {}: {e}", topics::MESSAGES)),
+                Err(_) => return Err("the producer went away".into()),
+            }
+        }
+        self.answer(&decisions).await;
+        Ok(())
+    }
+
+    /// The sequencer's check, with the lookups it asks for. The conversation, or why not.
+    async fn admit(
+        &mut self,
+        sender: u64,
+        send: &records::Send,
+    ) -> Result<Conv, (ErrorCode, &'static str)> {
+        const DB_DOWN: (ErrorCode, &str) = (
+            ErrorCode::DependencyDown,
+            "the database is unavailable: retry with the same cid",
+        );
+        let mut check = self.seq.check(sender, send);
+        loop {
+            check = match check {
+                Check::Ready(conv) => return Ok(conv),
+                Check::Refused(code, msg) => return Err((code, msg)),
+                Check::NeedsUser(to) => match self.store.user_by_id(to).await {
+                    Ok(found) => self.seq.user_exists(sender, to, found.is_some()),
+                    Err(_) => return Err(DB_DOWN),
+                },
+                Check::NeedsMembers(g) => match self.members.of(g).await {
+                    Ok(m) => sequencer::group_access(&m, sender, g),
+                    Err(_) => return Err(DB_DOWN),
+                },
+            }
+        }
+    }
+
+    /// The sequencer's decisions for `sends`, after the database lookups it asks for (which
+    /// are retried until the database answers: nothing of the batch is produced yet).
+    async fn sequence<'a>(&mut self, sends: &'a [Admitted]) -> Vec<(Decision, &'a Admitted)> {
+        let lookups = self.seq.lookups(sends);
+        let store = &self.store;
+        let mut stored = HashMap::new();
+        if !lookups.cids.is_empty() {
+            let rows = with_retry("looking up retries", || store.find_by_cids(&lookups.cids)).await;
+            for (user, cid, row) in rows {
+                let ack = Ack {
+                    id: row.id,
+                    conv: row.conv,
+                    seq: row.seq,
+                    ts: row.ts_ms,
+                };
+                stored.insert((user, cid), ack);
+            }
+        }
+        let mut db_max = HashMap::new();
+        if !lookups.convs.is_empty() {
+            db_max = with_retry("reading last seqs", || store.max_seqs(&lookups.convs))
+                .await
+                .into_iter()
+                .collect();
+        }
+        let decisions = self
+            .seq
+            .decide(sends, &stored, &db_max, im_shared::unix_ms());
+        decisions.into_iter().zip(sends).collect()
+    }
+
+    /// Once durable: `sent` to each sender (retries first, as before the batch's new
+    /// messages), and the new messages routed to their recipients' gateways.
+    async fn answer(&self, decisions: &[(Decision, &Admitted)]) {
+        let mut fresh: Vec<(&Stored, &Admitted)> = Vec::new();
+        for (d, s) in decisions {
+            match d {
+                Decision::RetryOf(ack) => {
+                    self.stats.retries_total.fetch_add(1, Ordering::Relaxed);
+                    self.down.reply_sent(&s.up, &s.send.cid, ack);
+                }
+                Decision::Assigned(rec) => fresh.push((rec, s)),
+            }
+        }
+        self.stats
+            .messages_total
+            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        self.route(&fresh).await;
+        for (rec, s) in fresh {
+            let ack = Ack {
+                id: rec.id,
+                conv: rec.conv.clone(),
+                seq: rec.seq,
+                ts: rec.ts,
+            };
+            self.down.reply_sent(&s.up, &rec.cid, &ack);
+        }
+    }
+
+    /// Queues a message for `im.messages`, in the partition its request came from; the
+    /// receiver hears when it is durable.
+    async fn produce_log(
+        &self,
+        rec: &Stored,
+        partition: i32,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, String> {
+        let payload = rec.to_bytes();
+        let key = rec.conv.as_str();
+        loop {
+            let topic = topics::MESSAGES;
+            match im_bus::send_with_receipt(&*self.log, topic, Some(partition), key, &payload) {
+                Ok(rx) => return Ok(rx),
+                // The queue is full: the bus is slow or down; wait for room.
+                Err(SendError::QueueFull) => tokio::time::sleep(QUEUE_FULL_PAUSE).await,
+                Err(SendError::Failed(e)) => return Err(format!("producing to {topic}: {e}")),
+            }
+        }
+    }
+
+    /// Live delivery: one downstream record per gateway holding any recipient.
+    async fn route(&self, fresh: &[(&Stored, &Admitted)]) {
+        let mut recipients: Vec<Vec<u64>> = Vec::with_capacity(fresh.len());
+        let mut all: Vec<u64> = Vec::new();
+        for (_, s) in fresh {
+            let users: Vec<u64> = match s.conv {
+                Conv::Pair(a, b) => vec![a, b],
+                Conv::Group(g) => self
+                    .members
+                    .of(g)
+                    .await
+                    .map(|m| m.to_vec())
+                    .unwrap_or_default(),
+            };
+            all.extend_from_slice(&users);
+            recipients.push(users);
+        }
+        all.sort_unstable();
+        all.dedup();
+        let online = match self.presence.gateways(&all).await {
+            Ok(o) => o,
+            Err(e) => {
+                // Not fatal: the messages are durable; clients get them by sync.
+                log::warn!("logic: presence lookup failed, no live delivery for this batch: {e}");
+                return;
+            }
+        };
+        for ((rec, s), users) in fresh.iter().zip(recipients) {
+            let mut by_gw: HashMap<&str, Vec<u64>> = HashMap::new();
+            for u in users {
+                for gw in online.get(&u).into_iter().flatten() {
+                    by_gw.entry(gw.as_str()).or_default().push(u);
+                }
+            }
+            if by_gw.is_empty() {
+                continue;
+            }
+            let mut json = Vec::with_capacity(rec.content.len() + 200);
+            protocol::encode_msg(&message_of(rec, s.conv), &mut json);
+            for (gw, users) in by_gw {
+                // The sender's own connection already has the message: it gets `sent`.
+                let except_conn = if gw == s.up.reply_to { s.up.conn } else { 0 };
+                let d = records::Deliver {
+                    users,
+                    json: json.clone(),
+                    except_conn,
+                };
+                self.down.send(gw, &rec.conv, DownstreamBody::Deliver(d));
+            }
+        }
+    }
+}
+
+/// Retries a database read with capped backoff until it works: nothing of the batch has been
+/// produced yet, so waiting loses nothing (the batch's offsets stay uncommitted, lag grows),
+/// and a shutdown interrupts the wait (`run`'s select).
+async fn with_retry<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = im_store::Result<T>>,
+{
+    const FIRST_MS: u64 = 50;
+    const MAX_MS: u64 = 2_000;
+    let mut backoff_ms = FIRST_MS;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                log::warn!("logic: {what}: {e}; retrying in {backoff_ms} ms");
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(MAX_MS);
+            }
+        }
+    }
+}
+
+fn message_of(rec: &Stored, conv: Conv) -> Message {
+    Message {
+        id: rec.id,
+        conv,
+        seq: rec.seq,
+        from: rec.from,
+        to: if rec.to_group != 0 {
+            Target::Group(rec.to_group)
+        } else {
+            Target::User(rec.to_user)
+        },
+        content: rec.content.clone(),
+        content_type: rec.content_type.clone(),
+        ts: rec.ts,
+    }
+}
+
+/// Rebuilds a partition's state: the persist group's committed offset in `im.messages` is
+/// where the database ends; the records after it are read back.
+async fn recover(bus: &dyn Bus, partition: i32) -> Result<Partition, String> {
+    let committed = bus
+        .committed(groups::PERSIST, topics::MESSAGES, partition)
+        .await?;
+    let (low, high) = bus.watermarks(topics::MESSAGES, partition).await?;
+    let start = committed.unwrap_or(low).max(low);
+    let mut part = Partition::default();
+    if start >= high {
+        log::info!(
+            "logic: partition {partition} recovered (nothing after persist's offset {start})"
+        );
+        return Ok(part);
+    }
+    let mut reader = bus
+        .partition_consumer(topics::MESSAGES, &[(partition, Start::Offset(start))])
+        .await?;
+    let deadline = tokio::time::Instant::now() + RECOVERY_TIMEOUT;
+    let mut next = start;
+    while next < high {
+        match tokio::time::timeout_at(deadline, reader.recv()).await {
+            Err(_) => return Err(format!(
+                "recovering partition {partition}: the tail did not arrive in {RECOVERY_TIMEOUT:?}"
+            )),
+            Ok(Ok(m)) => {
+                part.replay(&m.payload);
+                next = m.offset + 1;
+            }
+            Ok(Err(e)) => {
+                log::warn!("logic: reading the tail of {partition}: {e}");
+                tokio::time::sleep(CONSUME_ERROR_PAUSE).await;
+            }
+        }
+    }
+    log::info!(
+        "logic: partition {partition} recovered: {} records after persist's offset {start}, {} conversations",
+        high - start,
+        part.seqs.len()
+    );
+    Ok(part)
+}

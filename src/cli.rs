@@ -1,0 +1,399 @@
+//! The command line: every flag with its `IM_` environment variable and default
+//! (docs/PROTOCOL.md, "Command line"), and how the flags become each role's configuration.
+
+use clap::{Args, Parser, Subcommand};
+use gateway_core::GatewayConfig;
+use im_bus::KafkaConfig;
+use im_shared::records::topic_safe_id;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Snowflake worker ids of the REST API's own ids (`POST /messages/send` without a pipeline)
+/// and of standalone's stage: distinct from the gateway shards' workers (0..64 per process).
+pub(crate) const API_WORKER_ID: u16 = 1000;
+pub(crate) const STANDALONE_STAGE_WORKER_ID: u16 = 1001;
+
+#[derive(Parser)]
+#[command(
+    name = "im",
+    version,
+    about = "A distributed instant-messaging server",
+    args_conflicts_with_subcommands = true
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Option<Cmd>,
+    /// With no subcommand, `im` runs standalone.
+    #[command(flatten)]
+    pub(crate) standalone: StandaloneArgs,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Everything in one process with embedded defaults (the default command).
+    Standalone(StandaloneArgs),
+    /// The WebSocket gateway alone.
+    Gateway(GatewayCmdArgs),
+    /// The logic service: the REST API on MySQL, and the pipeline stage on Kafka.
+    Logic(LogicArgs),
+    /// The persist service: im.messages → MySQL in batches.
+    Persist(PersistArgs),
+    /// Print a signed access token for a user (for trying the server with any WebSocket client).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct ApiArgs {
+    /// REST API listen address.
+    #[arg(long, env = "IM_API_LISTEN", default_value = "127.0.0.1:8080")]
+    pub(crate) api_listen: SocketAddr,
+    /// Lifetime of access tokens.
+    #[arg(long, env = "IM_ACCESS_TTL_S", default_value_t = 3600)]
+    pub(crate) access_ttl_s: u64,
+    /// Lifetime of refresh tokens.
+    #[arg(long, env = "IM_REFRESH_TTL_S", default_value_t = 30 * 24 * 3600)]
+    pub(crate) refresh_ttl_s: u64,
+    /// argon2id memory cost in KiB (time cost 2, one lane).
+    #[arg(long, env = "IM_ARGON2_M_KIB", default_value_t = 19 * 1024)]
+    pub(crate) argon2_m_kib: u32,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct KafkaArgs {
+    /// Kafka bootstrap brokers, host:port[,host:port...].
+    #[arg(long, env = "IM_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub(crate) kafka_brokers: String,
+    /// Partitions of im.upstream and im.messages when this process creates them.
+    #[arg(long, env = "IM_KAFKA_PARTITIONS", default_value_t = 4)]
+    pub(crate) kafka_partitions: i32,
+    /// Replication factor of the topics this process creates.
+    #[arg(long, env = "IM_KAFKA_REPLICATION", default_value_t = 1)]
+    pub(crate) kafka_replication: i32,
+    /// Static consumer-group membership id, unique per logic or persist process: a restart
+    /// with the same id resumes its partitions at once, without waiting out the session of
+    /// the process that died [default: logic: its --logic-id; persist: persist-<host name>].
+    #[arg(long, env = "IM_KAFKA_INSTANCE_ID")]
+    pub(crate) kafka_instance_id: Option<String>,
+}
+
+#[derive(Args)]
+pub(crate) struct PersistArgs {
+    #[command(flatten)]
+    pub(crate) kafka: KafkaArgs,
+    /// MySQL (or MariaDB) to write messages to.
+    #[arg(
+        long,
+        env = "IM_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/im"
+    )]
+    pub(crate) mysql_url: String,
+    /// Flush a batch at this many rows...
+    #[arg(long, env = "IM_PERSIST_BATCH_ROWS", default_value_t = 500)]
+    pub(crate) batch_rows: usize,
+    /// ...or when its oldest row has waited this long.
+    #[arg(long, env = "IM_PERSIST_BATCH_MS", default_value_t = 50)]
+    pub(crate) batch_ms: u64,
+}
+
+#[derive(Args)]
+pub(crate) struct LogicArgs {
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
+    #[command(flatten)]
+    pub(crate) kafka: KafkaArgs,
+    /// Serve the REST API only, without the Kafka pipeline stage (messages/send then stores
+    /// directly and delivers nothing live).
+    #[arg(long, env = "IM_NO_PIPELINE")]
+    pub(crate) no_pipeline: bool,
+    /// This instance's id, unique among logic instances (its reply topic's name)
+    /// [default: logic-<host name>-<API port>].
+    #[arg(long, env = "IM_LOGIC_ID")]
+    pub(crate) logic_id: Option<String>,
+    /// Snowflake worker id, unique among logic instances (0..1023) [default: from --logic-id].
+    #[arg(long, env = "IM_WORKER_ID")]
+    pub(crate) worker_id: Option<u16>,
+    /// MySQL (or MariaDB) holding users, groups and messages.
+    #[arg(
+        long,
+        env = "IM_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/im"
+    )]
+    pub(crate) mysql_url: String,
+    #[arg(long, env = "IM_JWT_SECRET", hide_env_values = true)]
+    pub(crate) jwt_secret: Option<String>,
+    /// The WebSocket URL login answers with.
+    #[arg(long, env = "IM_WS_URL", default_value = "ws://127.0.0.1:8090/ws")]
+    pub(crate) ws_url: String,
+    /// Redis for revoked tokens (shared with the gateways).
+    #[arg(long, env = "IM_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub(crate) redis_url: String,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct GatewayArgs {
+    /// WebSocket listen address (also serves /healthz and /metrics).
+    #[arg(long, env = "IM_WS_LISTEN", default_value = "127.0.0.1:8090")]
+    pub(crate) ws_listen: SocketAddr,
+    /// Shards (threads pinned to cores); 0 = one per available core.
+    #[arg(long, env = "IM_SHARDS", default_value_t = 0)]
+    pub(crate) shards: usize,
+    /// HS256 secret for access tokens (standalone keeps a generated one in --data-dir).
+    #[arg(long, env = "IM_JWT_SECRET", hide_env_values = true)]
+    pub(crate) jwt_secret: Option<String>,
+    /// This gateway's id [default: <host name>-<ws port>].
+    #[arg(long, env = "IM_GATEWAY_ID")]
+    pub(crate) gateway_id: Option<String>,
+    /// Close connections that show no life for this long.
+    #[arg(long, env = "IM_HEARTBEAT_TIMEOUT_MS", default_value_t = 90_000)]
+    pub(crate) heartbeat_timeout_ms: u64,
+    /// Time allowed from TCP accept to a complete upgrade request.
+    #[arg(long, env = "IM_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub(crate) handshake_timeout_ms: u64,
+    /// Largest WebSocket message; larger ones are closed with 1009.
+    #[arg(long, env = "IM_FRAME_BYTES_MAX", default_value_t = 64 * 1024)]
+    pub(crate) frame_bytes_max: usize,
+    /// Per-connection outbound queue bound; past it the connection is closed with 1013.
+    #[arg(long, env = "IM_OUTBOUND_BYTES_MAX", default_value_t = 256 * 1024)]
+    pub(crate) outbound_bytes_max: usize,
+    /// Messages (and pings) per second a connection may send, bursts of twice that; past it
+    /// `error` 4290, then close 1008.
+    #[arg(long, env = "IM_MSGS_PER_SEC_MAX", default_value_t = 100)]
+    pub(crate) msgs_per_sec_max: u32,
+    /// Connections per shard [default: what the open-file limit allows].
+    #[arg(long, env = "IM_CONNS_PER_SHARD_MAX")]
+    pub(crate) conns_per_shard_max: Option<usize>,
+    /// Receive buffers in each shard's io_uring buffer ring.
+    #[arg(long, env = "IM_RECV_BUFFERS", default_value_t = 256)]
+    pub(crate) recv_buffers: usize,
+    /// Size of each receive buffer.
+    #[arg(long, env = "IM_RECV_BUFFER_BYTES", default_value_t = 1024)]
+    pub(crate) recv_buffer_bytes: usize,
+    /// Use the epoll driver even where io_uring works.
+    #[arg(long, env = "IM_EPOLL")]
+    pub(crate) epoll: bool,
+    /// Do not pin shard threads to cores.
+    #[arg(long, env = "IM_NO_PIN")]
+    pub(crate) no_pin: bool,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct PipelineArgs {
+    #[command(flatten)]
+    pub(crate) kafka: KafkaArgs,
+    /// Redis for presence (user → gateway).
+    #[arg(long, env = "IM_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub(crate) redis_url: String,
+    /// Without Kafka: route messages between this process's connections only, unsequenced by
+    /// logic and unstored (for benchmarking the gateway alone).
+    #[arg(long, env = "IM_LOCAL_ROUTER")]
+    pub(crate) local_router: bool,
+    /// Presence entries expire this long after their last refresh.
+    #[arg(long, env = "IM_PRESENCE_TTL_S", default_value_t = 180)]
+    pub(crate) presence_ttl_s: u64,
+    /// How long a send may wait for the broker before the client gets a retryable error.
+    #[arg(long, env = "IM_PRODUCE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub(crate) produce_timeout_ms: u32,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct StandaloneArgs {
+    #[command(flatten)]
+    pub(crate) gateway: GatewayArgs,
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
+    /// Where standalone keeps its state: the generated JWT secret and the SQLite database.
+    #[arg(long, env = "IM_DATA_DIR", default_value = "./data")]
+    pub(crate) data_dir: PathBuf,
+    /// Messages are written to SQLite (and only then acknowledged) in batches of this many
+    /// rows...
+    #[arg(long, env = "IM_PERSIST_BATCH_ROWS", default_value_t = 500)]
+    pub(crate) batch_rows: usize,
+    /// ...or after this long: the added latency of a send.
+    #[arg(long, env = "IM_PERSIST_BATCH_MS", default_value_t = 5)]
+    pub(crate) batch_ms: u64,
+}
+
+#[derive(Args)]
+pub(crate) struct GatewayCmdArgs {
+    #[command(flatten)]
+    pub(crate) gateway: GatewayArgs,
+    #[command(flatten)]
+    pub(crate) pipeline: PipelineArgs,
+    /// Run this many gateway processes sharing the port with SO_REUSEPORT, each with its own
+    /// gateway id: how one host holds more connections than one process's open-file limit.
+    #[arg(long, env = "IM_GATEWAY_PROCESSES", default_value_t = 1)]
+    pub(crate) processes: usize,
+    /// Set by the parent of a multi-process gateway.
+    #[arg(long, hide = true)]
+    pub(crate) process_index: Option<usize>,
+}
+
+#[derive(Args)]
+pub(crate) struct TokenArgs {
+    /// User id to put in `sub`.
+    #[arg(long)]
+    pub(crate) user: u64,
+    /// Validity in seconds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub(crate) ttl_s: u64,
+    #[arg(long, env = "IM_JWT_SECRET", hide_env_values = true)]
+    pub(crate) jwt_secret: Option<String>,
+    /// Read the secret standalone generated here when --jwt-secret is not given.
+    #[arg(long, env = "IM_DATA_DIR", default_value = "./data")]
+    pub(crate) data_dir: PathBuf,
+}
+
+impl ApiArgs {
+    pub(crate) fn config(&self, secret: &str, ws_url: String) -> logic::api::ApiConfig {
+        logic::api::ApiConfig {
+            jwt_secret: secret.as_bytes().to_vec(),
+            access_ttl_s: self.access_ttl_s,
+            refresh_ttl_s: self.refresh_ttl_s,
+            password_cost: logic::auth::PasswordCost {
+                m_kib: self.argon2_m_kib.max(8),
+                ..Default::default()
+            },
+            ws_url,
+            worker_id: API_WORKER_ID,
+        }
+    }
+}
+
+impl KafkaArgs {
+    pub(crate) fn config(&self) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.kafka_brokers.clone(),
+            partitions: self.kafka_partitions.max(1),
+            replication: self.kafka_replication.max(1),
+            instance_id: self.kafka_instance_id.clone(),
+        }
+    }
+}
+
+impl GatewayArgs {
+    /// The core configuration of gateway process `index` of `processes` (shards split the
+    /// cores between processes unless `--shards` says otherwise).
+    pub(crate) fn config(
+        &self,
+        secret: Vec<u8>,
+        index: Option<usize>,
+        processes: usize,
+    ) -> GatewayConfig {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let shards = match self.shards {
+            0 => (cores / processes.max(1)).max(1),
+            n => n,
+        };
+        let base_id = self
+            .gateway_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", hostname(), self.ws_listen.port()));
+        let gateway_id = topic_safe_id(&match index {
+            Some(i) => format!("{base_id}-p{i}"),
+            None => base_id,
+        });
+        let mut cfg = GatewayConfig {
+            ws_listen: self.ws_listen,
+            shards,
+            pin_first_core: (!self.no_pin).then_some(index.unwrap_or(0) * shards),
+            jwt_secret: secret,
+            gateway_id,
+            // Each process's shards take 64 worker ids (the local router's Snowflakes).
+            worker_id: ((index.unwrap_or(0) * 64) % 1024) as u16,
+            frame_bytes_max: self.frame_bytes_max,
+            heartbeat_timeout_ms: self.heartbeat_timeout_ms,
+            handshake_timeout_ms: self.handshake_timeout_ms,
+            outbound_bytes_max: self.outbound_bytes_max,
+            msgs_per_sec_max: self.msgs_per_sec_max,
+            recv_buffers: self.recv_buffers,
+            recv_buffer_bytes: self.recv_buffer_bytes,
+            force_epoll: self.epoll,
+            ..GatewayConfig::default()
+        };
+        if let Some(m) = self.conns_per_shard_max {
+            cfg.conns_per_shard_max = m;
+        }
+        cfg
+    }
+}
+
+impl PipelineArgs {
+    /// Where a distributed gateway's backends are; `None` with `--local-router`.
+    pub(crate) fn distributed(&self) -> Option<im_gateway::Distributed> {
+        (!self.local_router).then(|| im_gateway::Distributed {
+            kafka: self.kafka.config(),
+            redis_url: self.redis_url.clone(),
+            presence_ttl_s: self.presence_ttl_s,
+            produce_timeout_ms: self.produce_timeout_ms,
+        })
+    }
+}
+
+impl LogicArgs {
+    pub(crate) fn config(&self) -> Result<logic::Config, String> {
+        let secret = self
+            .jwt_secret
+            .clone()
+            .ok_or("--jwt-secret (or IM_JWT_SECRET) is required for `im logic`")?;
+        let mut kafka = self.kafka.config();
+        let stage = (!self.no_pipeline).then(|| {
+            let logic_id =
+                topic_safe_id(&self.logic_id.clone().unwrap_or_else(|| {
+                    format!("logic-{}-{}", hostname(), self.api.api_listen.port())
+                }));
+            let worker_id = self.worker_id.unwrap_or_else(|| {
+                let h = logic_id
+                    .bytes()
+                    .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+                (im_shared::conv::mix64(h) % 1024) as u16
+            });
+            kafka.instance_id.get_or_insert_with(|| logic_id.clone());
+            logic::StageSettings {
+                logic_id,
+                stage: logic::stage::StageConfig {
+                    worker_id: worker_id & im_shared::snowflake::WORKER_MAX,
+                    ..Default::default()
+                },
+            }
+        });
+        Ok(logic::Config {
+            logic: logic::LogicConfig {
+                api: self.api.config(&secret, self.ws_url.clone()),
+                api_listen: self.api.api_listen,
+                stage,
+            },
+            mysql_url: self.mysql_url.clone(),
+            redis_url: self.redis_url.clone(),
+            kafka,
+        })
+    }
+}
+
+impl PersistArgs {
+    pub(crate) fn config(&self) -> persist::Config {
+        let mut kafka = self.kafka.config();
+        kafka
+            .instance_id
+            .get_or_insert_with(|| topic_safe_id(&format!("persist-{}", hostname())));
+        persist::Config {
+            persist: persist::PersistConfig {
+                batch_rows: self.batch_rows.max(1),
+                batch_ms: self.batch_ms.max(1),
+                ..Default::default()
+            },
+            mysql_url: self.mysql_url.clone(),
+            kafka,
+        }
+    }
+}
+
+/// This host's name (the default gateway, logic and persist ids start with it).
+pub(crate) fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

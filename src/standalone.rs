@@ -1,0 +1,205 @@
+//! Standalone: the gateway, logic (its stage and REST API) and persist in one process, on the
+//! in-process bus, SQLite and in-memory presence (ARCHITECTURE.md, "standalone"). The same
+//! role code as the distributed mode: `im_gateway::start`, `logic::serve_on` and
+//! `persist::Persist` get in-process backends instead of Kafka, MySQL and Redis. A send is
+//! acknowledged once persist has written it to SQLite (the in-process bus acknowledges
+//! `im.messages` after persist's commit), so an acknowledged message survives a crash.
+
+use crate::cli::{StandaloneArgs, STANDALONE_STAGE_WORKER_ID};
+use crate::signals::Signals;
+use im_bus::memory::PARTITION_BYTES_MAX;
+use im_bus::presence::MemoryPresence;
+use im_bus::revocation::RevokedSet;
+use im_bus::{Bus, MemoryBus};
+use im_shared::records::topics;
+use im_store::{SqliteStore, Store};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Partitions of the in-process bus's topics.
+const PARTITIONS: i32 = 4;
+/// Nothing expires in in-memory presence: shards need not refresh it (once an hour).
+const PRESENCE_REFRESH_MS: u64 = 3_600_000;
+/// How long a send may wait for the in-process bus before its sender gets `error`.
+const PRODUCE_TIMEOUT_MS: u32 = 5_000;
+/// How long each part may take to stop.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How often the main thread looks for a signal or a part that stopped by itself.
+const POLL: Duration = Duration::from_millis(500);
+
+type Task = JoinHandle<Result<(), String>>;
+
+pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
+    let signals = Signals::block();
+    let nofile = gateway_core::gateway::raise_nofile();
+    crate::refuse_if_served(a.gateway.ws_listen)?;
+    crate::refuse_if_served(a.api.api_listen)?;
+    let secret = match &a.gateway.jwt_secret {
+        Some(s) => s.clone(),
+        None => secret(&a.data_dir)?,
+    };
+    let mut gw = a.gateway.config(secret.clone().into_bytes(), None, 1);
+    gw.presence_refresh_ms = PRESENCE_REFRESH_MS;
+    let (ws, api) = (gw.ws_listen, a.api.api_listen);
+
+    // Logic and persist run on a small tokio runtime beside the gateway's pinned shards.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("im-logic")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("a runtime: {e}"))?;
+    std::fs::create_dir_all(&a.data_dir)
+        .map_err(|e| format!("creating {}: {e}", a.data_dir.display()))?;
+    let db = a.data_dir.join("im.db");
+    let store: Arc<dyn Store> = Arc::new(
+        rt.block_on(SqliteStore::open(&db))
+            .map_err(|e| format!("opening {}: {e}", db.display()))?,
+    );
+    rt.block_on(store.migrate())
+        .map_err(|e| format!("migrating {}: {e}", db.display()))?;
+    let bus: Arc<dyn Bus> = Arc::new(
+        MemoryBus::new(PARTITIONS, PARTITION_BYTES_MAX)
+            .ack_after_commit(topics::MESSAGES, persist::GROUP),
+    );
+    let presence = Arc::new(MemoryPresence::default());
+    // One revocation set for both: a logged-out token no longer opens a WebSocket.
+    let revoked = Arc::new(RevokedSet::default());
+
+    // Persist first, then logic: each consumer is in its group before anything is produced.
+    let (stop_persist, persist_rx) = watch::channel(false);
+    let persist_cfg = persist::PersistConfig {
+        batch_rows: a.batch_rows.max(1),
+        batch_ms: a.batch_ms.max(1),
+        ..Default::default()
+    };
+    let persist = persist::Persist::new(bus.clone(), store.clone(), persist_cfg);
+    let persist_stats = persist.stats();
+    let persist_task: Task = rt.spawn(persist.run(persist_rx));
+
+    let (stop_logic, logic_rx) = watch::channel(false);
+    let logic_cfg = logic::LogicConfig {
+        api: a.api.config(&secret, format!("ws://{ws}/ws")),
+        api_listen: api,
+        stage: Some(logic::StageSettings {
+            logic_id: "standalone-logic".into(),
+            stage: logic::stage::StageConfig {
+                worker_id: STANDALONE_STAGE_WORKER_ID,
+                ..Default::default()
+            },
+        }),
+    };
+    let backends = logic::Backends {
+        store,
+        revocations: revoked.clone(),
+        bus: bus.clone(),
+        presence: presence.clone(),
+    };
+    let logic_task: Task = rt.spawn(logic::serve_on(logic_cfg, backends, logic_rx));
+
+    let routing = im_gateway::Routing::Pipeline(im_gateway::Pipeline {
+        bus,
+        presence,
+        revoked,
+        produce_timeout_ms: PRODUCE_TIMEOUT_MS,
+        linger_ms: 0,
+    });
+    let metrics: gateway_core::shard::MetricsHook = Arc::new(move |out: &mut String| {
+        out.push_str(&persist::render_metrics(&persist_stats));
+    });
+    let gateway = match im_gateway::start(gw, routing, Some(metrics)) {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = (stop_logic.send(true), stop_persist.send(true));
+            rt.shutdown_timeout(STOP_GRACE);
+            return Err(e);
+        }
+    };
+    banner(&a.data_dir, api, ws, nofile);
+
+    let mut crashed = false;
+    loop {
+        if logic_task.is_finished() || persist_task.is_finished() {
+            crashed = true;
+            break;
+        }
+        if let Some(sig) = signals.wait(POLL) {
+            log::info!("signal {sig}: closing connections with 1001 and stopping");
+            break;
+        }
+    }
+    // In the order data flows: no new sends, then logic finishes its batch, then persist
+    // writes and commits what it holds (which acknowledges nothing new: the senders are gone,
+    // and an unacknowledged send is retried by its client with the same cid).
+    let mut errors: Vec<String> = Vec::new();
+    errors.extend(gateway.stop().err());
+    let _ = stop_logic.send(true);
+    errors.extend(stopped(&rt, "logic", logic_task));
+    let _ = stop_persist.send(true);
+    errors.extend(stopped(&rt, "persist", persist_task));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match (crashed, errors.is_empty()) {
+        (_, false) => Err(errors.join("; ")),
+        (true, true) => Err("a part of the standalone server stopped unexpectedly".into()),
+        (false, true) => Ok(()),
+    }
+}
+
+/// Waits for a part to stop (at most `STOP_GRACE`); its error, if it had one.
+fn stopped(rt: &tokio::runtime::Runtime, what: &str, task: Task) -> Option<String> {
+    // The timer must be made inside the runtime, hence the `async` block.
+    match rt.block_on(async { tokio::time::timeout(STOP_GRACE, task).await }) {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Ok(Err(e))) => Some(format!("{what}: {e}")),
+        Ok(Err(e)) => Some(format!("{what}: {e}")),
+        Err(_) => {
+            log::warn!("{what} did not stop in {STOP_GRACE:?}");
+            None
+        }
+    }
+}
+
+fn banner(data_dir: &Path, api: std::net::SocketAddr, ws: std::net::SocketAddr, nofile: usize) {
+    println!(
+        "im standalone: gateway, logic and persist in one process (SQLite in {}, in-process bus)",
+        data_dir.display()
+    );
+    println!("  open       http://{api}/          the browser client");
+    println!("  REST       http://{api}/api/v1    WebSocket ws://{ws}/ws?token=<JWT from login>");
+    println!(
+        "  health     http://{ws}/healthz   metrics http://{ws}/metrics and http://{api}/metrics"
+    );
+    println!("  open files {nofile}; stop with Ctrl-C (connections get close 1001)");
+}
+
+/// The standalone secret: generated on first start, kept with mode 0600.
+fn secret(dir: &Path) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {
+            return Err(format!(
+                "{} is empty: delete it to generate a new secret",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let secret = im_shared::jwt::random_hex(32);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    writeln!(f, "{secret}").map_err(|e| format!("writing {}: {e}", path.display()))?;
+    log::info!("generated a JWT secret in {}", path.display());
+    Ok(secret)
+}
