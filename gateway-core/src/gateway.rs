@@ -257,30 +257,21 @@ fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let cfg = Arc::new(cfg);
-
     let mut threads = Vec::with_capacity(n);
     for (i, (port, listener)) in ports.into_iter().zip(listeners).enumerate() {
-        let (cfg, stats, stop, opts) = (cfg.clone(), stats.clone(), stop.clone(), opts.clone());
         let core = cfg
             .pin_first_core
             .filter(|_| !cores.is_empty())
             .map(|f| cores[(f + i) % cores.len()]);
-        let t = std::thread::Builder::new()
-            .name(format!("im-shard-{i}"))
-            .spawn(move || {
-                if let Some(core) = core {
-                    core_affinity::set_for_current(core);
-                }
-                let mut shard =
-                    Shard::with_revocations(&cfg, port, stats, driver.name(), opts.revoked);
-                shard.set_metrics_hook(opts.metrics);
-                let r = driver.run(shard, listener, &stop, &cfg);
-                if let Err(e) = &r {
-                    log::error!("shard {i} stopped: {e}");
-                }
-                r
-            })?;
-        threads.push(t);
+        let shard = ShardThread {
+            cfg: cfg.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+            opts: opts.clone(),
+            driver,
+            core,
+        };
+        threads.push(shard.spawn(i, port, listener)?);
     }
     log::info!(
         "gateway {} listening on ws://{addr}/ws with {n} shard(s), driver {}, up to {} connections per shard",
@@ -297,6 +288,44 @@ fn start(
         driver,
     };
     Ok((handle, bridge_end))
+}
+
+/// What one shard thread is started with.
+struct ShardThread {
+    cfg: Arc<GatewayConfig>,
+    stats: Arc<[ShardStats]>,
+    stop: Arc<AtomicBool>,
+    opts: Options,
+    driver: Driver,
+    core: Option<core_affinity::CoreId>,
+}
+
+impl ShardThread {
+    /// Shard `i` on its own thread, pinned to its core, until `stop`.
+    fn spawn(
+        self,
+        i: usize,
+        port: mesh::MeshPort,
+        listener: i32,
+    ) -> io::Result<JoinHandle<io::Result<()>>> {
+        std::thread::Builder::new()
+            .name(format!("im-shard-{i}"))
+            .spawn(move || {
+                if let Some(core) = self.core {
+                    core_affinity::set_for_current(core);
+                }
+                let (cfg, driver) = (&self.cfg, self.driver);
+                let revoked = self.opts.revoked;
+                let mut shard =
+                    Shard::with_revocations(cfg, port, self.stats, driver.name(), revoked);
+                shard.set_metrics_hook(self.opts.metrics);
+                let r = driver.run(shard, listener, &self.stop, cfg);
+                if let Err(e) = &r {
+                    log::error!("shard {i} stopped: {e}");
+                }
+                r
+            })
+    }
 }
 
 impl GatewayHandle {

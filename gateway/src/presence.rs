@@ -52,7 +52,10 @@ pub(crate) fn run_writer(presence: Arc<dyn Presence>, gateway_id: &str, rx: Rece
                 }
             }
         }
-        let write = tokio::time::timeout(WRITE_TIMEOUT, presence.apply(gateway_id, &pending));
+        // The timer must be made inside the runtime, hence the `async` block.
+        let write = async {
+            tokio::time::timeout(WRITE_TIMEOUT, presence.apply(gateway_id, &pending)).await
+        };
         match rt.block_on(write) {
             Ok(Ok(())) => {
                 pending.clear();

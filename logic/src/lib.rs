@@ -97,35 +97,13 @@ pub async fn serve_on(
         .migrate()
         .await
         .map_err(|e| format!("migrating the {} store: {e}", b.store.backend()))?;
-    let mut stage_task = None;
-    let mut pipeline = None;
-    if let Some(s) = cfg.stage {
-        let members = Arc::new(Members::new(b.store.clone()));
-        let client = PipelineClient::start(b.bus.clone(), &s.logic_id)
-            .await
-            .map_err(|e| format!("the {}: {e}", b.bus.describe()))?;
-        let stats = Arc::new(StageStats::default());
-        stage_task = Some(tokio::spawn(stage::run(
-            b.bus,
-            b.store.clone(),
-            b.presence.clone(),
-            members.clone(),
-            s.stage.clone(),
-            stats.clone(),
-            shutdown.clone(),
-        )));
-        pipeline = Some(api::Pipeline {
-            client,
-            members,
-            stats,
-            presence: b.presence,
-        });
-        log::info!(
-            "logic {}: pipeline stage on, Snowflake worker {}",
-            s.logic_id,
-            s.stage.worker_id
-        );
-    }
+    let (pipeline, mut stage_task) = match cfg.stage {
+        Some(s) => {
+            let (p, t) = start_stage(s, &b, shutdown.clone()).await?;
+            (Some(p), Some(t))
+        }
+        None => (None, None),
+    };
     let mut api_stop = shutdown.clone();
     let listen = cfg.api_listen;
     let mut server = tokio::spawn(serve(
@@ -163,7 +141,17 @@ pub async fn serve_on(
         server.abort();
         return result;
     }
-    if let Some(t) = stage_task {
+    stop(stage_task, server, listen).await;
+    Ok(())
+}
+
+/// After `shutdown`: waits for the stage, then the API, each at most `STOP_GRACE`.
+async fn stop(
+    stage: Option<StageTask>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    listen: SocketAddr,
+) {
+    if let Some(t) = stage {
         match tokio::time::timeout(STOP_GRACE, t).await {
             Ok(Ok(Err(e))) => log::error!("pipeline stage: {e}"),
             Err(_) => log::warn!(
@@ -177,7 +165,42 @@ pub async fn serve_on(
         Err(_) => log::warn!("the REST API did not stop in {STOP_GRACE:?}"),
         _ => {}
     }
-    result
+}
+
+type StageTask = tokio::task::JoinHandle<Result<(), String>>;
+
+/// Starts the stage on `b`, and the REST API's way into it.
+async fn start_stage(
+    s: StageSettings,
+    b: &Backends,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(api::Pipeline, StageTask), String> {
+    let members = Arc::new(Members::new(b.store.clone()));
+    let client = PipelineClient::start(b.bus.clone(), &s.logic_id)
+        .await
+        .map_err(|e| format!("the {}: {e}", b.bus.describe()))?;
+    let stats = Arc::new(StageStats::default());
+    let task = tokio::spawn(stage::run(
+        b.bus.clone(),
+        b.store.clone(),
+        b.presence.clone(),
+        members.clone(),
+        s.stage.clone(),
+        stats.clone(),
+        shutdown,
+    ));
+    log::info!(
+        "logic {}: pipeline stage on, Snowflake worker {}",
+        s.logic_id,
+        s.stage.worker_id
+    );
+    let pipeline = api::Pipeline {
+        client,
+        members,
+        stats,
+        presence: b.presence.clone(),
+    };
+    Ok((pipeline, task))
 }
 
 /// The REST API alone on `store`, until `shutdown` resolves; with `pipeline`, `POST

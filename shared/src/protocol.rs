@@ -112,101 +112,8 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError> {
         }
     };
     match kind {
-        "send" => {
-            let cid = match raw.cid {
-                Some(c) if !c.is_empty() && c.len() <= CID_BYTES_MAX => c,
-                Some(c) if !c.is_empty() => {
-                    return Err(RequestError::new(
-                        ErrorCode::InvalidField,
-                        format!("`cid` is longer than {CID_BYTES_MAX} bytes"),
-                        None,
-                    ))
-                }
-                _ => {
-                    return Err(RequestError::new(
-                        ErrorCode::MissingField,
-                        "`send` needs a `cid`",
-                        None,
-                    ))
-                }
-            };
-            let c = Some(&*cid);
-            let target = match (raw.to, raw.group) {
-                (Some(u), None) => Target::User(u),
-                (None, Some(g)) => Target::Group(g),
-                (None, None) => {
-                    return Err(RequestError::new(
-                        ErrorCode::MissingField,
-                        "`send` needs `to` or `group`",
-                        c,
-                    ))
-                }
-                (Some(_), Some(_)) => {
-                    return Err(RequestError::new(
-                        ErrorCode::InvalidField,
-                        "give `to` or `group`, not both",
-                        c,
-                    ))
-                }
-            };
-            let content = match raw.content {
-                Some(x) if x.is_empty() => {
-                    return Err(RequestError::new(
-                        ErrorCode::MissingField,
-                        "`content` is empty",
-                        c,
-                    ))
-                }
-                Some(x) if x.len() > CONTENT_BYTES_MAX => {
-                    return Err(RequestError::new(
-                        ErrorCode::TooLarge,
-                        format!("`content` is longer than {CONTENT_BYTES_MAX} bytes"),
-                        c,
-                    ))
-                }
-                Some(x) => x,
-                None => {
-                    return Err(RequestError::new(
-                        ErrorCode::MissingField,
-                        "`send` needs `content`",
-                        c,
-                    ))
-                }
-            };
-            let content_type = match raw.content_type {
-                None => Cow::Borrowed("text"),
-                Some(t) if !t.is_empty() && t.len() <= CONTENT_TYPE_BYTES_MAX => t,
-                Some(_) => {
-                    return Err(RequestError::new(
-                        ErrorCode::InvalidField,
-                        "`content_type` is empty or too long",
-                        c,
-                    ))
-                }
-            };
-            Ok(Request::Send {
-                cid,
-                target,
-                content,
-                content_type,
-            })
-        }
-        "sync" => {
-            let conv = parse_conv(raw.conv.as_deref())?;
-            let limit = raw.limit.unwrap_or(SYNC_LIMIT_DEFAULT);
-            if limit == 0 || limit > SYNC_LIMIT_MAX {
-                return Err(RequestError::new(
-                    ErrorCode::InvalidField,
-                    format!("`limit` must be 1..={SYNC_LIMIT_MAX}"),
-                    None,
-                ));
-            }
-            Ok(Request::Sync {
-                conv,
-                after: raw.after.unwrap_or(0),
-                limit,
-            })
-        }
+        "send" => parse_send(raw),
+        "sync" => parse_sync(raw),
         "read" => {
             let conv = parse_conv(raw.conv.as_deref())?;
             let seq = raw.seq.ok_or_else(|| {
@@ -221,6 +128,72 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError> {
             raw.cid.as_deref(),
         )),
     }
+}
+
+fn parse_send(raw: RawRequest<'_>) -> Result<Request<'_>, RequestError> {
+    let cid = match raw.cid {
+        Some(c) if !c.is_empty() && c.len() <= CID_BYTES_MAX => c,
+        Some(c) if !c.is_empty() => {
+            let msg = format!("`cid` is longer than {CID_BYTES_MAX} bytes");
+            return Err(RequestError::new(ErrorCode::InvalidField, msg, None));
+        }
+        _ => {
+            let msg = "`send` needs a `cid`";
+            return Err(RequestError::new(ErrorCode::MissingField, msg, None));
+        }
+    };
+    // Every refusal from here on names the cid, so the client knows which send failed.
+    let refuse = |code, msg: &str| Err(RequestError::new(code, msg, Some(&cid)));
+    let target = match (raw.to, raw.group) {
+        (Some(u), None) => Target::User(u),
+        (None, Some(g)) => Target::Group(g),
+        (None, None) => return refuse(ErrorCode::MissingField, "`send` needs `to` or `group`"),
+        (Some(_), Some(_)) => {
+            return refuse(ErrorCode::InvalidField, "give `to` or `group`, not both")
+        }
+    };
+    let content = match raw.content {
+        Some(x) if x.is_empty() => return refuse(ErrorCode::MissingField, "`content` is empty"),
+        Some(x) if x.len() > CONTENT_BYTES_MAX => {
+            let msg = format!("`content` is longer than {CONTENT_BYTES_MAX} bytes");
+            return refuse(ErrorCode::TooLarge, &msg);
+        }
+        Some(x) => x,
+        None => return refuse(ErrorCode::MissingField, "`send` needs `content`"),
+    };
+    let content_type = match raw.content_type {
+        None => Cow::Borrowed("text"),
+        Some(t) if !t.is_empty() && t.len() <= CONTENT_TYPE_BYTES_MAX => t,
+        Some(_) => {
+            return refuse(
+                ErrorCode::InvalidField,
+                "`content_type` is empty or too long",
+            )
+        }
+    };
+    Ok(Request::Send {
+        cid,
+        target,
+        content,
+        content_type,
+    })
+}
+
+fn parse_sync(raw: RawRequest<'_>) -> Result<Request<'_>, RequestError> {
+    let conv = parse_conv(raw.conv.as_deref())?;
+    let limit = raw.limit.unwrap_or(SYNC_LIMIT_DEFAULT);
+    if limit == 0 || limit > SYNC_LIMIT_MAX {
+        return Err(RequestError::new(
+            ErrorCode::InvalidField,
+            format!("`limit` must be 1..={SYNC_LIMIT_MAX}"),
+            None,
+        ));
+    }
+    Ok(Request::Sync {
+        conv,
+        after: raw.after.unwrap_or(0),
+        limit,
+    })
 }
 
 fn parse_conv(conv: Option<&str>) -> Result<Conv, RequestError> {

@@ -8,7 +8,7 @@
 //! and backlog is counted and dropped (the client's sync recovers it).
 
 use super::Shard;
-use crate::arena::NONE;
+use crate::arena::{Frame, NONE};
 use crate::codec::close;
 use crate::metrics::ShardStats;
 use crate::msg::{self, ConnRef, ShardMsg, UpMsg};
@@ -63,70 +63,69 @@ impl Shard {
                 }
             }
             ShardMsg::Submit(s) => self.sequence(*s),
+            // With one shard `local` is the whole directory: deliver at once.
             ShardMsg::Fanout {
                 user,
                 frame,
                 except,
-            } if self.shards == 1 => self.on_shard_msg(ShardMsg::Deliver {
-                user,
-                frame,
-                except,
-            }),
+            } if self.shards == 1 => self.deliver(user, &frame, except),
             ShardMsg::Fanout {
                 user,
                 frame,
                 except,
-            } => {
-                let mut mask = self.home.get(&user).copied().unwrap_or(0);
-                while mask != 0 {
-                    let shard = mask.trailing_zeros() as u16;
-                    mask &= mask - 1;
-                    self.route_or_count(
-                        shard,
-                        ShardMsg::Deliver {
-                            user,
-                            frame: frame.clone(),
-                            except,
-                        },
-                    );
-                }
-            }
+            } => self.fanout(user, frame, except),
             ShardMsg::Deliver {
                 user,
                 frame,
                 except,
-            } => {
-                let mut key = self.local.get(&user).copied().unwrap_or(NONE);
-                while key != NONE {
-                    let c = &self.conns[key as usize];
-                    let next = c.dev_next;
-                    let is_origin =
-                        except.shard == self.id && except.key == key && except.gen == c.gen;
-                    if !is_origin {
-                        ShardStats::add(&self.st().deliveries_total, 1);
-                        self.enqueue(key, frame.clone());
-                    }
-                    key = next;
-                }
-            }
+            } => self.deliver(user, &frame, except),
             ShardMsg::Kick { to } => {
-                if self
-                    .conns
-                    .get(to.key as usize)
-                    .is_some_and(|c| c.gen == to.gen)
-                {
+                if self.is_live(to) {
                     self.begin_close(to.key, close::POLICY, "token revoked");
                 }
             }
             ShardMsg::Reply { to, frame } => {
-                if self
-                    .conns
-                    .get(to.key as usize)
-                    .is_some_and(|c| c.gen == to.gen)
-                {
+                if self.is_live(to) {
                     self.enqueue(to.key, frame);
                 }
             }
+        }
+    }
+
+    /// Whether `to` still names a connection of this shard (not a later one in its slot).
+    fn is_live(&self, to: ConnRef) -> bool {
+        self.conns
+            .get(to.key as usize)
+            .is_some_and(|c| c.gen == to.gen)
+    }
+
+    /// As the user's home shard: a `Deliver` to every shard holding the user.
+    fn fanout(&mut self, user: u64, frame: Frame, except: ConnRef) {
+        let mut mask = self.home.get(&user).copied().unwrap_or(0);
+        while mask != 0 {
+            let shard = mask.trailing_zeros() as u16;
+            mask &= mask - 1;
+            let msg = ShardMsg::Deliver {
+                user,
+                frame: frame.clone(),
+                except,
+            };
+            self.route_or_count(shard, msg);
+        }
+    }
+
+    /// The frame to each of the user's connections here, but `except` (the sender's own).
+    fn deliver(&mut self, user: u64, frame: &Frame, except: ConnRef) {
+        let mut key = self.local.get(&user).copied().unwrap_or(NONE);
+        while key != NONE {
+            let c = &self.conns[key as usize];
+            let next = c.dev_next;
+            let is_origin = except.shard == self.id && except.key == key && except.gen == c.gen;
+            if !is_origin {
+                ShardStats::add(&self.st().deliveries_total, 1);
+                self.enqueue(key, frame.clone());
+            }
+            key = next;
         }
     }
 

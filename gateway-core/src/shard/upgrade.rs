@@ -12,83 +12,80 @@ use im_shared::{jwt, ErrorCode};
 impl Shard {
     pub(super) fn on_http(&mut self, key: u32, req: handshake::Request<'_>) {
         match req {
+            handshake::Request::Upgrade { .. } if self.shutting_down => {
+                let busy = handshake::json_error(503, ErrorCode::Busy.code(), "shutting down");
+                self.http_answer(key, busy)
+            }
             handshake::Request::Upgrade {
                 accept,
                 token,
                 protocol,
-            } => {
-                if self.shutting_down {
-                    return self.http_answer(
-                        key,
-                        handshake::json_error(503, ErrorCode::Busy.code(), "shutting down"),
-                    );
+            } => match self.verify(token.as_deref()) {
+                Err(why) => {
+                    ShardStats::add(&self.st().refused_token_total, 1);
+                    let refusal = handshake::json_error(401, ErrorCode::Unauthorized.code(), &why);
+                    self.http_answer(key, refusal);
                 }
-                let verified = match token {
-                    None => Err(
-                        "missing token: pass ?token=<JWT> or Sec-WebSocket-Protocol: bearer.<JWT>"
-                            .to_string(),
-                    ),
-                    Some(t) => {
-                        let now_s = self.now.unix_ms / 1000;
-                        jwt::verify(&self.secret, &t, now_s)
-                            .map_err(|e| e.to_string())
-                            .and_then(|c| match &self.revoked {
-                                Some(revoked) if revoked(&c.jti, now_s) => {
-                                    Err("invalid token: revoked".to_string())
-                                }
-                                _ => Ok(c),
-                            })
-                    }
-                };
-                match verified {
-                    Err(why) => {
-                        ShardStats::add(&self.st().refused_token_total, 1);
-                        self.http_answer(
-                            key,
-                            handshake::json_error(401, ErrorCode::Unauthorized.code(), &why),
-                        );
-                    }
-                    Ok(claims) => {
-                        let user = claims.user_id();
-                        let response = handshake::switching_protocols(&accept, protocol, self.id);
-                        let due = self.tick() + self.limits.heartbeat_ticks;
-                        let c = &mut self.conns[key as usize];
-                        c.user = user;
-                        c.state = State::Open;
-                        c.credit = self.limits.credit_max;
-                        c.io |= flags::UPGRADE_UNSENT;
-                        self.arena.push_tx(&mut c.tx, response.into());
-                        self.wheel.insert(key, due);
-                        ShardStats::add(&self.st().handshakes_total, 1);
-                        let token = (claims.jti.into(), claims.dev.map(Into::into));
-                        self.join(key, user, token);
-                        self.mark_ready(key);
-                    }
-                }
-            }
+                Ok(claims) => self.open(key, claims, &accept, protocol),
+            },
             handshake::Request::Get { path } => {
-                let answer = match path {
-                    "/healthz" if self.shutting_down => {
-                        handshake::response(503, "text/plain", b"shutting down\n")
-                    }
-                    "/healthz" => handshake::response(200, "text/plain", b"ok\n"),
-                    "/metrics" => {
-                        let mut text = metrics::render(&self.gateway_id, &self.stats, self.driver);
-                        if let Some(hook) = &self.extra_metrics {
-                            hook(&mut text);
-                        }
-                        handshake::response(200, CONTENT_TYPE, text.as_bytes())
-                    }
-                    _ => {
-                        ShardStats::add(&self.st().refused_http_total, 1);
-                        handshake::json_error(
-                            404,
-                            ErrorCode::NotFound.code(),
-                            "not found: the WebSocket endpoint is /ws",
-                        )
-                    }
-                };
+                let answer = self.get(path);
                 self.http_answer(key, answer);
+            }
+        }
+    }
+
+    /// The token's claims, if it verifies and was not revoked; why not otherwise.
+    fn verify(&self, token: Option<&str>) -> Result<jwt::Claims, String> {
+        let Some(t) = token else {
+            return Err(
+                "missing token: pass ?token=<JWT> or Sec-WebSocket-Protocol: bearer.<JWT>".into(),
+            );
+        };
+        let now_s = self.now.unix_ms / 1000;
+        let claims = jwt::verify(&self.secret, t, now_s).map_err(|e| e.to_string())?;
+        match &self.revoked {
+            Some(revoked) if revoked(&claims.jti, now_s) => Err("invalid token: revoked".into()),
+            _ => Ok(claims),
+        }
+    }
+
+    /// The upgrade succeeded: answer 101, and the connection is the user's from now on.
+    fn open(&mut self, key: u32, claims: jwt::Claims, accept: &str, protocol: Option<&str>) {
+        let user = claims.user_id();
+        let response = handshake::switching_protocols(accept, protocol, self.id);
+        let due = self.tick() + self.limits.heartbeat_ticks;
+        let c = &mut self.conns[key as usize];
+        c.user = user;
+        c.state = State::Open;
+        c.credit = self.limits.credit_max;
+        c.io |= flags::UPGRADE_UNSENT;
+        self.arena.push_tx(&mut c.tx, response.into());
+        self.wheel.insert(key, due);
+        ShardStats::add(&self.st().handshakes_total, 1);
+        let token = (claims.jti.into(), claims.dev.map(Into::into));
+        self.join(key, user, token);
+        self.mark_ready(key);
+    }
+
+    /// The answer to a plain GET.
+    fn get(&mut self, path: &str) -> Vec<u8> {
+        match path {
+            "/healthz" if self.shutting_down => {
+                handshake::response(503, "text/plain", b"shutting down\n")
+            }
+            "/healthz" => handshake::response(200, "text/plain", b"ok\n"),
+            "/metrics" => {
+                let mut text = metrics::render(&self.gateway_id, &self.stats, self.driver);
+                if let Some(hook) = &self.extra_metrics {
+                    hook(&mut text);
+                }
+                handshake::response(200, CONTENT_TYPE, text.as_bytes())
+            }
+            _ => {
+                ShardStats::add(&self.st().refused_http_total, 1);
+                let msg = "not found: the WebSocket endpoint is /ws";
+                handshake::json_error(404, ErrorCode::NotFound.code(), msg)
             }
         }
     }

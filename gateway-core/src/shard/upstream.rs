@@ -9,65 +9,22 @@ use im_shared::conv::Conv;
 use im_shared::protocol::{Request, Target};
 use im_shared::records::{self, UpstreamBody, Versioned};
 use im_shared::ErrorCode;
+use std::borrow::Cow;
 
 impl Shard {
     /// Pipeline mode: turns a request into an `im.upstream` record for the bridge.
     pub(super) fn submit_upstream(&mut self, key: u32, req: Request<'_>) {
         let c = &self.conns[key as usize];
-        let (user, conn) = (
-            c.user,
-            ConnRef {
-                shard: self.id,
-                key,
-                gen: c.gen,
-            },
-        );
-        let (conv, cid, body) = match req {
-            Request::Send {
-                cid,
-                target,
-                content,
-                content_type,
-            } => {
-                let (conv, to_user, to_group) = match target {
-                    Target::User(to) => match Conv::pair(user, to) {
-                        Some(conv) => (conv, to, 0),
-                        None => {
-                            return self.reply_error(
-                                key,
-                                ErrorCode::InvalidField,
-                                "cannot send a message to yourself",
-                                Some(&cid),
-                            )
-                        }
-                    },
-                    Target::Group(g) => (Conv::Group(g), 0, g),
-                };
-                let body = UpstreamBody::Send(records::Send {
-                    cid: cid.to_string(),
-                    to_user,
-                    to_group,
-                    content: content.into_owned(),
-                    content_type: content_type.into_owned(),
-                });
-                (conv, Some(cid), body)
-            }
-            Request::Sync { conv, after, limit } => {
-                let body = UpstreamBody::Sync(records::Sync {
-                    conv: conv.to_string(),
-                    after,
-                    limit,
-                });
-                (conv, None, body)
-            }
-            Request::Read { conv, seq } => {
-                let body = UpstreamBody::Read(records::Read {
-                    conv: conv.to_string(),
-                    seq,
-                });
-                (conv, None, body)
-            }
-            Request::Ping => return,
+        let user = c.user;
+        let conn = ConnRef {
+            shard: self.id,
+            key,
+            gen: c.gen,
+        };
+        let (conv, cid, body) = match upstream_body(user, req) {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err((code, msg, cid)) => return self.reply_error(key, code, msg, Some(&cid)),
         };
         let record = records::Upstream {
             version: records::VERSION,
@@ -92,4 +49,57 @@ impl Shard {
             );
         }
     }
+}
+
+/// A record body with its conversation (the record's key) and the `cid` of a send.
+type Body<'a> = (Conv, Option<Cow<'a, str>>, UpstreamBody);
+/// A send refused here, and its `cid`.
+type Refused<'a> = (ErrorCode, &'static str, Cow<'a, str>);
+
+/// The record body for `sender`'s request; `None` for a request that has none (ping).
+fn upstream_body(sender: u64, req: Request<'_>) -> Result<Option<Body<'_>>, Refused<'_>> {
+    Ok(Some(match req {
+        Request::Send {
+            cid,
+            target,
+            content,
+            content_type,
+        } => {
+            let (conv, to_user, to_group) = match target {
+                Target::User(to) => match Conv::pair(sender, to) {
+                    Some(conv) => (conv, to, 0),
+                    None => {
+                        let msg = "cannot send a message to yourself";
+                        return Err((ErrorCode::InvalidField, msg, cid));
+                    }
+                },
+                Target::Group(g) => (Conv::Group(g), 0, g),
+            };
+            let body = UpstreamBody::Send(records::Send {
+                cid: cid.to_string(),
+                to_user,
+                to_group,
+                content: content.into_owned(),
+                content_type: content_type.into_owned(),
+            });
+            (conv, Some(cid), body)
+        }
+        Request::Sync { conv, after, limit } => {
+            let conv_s = conv.to_string();
+            let body = UpstreamBody::Sync(records::Sync {
+                conv: conv_s,
+                after,
+                limit,
+            });
+            (conv, None, body)
+        }
+        Request::Read { conv, seq } => {
+            let body = UpstreamBody::Read(records::Read {
+                conv: conv.to_string(),
+                seq,
+            });
+            (conv, None, body)
+        }
+        Request::Ping => return Ok(None),
+    }))
 }

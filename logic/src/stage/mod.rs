@@ -25,7 +25,7 @@ pub mod state;
 use answers::Answers;
 use downstream::Downstream;
 use im_bus::presence::Presence;
-use im_bus::{Bus, Producer, Rebalance, Record, SendError, Start};
+use im_bus::{Bus, Consumer, Producer, Rebalance, Record, SendError, Start};
 use im_shared::metrics::{Kind, Prom};
 use im_shared::protocol::{self, Message, Target};
 use im_shared::records::{self, groups, topics, DownstreamBody, Stored, UpstreamBody, Versioned};
@@ -201,23 +201,10 @@ pub async fn run(
         if *shutdown.borrow() {
             break;
         }
-        // Fill the batch with what is already there, or arrives within the batch wait.
-        let wait = tokio::time::sleep(Duration::from_millis(stage.cfg.batch_wait_ms));
-        tokio::pin!(wait);
-        while !batch.is_empty() && batch.len() < stage.cfg.batch_max {
-            tokio::select! {
-                _ = &mut wait => break,
-                m = consumer.recv() => match m {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                },
-            }
-        }
+        fill(&mut *consumer, &mut batch, &stage.cfg).await;
         for r in consumer.take_rebalances() {
             let (Rebalance::Assigned(parts) | Rebalance::Revoked(parts)) = r;
-            for p in parts {
-                stage.seq.forget(p);
-            }
+            parts.into_iter().for_each(|p| stage.seq.forget(p));
         }
         if batch.is_empty() {
             continue;
@@ -237,6 +224,21 @@ pub async fn run(
     stage.log.flush(FINAL_FLUSH);
     stage.down.producer().flush(FINAL_FLUSH);
     Ok(())
+}
+
+/// Adds to a started batch what is already there, or arrives within the batch wait.
+async fn fill(consumer: &mut dyn Consumer, batch: &mut Vec<Record>, cfg: &StageConfig) {
+    let wait = tokio::time::sleep(Duration::from_millis(cfg.batch_wait_ms));
+    tokio::pin!(wait);
+    while !batch.is_empty() && batch.len() < cfg.batch_max {
+        tokio::select! {
+            _ = &mut wait => break,
+            m = consumer.recv() => match m {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            },
+        }
+    }
 }
 
 /// The next offset to read in each partition of `batch`.
@@ -533,9 +535,11 @@ async fn recover(bus: &dyn Bus, partition: i32) -> Result<Partition, String> {
     let mut next = start;
     while next < high {
         match tokio::time::timeout_at(deadline, reader.recv()).await {
-            Err(_) => return Err(format!(
+            Err(_) => {
+                return Err(format!(
                 "recovering partition {partition}: the tail did not arrive in {RECOVERY_TIMEOUT:?}"
-            )),
+            ))
+            }
             Ok(Ok(m)) => {
                 part.replay(&m.payload);
                 next = m.offset + 1;
