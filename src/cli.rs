@@ -1,5 +1,5 @@
 //! The command line: every flag with its `IM_` environment variable and default
-//! (docs/PROTOCOL.md, "Command line"), and how the flags become each role's configuration.
+//! (README.md, "Commands"), and how the flags become each role's configuration.
 
 use clap::{Args, Parser, Subcommand};
 use gateway_core::GatewayConfig;

@@ -1,4 +1,4 @@
-//! `im`: one binary for every role (docs/PROTOCOL.md, "Command line"). This file parses the
+//! `im`: one binary for every role (README.md, "Commands"). This file parses the
 //! command line and hands each role to its crate's `run(config, shutdown)`: the flags are in
 //! `cli.rs`, signal handling in `signals.rs`, the one-process assembly in `standalone.rs`.
 

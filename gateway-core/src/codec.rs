@@ -2,7 +2,7 @@
 //! server frame. No buffering lives here; the shard decides where partial frames go (the arena),
 //! so an idle connection owns no buffer at all.
 
-/// Why a frame is refused; each maps to the close code PROTOCOL.md names.
+/// Why a frame is refused; each maps to the close code docs/PROTOCOL.md names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameError {
     /// RSV bits, unknown opcode, unmasked client frame, bad control frame, bad fragmentation.
@@ -31,7 +31,7 @@ impl FrameError {
     }
 }
 
-/// Close codes we send (PROTOCOL.md).
+/// Close codes we send (docs/PROTOCOL.md).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;

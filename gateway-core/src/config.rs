@@ -1,5 +1,5 @@
 //! Gateway configuration. Every field has a default; the `im` binary maps each to a flag and an
-//! `IM_`-prefixed environment variable (PROTOCOL.md, "Command line").
+//! `IM_`-prefixed environment variable (README.md, "Commands").
 //!
 //! Names carry their unit last (`heartbeat_timeout_ms`, `frame_bytes_max`).
 

@@ -1,5 +1,5 @@
 //! The REST API through the real router, on both real backends: happy paths and, for each
-//! endpoint, the bad inputs (PROTOCOL.md, "REST").
+//! endpoint, the bad inputs (docs/PROTOCOL.md, "REST").
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -1,5 +1,5 @@
 //! Conversation ids: `p:<smaller user id>:<larger user id>` for two users, `g:<group id>` for a
-//! group (PROTOCOL.md). Also the Kafka record key later, so the text form is the canonical one.
+//! group (docs/PROTOCOL.md). Also the Kafka record key later, so the text form is the canonical one.
 
 use std::fmt;
 

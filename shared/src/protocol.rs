@@ -1,4 +1,4 @@
-//! The WebSocket client protocol of PROTOCOL.md: parsing client frames and encoding server ones.
+//! The WebSocket client protocol of docs/PROTOCOL.md: parsing client frames and encoding server ones.
 //!
 //! Parsing borrows from the frame (no allocation unless a string has JSON escapes), and checks
 //! every field, so the gateway can answer a clear `error` without touching anything else.

@@ -193,7 +193,7 @@ pub async fn logout(S(st): S<State>, caller: Caller) -> Result<StatusCode, ApiEr
             )
         })?;
     st.store.drop_refresh_tokens(caller.user_id).await?;
-    // The connections this token opened are closed with 1008 (PROTOCOL.md, logout); the
+    // The connections this token opened are closed with 1008 (docs/PROTOCOL.md, "Tokens"); the
     // gateways also refuse it at the next upgrade. Best effort: presence may be a moment old.
     if let Some(p) = &st.pipeline {
         match p.presence.connections(caller.user_id).await {

@@ -1,4 +1,4 @@
-//! The REST API of PROTOCOL.md under `/api/v1`, on axum. Every error is
+//! The REST API of docs/PROTOCOL.md under `/api/v1`, on axum. Every error is
 //! `{"code": <number>, "message": "..."}` with a fitting HTTP status, including the ones axum
 //! would produce itself (bad JSON, wrong content type, unknown route).
 
