@@ -16,7 +16,7 @@ MEMBERS="${1:-2000}"
 RATE="${2:-100}"
 MESSAGES="${3:-1000}"
 RUN="${4:-1}"
-T="${CARGO_TARGET_DIR:-target}/release"
+T="${IM_BIN:-${CARGO_TARGET_DIR:-target}/release}"   # IM_BIN: another build, for A/B runs
 OUT=benches/results
 SECRET=fanout-secret
 mkdir -p "$OUT"

@@ -63,9 +63,7 @@ fn gateway(a: GatewayCmdArgs) -> Result<(), String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let args: Vec<String> = std::env::args().skip(1).collect();
         let n = a.processes;
-        return signals.run_until_signal("im-supervisor", move |shutdown| {
-            im_gateway::supervisor::supervise(n, &exe, &args, shutdown)
-        });
+        return im_gateway::supervisor::supervise(n, &exe, &args, signals);
     }
     let cfg = im_gateway::Config {
         core: a
@@ -73,7 +71,7 @@ fn gateway(a: GatewayCmdArgs) -> Result<(), String> {
             .config(secret.into_bytes(), a.process_index, a.processes),
         distributed: a.pipeline.distributed(),
     };
-    signals.run_until_signal("im-gateway", move |shutdown| im_gateway::run(cfg, shutdown))
+    im_gateway::run(cfg, signals)
 }
 
 /// `im logic`: the REST API on MySQL and the pipeline stage on Kafka.
@@ -81,10 +79,7 @@ fn logic(a: LogicArgs) -> Result<(), String> {
     let signals = Signals::block();
     let cfg = a.config()?;
     let rt = runtime("im-logic", None)?;
-    let handle = rt.handle().clone();
-    let result = signals.run_until_signal("im-logic-main", move |shutdown| {
-        handle.block_on(logic::run(cfg, shutdown))
-    });
+    let result = signals.run_until_signal(|shutdown| rt.block_on(logic::run(cfg, shutdown)));
     rt.shutdown_timeout(RUNTIME_STOP);
     result
 }
@@ -94,10 +89,7 @@ fn persist(a: PersistArgs) -> Result<(), String> {
     let signals = Signals::block();
     let cfg = a.config();
     let rt = runtime("im-persist", Some(2))?;
-    let handle = rt.handle().clone();
-    let result = signals.run_until_signal("im-persist-main", move |shutdown| {
-        handle.block_on(persist::run(cfg, shutdown))
-    });
+    let result = signals.run_until_signal(|shutdown| rt.block_on(persist::run(cfg, shutdown)));
     rt.shutdown_timeout(RUNTIME_STOP);
     result
 }

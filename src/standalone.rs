@@ -32,6 +32,12 @@ const POLL: Duration = Duration::from_millis(500);
 
 type Task = JoinHandle<Result<(), String>>;
 
+/// A part running on the runtime, and the way to stop it.
+struct Part {
+    stop: watch::Sender<bool>,
+    task: Task,
+}
+
 pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     let signals = Signals::block();
     let nofile = gateway_core::gateway::raise_nofile();
@@ -52,15 +58,7 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("a runtime: {e}"))?;
-    std::fs::create_dir_all(&a.data_dir)
-        .map_err(|e| format!("creating {}: {e}", a.data_dir.display()))?;
-    let db = a.data_dir.join("im.db");
-    let store: Arc<dyn Store> = Arc::new(
-        rt.block_on(SqliteStore::open(&db))
-            .map_err(|e| format!("opening {}: {e}", db.display()))?,
-    );
-    rt.block_on(store.migrate())
-        .map_err(|e| format!("migrating {}: {e}", db.display()))?;
+    let store = open_store(&rt, &a.data_dir)?;
     let bus: Arc<dyn Bus> = Arc::new(
         MemoryBus::new(PARTITIONS, PARTITION_BYTES_MAX)
             .ack_after_commit(topics::MESSAGES, persist::GROUP),
@@ -70,7 +68,6 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     let revoked = Arc::new(RevokedSet::default());
 
     // Persist first, then logic: each consumer is in its group before anything is produced.
-    let (stop_persist, persist_rx) = watch::channel(false);
     let persist_cfg = persist::PersistConfig {
         batch_rows: a.batch_rows.max(1),
         batch_ms: a.batch_ms.max(1),
@@ -78,27 +75,15 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     };
     let persist = persist::Persist::new(bus.clone(), store.clone(), persist_cfg);
     let persist_stats = persist.stats();
-    let persist_task: Task = rt.spawn(persist.run(persist_rx));
-
-    let (stop_logic, logic_rx) = watch::channel(false);
-    let logic_cfg = logic::LogicConfig {
-        api: a.api.config(&secret, format!("ws://{ws}/ws")),
-        api_listen: api,
-        stage: Some(logic::StageSettings {
-            logic_id: "standalone-logic".into(),
-            stage: logic::stage::StageConfig {
-                worker_id: STANDALONE_STAGE_WORKER_ID,
-                ..Default::default()
-            },
-        }),
-    };
+    let persist = spawn(&rt, |stop| persist.run(stop));
+    let logic_cfg = logic_config(&a, &secret, ws);
     let backends = logic::Backends {
         store,
         revocations: revoked.clone(),
         bus: bus.clone(),
         presence: presence.clone(),
     };
-    let logic_task: Task = rt.spawn(logic::serve_on(logic_cfg, backends, logic_rx));
+    let logic = spawn(&rt, |stop| logic::serve_on(logic_cfg, backends, stop));
 
     let routing = im_gateway::Routing::Pipeline(im_gateway::Pipeline {
         bus,
@@ -113,33 +98,21 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     let gateway = match im_gateway::start(gw, routing, Some(metrics)) {
         Ok(g) => g,
         Err(e) => {
-            let _ = (stop_logic.send(true), stop_persist.send(true));
+            let _ = (logic.stop.send(true), persist.stop.send(true));
             rt.shutdown_timeout(STOP_GRACE);
             return Err(e);
         }
     };
     banner(&a.data_dir, api, ws, nofile);
+    let crashed = wait(&signals, &[&logic, &persist]);
 
-    let mut crashed = false;
-    loop {
-        if logic_task.is_finished() || persist_task.is_finished() {
-            crashed = true;
-            break;
-        }
-        if let Some(sig) = signals.wait(POLL) {
-            log::info!("signal {sig}: closing connections with 1001 and stopping");
-            break;
-        }
-    }
     // In the order data flows: no new sends, then logic finishes its batch, then persist
     // writes and commits what it holds (which acknowledges nothing new: the senders are gone,
     // and an unacknowledged send is retried by its client with the same cid).
     let mut errors: Vec<String> = Vec::new();
     errors.extend(gateway.stop().err());
-    let _ = stop_logic.send(true);
-    errors.extend(stopped(&rt, "logic", logic_task));
-    let _ = stop_persist.send(true);
-    errors.extend(stopped(&rt, "persist", persist_task));
+    errors.extend(stopped(&rt, "logic", logic));
+    errors.extend(stopped(&rt, "persist", persist));
     rt.shutdown_timeout(Duration::from_secs(2));
     match (crashed, errors.is_empty()) {
         (_, false) => Err(errors.join("; ")),
@@ -148,8 +121,63 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     }
 }
 
-/// Waits for a part to stop (at most `STOP_GRACE`); its error, if it had one.
-fn stopped(rt: &tokio::runtime::Runtime, what: &str, task: Task) -> Option<String> {
+/// Logic with its stage; login answers with this process's WebSocket address.
+fn logic_config(a: &StandaloneArgs, secret: &str, ws: std::net::SocketAddr) -> logic::LogicConfig {
+    logic::LogicConfig {
+        api: a.api.config(secret, format!("ws://{ws}/ws")),
+        api_listen: a.api.api_listen,
+        stage: Some(logic::StageSettings {
+            logic_id: "standalone-logic".into(),
+            stage: logic::stage::StageConfig {
+                worker_id: STANDALONE_STAGE_WORKER_ID,
+                ..Default::default()
+            },
+        }),
+    }
+}
+
+/// Opens (and migrates) the SQLite database in `dir`.
+fn open_store(rt: &tokio::runtime::Runtime, dir: &Path) -> Result<Arc<dyn Store>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let db = dir.join("im.db");
+    let store = rt
+        .block_on(SqliteStore::open(&db))
+        .map_err(|e| format!("opening {}: {e}", db.display()))?;
+    rt.block_on(store.migrate())
+        .map_err(|e| format!("migrating {}: {e}", db.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Spawns a part that runs until its stop watch turns true.
+fn spawn<F, Fut>(rt: &tokio::runtime::Runtime, part: F) -> Part
+where
+    F: FnOnce(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let (stop, rx) = watch::channel(false);
+    Part {
+        stop,
+        task: rt.spawn(part(rx)),
+    }
+}
+
+/// Waits for a signal (`false`) or for a part that stopped by itself (`true`).
+fn wait(signals: &Signals, parts: &[&Part]) -> bool {
+    loop {
+        if parts.iter().any(|p| p.task.is_finished()) {
+            return true;
+        }
+        if let Some(sig) = signals.take(POLL) {
+            log::info!("signal {sig}: closing connections with 1001 and stopping");
+            return false;
+        }
+    }
+}
+
+/// Stops a part and waits for it (at most `STOP_GRACE`); its error, if it had one.
+fn stopped(rt: &tokio::runtime::Runtime, what: &str, part: Part) -> Option<String> {
+    let _ = part.stop.send(true);
+    let task = part.task;
     // The timer must be made inside the runtime, hence the `async` block.
     match rt.block_on(async { tokio::time::timeout(STOP_GRACE, task).await }) {
         Ok(Ok(Ok(()))) => None,

@@ -19,6 +19,7 @@ use im_bus::{Bus, KafkaBus, KafkaConfig};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// What the shards are connected to.
@@ -148,8 +149,11 @@ const PRESENCE_TTL_MIN_S: u64 = 3;
 /// How long a distributed gateway's producer holds a record to batch it.
 const KAFKA_LINGER_MS: u32 = 1;
 
-/// Runs one gateway process until `shutdown` turns true.
-pub fn run(mut cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
+/// How long one wait for `shutdown` lasts.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(500);
+
+/// Runs one gateway process until `shutdown` says stop.
+pub fn run(mut cfg: Config, mut shutdown: impl Shutdown) -> Result<(), String> {
     let follow_stop = Arc::new(AtomicBool::new(false));
     let routing = match &cfg.distributed {
         None => Routing::LocalRouter,
@@ -174,7 +178,7 @@ pub fn run(mut cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), S
         log::info!("gateway on ws://{}/ws", running.local_addr());
     }
     let result = running.and_then(|running| {
-        wait(&mut shutdown);
+        while !shutdown.wait(SHUTDOWN_POLL) {}
         log::info!("stopping: closing connections with 1001");
         running.stop()
     });
@@ -182,10 +186,24 @@ pub fn run(mut cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), S
     result
 }
 
-/// Blocks until `shutdown` turns true (or its sender is gone).
-fn wait(shutdown: &mut watch::Receiver<bool>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a current-thread runtime without I/O or timers always builds");
-    let _ = rt.block_on(shutdown.wait_for(|s| *s));
+/// What tells a gateway (or the supervisor) to stop. The `im` binary waits for SIGTERM on its
+/// main thread (no thread of its own: a gateway's fixed memory is paid once per process, and
+/// a host runs dozens); a test or an embedding program can use a `watch`.
+pub trait Shutdown {
+    /// Waits up to `timeout`; `true` once a stop was asked for.
+    fn wait(&mut self, timeout: Duration) -> bool;
+}
+
+/// How often a watch is looked at.
+const WATCH_POLL: Duration = Duration::from_millis(100);
+
+impl Shutdown for watch::Receiver<bool> {
+    fn wait(&mut self, timeout: Duration) -> bool {
+        // A sender that is gone can never ask: treat it as asking.
+        if *self.borrow() || self.has_changed().is_err() {
+            return true;
+        }
+        std::thread::sleep(timeout.min(WATCH_POLL));
+        *self.borrow()
+    }
 }

@@ -3,21 +3,21 @@
 //! open-file limit allows. The parent only supervises: if one child dies, the others are
 //! stopped too (a half-up gateway is worse than none), and a shutdown stops them all.
 
+use crate::Shutdown;
 use std::path::Path;
 use std::process::Child;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// How often the parent looks at its children and at `shutdown`.
 const POLL: Duration = Duration::from_millis(500);
 
-/// Runs `exe args --process-index i` for i in 0..n until `shutdown` turns true or a child
+/// Runs `exe args --process-index i` for i in 0..n until `shutdown` says stop or a child
 /// exits; then sends every child SIGTERM and waits for them.
 pub fn supervise(
     n: usize,
     exe: &Path,
     args: &[String],
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: impl Shutdown,
 ) -> Result<(), String> {
     let mut children: Vec<Child> = Vec::with_capacity(n);
     for i in 0..n {
@@ -39,7 +39,7 @@ pub fn supervise(
         children.iter().map(|c| c.id()).collect::<Vec<_>>()
     );
     let mut failed = false;
-    while !*shutdown.borrow() {
+    while !shutdown.wait(POLL) {
         if children
             .iter_mut()
             .any(|c| matches!(c.try_wait(), Ok(Some(_))))
@@ -48,7 +48,6 @@ pub fn supervise(
             failed = true;
             break;
         }
-        std::thread::sleep(POLL);
     }
     stop_all(children);
     if failed {

@@ -156,30 +156,7 @@ pub async fn run(
     bus.ensure_topics(&[(topics::UPSTREAM, n), (topics::MESSAGES, n)])
         .await?;
     let mut consumer = bus.group_consumer(groups::LOGIC, topics::UPSTREAM)?;
-    let down = Downstream::new(
-        bus.producer(LINGER_MS, DOWNSTREAM_TIMEOUT_MS)?,
-        stats.clone(),
-    );
-    let answers = Answers {
-        store: store.clone(),
-        members: members.clone(),
-        down: down.clone(),
-        stats: stats.clone(),
-        slots: Arc::new(Semaphore::new(answers::DB_TASKS_MAX)),
-        wait: Duration::from_millis(cfg.sync_wait_ms),
-    };
-    let mut stage = Stage {
-        bus: bus.clone(),
-        store,
-        presence,
-        members,
-        log: bus.producer(LINGER_MS, 0)?,
-        down,
-        answers,
-        seq: Sequencer::new(cfg.worker_id),
-        cfg,
-        stats,
-    };
+    let mut stage = Stage::new(bus.clone(), store, presence, members, cfg, stats)?;
     log::info!(
         "logic pipeline: consuming {} in group logic on the {}",
         topics::UPSTREAM,
@@ -252,6 +229,40 @@ fn next_offsets(batch: &[Record]) -> Vec<(i32, i64)> {
 }
 
 impl Stage {
+    fn new(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn Store>,
+        presence: Arc<dyn Presence>,
+        members: Arc<Members>,
+        cfg: StageConfig,
+        stats: Arc<StageStats>,
+    ) -> Result<Stage, String> {
+        let down = Downstream::new(
+            bus.producer(LINGER_MS, DOWNSTREAM_TIMEOUT_MS)?,
+            stats.clone(),
+        );
+        let answers = Answers {
+            store: store.clone(),
+            members: members.clone(),
+            down: down.clone(),
+            stats: stats.clone(),
+            slots: Arc::new(Semaphore::new(answers::DB_TASKS_MAX)),
+            wait: Duration::from_millis(cfg.sync_wait_ms),
+        };
+        Ok(Stage {
+            log: bus.producer(LINGER_MS, 0)?,
+            bus,
+            store,
+            presence,
+            members,
+            down,
+            answers,
+            seq: Sequencer::new(cfg.worker_id),
+            cfg,
+            stats,
+        })
+    }
+
     async fn process(&mut self, batch: &[Record]) -> Result<(), String> {
         let mut sends: Vec<Admitted> = Vec::new();
         for m in batch {
