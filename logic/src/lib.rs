@@ -76,7 +76,11 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Str
     let revocations = RedisRevocations::connect(&cfg.redis_url)
         .await
         .map_err(|e| format!("connecting to {}: {e}", redact_url(&cfg.redis_url)))?;
-    let presence = RedisPresence::open(&cfg.redis_url, PRESENCE_TTL_UNUSED_S)?;
+    // The stage routes by presence: it should not start without Redis (REST alone need not).
+    let presence = match cfg.logic.stage {
+        Some(_) => RedisPresence::connect(&cfg.redis_url, PRESENCE_TTL_UNUSED_S).await?,
+        None => RedisPresence::open(&cfg.redis_url, PRESENCE_TTL_UNUSED_S)?,
+    };
     let backends = Backends {
         store: Arc::new(store),
         revocations: Arc::new(revocations),
@@ -97,14 +101,17 @@ pub async fn serve_on(
         .migrate()
         .await
         .map_err(|e| format!("migrating the {} store: {e}", b.store.backend()))?;
+    // The parts stop on their own watch: on `shutdown`, and also when one of them fails, so
+    // the others always get their graceful stop (the stage its final flush).
+    let (stop_parts, parts_stop) = watch::channel(false);
     let (pipeline, mut stage_task) = match cfg.stage {
         Some(s) => {
-            let (p, t) = start_stage(s, &b, shutdown.clone()).await?;
+            let (p, t) = start_stage(s, &b, parts_stop.clone()).await?;
             (Some(p), Some(t))
         }
         None => (None, None),
     };
-    let mut api_stop = shutdown.clone();
+    let mut api_stop = parts_stop;
     let listen = cfg.api_listen;
     let mut server = tokio::spawn(serve(
         b.store,
@@ -122,33 +129,34 @@ pub async fn serve_on(
             None => std::future::pending().await,
         }
     };
-    let result = tokio::select! {
-        _ = shutdown.wait_for(|s| *s) => Ok(()),
-        r = &mut server => {
-            return match r {
-                Ok(r) => r.map_err(|e| format!("REST API on {listen}: {e}")),
-                Err(e) => Err(format!("REST API on {listen}: {e}")),
-            }
-        }
-        r = stage_done => match r {
-            Ok(Ok(())) => Err("the pipeline stage stopped".to_string()),
-            Ok(Err(e)) => Err(format!("pipeline stage: {e}")),
-            Err(e) => Err(format!("pipeline stage: {e}")),
-        },
+    let failure = tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => None,
+        r = &mut server => Some(match r {
+            Ok(Ok(())) => format!("REST API on {listen} stopped"),
+            Ok(Err(e)) => format!("REST API on {listen}: {e}"),
+            Err(e) => format!("REST API on {listen}: {e}"),
+        }),
+        r = stage_done => Some(match r {
+            Ok(Ok(())) => "the pipeline stage stopped".to_string(),
+            Ok(Err(e)) => format!("pipeline stage: {e}"),
+            Err(e) => format!("pipeline stage: {e}"),
+        }),
     };
-    if result.is_err() {
-        // The stage failed: the process stops (a restart recovers), the API with it.
-        server.abort();
-        return result;
-    }
+    let _ = stop_parts.send(true);
+    // A part that already ended is not waited for again.
+    let stage_task = stage_task.filter(|t| !t.is_finished());
+    let server = (!server.is_finished()).then_some(server);
     stop(stage_task, server, listen).await;
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
 }
 
-/// After `shutdown`: waits for the stage, then the API, each at most `STOP_GRACE`.
+/// Once told to stop: waits for the stage, then the API, each at most `STOP_GRACE`.
 async fn stop(
     stage: Option<StageTask>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     listen: SocketAddr,
 ) {
     if let Some(t) = stage {
@@ -160,6 +168,7 @@ async fn stop(
             _ => {}
         }
     }
+    let Some(server) = server else { return };
     match tokio::time::timeout(STOP_GRACE, server).await {
         Ok(Ok(Err(e))) => log::error!("REST API on {listen}: {e}"),
         Err(_) => log::warn!("the REST API did not stop in {STOP_GRACE:?}"),

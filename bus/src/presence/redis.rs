@@ -93,6 +93,9 @@ impl Presence for RedisPresence {
 
     async fn gateways(&self, users: &[u64]) -> Result<HashMap<u64, Vec<String>>, String> {
         let mut out = HashMap::with_capacity(users.len());
+        if users.is_empty() {
+            return Ok(out);
+        }
         let mut conn = self.conn().await?;
         for chunk in users.chunks(BATCH_MAX) {
             let mut pipe = redis::pipe();
