@@ -50,11 +50,18 @@ impl TxState {
     }
 }
 
+/// Emptied outbound queues kept for reuse, so a delivery to an idle connection allocates
+/// nothing in the steady state (a shard delivers to idle connections all the time).
+const SPARE_QUEUES_MAX: usize = 1024;
+/// A queue that grew past this many frames (a slow reader's) is freed, not kept.
+const SPARE_QUEUE_FRAMES_MAX: usize = 16;
+
 pub struct Arena {
     rx: Slab<RxState>,
     /// Bytes charged per rx slot (what the slot held when it was last put back).
     rx_charged: Vec<usize>,
     tx: Slab<TxState>,
+    spare_queues: Vec<VecDeque<Frame>>,
     bytes: usize,
     bytes_max: usize,
 }
@@ -67,6 +74,7 @@ impl Arena {
             rx: Slab::new(),
             rx_charged: Vec::new(),
             tx: Slab::new(),
+            spare_queues: Vec::new(),
             bytes: 0,
             bytes_max,
         }
@@ -110,7 +118,11 @@ impl Arena {
     /// Appends a frame to a connection's tx state (created when `*idx` is `NONE`).
     pub fn push_tx(&mut self, idx: &mut u32, frame: Frame) {
         if *idx == NONE {
-            *idx = self.tx.insert(TxState::default()) as u32;
+            let queue = self.spare_queues.pop().unwrap_or_default();
+            *idx = self.tx.insert(TxState {
+                queue,
+                ..TxState::default()
+            }) as u32;
         }
         let tx = &mut self.tx[*idx as usize];
         tx.bytes += frame.len();
@@ -155,10 +167,20 @@ impl Arena {
             }
         }
         if tx.queue.is_empty() {
-            self.tx.remove(*idx as usize);
-            *idx = NONE;
+            self.free_tx(idx);
         }
         done
+    }
+
+    /// Drops an emptied tx state, keeping its queue's allocation for the next one.
+    fn free_tx(&mut self, idx: &mut u32) {
+        let tx = self.tx.remove(*idx as usize);
+        *idx = NONE;
+        let q = tx.queue;
+        if self.spare_queues.len() < SPARE_QUEUES_MAX && q.capacity() <= SPARE_QUEUE_FRAMES_MAX {
+            debug_assert!(q.is_empty());
+            self.spare_queues.push(q);
+        }
     }
 
     /// Drops queued frames, keeping the front one when `keep_front` (it is partly sent or in
@@ -178,8 +200,7 @@ impl Arena {
         tx.bytes -= dropped;
         self.bytes -= dropped;
         if tx.queue.is_empty() {
-            self.tx.remove(*idx as usize);
-            *idx = NONE;
+            self.free_tx(idx);
         }
     }
 
@@ -228,6 +249,23 @@ mod tests {
         assert_eq!((a.tx_bytes(idx), a.bytes()), (7, 7));
         a.truncate_tx(&mut idx, false);
         assert_eq!((idx, a.bytes()), (NONE, 0));
+    }
+
+    #[test]
+    fn emptied_queues_are_reused_within_a_bound() {
+        let mut a = Arena::new(1 << 20);
+        let mut idx = NONE;
+        a.push_tx(&mut idx, frame(10));
+        a.advance_tx(&mut idx, 10);
+        assert_eq!(a.spare_queues.len(), 1);
+        a.push_tx(&mut idx, frame(10));
+        assert_eq!(a.spare_queues.len(), 0, "taken again");
+        // A slow reader's long queue is not kept.
+        for _ in 0..100 {
+            a.push_tx(&mut idx, frame(1));
+        }
+        a.truncate_tx(&mut idx, false);
+        assert_eq!((idx, a.spare_queues.len()), (NONE, 0));
     }
 
     #[test]

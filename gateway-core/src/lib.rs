@@ -33,5 +33,8 @@ pub mod shard;
 pub mod waker;
 pub mod wheel;
 
+#[cfg(test)]
+mod alloc_count;
+
 pub use config::GatewayConfig;
 pub use gateway::{Gateway, GatewayHandle, Options};

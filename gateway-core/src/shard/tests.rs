@@ -886,3 +886,59 @@ fn pipeline_mode_refreshes_presence_and_refuses_when_the_bridge_ring_is_full() {
     assert!(refused > 0, "a full bridge ring must refuse");
     assert!(drain_up(&mut end).len() <= 64 + 1024);
 }
+
+/// The shard side of a delivery allocates nothing once warm: the frame is shared, the
+/// connection's outbound queue comes from the arena's spares, and the ready list keeps its
+/// capacity (ARCHITECTURE.md, "Density and speed"). Counted by `crate::alloc_count`.
+#[test]
+fn deliveries_allocate_nothing_on_the_shard() {
+    let mut sim = Sim::new(1, cfg());
+    let users: Vec<u64> = (1..=64).collect();
+    for &u in &users {
+        sim.connect(0, u);
+    }
+    sim.run();
+    let frame: crate::arena::Frame =
+        codec::server_frame(opcode::TEXT, br#"{"type":"msg","content":"hi"}"#).into();
+    let mut ready = Vec::with_capacity(256);
+    let mut round = |shard: &mut Shard| {
+        for &user in &users {
+            let msg = ShardMsg::Deliver {
+                user,
+                frame: frame.clone(),
+                except: ConnRef::NONE,
+            };
+            shard.on_shard_msg(msg);
+        }
+        let mut sent = 0;
+        loop {
+            shard.take_ready(&mut ready);
+            if ready.is_empty() {
+                return sent;
+            }
+            for key in ready.drain(..) {
+                if let Some((_, len)) = shard.plan(key).send {
+                    shard.on_sent(key, len as i32);
+                    sent += 1;
+                }
+            }
+        }
+    };
+    let shard = &mut sim.shards[0];
+    assert_eq!(
+        round(shard),
+        users.len(),
+        "warm-up: every connection got its frame"
+    );
+    let before = crate::alloc_count::allocations();
+    let mut sent = 0;
+    for _ in 0..10 {
+        sent += round(shard);
+    }
+    let allocations = crate::alloc_count::allocations() - before;
+    assert_eq!(sent, 10 * users.len());
+    assert_eq!(
+        allocations, 0,
+        "{allocations} allocations for {sent} deliveries"
+    );
+}
