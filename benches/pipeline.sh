@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The distributed pipeline's figures in one run (benches/RESULTS.md, "Pipeline"): starts a
-# Kafka-protocol broker (tansu, as .ci/run installs it, or IM_TANSU), `im logic`, `im persist`
+# Kafka-protocol broker (nisshi, as scripts/test installs it, or IM_BROKER), `im logic`, `im persist`
 # and `im gateway` on this host against MariaDB and Redis, seeds users, then runs
 #   1. persist-rate  — broker produce rate, persist rows/s on a backlog, single-row INSERTs
 #   2. p2p           — 1:1 messages end to end at a few rates
@@ -9,13 +9,13 @@
 #   usage: benches/pipeline.sh [MEMBERS]   (release build first: cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# tansu holds a fetch for its whole max wait even when data arrives (Kafka answers at once),
-# so latency runs use a short wait; at idle that costs broker CPU, which is why it is not
-# the default (pipeline/src/kafka.rs).
+# A fetch waits at most fetch.wait.max.ms at the broker. nisshi, like Kafka, answers as soon
+# as data is there, so the wait bounds idle polling, not latency; a short one costs broker CPU
+# while idle (bus/src/kafka/config.rs). Latency runs use 10 ms, as the earlier figures did.
 export IM_KAFKA_CONFIG="${IM_KAFKA_CONFIG:-fetch.wait.max.ms=10}"
 T="${CARGO_TARGET_DIR:-target}/release"
 IM="$T/im"; BENCH="$T/im-bench"
-TANSU="${IM_TANSU:-$HOME/.cache/im-tools/bin/tansu}"
+BROKER="${IM_BROKER:-$HOME/.cache/im-tools/bin/nisshi}"
 MEMBERS="${1:-10000}"
 SECRET=bench-secret
 DB=im_bench_pipeline
@@ -40,8 +40,8 @@ wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/nul
 mysql -uroot -h127.0.0.1 -e "DROP DATABASE IF EXISTS $DB; CREATE DATABASE $DB"
 redis-cli -n 9 FLUSHDB >/dev/null
 mkdir -p "$WORK/broker"
-(cd "$WORK/broker" && exec "$TANSU" broker --listener-url tcp://127.0.0.1:29092 \
-   --advertised-listener-url tcp://127.0.0.1:29092 --storage-engine sqlite://tansu.db >"$WORK/broker.log" 2>&1) &
+(cd "$WORK/broker" && exec "$BROKER" broker --listener-url tcp://127.0.0.1:29092 \
+   --advertised-listener-url tcp://127.0.0.1:29092 --storage-engine sqlite://broker.db >"$WORK/broker.log" 2>&1) &
 PIDS+=($!)
 wait_port 29092
 K=(--kafka-brokers 127.0.0.1:29092)

@@ -1,4 +1,4 @@
-//! End to end through the distributed pipeline: a real Kafka-protocol broker (tansu), MariaDB
+//! End to end through the distributed pipeline: a real Kafka-protocol broker (nisshi), MariaDB
 //! and Redis, with `im gateway` ×2, `im logic` and `im persist` as separate processes.
 //! (The broker is installed by `.ci/run`; see tests/support.)
 

@@ -1,4 +1,4 @@
-//! Real processes for the end-to-end tests: a Kafka-protocol broker (tansu), MariaDB, Redis,
+//! Real processes for the end-to-end tests: a Kafka-protocol broker (nisshi), MariaDB, Redis,
 //! and `im gateway` / `im logic` / `im persist` as separate processes of the binary under test.
 //! Every child is killed when its guard drops, so a failing test leaves nothing running.
 #![allow(dead_code)]
@@ -111,16 +111,18 @@ impl Drop for Proc {
     }
 }
 
-fn tansu_path() -> PathBuf {
-    if let Ok(p) = std::env::var("IM_TANSU") {
+/// The Kafka-protocol broker the tests run: nisshi (`scripts/test` installs it and exports
+/// `IM_BROKER`), or any binary with its `broker --listener-url ... --storage-engine ...` flags.
+fn broker_path() -> PathBuf {
+    if let Ok(p) = std::env::var("IM_BROKER") {
         return p.into();
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let p = PathBuf::from(home).join(".cache/im-tools/bin/tansu");
+    let p = PathBuf::from(home).join(".cache/im-tools/bin/nisshi");
     assert!(
         p.exists(),
-        "the Kafka-protocol broker for tests is missing at {} (set IM_TANSU, or run .ci/run, \
-         which installs tansu 0.6.0 there)",
+        "the Kafka-protocol broker for tests is missing at {} (set IM_BROKER, or run scripts/test, \
+         which installs nisshi 0.6.0 there)",
         p.display()
     );
     p
@@ -135,13 +137,13 @@ pub fn scratch(test: &str) -> PathBuf {
     dir
 }
 
-/// A tansu broker on a free port, storing in SQLite in its own directory.
+/// A broker (nisshi) on a free port, storing in SQLite in its own directory.
 pub fn broker(dir: &std::path::Path) -> (Proc, String) {
     let port = free_port();
     let bdir = dir.join("broker");
     std::fs::create_dir_all(&bdir).unwrap();
     let url = format!("tcp://127.0.0.1:{port}");
-    let mut cmd = Command::new(tansu_path());
+    let mut cmd = Command::new(broker_path());
     cmd.current_dir(&bdir).args([
         "broker",
         "--listener-url",
@@ -149,12 +151,12 @@ pub fn broker(dir: &std::path::Path) -> (Proc, String) {
         "--advertised-listener-url",
         &url,
         "--storage-engine",
-        "sqlite://tansu.db",
+        "sqlite://broker.db",
     ]);
     let p = Proc::spawn("broker", cmd, dir);
     wait_port(
         format!("127.0.0.1:{port}").parse().unwrap(),
-        "tansu",
+        "the broker",
         Duration::from_secs(20),
     );
     (p, format!("127.0.0.1:{port}"))
