@@ -44,32 +44,37 @@ pub(crate) async fn consume(
     mut w: Writer,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
+    // Group commit: a batch is written as soon as the bus has nothing more ready (so a lone
+    // message waits for no timer), when it is full, or when its oldest row has waited
+    // `batch_ms` while more kept arriving. Under load, rows pile up while a write is under
+    // way and the next batch is bigger by itself.
+    let mut idle = false;
     while !stop_requested(&shutdown) {
         forget_revoked(&mut *consumer, &mut w);
-        if w.batcher.due(w.now_ms()) {
+        let buffered = w.batcher.has_pending();
+        if w.batcher.due(w.now_ms()) || (buffered && idle) {
+            idle = false;
             if let Err(left) = w.write(&mut shutdown).await {
                 return Err(gave_up(left));
             }
             commit(&mut *consumer, &mut w);
             continue;
         }
-        let wait_ms = w
-            .batcher
-            .wait_ms(w.now_ms())
-            .unwrap_or(IDLE_POLL_MS)
-            .clamp(1, IDLE_POLL_MS);
+        if buffered {
+            // Take what is ready without waiting; nothing ready means write now.
+            tokio::select! {
+                biased;
+                got = consumer.recv() => taken(&mut *consumer, &mut w, got).await,
+                _ = std::future::ready(()) => idle = true,
+            }
+            continue;
+        }
         tokio::select! {
             _ = shutdown.changed() => {}
-            got = tokio::time::timeout(Duration::from_millis(wait_ms), consumer.recv()) => {
-                forget_revoked(&mut *consumer, &mut w);
-                match got {
-                    // Nothing came: the loop checks the batch's age.
-                    Err(_) => {}
-                    Ok(Ok(m)) => w.push(m.partition, m.offset, Some(&m.payload)),
-                    Ok(Err(e)) => {
-                        log::warn!("persist: consuming {}: {e}", topics::MESSAGES);
-                        tokio::time::sleep(Duration::from_millis(ERROR_PAUSE_MS)).await;
-                    }
+            got = tokio::time::timeout(Duration::from_millis(IDLE_POLL_MS), consumer.recv()) => {
+                // Nothing came: the loop looks at the shutdown flag again.
+                if let Ok(got) = got {
+                    taken(&mut *consumer, &mut w, got).await;
                 }
             }
         }
@@ -83,6 +88,18 @@ pub(crate) async fn consume(
     commit(&mut *consumer, &mut w);
     log::info!("persist: stopped; the last {rows} buffered rows written and committed");
     Ok(())
+}
+
+/// Buffers what `recv` returned (after forgetting partitions revoked inside that `recv`).
+async fn taken(consumer: &mut dyn Consumer, w: &mut Writer, got: Result<im_bus::Record, String>) {
+    forget_revoked(consumer, w);
+    match got {
+        Ok(m) => w.push(m.partition, m.offset, Some(&m.payload)),
+        Err(e) => {
+            log::warn!("persist: consuming {}: {e}", topics::MESSAGES);
+            tokio::time::sleep(Duration::from_millis(ERROR_PAUSE_MS)).await;
+        }
+    }
 }
 
 fn gave_up(rows: usize) -> String {

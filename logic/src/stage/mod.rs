@@ -5,20 +5,23 @@
 //! acknowledged — routes it: one `im.downstream.<gateway>` record per gateway holding any
 //! recipient, plus the `sent` ack to the sender's connection. Upstream offsets are committed
 //! only after the batch's messages are acknowledged, so a crash replays and the retry check
-//! turns the replay into the same acks.
+//! turns the replay into the same acks. Batches are pipelined: the next one is sequenced and
+//! produced while earlier ones wait for their acknowledgements, and answers, routing and
+//! commits follow in batch order (`pipeline.rs` says what stays in order and why).
 //!
 //! The decisions are the `Sequencer`'s (`sequencer.rs`, no I/O, tested on its own); this
 //! file is the thin async driver around it: it consumes, does the lookups and produces the
 //! sequencer asks for, and answers.
 //!
-//! Modules: `sequencer` (the decisions), `state` (per-partition seqs and retries, and
-//! recovery's replay), `members` (the group member cache), `answers` (`sync` and `read` from
+//! Modules: `sequencer` (the decisions), `pipeline` (batches in flight, released in order),
+//! `state` (per-partition seqs and retries, and recovery's replay), `members` (the group member cache), `answers` (`sync` and `read` from
 //! the database), `downstream` (records to gateways), `client` (the REST API's way in).
 
 mod answers;
 pub mod client;
 mod downstream;
 pub mod members;
+pub mod pipeline;
 pub mod sequencer;
 pub mod state;
 
@@ -32,13 +35,14 @@ use im_shared::records::{self, groups, topics, DownstreamBody, Stored, UpstreamB
 use im_shared::{Conv, ErrorCode};
 use im_store::Store;
 use members::Members;
+use pipeline::{BatchNo, Failure, Pipeline};
 use sequencer::{Admitted, Check, Decision, Sequencer};
 use state::{Ack, Partition};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 #[derive(Clone, Debug)]
 pub struct StageConfig {
@@ -56,7 +60,7 @@ impl Default for StageConfig {
         StageConfig {
             worker_id: 1,
             batch_max: 1000,
-            batch_wait_ms: 2,
+            batch_wait_ms: 0,
             sync_wait_ms: 2_000,
         }
     }
@@ -123,6 +127,9 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(120);
 /// The pause after a consume error.
 const CONSUME_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Batches, and records, in flight between their produce and their answers.
+const IN_FLIGHT_BATCHES: usize = 64;
+const IN_FLIGHT_RECORDS: usize = 20_000;
 /// How long the producers may deliver what they hold once the stage stops.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
@@ -162,12 +169,21 @@ pub async fn run(
         topics::UPSTREAM,
         bus.describe()
     );
+    let (acks_tx, mut acks) = mpsc::unbounded_channel::<Acked>();
+    let mut pipe: Pipeline<Produced> = Pipeline::new(IN_FLIGHT_BATCHES, IN_FLIGHT_RECORDS);
     let mut batch: Vec<Record> = Vec::new();
     loop {
         batch.clear();
         tokio::select! {
+            // Acknowledgements first: they free room and release answers.
+            biased;
             _ = shutdown.changed() => {}
-            m = consumer.recv() => match m {
+            Some(a) = acks.recv(), if !pipe.is_empty() => {
+                stage.on_ack(&mut pipe, a, &acks_tx).await?;
+                stage.release(&mut pipe, &mut *consumer).await;
+                continue;
+            }
+            m = consumer.recv(), if pipe.has_room() => match m {
                 Ok(m) => batch.push(m),
                 Err(e) => {
                     log::warn!("logic: consume error: {e}");
@@ -179,7 +195,16 @@ pub async fn run(
             break;
         }
         fill(&mut *consumer, &mut batch, &stage.cfg).await;
-        for r in consumer.take_rebalances() {
+        let rebalances = consumer.take_rebalances();
+        if !rebalances.is_empty() {
+            // What is in flight was sequenced under the old assignment: answer it before
+            // the state of any partition is forgotten.
+            tokio::select! {
+                r = stage.drain(&mut pipe, &mut acks, &acks_tx, &mut *consumer) => r?,
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        for r in rebalances {
             let (Rebalance::Assigned(parts) | Rebalance::Revoked(parts)) = r;
             parts.into_iter().for_each(|p| stage.seq.forget(p));
         }
@@ -189,31 +214,49 @@ pub async fn run(
         // A shutdown while the broker is down must not wait for it: nothing of this batch is
         // committed, so the next owner replays it (and recognises what was already logged).
         tokio::select! {
-            r = stage.process(&batch) => r?,
+            r = stage.start(&batch, &mut pipe, &acks_tx) => r?,
             _ = shutdown.wait_for(|s| *s) => break,
         }
-        // Everything in the batch is in im.messages: its upstream records are done.
-        if let Err(e) = consumer.commit(&next_offsets(&batch), false) {
-            // Not fatal: a replay is recognised as retries.
-            log::warn!("logic: committing upstream offsets: {e}");
-        }
+        stage.release(&mut pipe, &mut *consumer).await;
+    }
+    // Answer what is acknowledged in time; the rest is replayed by the next owner.
+    let drained = stage.drain(&mut pipe, &mut acks, &acks_tx, &mut *consumer);
+    if let Err(e) = tokio::time::timeout(FINAL_FLUSH, drained)
+        .await
+        .unwrap_or_else(|_| Err(format!("{} batches unanswered at shutdown", pipe.len())))
+    {
+        log::warn!("logic: stopping: {e}");
     }
     stage.log.flush(FINAL_FLUSH);
     stage.down.producer().flush(FINAL_FLUSH);
     Ok(())
 }
 
-/// Adds to a started batch what is already there, or arrives within the batch wait.
+/// An `im.messages` outcome: batch, record index in it, result.
+type Acked = (BatchNo, usize, Result<(), String>);
+
+/// A batch between its produce and its answers.
+struct Produced {
+    decisions: Vec<(Decision, Admitted)>,
+    /// The upstream offsets its answers make committable.
+    offsets: Vec<(i32, i64)>,
+}
+
+/// Adds to a started batch what is already there, or arrives within the batch wait (none by
+/// default: with batches pipelined, a small batch costs no round trip of its own).
 async fn fill(consumer: &mut dyn Consumer, batch: &mut Vec<Record>, cfg: &StageConfig) {
     let wait = tokio::time::sleep(Duration::from_millis(cfg.batch_wait_ms));
     tokio::pin!(wait);
     while !batch.is_empty() && batch.len() < cfg.batch_max {
         tokio::select! {
-            _ = &mut wait => break,
+            // What is ready is taken before the wait is looked at.
+            biased;
             m = consumer.recv() => match m {
                 Ok(m) => batch.push(m),
                 Err(_) => break,
             },
+            _ = std::future::ready(()), if cfg.batch_wait_ms == 0 => break,
+            _ = &mut wait => break,
         }
     }
 }
@@ -263,7 +306,14 @@ impl Stage {
         })
     }
 
-    async fn process(&mut self, batch: &[Record]) -> Result<(), String> {
+    /// Checks and sequences `batch`, produces its new messages to `im.messages` (their
+    /// outcomes arrive on `acks`), and queues it in the pipeline to be answered in order.
+    async fn start(
+        &mut self,
+        batch: &[Record],
+        pipe: &mut Pipeline<Produced>,
+        acks: &mpsc::UnboundedSender<Acked>,
+    ) -> Result<(), String> {
         let mut sends: Vec<Admitted> = Vec::new();
         for m in batch {
             let p = m.partition;
@@ -303,25 +353,87 @@ impl Stage {
                 None => {}
             }
         }
-        if sends.is_empty() {
+        let offsets = next_offsets(batch);
+        let decisions = if sends.is_empty() {
+            Vec::new()
+        } else {
+            self.sequence(sends).await
+        };
+        let produced = decisions
+            .iter()
+            .map(|(d, _)| matches!(d, Decision::Assigned(_)))
+            .collect();
+        // Registered before producing: an outcome can only name a batch the pipeline knows.
+        let no = pipe.push(Produced { decisions, offsets }, produced);
+        let Some(Produced { decisions, .. }) = pipe.get(no) else {
             return Ok(());
-        }
-        let decisions = self.sequence(&sends).await;
-        // The durability point: every new message of the batch is in im.messages.
-        let mut receipts = Vec::new();
-        for d in &decisions {
-            if let (Decision::Assigned(rec), s) = d {
-                receipts.push(self.produce_log(rec, s.partition).await?);
+        };
+        for (i, (d, s)) in decisions.iter().enumerate() {
+            if let Decision::Assigned(rec) = d {
+                self.produce_log(rec, s.partition, (no, i), acks).await?;
             }
         }
-        for r in receipts {
-            match r.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(format!("producing to {}: {e}", topics::MESSAGES)),
-                Err(_) => return Err("the producer went away".into()),
+        Ok(())
+    }
+
+    /// One `im.messages` outcome: noted, or the record produced again, or the stage's end.
+    async fn on_ack(
+        &self,
+        pipe: &mut Pipeline<Produced>,
+        (no, i, r): Acked,
+        acks: &mpsc::UnboundedSender<Acked>,
+    ) -> Result<(), String> {
+        let why = match r {
+            Ok(()) => {
+                pipe.acked(no, i);
+                return Ok(());
+            }
+            Err(why) => why,
+        };
+        match pipe.failed(no, i, &why) {
+            Failure::GiveUp(e) => Err(format!("producing to {}: {e}", topics::MESSAGES)),
+            Failure::Retry { attempt } => {
+                log::warn!("logic: producing to {} failed ({why}); attempt {attempt}", topics::MESSAGES);
+                match pipe.get(no).map(|b| &b.decisions[i]) {
+                    Some((Decision::Assigned(rec), s)) => {
+                        self.produce_log(rec, s.partition, (no, i), acks).await
+                    }
+                    _ => Ok(()),
+                }
             }
         }
-        self.answer(&decisions).await;
+    }
+
+    /// Answers the batches that are durable, oldest first, and commits their offsets.
+    async fn release(&self, pipe: &mut Pipeline<Produced>, consumer: &mut dyn Consumer) {
+        while let Some(b) = pipe.pop_ready() {
+            if !b.decisions.is_empty() {
+                self.answer(&b.decisions).await;
+            }
+            // Everything up to these offsets is in im.messages and answered.
+            if let Err(e) = consumer.commit(&b.offsets, false) {
+                // Not fatal: a replay is recognised as retries.
+                log::warn!("logic: committing upstream offsets: {e}");
+            }
+        }
+    }
+
+    /// Waits for everything in flight, answering it in order.
+    async fn drain(
+        &self,
+        pipe: &mut Pipeline<Produced>,
+        acks: &mut mpsc::UnboundedReceiver<Acked>,
+        tx: &mpsc::UnboundedSender<Acked>,
+        consumer: &mut dyn Consumer,
+    ) -> Result<(), String> {
+        self.release(pipe, consumer).await;
+        while !pipe.is_empty() {
+            let Some(a) = acks.recv().await else {
+                return Err("the acknowledgement channel closed".into());
+            };
+            self.on_ack(pipe, a, tx).await?;
+            self.release(pipe, consumer).await;
+        }
         Ok(())
     }
 
@@ -354,8 +466,8 @@ impl Stage {
 
     /// The sequencer's decisions for `sends`, after the database lookups it asks for (which
     /// are retried until the database answers: nothing of the batch is produced yet).
-    async fn sequence<'a>(&mut self, sends: &'a [Admitted]) -> Vec<(Decision, &'a Admitted)> {
-        let lookups = self.seq.lookups(sends);
+    async fn sequence(&mut self, sends: Vec<Admitted>) -> Vec<(Decision, Admitted)> {
+        let lookups = self.seq.lookups(&sends);
         let store = &self.store;
         let mut stored = HashMap::new();
         if !lookups.cids.is_empty() {
@@ -379,13 +491,13 @@ impl Stage {
         }
         let decisions = self
             .seq
-            .decide(sends, &stored, &db_max, im_shared::unix_ms());
+            .decide(&sends, &stored, &db_max, im_shared::unix_ms());
         decisions.into_iter().zip(sends).collect()
     }
 
     /// Once durable: `sent` to each sender (retries first, as before the batch's new
     /// messages), and the new messages routed to their recipients' gateways.
-    async fn answer(&self, decisions: &[(Decision, &Admitted)]) {
+    async fn answer(&self, decisions: &[(Decision, Admitted)]) {
         let mut fresh: Vec<(&Stored, &Admitted)> = Vec::new();
         for (d, s) in decisions {
             match d {
@@ -411,19 +523,25 @@ impl Stage {
         }
     }
 
-    /// Queues a message for `im.messages`, in the partition its request came from; the
-    /// receiver hears when it is durable.
+    /// Queues a message for `im.messages`, in the partition its request came from; its
+    /// outcome arrives on `acks` tagged with `at` (batch, index).
     async fn produce_log(
         &self,
         rec: &Stored,
         partition: i32,
-    ) -> Result<oneshot::Receiver<Result<(), String>>, String> {
+        at: (BatchNo, usize),
+        acks: &mpsc::UnboundedSender<Acked>,
+    ) -> Result<(), String> {
         let payload = rec.to_bytes();
         let key = rec.conv.as_str();
         loop {
             let topic = topics::MESSAGES;
-            match im_bus::send_with_receipt(&*self.log, topic, Some(partition), key, &payload) {
-                Ok(rx) => return Ok(rx),
+            let tx = acks.clone();
+            let done: im_bus::Done = Box::new(move |r: Result<(), im_bus::Undelivered<'_>>| {
+                let _ = tx.send((at.0, at.1, r.map_err(|(why, _)| why)));
+            });
+            match self.log.send(topic, Some(partition), key, &payload, Some(done)) {
+                Ok(()) => return Ok(()),
                 // The queue is full: the bus is slow or down; wait for room.
                 Err(SendError::QueueFull) => tokio::time::sleep(QUEUE_FULL_PAUSE).await,
                 Err(SendError::Failed(e)) => return Err(format!("producing to {topic}: {e}")),

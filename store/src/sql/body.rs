@@ -312,7 +312,7 @@ macro_rules! impl_store {
                         $insert_ignore,
                         " INTO messages (id, conv, seq, sender_id, cid, to_user_id, to_group_id, content, content_type, ts_ms) "
                     ));
-                    q.push_values(chunk, |mut row, m| {
+                    q.push_values(padded(chunk, shortest(chunk)), |mut row, m| {
                         row.push_bind(to_i64(m.id))
                             .push_bind(m.conv.as_str())
                             .push_bind(to_i64(m.seq))
@@ -324,25 +324,25 @@ macro_rules! impl_store {
                             .push_bind(m.content_type.as_str())
                             .push_bind(to_i64(m.ts));
                     });
-                    // Only the full-size statement is worth a slot in the prepared-statement
-                    // cache; the odd-sized tails would evict the useful ones.
-                    let full = chunk.len() == MESSAGE_CHUNK_ROWS;
-                    inserted += q.build().persistent(full).execute(&mut *tx).await?.rows_affected();
+                    // Padded to a size class, so the statement is prepared once per size and
+                    // connection; the padding repeats a row, which IGNORE skips uncounted.
+                    inserted += q.build().execute(&mut *tx).await?.rows_affected();
                 }
                 for chunk in highest_seqs(batch).chunks(KEY_CHUNK) {
                     let mut q = QueryBuilder::<$db>::new("INSERT INTO conversations (conv, max_seq) ");
-                    q.push_values(chunk, |mut row, &(conv, seq)| {
+                    // Padding repeats the last row: raising to the same seq twice is a no-op.
+                    q.push_values(padded(chunk, chunk.len() - 1), |mut row, &(conv, seq)| {
                         row.push_bind(conv).push_bind(to_i64(seq));
                     });
                     q.push($raise_max_seq);
-                    q.build().persistent(false).execute(&mut *tx).await?;
+                    q.build().execute(&mut *tx).await?;
                 }
                 for chunk in pair_members(batch).chunks(KEY_CHUNK) {
                     let mut q = QueryBuilder::<$db>::new(concat!($insert_ignore, " INTO conversation_members (user_id, conv) "));
-                    q.push_values(chunk, |mut row, &(user, conv)| {
+                    q.push_values(padded(chunk, chunk.len() - 1), |mut row, &(user, conv)| {
                         row.push_bind(to_i64(user)).push_bind(conv);
                     });
-                    q.build().persistent(false).execute(&mut *tx).await?;
+                    q.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(inserted)
@@ -353,11 +353,11 @@ macro_rules! impl_store {
                 for chunk in convs.chunks(KEY_CHUNK) {
                     let mut q = QueryBuilder::<$db>::new("SELECT conv, max_seq FROM conversations WHERE conv IN (");
                     let mut list = q.separated(", ");
-                    for conv in chunk {
+                    for conv in padded(chunk, chunk.len() - 1) {
                         list.push_bind(conv.as_str());
                     }
                     q.push(")");
-                    for r in q.build().persistent(false).fetch_all(&self.pool).await? {
+                    for r in q.build().fetch_all(&self.pool).await? {
                         out.push((r.try_get("conv")?, r.try_get::<i64, _>("max_seq")? as u64));
                     }
                 }
@@ -370,14 +370,14 @@ macro_rules! impl_store {
                     // An OR of equalities on the (sender_id, cid) unique key: both engines read
                     // it as index lookups, which row-constructor IN does not promise.
                     let mut q = QueryBuilder::<$db>::new(concat!("SELECT ", message_columns!(), ", cid FROM messages WHERE "));
-                    for (i, (sender, cid)) in chunk.iter().enumerate() {
+                    for (i, (sender, cid)) in padded(chunk, chunk.len() - 1).enumerate() {
                         q.push(if i == 0 { "(sender_id = " } else { " OR (sender_id = " })
                             .push_bind(to_i64(*sender))
                             .push(" AND cid = ")
                             .push_bind(cid.as_bytes())
                             .push(")");
                     }
-                    for r in q.build().persistent(false).fetch_all(&self.pool).await? {
+                    for r in q.build().fetch_all(&self.pool).await? {
                         let row = message_row(&r)?;
                         let cid: Vec<u8> = r.try_get("cid")?;
                         // Stored from a String, so UTF-8; lossy rather than failing the batch.
