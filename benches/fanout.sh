@@ -7,7 +7,9 @@
 # harness (`im-bench fanout`) connects MEMBERS clients to each and sends MESSAGES 100-byte
 # messages at RATE per second, round-robin over a few senders; each server's CPU is read
 # from /proc over the window, so the figure is deliveries per CPU-second (per core).
-# Writes benches/results/fanout-{gateway,baseline}-<members>-<rate>-<run>.json.
+# The floor is `im-bench raw-fanout`: each `send` re-framed once and written to every other
+# socket by a plain single-threaded loop (no JSON, no pipeline), measured by the same harness.
+# Writes benches/results/fanout-{gateway,baseline,raw}-<members>-<rate>-<run>.json.
 #   usage: benches/fanout.sh [MEMBERS] [RATE] [MESSAGES] [RUN]   (cargo build --release first)
 #   PROFILE=1: also record a flamegraph of the gateway side (tuning/profile.sh).
 set -euo pipefail
@@ -59,3 +61,13 @@ wait_port 28199
 "$T/im-bench" fanout --baseline --addr 127.0.0.1:28199 --secret "$SECRET" --group 1 \
   --first 1 --members "$MEMBERS" --messages "$MESSAGES" --rate "$RATE" \
   --gateway-pid "$BASE" --json "$OUT/fanout-baseline-$MEMBERS-$RATE-$RUN.json"
+kill "$BASE"; wait "$BASE" 2>/dev/null || true
+
+echo "== floor: im-bench raw-fanout (one write per delivery, one thread), the same load"
+"$T/im-bench" raw-fanout --listen 127.0.0.1:28198 &
+RAW=$!
+PIDS+=("$RAW")
+wait_port 28198
+"$T/im-bench" fanout --baseline --addr 127.0.0.1:28198 --secret "$SECRET" --group 1 \
+  --first 1 --members "$MEMBERS" --messages "$MESSAGES" --rate "$RATE" \
+  --gateway-pid "$RAW" --json "$OUT/fanout-raw-$MEMBERS-$RATE-$RUN.json"

@@ -6,6 +6,7 @@
 # Writes benches/results/p2p-standalone-<pairs>-<rate>-<run>.json.
 #   usage: benches/p2p-standalone.sh [PAIRS] [RATE] [SECS] [RUN]   (cargo build --release first)
 #   IM_BIN=DIR: take `im` and `im-bench` from DIR (an A/B run against another build).
+#   IM_ARGS="...": more flags for `im standalone` (e.g. "--linger-ms 2 --stage-wait-ms 1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS="${1:-1000}"
@@ -32,7 +33,7 @@ FIRST="$(echo "$SEED" | sed -E 's/.*"first_user":([0-9]+).*/\1/')"
 
 echo "== im standalone, $PAIRS pairs, $RATE msgs/s for $SECS s"
 RUST_LOG=warn "$T/im" standalone --data-dir "$DATA" --jwt-secret "$SECRET" \
-  --ws-listen 127.0.0.1:28290 --api-listen 127.0.0.1:28280 > "$DATA/im.log" 2>&1 &
+  --ws-listen 127.0.0.1:28290 --api-listen 127.0.0.1:28280 ${IM_ARGS:-} > "$DATA/im.log" 2>&1 &
 IM=$!
 wait_port 28290
 "$T/im-bench" p2p --addr 127.0.0.1:28290 --secret "$SECRET" --pairs "$PAIRS" --rate "$RATE" \

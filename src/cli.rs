@@ -208,9 +208,17 @@ pub(crate) struct StandaloneArgs {
     /// rows...
     #[arg(long, env = "IM_PERSIST_BATCH_ROWS", default_value_t = 500)]
     pub(crate) batch_rows: usize,
-    /// ...or after this long: the added latency of a send.
+    /// ...or once the oldest row has waited this long while more kept arriving...
     #[arg(long, env = "IM_PERSIST_BATCH_MS", default_value_t = 5)]
     pub(crate) batch_ms: u64,
+    /// ...or as soon as nothing more is waiting, once the oldest row has waited this long
+    /// (0: at once, the lowest latency; 1-2 ms: fewer, larger commits under load).
+    #[arg(long, env = "IM_PERSIST_LINGER_MS", default_value_t = 2)]
+    pub(crate) linger_ms: u64,
+    /// How long the logic stage waits to fill a batch after its first record (0: takes what
+    /// is there; batches are pipelined, so a small one costs no extra round trip).
+    #[arg(long, env = "IM_STAGE_WAIT_MS", default_value_t = 0)]
+    pub(crate) stage_wait_ms: u64,
 }
 
 #[derive(Args)]

@@ -71,6 +71,7 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     let persist_cfg = persist::PersistConfig {
         batch_rows: a.batch_rows.max(1),
         batch_ms: a.batch_ms.max(1),
+        linger_ms: a.linger_ms,
         ..Default::default()
     };
     let persist = persist::Persist::new(bus.clone(), store.clone(), persist_cfg);
@@ -130,6 +131,7 @@ fn logic_config(a: &StandaloneArgs, secret: &str, ws: std::net::SocketAddr) -> l
             logic_id: "standalone-logic".into(),
             stage: logic::stage::StageConfig {
                 worker_id: STANDALONE_STAGE_WORKER_ID,
+                batch_wait_ms: a.stage_wait_ms,
                 ..Default::default()
             },
         }),

@@ -9,6 +9,7 @@ mod hold;
 mod p2p;
 mod pipeline;
 mod proc;
+mod raw_fanout;
 mod ws;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,9 @@ enum Cmd {
     PersistRate(pipeline::PersistRateArgs),
     /// The baseline server (tokio + tokio-tungstenite, a task per connection) for ratios.
     Baseline(baseline::BaselineArgs),
+    /// The fan-out floor: each `send` re-framed once and written to every other connection
+    /// by a plain loop (run `fanout --baseline` against it).
+    RawFanout(raw_fanout::RawFanoutArgs),
     /// Internal: one client process of `hold`.
     #[command(hide = true)]
     Worker(hold::WorkerArgs),
@@ -103,6 +107,7 @@ fn main() {
             write_json(json.as_deref(), &r);
         }
         Cmd::Baseline(a) => baseline::run(a),
+        Cmd::RawFanout(a) => raw_fanout::run(a),
         Cmd::Worker(a) => hold::worker(a),
     }
 }

@@ -77,6 +77,11 @@ impl Batcher {
         self.records.len() >= self.batch_rows || self.wait_ms(now_ms) == Some(0)
     }
 
+    /// How long the oldest pending record has waited; 0 when nothing is pending.
+    pub fn age_ms(&self, now_ms: u64) -> u64 {
+        self.oldest_ms.map_or(0, |t| now_ms.saturating_sub(t))
+    }
+
     /// How long until the batch is due by age; `None` when nothing is pending.
     pub fn wait_ms(&self, now_ms: u64) -> Option<u64> {
         self.oldest_ms

@@ -42,6 +42,7 @@ fn forget_revoked(consumer: &mut dyn Consumer, w: &mut Writer) {
 pub(crate) async fn consume(
     mut consumer: Box<dyn Consumer>,
     mut w: Writer,
+    linger_ms: u64,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
     // Group commit: a batch is written as soon as the bus has nothing more ready (so a lone
@@ -60,7 +61,8 @@ pub(crate) async fn consume(
             commit(&mut *consumer, &mut w);
             continue;
         }
-        if buffered {
+        let linger_left = linger_ms.saturating_sub(w.batcher.age_ms(w.now_ms()));
+        if buffered && linger_left == 0 {
             // Take what is ready without waiting; nothing ready means write now.
             tokio::select! {
                 biased;
@@ -69,10 +71,11 @@ pub(crate) async fn consume(
             }
             continue;
         }
+        let wait_ms = if buffered { linger_left } else { IDLE_POLL_MS };
         tokio::select! {
             _ = shutdown.changed() => {}
-            got = tokio::time::timeout(Duration::from_millis(IDLE_POLL_MS), consumer.recv()) => {
-                // Nothing came: the loop looks at the shutdown flag again.
+            got = tokio::time::timeout(Duration::from_millis(wait_ms), consumer.recv()) => {
+                // Nothing came: the loop looks at the batch and the shutdown flag again.
                 if let Ok(got) = got {
                     taken(&mut *consumer, &mut w, got).await;
                 }

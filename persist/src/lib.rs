@@ -46,8 +46,12 @@ const SHUTDOWN_GRACE_MS: u64 = 5_000;
 pub struct PersistConfig {
     /// A batch is written when it holds this many rows…
     pub batch_rows: usize,
-    /// …or this long after its first record arrived.
+    /// …or this long after its first record arrived, while more keep arriving…
     pub batch_ms: u64,
+    /// …or as soon as the bus has nothing more ready, once its first record has waited this
+    /// long (group commit; 0: at once). A little linger trades latency for fewer, larger
+    /// commits under load.
+    pub linger_ms: u64,
     /// The cap of the backoff between attempts to write a failing batch.
     pub retry_max_ms: u64,
 }
@@ -57,6 +61,7 @@ impl Default for PersistConfig {
         PersistConfig {
             batch_rows: 500,
             batch_ms: 50,
+            linger_ms: 0,
             retry_max_ms: 5_000,
         }
     }
@@ -110,7 +115,7 @@ impl Persist {
             cfg.retry_max_ms,
             Duration::from_millis(SHUTDOWN_GRACE_MS),
         );
-        consumer::consume(consumer, writer, shutdown).await
+        consumer::consume(consumer, writer, cfg.linger_ms, shutdown).await
     }
 }
 

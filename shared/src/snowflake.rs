@@ -10,11 +10,17 @@ pub const SEQ_BITS: u32 = 12;
 pub const WORKER_MAX: u16 = (1 << WORKER_BITS) - 1;
 const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 
+/// How far ahead of the clock a worker may run when a millisecond's ids are spent.
+pub const BORROW_MS_MAX: u64 = 10;
+
 #[derive(Debug)]
 pub struct Snowflake {
     worker: u64,
+    /// The millisecond (since `EPOCH_MS`) of the last id, and its sequence number.
     last_ms: u64,
     seq: u64,
+    /// The latest clock reading seen: a clock stepping back counts as standing still.
+    seen_ms: u64,
 }
 
 impl Snowflake {
@@ -27,24 +33,45 @@ impl Snowflake {
             worker: worker as u64,
             last_ms: 0,
             seq: 0,
+            seen_ms: 0,
         }
     }
 
     /// The next id at wall-clock `now_ms`. A clock that steps back does not make ids go back:
-    /// we keep using the last millisecond and, when its 4096 ids are spent, borrow the next one.
+    /// we keep using the last millisecond and, when its 4,096 ids are spent, borrow the next
+    /// one, but never more than `BORROW_MS_MAX` ahead of the latest clock reading seen: past
+    /// that, this waits (re-reading the clock) for time to catch up. At 4,096 ids a
+    /// millisecond a worker can only get there in a burst of millions of ids.
     pub fn next(&mut self, now_ms: u64) -> u64 {
-        let now = now_ms.saturating_sub(EPOCH_MS);
+        let mut now = now_ms;
+        loop {
+            match self.try_next(now) {
+                Ok(id) => return id,
+                Err(_) => {
+                    std::thread::yield_now();
+                    now = crate::unix_ms();
+                }
+            }
+        }
+    }
+
+    /// The next id at `now_ms`, or `Err(ms)`: this worker has issued every id it may until
+    /// about `ms` later (the sans-I/O form of `next`).
+    pub fn try_next(&mut self, now_ms: u64) -> Result<u64, u64> {
+        let now = now_ms.saturating_sub(EPOCH_MS).max(self.seen_ms);
+        self.seen_ms = now;
         if now > self.last_ms {
             self.last_ms = now;
             self.seq = 0;
-        } else {
+        } else if self.seq < SEQ_MASK {
             self.seq += 1;
-            if self.seq > SEQ_MASK {
-                self.last_ms += 1;
-                self.seq = 0;
-            }
+        } else if self.last_ms + 1 > now + BORROW_MS_MAX {
+            return Err(self.last_ms + 1 - now - BORROW_MS_MAX);
+        } else {
+            self.last_ms += 1;
+            self.seq = 0;
         }
-        (self.last_ms << (WORKER_BITS + SEQ_BITS)) | (self.worker << SEQ_BITS) | self.seq
+        Ok((self.last_ms << (WORKER_BITS + SEQ_BITS)) | (self.worker << SEQ_BITS) | self.seq)
     }
 
     /// Unix milliseconds encoded in an id.
@@ -71,6 +98,35 @@ mod tests {
         }
         assert_eq!((last >> SEQ_BITS) & WORKER_MAX as u64, 7);
         assert!(Snowflake::timestamp_ms(last) >= t);
+    }
+
+    #[test]
+    fn at_most_4096_ids_a_millisecond_and_borrowing_is_bounded() {
+        let mut g = Snowflake::new(3);
+        let t = EPOCH_MS + 10_000;
+        let mut per_ms = std::collections::HashMap::<u64, u64>::new();
+        let mut last = 0;
+        // A clock that stands still: the generator borrows up to BORROW_MS_MAX, then refuses.
+        let refused_at = loop {
+            match g.try_next(t) {
+                Ok(id) => {
+                    assert!(id > last);
+                    last = id;
+                    *per_ms.entry(Snowflake::timestamp_ms(id)).or_default() += 1;
+                }
+                Err(wait) => break wait,
+            }
+        };
+        assert_eq!(refused_at, 1);
+        assert!(per_ms.values().all(|&n| n == 1 << SEQ_BITS));
+        assert_eq!(per_ms.len() as u64, BORROW_MS_MAX + 1);
+        assert_eq!(Snowflake::timestamp_ms(last), t + BORROW_MS_MAX);
+        // A step back counts as standing still; time moving on lets it go again.
+        assert!(g.try_next(t - 1_000).is_err());
+        let id = g
+            .try_next(t + 1)
+            .expect("a millisecond later, one more millisecond of ids");
+        assert!(id > last);
     }
 
     #[test]

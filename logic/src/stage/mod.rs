@@ -393,7 +393,10 @@ impl Stage {
         match pipe.failed(no, i, &why) {
             Failure::GiveUp(e) => Err(format!("producing to {}: {e}", topics::MESSAGES)),
             Failure::Retry { attempt } => {
-                log::warn!("logic: producing to {} failed ({why}); attempt {attempt}", topics::MESSAGES);
+                log::warn!(
+                    "logic: producing to {} failed ({why}); attempt {attempt}",
+                    topics::MESSAGES
+                );
                 match pipe.get(no).map(|b| &b.decisions[i]) {
                     Some((Decision::Assigned(rec), s)) => {
                         self.produce_log(rec, s.partition, (no, i), acks).await
@@ -540,7 +543,10 @@ impl Stage {
             let done: im_bus::Done = Box::new(move |r: Result<(), im_bus::Undelivered<'_>>| {
                 let _ = tx.send((at.0, at.1, r.map_err(|(why, _)| why)));
             });
-            match self.log.send(topic, Some(partition), key, &payload, Some(done)) {
+            match self
+                .log
+                .send(topic, Some(partition), key, &payload, Some(done))
+            {
                 Ok(()) => return Ok(()),
                 // The queue is full: the bus is slow or down; wait for room.
                 Err(SendError::QueueFull) => tokio::time::sleep(QUEUE_FULL_PAUSE).await,

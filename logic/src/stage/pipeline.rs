@@ -106,7 +106,9 @@ impl<T> Pipeline<T> {
     /// Batch `no`, while it is in flight.
     pub fn get(&self, no: BatchNo) -> Option<&T> {
         let first = self.queue.front()?.no;
-        self.queue.get(no.checked_sub(first)? as usize).map(|b| &b.batch)
+        self.queue
+            .get(no.checked_sub(first)? as usize)
+            .map(|b| &b.batch)
     }
 
     fn find(&mut self, no: BatchNo, index: usize) -> Option<&mut InFlight<T>> {
@@ -128,7 +130,9 @@ impl<T> Pipeline<T> {
     /// Record `index` of batch `no` was refused: retry it, or give up.
     pub fn failed(&mut self, no: BatchNo, index: usize, why: &str) -> Failure {
         let Some(b) = self.find(no, index) else {
-            return Failure::GiveUp(format!("batch {no} record {index} failed unexpectedly: {why}"));
+            return Failure::GiveUp(format!(
+                "batch {no} record {index} failed unexpectedly: {why}"
+            ));
         };
         if b.attempts[index] >= PRODUCE_ATTEMPTS {
             return Failure::GiveUp(format!(
@@ -250,9 +254,15 @@ mod tests {
         );
         p.acked(b1, 0);
         // Batch 0's record fails: retried (the same record, seq 1), and nothing is released.
-        assert_eq!(p.failed(b0, 0, "broker down"), Failure::Retry { attempt: 2 });
+        assert_eq!(
+            p.failed(b0, 0, "broker down"),
+            Failure::Retry { attempt: 2 }
+        );
         assert!(p.pop_ready().is_none());
-        assert_eq!(p.failed(b0, 0, "broker down"), Failure::Retry { attempt: 3 });
+        assert_eq!(
+            p.failed(b0, 0, "broker down"),
+            Failure::Retry { attempt: 3 }
+        );
         p.acked(b0, 0);
         // Released in order: seq 1, then seq 2 and the retry's ack (seq 1) — no gap, no
         // reordering, and the retry answered only after the message it repeats is durable.

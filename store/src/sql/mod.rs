@@ -325,7 +325,10 @@ mod tests {
     #[test]
     fn statements_are_padded_to_a_power_of_two_with_the_chosen_row() {
         let sizes = |n: usize| padded(&vec![0u8; n], 0).count();
-        assert_eq!((sizes(1), sizes(2), sizes(3), sizes(5), sizes(512)), (1, 2, 4, 8, 512));
+        assert_eq!(
+            (sizes(1), sizes(2), sizes(3), sizes(5), sizes(512)),
+            (1, 2, 4, 8, 512)
+        );
         let rows: Vec<u32> = padded(&[7, 8, 9], 1).copied().collect();
         assert_eq!(rows, [7, 8, 9, 8]);
         let batch = [stored(30), stored(2), stored(10)];
