@@ -41,6 +41,9 @@ pub struct TxState {
     pub head_sent: usize,
     /// Unsent bytes in `queue`.
     pub bytes: usize,
+    /// Frames at the front of `queue` that the send in flight reads (0 when none is): they
+    /// must stay where they are until it completes.
+    pub in_flight: usize,
 }
 
 impl TxState {
@@ -138,6 +141,14 @@ impl Arena {
         }
     }
 
+    pub fn tx_mut(&mut self, idx: u32) -> Option<&mut TxState> {
+        if idx == NONE {
+            None
+        } else {
+            self.tx.get_mut(idx as usize)
+        }
+    }
+
     pub fn tx_bytes(&self, idx: u32) -> usize {
         self.tx(idx).map_or(0, |t| t.bytes)
     }
@@ -183,14 +194,14 @@ impl Arena {
         }
     }
 
-    /// Drops queued frames, keeping the front one when `keep_front` (it is partly sent or in
-    /// flight: cutting it would corrupt the stream).
-    pub fn truncate_tx(&mut self, idx: &mut u32, keep_front: bool) {
+    /// Drops queued frames but the first `keep` (partly sent, or read by a send in flight:
+    /// cutting them would corrupt the stream or free what the kernel is reading).
+    pub fn truncate_tx(&mut self, idx: &mut u32, keep: usize) {
         if *idx == NONE {
             return;
         }
         let tx = &mut self.tx[*idx as usize];
-        let keep = usize::from(keep_front && !tx.queue.is_empty());
+        let keep = keep.min(tx.queue.len());
         let dropped: usize = tx.queue.iter().skip(keep).map(|f| f.len()).sum::<usize>()
             - if keep == 0 { tx.head_sent } else { 0 };
         tx.queue.truncate(keep);
@@ -210,7 +221,7 @@ impl Arena {
             drop(self.take_rx(rx));
         }
         let mut tx = tx;
-        self.truncate_tx(&mut tx, false);
+        self.truncate_tx(&mut tx, 0);
     }
 }
 
@@ -245,9 +256,9 @@ mod tests {
             a.push_tx(&mut idx, frame(10));
         }
         a.advance_tx(&mut idx, 3);
-        a.truncate_tx(&mut idx, true);
+        a.truncate_tx(&mut idx, 1);
         assert_eq!((a.tx_bytes(idx), a.bytes()), (7, 7));
-        a.truncate_tx(&mut idx, false);
+        a.truncate_tx(&mut idx, 0);
         assert_eq!((idx, a.bytes()), (NONE, 0));
     }
 
@@ -264,7 +275,7 @@ mod tests {
         for _ in 0..100 {
             a.push_tx(&mut idx, frame(1));
         }
-        a.truncate_tx(&mut idx, false);
+        a.truncate_tx(&mut idx, 0);
         assert_eq!((idx, a.spare_queues.len()), (NONE, 0));
     }
 

@@ -3,7 +3,7 @@
 //! scratch buffer, writes attempted at once and resumed on EPOLLOUT.
 
 use super::{close_fd, run_plans, set_nodelay, shutdown_wr, tag, Clock, Stopper};
-use crate::shard::{IoPlan, Shard};
+use crate::shard::{IoPlan, Shard, SEND_FRAMES_MAX};
 use std::collections::HashSet;
 use std::io;
 use std::sync::atomic::AtomicBool;
@@ -172,7 +172,8 @@ impl Poller {
             if let (Some(fd), Some((ptr, len))) = (shard.fd(key), shard.tx_front(key)) {
                 let input = if shard.peer_eof(key) { 0 } else { IN };
                 let _ = ctl(self.ep, libc::EPOLL_CTL_MOD, fd, input, key as u64);
-                self.write_once(shard, key, fd, ptr, len);
+                // All the frames the send covers (`send_iovecs` knows how many).
+                self.write_once(shard, key, fd, ptr, len, SEND_FRAMES_MAX);
             }
         }
         if flags & (IN | libc::EPOLLHUP as u32 | libc::EPOLLERR as u32) == 0 {
@@ -212,7 +213,7 @@ impl Poller {
             ctl(self.ep, libc::EPOLL_CTL_ADD, fd, IN, key as u64)?;
         }
         if let Some((ptr, len)) = plan.send {
-            self.write_once(shard, key, fd, ptr, len);
+            self.write_once(shard, key, fd, ptr, len, plan.send_frames);
         }
         if plan.shutdown_wr {
             shutdown_wr(fd);
@@ -230,10 +231,29 @@ impl Poller {
         Ok(())
     }
 
-    /// One non-blocking write of the front frame; EAGAIN parks the connection on EPOLLOUT.
-    fn write_once(&mut self, shard: &mut Shard, key: u32, fd: i32, ptr: *const u8, len: usize) {
-        // SAFETY: ptr/len come from the shard's arena and stay valid until on_sent.
-        let r = unsafe { libc::send(fd, ptr.cast(), len, libc::MSG_NOSIGNAL) };
+    /// One non-blocking write of what is queued (`frames` frames); EAGAIN parks the connection on EPOLLOUT.
+    fn write_once(
+        &mut self,
+        shard: &mut Shard,
+        key: u32,
+        fd: i32,
+        ptr: *const u8,
+        len: usize,
+        frames: usize,
+    ) {
+        let r = if frames > 1 {
+            // Everything queued in one sendmsg; the iovecs only need to live through the call.
+            // SAFETY: msghdr and iovec are plain C structs; all-zero is a valid value.
+            let mut iov: [libc::iovec; SEND_FRAMES_MAX] = unsafe { std::mem::zeroed() };
+            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+            hdr.msg_iovlen = shard.send_iovecs(key, &mut iov);
+            hdr.msg_iov = iov.as_mut_ptr();
+            // SAFETY: the iovecs point into the shard's arena, valid until on_sent.
+            unsafe { libc::sendmsg(fd, &hdr, libc::MSG_NOSIGNAL) }
+        } else {
+            // SAFETY: ptr/len come from the shard's arena and stay valid until on_sent.
+            unsafe { libc::send(fd, ptr.cast(), len, libc::MSG_NOSIGNAL) }
+        };
         if r >= 0 {
             shard.on_sent(key, r as i32);
             return;

@@ -3,9 +3,10 @@
 //! shard's eventfd for cross-shard wake-ups. One `io_uring_enter` per turn submits and waits.
 
 use super::{close_fd, run_plans, set_nodelay, shutdown_wr, tag, Clock, Stopper};
-use crate::shard::{IoPlan, Shard};
+use crate::shard::{IoPlan, Shard, SEND_FRAMES_MAX};
 use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -235,6 +236,48 @@ impl Acceptor {
     }
 }
 
+/// One vectored send's header and iovecs: the kernel reads them until the send completes.
+struct VecSend {
+    hdr: libc::msghdr,
+    iov: [libc::iovec; SEND_FRAMES_MAX],
+}
+
+/// The vectored sends in flight, by connection (one send per connection at a time), and
+/// spare boxes for the next ones: in the steady state a send allocates nothing.
+#[derive(Default)]
+struct Vectored {
+    in_flight: HashMap<u32, Box<VecSend>>,
+    spare: Vec<Box<VecSend>>,
+}
+
+impl Vectored {
+    /// Spare boxes kept (a box is ~550 bytes).
+    const SPARE_MAX: usize = 256;
+
+    /// The send for `key`'s queued frames, its memory held until `done(key)`.
+    fn prepare(&mut self, shard: &Shard, key: u32) -> *const libc::msghdr {
+        let mut v = self.spare.pop().unwrap_or_else(|| {
+            // SAFETY: msghdr and iovec are plain C structs; all-zero is a valid (empty) value.
+            Box::new(unsafe { std::mem::zeroed::<VecSend>() })
+        });
+        let n = shard.send_iovecs(key, &mut v.iov);
+        v.hdr.msg_iov = v.iov.as_mut_ptr();
+        v.hdr.msg_iovlen = n;
+        let hdr: *const libc::msghdr = &v.hdr;
+        // Moving the Box moves the pointer, not the heap memory `hdr` points into.
+        self.in_flight.insert(key, v);
+        hdr
+    }
+
+    fn done(&mut self, key: u32) {
+        if let Some(v) = self.in_flight.remove(&key) {
+            if self.spare.len() < Self::SPARE_MAX {
+                self.spare.push(v);
+            }
+        }
+    }
+}
+
 /// The read on the shard's eventfd that ends a sleep when a peer pushed work.
 fn arm_wake(ring: &mut IoUring, wake_fd: i32, buf: &mut u64) -> io::Result<()> {
     let e = opcode::Read::new(Fd(wake_fd), (buf as *mut u64).cast(), 8).build();
@@ -262,6 +305,7 @@ fn event_loop(
     let mut stopper = Stopper::new();
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(SQ_ENTRIES as usize * 4);
     let mut ready = Vec::new();
+    let mut vectored = Vectored::default();
     loop {
         shard.set_now(clock.now());
         acceptor.resume(ring)?;
@@ -274,14 +318,17 @@ fn event_loop(
             match ud & tag::MASK {
                 tag::ACCEPT => acceptor.on_complete(&mut shard, ring, res, flags)?,
                 tag::RECV => on_recv(&mut shard, bufs, tag::key(ud), res, flags),
-                tag::SEND => shard.on_sent(tag::key(ud), res),
+                tag::SEND => {
+                    vectored.done(tag::key(ud));
+                    shard.on_sent(tag::key(ud), res)
+                }
                 tag::WAKE => arm_wake(ring, wake_fd, wake_buf)?,
                 _ => {} // cancel completions carry nothing we need
             }
         }
         bufs.publish();
         run_plans(&mut shard, &mut ready, |shard, key, fd, plan| {
-            execute(ring, shard, key, fd, plan)
+            execute(ring, &mut vectored, shard, key, fd, plan)
         })?;
         shard.end_turn();
         let mut stop_accepting = false;
@@ -317,15 +364,23 @@ fn on_recv(shard: &mut Shard, bufs: &mut BufRing, key: u32, res: i32, flags: u32
 /// Turns one connection's plan into submissions (and the close, which is synchronous).
 fn execute(
     ring: &mut IoUring,
+    vectored: &mut Vectored,
     shard: &mut Shard,
     key: u32,
     fd: i32,
     plan: IoPlan,
 ) -> io::Result<()> {
     if let Some((ptr, len)) = plan.send {
-        let e = opcode::Send::new(Fd(fd), ptr, len as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
+        // Several queued frames (a busy group member's) leave in one sendmsg.
+        let e = if plan.send_frames > 1 {
+            opcode::SendMsg::new(Fd(fd), vectored.prepare(shard, key))
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        } else {
+            opcode::Send::new(Fd(fd), ptr, len as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        };
         push(ring, e.user_data(tag::SEND | key as u64))?;
     }
     if plan.shutdown_wr {

@@ -35,10 +35,14 @@ impl Shard {
             State::Handshake => {}
         }
         let c = &mut self.conns[key as usize];
-        let keep_front = c.has(flags::SEND_INFLIGHT)
-            || c.has(flags::UPGRADE_UNSENT)
-            || self.arena.tx(c.tx).is_some_and(|t| t.head_sent > 0);
-        self.arena.truncate_tx(&mut c.tx, keep_front);
+        // Keep what a send in flight reads, and a frame already partly on the wire.
+        let (in_flight, partly_sent) = self
+            .arena
+            .tx(c.tx)
+            .map_or((0, false), |t| (t.in_flight, t.head_sent > 0));
+        let keep_front = c.has(flags::UPGRADE_UNSENT) || partly_sent;
+        self.arena
+            .truncate_tx(&mut c.tx, in_flight.max(usize::from(keep_front)));
         self.arena
             .push_tx(&mut c.tx, codec::close_frame(code, reason).into());
         c.state = State::Closing;

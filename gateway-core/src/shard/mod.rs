@@ -66,8 +66,11 @@ pub struct Now {
 /// What the driver should do for one connection now.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct IoPlan {
-    /// Send these bytes (pointer stays valid until `on_sent`).
+    /// Send these bytes (pointer stays valid until `on_sent`)...
     pub send: Option<(*const u8, usize)>,
+    /// ...and, when this is over 1, the frames queued behind them, this many in all, in one
+    /// vectored send (`send_iovecs` lists them; all stay valid until `on_sent`).
+    pub send_frames: usize,
     /// Shut down our write side (after a close frame or HTTP answer went out).
     pub shutdown_wr: bool,
     /// Cancel the armed receive; its final completion comes through `recv_disarmed`.
@@ -80,6 +83,9 @@ pub struct IoPlan {
     /// Close the fd and call `release`.
     pub close: bool,
 }
+
+/// Frames one send may carry (a vectored send's iovecs).
+pub const SEND_FRAMES_MAX: usize = 32;
 
 /// Linger after our close frame: how long we wait for the peer before closing anyway.
 const LINGER_MS: u64 = 2_000;
@@ -376,6 +382,9 @@ impl Shard {
             return;
         };
         c.io &= !(flags::SEND_INFLIGHT | flags::CANCELING_SEND);
+        if let Some(tx) = self.arena.tx_mut(c.tx) {
+            tx.in_flight = 0;
+        }
         if res < 0 {
             // Already dead or not, it needs a plan: close once nothing is in flight.
             self.kill(key);
@@ -389,6 +398,33 @@ impl Shard {
         self.mark_ready(key);
     }
 
+    /// The frames of `key`'s send in flight (`IoPlan::send_frames` of them), the first from
+    /// where the socket stopped, into `out`; returns how many it wrote.
+    pub fn send_iovecs(&self, key: u32, out: &mut [libc::iovec]) -> usize {
+        let Some(tx) = self
+            .conns
+            .get(key as usize)
+            .and_then(|c| self.arena.tx(c.tx))
+        else {
+            return 0;
+        };
+        let mut n = 0;
+        for (i, f) in tx
+            .queue
+            .iter()
+            .take(tx.in_flight.min(out.len()))
+            .enumerate()
+        {
+            let bytes = if i == 0 { &f[tx.head_sent..] } else { &f[..] };
+            out[i] = libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: bytes.len(),
+            };
+            n += 1;
+        }
+        n
+    }
+
     /// What the driver should do for `key` now; updates the I/O flags as if it was done.
     pub fn plan(&mut self, key: u32) -> IoPlan {
         let mut plan = IoPlan::default();
@@ -397,7 +433,11 @@ impl Shard {
         };
         c.io &= !flags::READY;
         if c.state != State::Dead && !c.has(flags::SEND_INFLIGHT) {
-            if let Some(front) = self.arena.tx(c.tx).and_then(|t| t.front()) {
+            if let Some(tx) = self.arena.tx_mut(c.tx).filter(|t| !t.queue.is_empty()) {
+                // Everything queued, up to a bound, leaves in one send.
+                tx.in_flight = tx.queue.len().min(SEND_FRAMES_MAX);
+                plan.send_frames = tx.in_flight;
+                let front = tx.front().expect("a queued frame");
                 plan.send = Some((front.as_ptr(), front.len()));
                 c.io |= flags::SEND_INFLIGHT;
             } else if c.state == State::Closing && !c.has(flags::SHUT_WR) {

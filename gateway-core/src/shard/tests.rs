@@ -41,6 +41,8 @@ struct Sim {
     stalled: HashSet<Id>,
     now: Now,
     next_fd: i32,
+    /// Sends the drivers would have submitted.
+    sends: usize,
 }
 
 impl Sim {
@@ -95,6 +97,7 @@ impl Sim {
                 unix_ms: NOW_UNIX_MS,
             },
             next_fd: 100,
+            sends: 0,
         };
         sim.run();
         (sim, end)
@@ -131,13 +134,32 @@ impl Sim {
         let plan = self.shards[s].plan(key);
         if let Some((ptr, len)) = plan.send {
             if !self.stalled.contains(&(s, key)) {
-                // SAFETY: the shard keeps the frame alive until on_sent.
-                let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
-                self.out
-                    .entry((s, key))
-                    .or_default()
-                    .extend_from_slice(bytes);
-                self.shards[s].on_sent(key, len as i32);
+                // As the drivers do: one vectored send when several frames are queued.
+                let mut iov = [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; crate::shard::SEND_FRAMES_MAX];
+                let n = if plan.send_frames > 1 {
+                    self.shards[s].send_iovecs(key, &mut iov)
+                } else {
+                    iov[0] = libc::iovec {
+                        iov_base: ptr as *mut libc::c_void,
+                        iov_len: len,
+                    };
+                    1
+                };
+                assert_eq!(n, plan.send_frames.max(1));
+                let out = self.out.entry((s, key)).or_default();
+                let mut sent = 0;
+                for v in &iov[..n] {
+                    // SAFETY: the shard keeps the frames alive until on_sent.
+                    let bytes =
+                        unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+                    out.extend_from_slice(bytes);
+                    sent += v.iov_len;
+                }
+                self.sends += 1;
+                self.shards[s].on_sent(key, sent as i32);
             }
         }
         if plan.shutdown_wr {
@@ -941,4 +963,73 @@ fn deliveries_allocate_nothing_on_the_shard() {
         allocations, 0,
         "{allocations} allocations for {sent} deliveries"
     );
+}
+
+#[test]
+fn queued_frames_leave_in_one_vectored_send() {
+    let mut sim = Sim::new(1, cfg());
+    let bob = sim.connect(0, 2);
+    sim.frames(bob);
+    let frames: Vec<crate::arena::Frame> = (0..5)
+        .map(|i| {
+            let text = format!(r#"{{"type":"msg","content":"m{i}"}}"#);
+            codec::server_frame(opcode::TEXT, text.as_bytes()).into()
+        })
+        .collect();
+    for f in &frames {
+        sim.shards[0].on_shard_msg(ShardMsg::Deliver {
+            user: 2,
+            frame: f.clone(),
+            except: ConnRef::NONE,
+        });
+    }
+    let before = sim.sends;
+    sim.run();
+    assert_eq!(sim.sends - before, 1, "five queued frames, one send");
+    let got: Vec<Vec<u8>> = sim.frames(bob).into_iter().map(|(_, p)| p).collect();
+    let want: Vec<Vec<u8>> = (0..5)
+        .map(|i| format!(r#"{{"type":"msg","content":"m{i}"}}"#).into_bytes())
+        .collect();
+    assert_eq!(got, want, "in order, whole");
+}
+
+#[test]
+fn closing_keeps_every_frame_a_send_in_flight_reads() {
+    let mut sim = Sim::new(1, cfg());
+    let (_, key) = sim.connect(0, 2);
+    let shard = &mut sim.shards[0];
+    let frame: crate::arena::Frame =
+        codec::server_frame(opcode::TEXT, br#"{"type":"msg","content":"x"}"#).into();
+    for _ in 0..3 {
+        shard.on_shard_msg(ShardMsg::Deliver {
+            user: 2,
+            frame: frame.clone(),
+            except: ConnRef::NONE,
+        });
+    }
+    let plan = shard.plan(key);
+    assert_eq!(plan.send_frames, 3);
+    // The send is in flight when the connection starts closing: its three frames stay.
+    shard.begin_close(key, codec::close::GOING_AWAY, "bye");
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; crate::shard::SEND_FRAMES_MAX];
+    assert_eq!(shard.send_iovecs(key, &mut iov), 3);
+    for v in &iov[..3] {
+        // SAFETY: the frames live until on_sent.
+        let bytes = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+        assert_eq!(bytes, &frame[..]);
+    }
+    // Part of the second frame went out: the rest of it, then the close frame, follow.
+    let sent = frame.len() + 3;
+    shard.on_sent(key, sent as i32);
+    let plan = shard.plan(key);
+    assert_eq!(
+        plan.send_frames, 3,
+        "the rest of frame 2, frame 3, the close frame"
+    );
+    let n = shard.send_iovecs(key, &mut iov);
+    assert_eq!(iov[0].iov_len, frame.len() - 3);
+    assert_eq!(n, 3);
 }
