@@ -174,6 +174,10 @@ pub(crate) struct GatewayArgs {
     /// Do not pin shard threads to cores.
     #[arg(long, env = "IM_NO_PIN")]
     pub(crate) no_pin: bool,
+    /// Fan-out merge window: `msg` deliveries to one connection within this many ms leave in
+    /// one write (each still its own frame). 0: each goes at once.
+    #[arg(long, env = "IM_FANOUT_MERGE_MS", default_value_t = 0)]
+    pub(crate) fanout_merge_ms: u64,
 }
 
 #[derive(Args, Clone)]
@@ -318,6 +322,7 @@ impl GatewayArgs {
             recv_buffers: self.recv_buffers,
             recv_buffer_bytes: self.recv_buffer_bytes,
             force_epoll: self.epoll,
+            fanout_merge_ms: self.fanout_merge_ms,
             ..GatewayConfig::default()
         };
         if let Some(m) = self.conns_per_shard_max {

@@ -44,6 +44,10 @@ pub struct GatewayConfig {
     pub arena_bytes_max: usize,
     /// Resolution of the timing wheel.
     pub tick_ms: u64,
+    /// Fan-out merge window (goim's room batching): deliveries to a connection within this
+    /// many milliseconds leave in one write, each still its own frame. 0: off (each goes at
+    /// once). Applies to `msg` deliveries, not to `sent` or other replies.
+    pub fanout_merge_ms: u64,
     /// How often each shard sends its users up for a presence refresh (pipeline mode); the
     /// presence TTL is three times this.
     pub presence_refresh_ms: u64,
@@ -74,6 +78,7 @@ impl Default for GatewayConfig {
             recv_buffer_bytes: 1024,
             arena_bytes_max: 256 << 20,
             tick_ms: 100,
+            fanout_merge_ms: 0,
             presence_refresh_ms: 60_000,
             force_epoll: false,
         }

@@ -123,7 +123,7 @@ impl Shard {
             let is_origin = except.shard == self.id && except.key == key && except.gen == c.gen;
             if !is_origin {
                 ShardStats::add(&self.st().deliveries_total, 1);
-                self.enqueue(key, frame.clone());
+                self.enqueue_delivery(key, frame.clone());
             }
             key = next;
         }

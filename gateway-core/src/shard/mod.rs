@@ -110,6 +110,8 @@ struct Limits {
     handshake_ticks: u32,
     linger_ticks: u32,
     presence_refresh_ticks: u32,
+    /// The fan-out merge window (0: off).
+    merge_ms: u64,
 }
 
 pub struct Shard {
@@ -134,6 +136,10 @@ pub struct Shard {
     mesh: MeshPort,
     stats: Arc<[ShardStats]>,
     ready: Vec<u32>,
+    /// Connections whose deliveries wait for the merge window to close (`--fanout-merge-ms`),
+    /// and when it closes (monotonic ms).
+    held: Vec<u32>,
+    held_until: u64,
     inbox: VecDeque<ShardMsg>,
     expired: Vec<u32>,
     scratch: Vec<u8>,
@@ -185,6 +191,7 @@ impl Shard {
                 handshake_ticks: ticks(cfg.handshake_timeout_ms),
                 linger_ticks: ticks(LINGER_MS),
                 presence_refresh_ticks: ticks(cfg.presence_refresh_ms),
+                merge_ms: cfg.fanout_merge_ms,
             },
             secret: cfg.jwt_secret.clone().into(),
             revoked,
@@ -202,6 +209,8 @@ impl Shard {
             mesh,
             stats,
             ready: Vec::new(),
+            held: Vec::new(),
+            held_until: 0,
             inbox: VecDeque::new(),
             expired: Vec::new(),
             scratch: Vec::with_capacity(4096),
@@ -229,10 +238,16 @@ impl Shard {
         (self.now.mono_ms / self.limits.tick_ms) as u32
     }
 
-    /// Milliseconds until the wheel's next tick (how long the driver may sleep).
+    /// Milliseconds until the wheel's next tick or the end of the merge window (how long the
+    /// driver may sleep).
     pub fn sleep_ms(&self) -> u64 {
         let t = self.limits.tick_ms;
-        t - self.now.mono_ms % t
+        let tick = t - self.now.mono_ms % t;
+        if self.held.is_empty() {
+            tick
+        } else {
+            tick.min(self.held_until.saturating_sub(self.now.mono_ms).max(1))
+        }
     }
 
     pub fn set_now(&mut self, now: Now) {
@@ -484,6 +499,7 @@ impl Shard {
 
     /// Connections whose I/O needs attention, into `out` (which should be empty).
     pub fn take_ready(&mut self, out: &mut Vec<u32>) {
+        self.release_held();
         std::mem::swap(&mut self.ready, out);
     }
 

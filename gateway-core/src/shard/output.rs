@@ -53,23 +53,61 @@ impl Shard {
 
     /// Queues a frame for an open connection, enforcing the per-connection bound.
     pub(super) fn enqueue(&mut self, key: u32, frame: Frame) {
-        let Some(c) = self.conns.get_mut(key as usize) else {
+        if self.queue_frame(key, frame).is_some() {
+            self.mark_ready(key);
+        }
+    }
+
+    /// Queues a delivery; with a merge window (`--fanout-merge-ms`) its send waits for the
+    /// window to close, so that the deliveries of several group messages to one connection
+    /// leave in one write (each still its own frame).
+    pub(super) fn enqueue_delivery(&mut self, key: u32, frame: Frame) {
+        if self.limits.merge_ms == 0 {
+            return self.enqueue(key, frame);
+        }
+        // A connection whose queue was not empty is already held, ready or sending.
+        if self.queue_frame(key, frame) == Some(true) {
+            if self.held.is_empty() {
+                self.held_until = self.now.mono_ms + self.limits.merge_ms;
+            }
+            self.held.push(key);
+        }
+    }
+
+    /// Once the merge window has closed, its connections' sends go out.
+    pub(super) fn release_held(&mut self) {
+        if self.held.is_empty() || self.now.mono_ms < self.held_until {
             return;
-        };
+        }
+        let held = std::mem::take(&mut self.held);
+        for &key in &held {
+            self.mark_ready(key);
+        }
+        // Keep the allocation for the next window.
+        self.held = held;
+        self.held.clear();
+    }
+
+    /// Queues `frame` within the bounds: `Some(was_empty)` when queued, `None` when the
+    /// connection is not open or was closed for falling behind.
+    fn queue_frame(&mut self, key: u32, frame: Frame) -> Option<bool> {
+        let c = self.conns.get_mut(key as usize)?;
         if c.state != State::Open {
-            return;
+            return None;
         }
         let queued = self.arena.tx_bytes(c.tx);
         if queued + frame.len() > self.limits.outbound_bytes_max || !self.arena.fits(frame.len()) {
             ShardStats::add(&self.st().slow_consumer_closes_total, 1);
-            return self.begin_close(
+            self.begin_close(
                 key,
                 close::TRY_AGAIN,
                 "outbound queue full: read your messages",
             );
+            return None;
         }
+        let was_empty = queued == 0;
         self.arena.push_tx(&mut c.tx, frame);
         ShardStats::add(&self.st().frames_out_total, 1);
-        self.mark_ready(key);
+        Some(was_empty)
     }
 }

@@ -1033,3 +1033,50 @@ fn closing_keeps_every_frame_a_send_in_flight_reads() {
     assert_eq!(iov[0].iov_len, frame.len() - 3);
     assert_eq!(n, 3);
 }
+
+#[test]
+fn a_merge_window_sends_a_connections_deliveries_in_one_write_when_it_closes() {
+    let mut sim = Sim::new(
+        1,
+        GatewayConfig {
+            fanout_merge_ms: 10,
+            ..cfg()
+        },
+    );
+    let bob = sim.connect(0, 2);
+    sim.frames(bob);
+    let before = sim.sends;
+    for i in 0..3 {
+        let text = format!(r#"{{"type":"msg","content":"m{i}"}}"#);
+        sim.shards[0].on_shard_msg(ShardMsg::Deliver {
+            user: 2,
+            frame: codec::server_frame(opcode::TEXT, text.as_bytes()).into(),
+            except: ConnRef::NONE,
+        });
+        sim.advance(3);
+    }
+    assert_eq!(sim.sends, before, "nothing before the window closes");
+    assert!(
+        sim.shards[0].sleep_ms() <= 1,
+        "the driver wakes for the window"
+    );
+    sim.advance(1);
+    assert_eq!(sim.sends - before, 1, "three deliveries, one write");
+    let n = sim.frames(bob).len();
+    assert_eq!(n, 3, "each its own frame");
+    // The next delivery opens a new window.
+    sim.shards[0].on_shard_msg(ShardMsg::Deliver {
+        user: 2,
+        frame: codec::server_frame(opcode::TEXT, b"{}").into(),
+        except: ConnRef::NONE,
+    });
+    sim.run();
+    assert_eq!(sim.sends - before, 1);
+    sim.advance(10);
+    assert_eq!(sim.sends - before, 2);
+    // A `sent` (a reply to the sender) never waits: alice's send is answered at once.
+    let alice = sim.connect(0, 1);
+    sim.frames(alice);
+    sim.send_text(alice, &send_json(2, "c1", "hi"));
+    assert_eq!(sim.json(alice)[0]["type"], "sent");
+}
