@@ -7,6 +7,7 @@ mod baseline;
 mod gateway;
 mod hold;
 mod p2p;
+mod persist_local;
 mod pipeline;
 mod proc;
 mod raw_fanout;
@@ -42,6 +43,9 @@ enum Cmd {
     Fanout(pipeline::FanoutArgs),
     /// Broker produce rate, persist rows/s on a backlog, and single-row INSERTs.
     PersistRate(pipeline::PersistRateArgs),
+    /// persist alone (in-process bus → MariaDB or SQLite) against single-row INSERTs and a
+    /// bare multi-row INSERT into a primary-key-only table (the floor), in one run.
+    PersistLocal(persist_local::PersistLocalArgs),
     /// The baseline server (tokio + tokio-tungstenite, a task per connection) for ratios.
     Baseline(baseline::BaselineArgs),
     /// The fan-out floor: each `send` re-framed once and written to every other connection
@@ -104,6 +108,12 @@ fn main() {
             let json = a.json.clone();
             let r = pipeline::persist_rate(a);
             pipeline::print_persist(&r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::PersistLocal(a) => {
+            let json = a.json.clone();
+            let r = persist_local::run(a);
+            persist_local::print(&r);
             write_json(json.as_deref(), &r);
         }
         Cmd::Baseline(a) => baseline::run(a),
