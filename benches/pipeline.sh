@@ -3,6 +3,7 @@
 # Kafka-protocol broker (nisshi, as scripts/test installs it, or IM_BROKER), `im logic`, `im persist`
 # and `im gateway` on this host against MariaDB and Redis, seeds users, then runs
 #   1. persist-rate  — broker produce rate, persist rows/s on a backlog, single-row INSERTs
+#   1b. broker-probe — the broker alone along the message's three hops (the floor for 2.)
 #   2. p2p           — 1:1 messages end to end at a few rates
 #   3. fanout        — one group of MEMBERS members, all online on one gateway
 # and stops everything it started. Results go to benches/results/pipeline-*.json.
@@ -48,6 +49,13 @@ K=(--kafka-brokers 127.0.0.1:29092)
 echo "== persist-rate"
 "$BENCH" persist-rate "${K[@]}" --mysql-url "$MYSQL" --rows 50000 --single-rows 2000 \
   --spawn-persist "$IM" --json "$OUT/pipeline-persist.json"
+
+# The broker alone along the same three hops (im-bench broker-probe): at the pipeline's
+# 1,000 msg/s, and offered far more than it can take for its 3-hop maximum.
+for rate in 1000 20000; do
+  echo "== broker-probe $rate records/s"
+  "$BENCH" broker-probe "${K[@]}" --rate "$rate" --secs 10 --json "$OUT/pipeline-broker-probe-$rate.json"
+done
 
 start logic "$IM" logic --jwt-secret $SECRET --mysql-url "$MYSQL" --redis-url $REDIS "${K[@]}" --api-listen 127.0.0.1:28080
 wait_port 28080

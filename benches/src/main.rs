@@ -4,6 +4,7 @@
 
 mod api;
 mod baseline;
+mod broker_probe;
 mod gateway;
 mod hold;
 mod p2p;
@@ -43,6 +44,8 @@ enum Cmd {
     Fanout(pipeline::FanoutArgs),
     /// Broker produce rate, persist rows/s on a backlog, and single-row INSERTs.
     PersistRate(pipeline::PersistRateArgs),
+    /// The broker alone along the message's three hops, with the pipeline's client settings.
+    BrokerProbe(broker_probe::BrokerProbeArgs),
     /// persist alone (in-process bus → MariaDB or SQLite) against single-row INSERTs and a
     /// bare multi-row INSERT into a primary-key-only table (the floor), in one run.
     PersistLocal(persist_local::PersistLocalArgs),
@@ -108,6 +111,12 @@ fn main() {
             let json = a.json.clone();
             let r = pipeline::persist_rate(a);
             pipeline::print_persist(&r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::BrokerProbe(a) => {
+            let json = a.json.clone();
+            let r = broker_probe::run(a);
+            broker_probe::print(&r);
             write_json(json.as_deref(), &r);
         }
         Cmd::PersistLocal(a) => {
