@@ -12,6 +12,9 @@
 # Writes benches/results/fanout-{gateway,baseline,raw}-<members>-<rate>-<run>.json.
 #   usage: benches/fanout.sh [MEMBERS] [RATE] [MESSAGES] [RUN]   (cargo build --release first)
 #   PROFILE=1: also record a flamegraph of the gateway side (tuning/profile.sh).
+#   IM_ARGS="...": more flags for `im standalone` (e.g. "--shards 1 --fanout-merge-ms 10").
+#   SENDERS=N: members taking turns to send (default: enough for 50 msgs/s each).
+#   ONLY_GATEWAY=1: skip the baseline and the floor.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEMBERS="${1:-2000}"
@@ -39,19 +42,22 @@ GROUP="$(echo "$SEED" | sed -E 's/.*"group":([0-9]+).*/\1/')"
 
 echo "== gateway: im standalone, $MEMBERS members, $RATE msgs/s, $MESSAGES messages"
 RUST_LOG=warn "$T/im" standalone --data-dir "$DATA" --jwt-secret "$SECRET" \
-  --ws-listen 127.0.0.1:28190 --api-listen 127.0.0.1:28180 > "$DATA/im.log" 2>&1 &
+  --ws-listen 127.0.0.1:28190 --api-listen 127.0.0.1:28180 ${IM_ARGS:-} \
+  > "$DATA/im.log" 2>&1 &
 IM=$!
 PIDS+=("$IM")
 wait_port 28190
 LOAD=("$T/im-bench" fanout --addr 127.0.0.1:28190 --secret "$SECRET" --group "$GROUP"
   --first "$FIRST" --members "$MEMBERS" --messages "$MESSAGES" --rate "$RATE"
-  --gateway-pid "$IM" --json "$OUT/fanout-gateway-$MEMBERS-$RATE-$RUN.json")
+  --gateway-pid "$IM" --json "$OUT/fanout-gateway-$MEMBERS-$RATE-$RUN.json"
+  ${SENDERS:+--senders "$SENDERS"})
 if [ -n "${PROFILE:-}" ]; then
   tuning/profile.sh --pid "$IM" --secs 120 -- "${LOAD[@]}"
 else
   "${LOAD[@]}"
 fi
 kill "$IM"; wait "$IM" 2>/dev/null || true
+[ -n "${ONLY_GATEWAY:-}" ] && exit 0
 
 echo "== baseline: tokio-tungstenite broadcast, 2 worker threads, the same load"
 "$T/im-bench" baseline --listen 127.0.0.1:28199 --secret "$SECRET" --threads 2 &
@@ -59,7 +65,7 @@ BASE=$!
 PIDS+=("$BASE")
 wait_port 28199
 "$T/im-bench" fanout --baseline --addr 127.0.0.1:28199 --secret "$SECRET" --group 1 \
-  --first 1 --members "$MEMBERS" --messages "$MESSAGES" --rate "$RATE" \
+  --first 1 --members "$MEMBERS" --messages "$MESSAGES" --rate "$RATE" ${SENDERS:+--senders "$SENDERS"} \
   --gateway-pid "$BASE" --json "$OUT/fanout-baseline-$MEMBERS-$RATE-$RUN.json"
 kill "$BASE"; wait "$BASE" 2>/dev/null || true
 
@@ -69,5 +75,5 @@ RAW=$!
 PIDS+=("$RAW")
 wait_port 28198
 "$T/im-bench" fanout --baseline --addr 127.0.0.1:28198 --secret "$SECRET" --group 1 \
-  --first 1 --members "$MEMBERS" --messages "$MESSAGES" --rate "$RATE" \
+  --first 1 --members "$MEMBERS" --messages "$MESSAGES" --rate "$RATE" ${SENDERS:+--senders "$SENDERS"} \
   --gateway-pid "$RAW" --json "$OUT/fanout-raw-$MEMBERS-$RATE-$RUN.json"
