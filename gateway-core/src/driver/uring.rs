@@ -247,6 +247,9 @@ struct VecSend {
 #[derive(Default)]
 struct Vectored {
     in_flight: HashMap<u32, Box<VecSend>>,
+    // Boxed on purpose: the kernel holds pointers into a box while its send is in flight,
+    // and moving a box between the map and this list must not move what it points to.
+    #[allow(clippy::vec_box)]
     spare: Vec<Box<VecSend>>,
 }
 
