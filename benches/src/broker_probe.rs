@@ -140,7 +140,11 @@ async fn probe(a: BrokerProbeArgs) -> BrokerProbeResult {
         let mut first = true;
         loop {
             let (_, end) = *w.lock().expect("window");
-            let until = if end == u64::MAX { give_up } else { end + DRAIN.as_micros() as u64 };
+            let until = if end == u64::MAX {
+                give_up
+            } else {
+                end + DRAIN.as_micros() as u64
+            };
             let wait = Duration::from_micros(until.saturating_sub(now_us(epoch)));
             let Ok(Ok(m)) = tokio::time::timeout(wait, down_in.recv()).await else {
                 break;
@@ -178,7 +182,11 @@ async fn probe(a: BrokerProbeArgs) -> BrokerProbeResult {
     let relay = tokio::spawn(async move {
         loop {
             let (_, end) = *w.lock().expect("window");
-            let until = if end == u64::MAX { give_up } else { end + DRAIN.as_micros() as u64 };
+            let until = if end == u64::MAX {
+                give_up
+            } else {
+                end + DRAIN.as_micros() as u64
+            };
             let wait = Duration::from_micros(until.saturating_sub(now_us(epoch)));
             let Ok(Ok(m)) = tokio::time::timeout(wait, up_in.recv()).await else {
                 break;
@@ -213,7 +221,10 @@ async fn probe(a: BrokerProbeArgs) -> BrokerProbeResult {
             _ = &mut through => break,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
-        assert!(now_us(epoch) < give_up, "nothing came through the three hops in {READY_TIMEOUT:?}");
+        assert!(
+            now_us(epoch) < give_up,
+            "nothing came through the three hops in {READY_TIMEOUT:?}"
+        );
     }
     let from = now_us(epoch) + a.warmup_secs * 1_000_000;
     let end = from + a.secs * 1_000_000;
