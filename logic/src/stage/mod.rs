@@ -127,6 +127,8 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(120);
 /// The pause after a consume error.
 const CONSUME_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// The longest a released batch's upstream offsets wait to be committed under load.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// Batches, and records, in flight between their produce and their answers.
 const IN_FLIGHT_BATCHES: usize = 64;
 const IN_FLIGHT_RECORDS: usize = 20_000;
@@ -146,6 +148,9 @@ struct Stage {
     answers: Answers,
     seq: Sequencer,
     stats: Arc<StageStats>,
+    /// Upstream offsets answered and not yet committed, and when the last commit went out.
+    uncommitted: std::collections::BTreeMap<i32, i64>,
+    last_commit: std::time::Instant,
 }
 
 /// Runs the stage until `shutdown` turns true. Errors are fatal to the stage (the bus
@@ -303,6 +308,8 @@ impl Stage {
             seq: Sequencer::new(cfg.worker_id),
             cfg,
             stats,
+            uncommitted: Default::default(),
+            last_commit: std::time::Instant::now(),
         })
     }
 
@@ -408,22 +415,41 @@ impl Stage {
     }
 
     /// Answers the batches that are durable, oldest first, and commits their offsets.
-    async fn release(&self, pipe: &mut Pipeline<Produced>, consumer: &mut dyn Consumer) {
+    async fn release(&mut self, pipe: &mut Pipeline<Produced>, consumer: &mut dyn Consumer) {
         while let Some(b) = pipe.pop_ready() {
             if !b.decisions.is_empty() {
                 self.answer(&b.decisions).await;
             }
             // Everything up to these offsets is in im.messages and answered.
-            if let Err(e) = consumer.commit(&b.offsets, false) {
-                // Not fatal: a replay is recognised as retries.
-                log::warn!("logic: committing upstream offsets: {e}");
+            for (p, o) in b.offsets {
+                let next = self.uncommitted.entry(p).or_insert(o);
+                *next = (*next).max(o);
             }
+        }
+        // Batches are small now that they are pipelined: a commit per batch was a broker
+        // request per batch. Commit when idle, or every COMMIT_EVERY under load (committing
+        // late only means a crash replays more, and a replay is recognised as retries).
+        if pipe.is_empty() || self.last_commit.elapsed() >= COMMIT_EVERY {
+            self.commit(consumer);
+        }
+    }
+
+    /// Commits the offsets released so far.
+    fn commit(&mut self, consumer: &mut dyn Consumer) {
+        if self.uncommitted.is_empty() {
+            return;
+        }
+        let offsets: Vec<(i32, i64)> = std::mem::take(&mut self.uncommitted).into_iter().collect();
+        self.last_commit = std::time::Instant::now();
+        if let Err(e) = consumer.commit(&offsets, false) {
+            // Not fatal: a replay is recognised as retries.
+            log::warn!("logic: committing upstream offsets: {e}");
         }
     }
 
     /// Waits for everything in flight, answering it in order.
     async fn drain(
-        &self,
+        &mut self,
         pipe: &mut Pipeline<Produced>,
         acks: &mut mpsc::UnboundedReceiver<Acked>,
         tx: &mpsc::UnboundedSender<Acked>,
