@@ -75,6 +75,12 @@ pub struct StageStats {
     pub deliveries_total: AtomicU64,
     pub bad_records_total: AtomicU64,
     pub syncs_total: AtomicU64,
+    /// Batches released, and microseconds they spent being checked and sequenced (first
+    /// record taken → last record handed to the producer) and then waiting to be durable
+    /// (→ released): their ratio to the batches is where a send's time in logic goes.
+    pub batches_total: AtomicU64,
+    pub sequencing_us_total: AtomicU64,
+    pub durable_wait_us_total: AtomicU64,
 }
 
 impl StageStats {
@@ -110,6 +116,21 @@ impl StageStats {
                 "im_logic_syncs_total",
                 "sync requests answered",
                 &self.syncs_total,
+            ),
+            (
+                "im_logic_batches_total",
+                "batches answered",
+                &self.batches_total,
+            ),
+            (
+                "im_logic_sequencing_microseconds_total",
+                "time batches spent checked and sequenced, until produced",
+                &self.sequencing_us_total,
+            ),
+            (
+                "im_logic_durable_wait_microseconds_total",
+                "time batches waited after producing, until durable and in their turn",
+                &self.durable_wait_us_total,
             ),
         ] {
             p.single(name, Kind::Counter, help, &[], v.load(Ordering::Relaxed));
@@ -242,6 +263,8 @@ type Acked = (BatchNo, usize, Result<(), String>);
 
 /// A batch between its produce and its answers.
 struct Produced {
+    /// When its last record was handed to the producer.
+    produced: std::time::Instant,
     decisions: Vec<(Decision, Admitted)>,
     /// The upstream offsets its answers make committable.
     offsets: Vec<(i32, i64)>,
@@ -321,6 +344,7 @@ impl Stage {
         pipe: &mut Pipeline<Produced>,
         acks: &mpsc::UnboundedSender<Acked>,
     ) -> Result<(), String> {
+        let taken = std::time::Instant::now();
         let mut sends: Vec<Admitted> = Vec::new();
         for m in batch {
             let p = m.partition;
@@ -371,7 +395,13 @@ impl Stage {
             .map(|(d, _)| matches!(d, Decision::Assigned(_)))
             .collect();
         // Registered before producing: an outcome can only name a batch the pipeline knows.
-        let no = pipe.push(Produced { decisions, offsets }, produced);
+        let now = std::time::Instant::now();
+        let batch = Produced {
+            produced: now,
+            decisions,
+            offsets,
+        };
+        let no = pipe.push(batch, produced);
         let Some(Produced { decisions, .. }) = pipe.get(no) else {
             return Ok(());
         };
@@ -380,6 +410,10 @@ impl Stage {
                 self.produce_log(rec, s.partition, (no, i), acks).await?;
             }
         }
+        let t = taken.elapsed().as_micros() as u64;
+        self.stats
+            .sequencing_us_total
+            .fetch_add(t, Ordering::Relaxed);
         Ok(())
     }
 
@@ -417,6 +451,11 @@ impl Stage {
     /// Answers the batches that are durable, oldest first, and commits their offsets.
     async fn release(&mut self, pipe: &mut Pipeline<Produced>, consumer: &mut dyn Consumer) {
         while let Some(b) = pipe.pop_ready() {
+            let waited = b.produced.elapsed().as_micros() as u64;
+            self.stats.batches_total.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .durable_wait_us_total
+                .fetch_add(waited, Ordering::Relaxed);
             if !b.decisions.is_empty() {
                 self.answer(&b.decisions).await;
             }
