@@ -25,9 +25,12 @@ REDIS=redis://127.0.0.1:6379/9
 OUT=benches/results
 WORK=$(mktemp -d)
 PIDS=()
+LOGS="${TMPDIR:-/tmp}/im-pipeline-logs.$(date -u +%Y%m%dT%H%M%SZ)"
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # The processes' logs outlive the run: a stalled step is read from them afterwards.
+  mkdir -p "$LOGS" && cp "$WORK"/*.log "$LOGS"/ 2>/dev/null && echo "logs: $LOGS" || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
