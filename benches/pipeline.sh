@@ -36,7 +36,8 @@ cleanup() {
 trap cleanup EXIT
 start() { # name, command...
   local name=$1; shift
-  ("$@" >"$WORK/$name.log" 2>&1) &
+  # info: rebalances, consumer errors and stalls are in the kept logs.
+  (RUST_LOG="${RUST_LOG:-info}" "$@" >"$WORK/$name.log" 2>&1) &
   PIDS+=($!)
 }
 wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
