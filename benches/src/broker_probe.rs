@@ -51,6 +51,8 @@ pub struct BrokerProbeResult {
 
 const PARTITIONS: i32 = 4;
 const LINGER_MS: u32 = 1;
+/// Records relayed at once (the logic stage's bound on records in flight).
+const IN_FLIGHT_MAX: usize = 20_000;
 /// How long the first record may take through the three hops (group joins).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long after the window the consumers keep reading what is still on its way.
@@ -79,6 +81,18 @@ struct Hists {
 
 fn pct(h: &Histogram<u64>) -> [u64; 3] {
     [h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()]
+}
+
+/// How long a consumer may wait for its next record: until `give_up` while the window is not
+/// open yet, then until `DRAIN` after it closes.
+fn read_wait(window: &Mutex<(u64, u64)>, give_up: u64, epoch: Instant) -> Duration {
+    let (_, end) = *window.lock().expect("window");
+    let until = if end == u64::MAX {
+        give_up
+    } else {
+        end + DRAIN.as_micros() as u64
+    };
+    Duration::from_micros(until.saturating_sub(now_us(epoch)))
 }
 
 pub fn run(a: BrokerProbeArgs) -> BrokerProbeResult {
@@ -139,13 +153,7 @@ async fn probe(a: BrokerProbeArgs) -> BrokerProbeResult {
     let receiver = tokio::spawn(async move {
         let mut first = true;
         loop {
-            let (_, end) = *w.lock().expect("window");
-            let until = if end == u64::MAX {
-                give_up
-            } else {
-                end + DRAIN.as_micros() as u64
-            };
-            let wait = Duration::from_micros(until.saturating_sub(now_us(epoch)));
+            let wait = read_wait(&w, give_up, epoch);
             let Ok(Ok(m)) = tokio::time::timeout(wait, down_in.recv()).await else {
                 break;
             };
@@ -179,15 +187,10 @@ async fn probe(a: BrokerProbeArgs) -> BrokerProbeResult {
     let log = bus.producer(LINGER_MS, 0).expect("producer");
     let down_out = bus.producer(LINGER_MS, 10_000).expect("producer");
     let w = window.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX));
     let relay = tokio::spawn(async move {
         loop {
-            let (_, end) = *w.lock().expect("window");
-            let until = if end == u64::MAX {
-                give_up
-            } else {
-                end + DRAIN.as_micros() as u64
-            };
-            let wait = Duration::from_micros(until.saturating_sub(now_us(epoch)));
+            let wait = read_wait(&w, give_up, epoch);
             let Ok(Ok(m)) = tokio::time::timeout(wait, up_in.recv()).await else {
                 break;
             };
@@ -195,8 +198,12 @@ async fn probe(a: BrokerProbeArgs) -> BrokerProbeResult {
             stamp(&mut p, now_us(epoch));
             let (log, down_out, down) = (log.clone(), down_out.clone(), down.clone());
             let msg = msg.clone();
-            // In flight together, as the pipelined stage keeps its batches.
+            // In flight together, as the pipelined stage keeps its batches, and as bounded.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
             tokio::spawn(async move {
+                let _slot = slot;
                 let key = m.partition.to_string();
                 if im_bus::send_acked(&*log, &msg, None, &key, &p)
                     .await

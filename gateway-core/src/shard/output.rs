@@ -71,6 +71,11 @@ impl Shard {
                 self.held_until = self.now.mono_ms + self.limits.merge_ms;
             }
             self.held.push(key);
+            // A connection is held again only after a reply emptied its queue; bounded all
+            // the same: past one entry per connection, the window closes early.
+            if self.held.len() > self.conns.len() {
+                self.held_until = self.now.mono_ms;
+            }
         }
     }
 
@@ -79,12 +84,9 @@ impl Shard {
         if self.held.is_empty() || self.now.mono_ms < self.held_until {
             return;
         }
-        let held = std::mem::take(&mut self.held);
-        for &key in &held {
-            self.mark_ready(key);
+        for i in 0..self.held.len() {
+            self.mark_ready(self.held[i]);
         }
-        // Keep the allocation for the next window.
-        self.held = held;
         self.held.clear();
     }
 

@@ -14,7 +14,8 @@
 //! sequencer asks for, and answers.
 //!
 //! Modules: `sequencer` (the decisions), `pipeline` (batches in flight, released in order),
-//! `state` (per-partition seqs and retries, and recovery's replay), `members` (the group member cache), `answers` (`sync` and `read` from
+//! `state` (per-partition seqs and retries, and recovery's replay), `recovery` (reading a
+//! partition's tail back), `stats` (the counters), `members` (the group member cache), `answers` (`sync` and `read` from
 //! the database), `downstream` (records to gateways), `client` (the REST API's way in).
 
 mod answers;
@@ -22,24 +23,27 @@ pub mod client;
 mod downstream;
 pub mod members;
 pub mod pipeline;
+mod recovery;
 pub mod sequencer;
 pub mod state;
+mod stats;
 
 use answers::Answers;
 use downstream::Downstream;
 use im_bus::presence::Presence;
-use im_bus::{Bus, Consumer, Producer, Rebalance, Record, SendError, Start};
-use im_shared::metrics::{Kind, Prom};
+use im_bus::{Bus, Consumer, Producer, Rebalance, Record, SendError};
 use im_shared::protocol::{self, Message, Target};
 use im_shared::records::{self, groups, topics, DownstreamBody, Stored, UpstreamBody, Versioned};
 use im_shared::{Conv, ErrorCode};
 use im_store::Store;
 use members::Members;
 use pipeline::{BatchNo, Failure, Pipeline};
+use recovery::recover;
 use sequencer::{Admitted, Check, Decision, Sequencer};
-use state::{Ack, Partition};
+use state::Ack;
+pub use stats::StageStats;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -66,86 +70,12 @@ impl Default for StageConfig {
     }
 }
 
-/// Counters for `/metrics`.
-#[derive(Default, Debug)]
-pub struct StageStats {
-    pub messages_total: AtomicU64,
-    pub retries_total: AtomicU64,
-    pub refused_total: AtomicU64,
-    pub deliveries_total: AtomicU64,
-    pub bad_records_total: AtomicU64,
-    pub syncs_total: AtomicU64,
-    /// Batches released, and microseconds they spent being checked and sequenced (first
-    /// record taken → last record handed to the producer) and then waiting to be durable
-    /// (→ released): their ratio to the batches is where a send's time in logic goes.
-    pub batches_total: AtomicU64,
-    pub sequencing_us_total: AtomicU64,
-    pub durable_wait_us_total: AtomicU64,
-}
-
-impl StageStats {
-    pub fn render(&self, out: &mut String) {
-        let mut p = Prom::new(out);
-        for (name, help, v) in [
-            (
-                "im_logic_messages_total",
-                "messages sequenced and logged to im.messages",
-                &self.messages_total,
-            ),
-            (
-                "im_logic_retries_total",
-                "sends recognised as retries (answered with the first ack)",
-                &self.retries_total,
-            ),
-            (
-                "im_logic_refused_total",
-                "sends refused (not a member, unknown user)",
-                &self.refused_total,
-            ),
-            (
-                "im_logic_downstream_records_total",
-                "records produced to gateways",
-                &self.deliveries_total,
-            ),
-            (
-                "im_logic_bad_records_total",
-                "upstream records skipped as unreadable",
-                &self.bad_records_total,
-            ),
-            (
-                "im_logic_syncs_total",
-                "sync requests answered",
-                &self.syncs_total,
-            ),
-            (
-                "im_logic_batches_total",
-                "batches answered",
-                &self.batches_total,
-            ),
-            (
-                "im_logic_sequencing_microseconds_total",
-                "time batches spent checked and sequenced, until produced",
-                &self.sequencing_us_total,
-            ),
-            (
-                "im_logic_durable_wait_microseconds_total",
-                "time batches waited after producing, until durable and in their turn",
-                &self.durable_wait_us_total,
-            ),
-        ] {
-            p.single(name, Kind::Counter, help, &[], v.load(Ordering::Relaxed));
-        }
-    }
-}
-
 /// How long a live delivery may wait for the bus before it is dropped (sync recovers it).
 const DOWNSTREAM_TIMEOUT_MS: u32 = 10_000;
 /// How long the producers may hold a record to batch it.
 const LINGER_MS: u32 = 1;
 /// How long a full `im.messages` producer queue is waited on before trying again.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
-/// How long reading back a partition's tail may take at recovery.
-const RECOVERY_TIMEOUT: Duration = Duration::from_secs(120);
 /// The pause after a consume error.
 const CONSUME_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// The longest a released batch's upstream offsets wait to be committed under load.
@@ -711,49 +641,4 @@ fn message_of(rec: &Stored, conv: Conv) -> Message {
         content_type: rec.content_type.clone(),
         ts: rec.ts,
     }
-}
-
-/// Rebuilds a partition's state: the persist group's committed offset in `im.messages` is
-/// where the database ends; the records after it are read back.
-async fn recover(bus: &dyn Bus, partition: i32) -> Result<Partition, String> {
-    let committed = bus
-        .committed(groups::PERSIST, topics::MESSAGES, partition)
-        .await?;
-    let (low, high) = bus.watermarks(topics::MESSAGES, partition).await?;
-    let start = committed.unwrap_or(low).max(low);
-    let mut part = Partition::default();
-    if start >= high {
-        log::info!(
-            "logic: partition {partition} recovered (nothing after persist's offset {start})"
-        );
-        return Ok(part);
-    }
-    let mut reader = bus
-        .partition_consumer(topics::MESSAGES, &[(partition, Start::Offset(start))])
-        .await?;
-    let deadline = tokio::time::Instant::now() + RECOVERY_TIMEOUT;
-    let mut next = start;
-    while next < high {
-        match tokio::time::timeout_at(deadline, reader.recv()).await {
-            Err(_) => {
-                return Err(format!(
-                "recovering partition {partition}: the tail did not arrive in {RECOVERY_TIMEOUT:?}"
-            ))
-            }
-            Ok(Ok(m)) => {
-                part.replay(&m.payload);
-                next = m.offset + 1;
-            }
-            Ok(Err(e)) => {
-                log::warn!("logic: reading the tail of {partition}: {e}");
-                tokio::time::sleep(CONSUME_ERROR_PAUSE).await;
-            }
-        }
-    }
-    log::info!(
-        "logic: partition {partition} recovered: {} records after persist's offset {start}, {} conversations",
-        high - start,
-        part.seqs.len()
-    );
-    Ok(part)
 }

@@ -159,25 +159,11 @@ mod tests {
     use super::*;
     use crate::stage::sequencer::{Admitted, Decision, Sequencer};
     use crate::stage::state::Partition;
-    use im_shared::records;
-    use im_shared::Conv;
     use std::collections::HashMap;
 
+    /// A 1:1 send (the sequencer's tests build them).
     fn send(from: u64, cid: &str, to_user: u64, partition: i32) -> Admitted {
-        Admitted {
-            up: records::Upstream {
-                user: from,
-                ..Default::default()
-            },
-            send: records::Send {
-                cid: cid.into(),
-                to_user,
-                content: "hi".into(),
-                ..Default::default()
-            },
-            conv: Conv::pair(from, to_user).unwrap(),
-            partition,
-        }
+        crate::stage::sequencer::tests::send(from, cid, to_user, 0, partition)
     }
 
     fn seqs(decisions: &[Decision]) -> Vec<(String, u64)> {

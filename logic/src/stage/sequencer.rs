@@ -216,10 +216,16 @@ pub fn group_access(members: &[u64], sender: u64, group: u64) -> Check {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn send(from: u64, cid: &str, to_user: u64, to_group: u64, partition: i32) -> Admitted {
+    pub(in crate::stage) fn send(
+        from: u64,
+        cid: &str,
+        to_user: u64,
+        to_group: u64,
+        partition: i32,
+    ) -> Admitted {
         let conv = if to_group != 0 {
             Conv::Group(to_group)
         } else {

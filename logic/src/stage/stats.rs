@@ -1,0 +1,76 @@
+//! The stage's counters, served on logic's `/metrics`.
+
+use im_shared::metrics::{Kind, Prom};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters for `/metrics`.
+#[derive(Default, Debug)]
+pub struct StageStats {
+    pub messages_total: AtomicU64,
+    pub retries_total: AtomicU64,
+    pub refused_total: AtomicU64,
+    pub deliveries_total: AtomicU64,
+    pub bad_records_total: AtomicU64,
+    pub syncs_total: AtomicU64,
+    /// Batches released, and microseconds they spent being checked and sequenced (first
+    /// record taken → last record handed to the producer) and then waiting to be durable
+    /// (→ released): their ratio to the batches is where a send's time in logic goes.
+    pub batches_total: AtomicU64,
+    pub sequencing_us_total: AtomicU64,
+    pub durable_wait_us_total: AtomicU64,
+}
+
+impl StageStats {
+    pub fn render(&self, out: &mut String) {
+        let mut p = Prom::new(out);
+        for (name, help, v) in [
+            (
+                "im_logic_messages_total",
+                "messages sequenced and logged to im.messages",
+                &self.messages_total,
+            ),
+            (
+                "im_logic_retries_total",
+                "sends recognised as retries (answered with the first ack)",
+                &self.retries_total,
+            ),
+            (
+                "im_logic_refused_total",
+                "sends refused (not a member, unknown user)",
+                &self.refused_total,
+            ),
+            (
+                "im_logic_downstream_records_total",
+                "records produced to gateways",
+                &self.deliveries_total,
+            ),
+            (
+                "im_logic_bad_records_total",
+                "upstream records skipped as unreadable",
+                &self.bad_records_total,
+            ),
+            (
+                "im_logic_syncs_total",
+                "sync requests answered",
+                &self.syncs_total,
+            ),
+            (
+                "im_logic_batches_total",
+                "batches answered",
+                &self.batches_total,
+            ),
+            (
+                "im_logic_sequencing_microseconds_total",
+                "time batches spent checked and sequenced, until produced",
+                &self.sequencing_us_total,
+            ),
+            (
+                "im_logic_durable_wait_microseconds_total",
+                "time batches waited after producing, until durable and in their turn",
+                &self.durable_wait_us_total,
+            ),
+        ] {
+            p.single(name, Kind::Counter, help, &[], v.load(Ordering::Relaxed));
+        }
+    }
+}
