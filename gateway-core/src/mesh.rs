@@ -197,14 +197,20 @@ impl MeshPort {
         self.to_wake.wake(&self.wakers);
     }
 
-    /// Pops up to `budget` inbound messages, round-robin over peers, into `out`.
+    /// Pops inbound messages worth up to `budget` deliveries (`ShardMsg::weight`; one heavy
+    /// message may overshoot it), round-robin over peers, into `out`.
     pub fn drain(&mut self, budget: usize, out: &mut VecDeque<ShardMsg>) -> usize {
         // The bridge gets at most half the budget: peers' messages are never starved by it.
         let n = match self.bridge.as_mut() {
-            Some(link) => ring::drain([&mut link.down], budget / 2, out),
+            Some(link) => ring::drain_weighted([&mut link.down], budget / 2, ShardMsg::weight, out),
             None => 0,
         };
-        n + ring::drain(self.inbound.iter_mut().flatten(), budget - n, out)
+        n + ring::drain_weighted(
+            self.inbound.iter_mut().flatten(),
+            budget - n.min(budget / 2),
+            ShardMsg::weight,
+            out,
+        )
     }
 
     pub fn has_inbound(&self) -> bool {

@@ -96,10 +96,37 @@ pub enum ShardMsg {
         frame: Frame,
         except: ConnRef,
     },
+    /// `Fanout` for many users whose home is the receiving shard (the bridge splits a group
+    /// message's members by home shard): one ring entry per group message and shard, not one
+    /// per member, so a shard takes many group messages in one turn and a member's frames
+    /// leave in one send.
+    FanoutMany {
+        users: Box<[u64]>,
+        frame: Frame,
+        except: ConnRef,
+    },
+    /// `Deliver` for many users, each holding connections on the receiving shard.
+    DeliverMany {
+        users: Box<[u64]>,
+        frame: Frame,
+        except: ConnRef,
+    },
     /// To the origin shard: write `frame` (a `sent` or `error`) to one connection.
     Reply { to: ConnRef, frame: Frame },
     /// Close one connection with 1008 (its token was revoked).
     Kick { to: ConnRef },
+}
+
+impl ShardMsg {
+    /// What handling this costs, in deliveries: how much of a turn's budget it takes.
+    pub fn weight(&self) -> usize {
+        match self {
+            ShardMsg::FanoutMany { users, .. } | ShardMsg::DeliverMany { users, .. } => {
+                users.len().max(1)
+            }
+            _ => 1,
+        }
+    }
 }
 
 /// A message to be sequenced by the shard that owns its conversation (local router only).

@@ -27,6 +27,38 @@ pub fn drain<'a, T: 'a>(
     n
 }
 
+/// Like `drain`, but the budget is in `weight` units (a group delivery weighs its member
+/// count): takes items while the budget lasts, so one heavy item may end it; returns the
+/// weight taken. Items past the budget stay in their ring.
+pub fn drain_weighted<'a, T: 'a>(
+    rings: impl IntoIterator<Item = &'a mut Consumer<T>>,
+    budget: usize,
+    weight: impl Fn(&T) -> usize,
+    out: &mut impl Extend<T>,
+) -> usize {
+    let mut n = 0;
+    for c in rings {
+        if n >= budget {
+            break;
+        }
+        let avail = c.slots();
+        if avail == 0 {
+            continue;
+        }
+        let Ok(chunk) = c.read_chunk(avail) else {
+            continue;
+        };
+        // Dropping the iterator gives back only the slots it yielded.
+        let mut items = chunk.into_iter();
+        while n < budget {
+            let Some(item) = items.next() else { break };
+            n += weight(&item);
+            out.extend(std::iter::once(item));
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +77,22 @@ mod tests {
         assert_eq!(out, vec![0, 1, 2, 10]);
         assert_eq!(drain([&mut c1, &mut c2], 10, &mut out), 2);
         assert_eq!(out, vec![0, 1, 2, 10, 11, 12]);
+    }
+
+    #[test]
+    fn weighted_drain_stops_once_the_budget_is_spent_and_keeps_the_rest() {
+        let (mut p1, mut c1) = RingBuffer::new(8);
+        let (mut p2, mut c2) = RingBuffer::new(8);
+        for w in [3usize, 3, 3] {
+            p1.push(w).unwrap();
+        }
+        p2.push(1).unwrap();
+        let mut out = Vec::new();
+        // 3 + 3 reaches 5: the third item and the second ring wait.
+        assert_eq!(drain_weighted([&mut c1, &mut c2], 5, |w| *w, &mut out), 6);
+        assert_eq!(out, vec![3, 3]);
+        assert_eq!((c1.slots(), c2.slots()), (1, 1));
+        assert_eq!(drain_weighted([&mut c1, &mut c2], 5, |w| *w, &mut out), 4);
+        assert_eq!(out, vec![3, 3, 3, 1]);
     }
 }

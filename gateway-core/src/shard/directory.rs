@@ -79,6 +79,29 @@ impl Shard {
                 frame,
                 except,
             } => self.deliver(user, &frame, except),
+            ShardMsg::FanoutMany {
+                users,
+                frame,
+                except,
+            } if self.shards == 1 => {
+                for &user in users.iter() {
+                    self.deliver(user, &frame, except);
+                }
+            }
+            ShardMsg::FanoutMany {
+                users,
+                frame,
+                except,
+            } => self.fanout_many(&users, frame, except),
+            ShardMsg::DeliverMany {
+                users,
+                frame,
+                except,
+            } => {
+                for &user in users.iter() {
+                    self.deliver(user, &frame, except);
+                }
+            }
             ShardMsg::Kick { to } => {
                 if self.is_live(to) {
                     self.begin_close(to.key, close::POLICY, "token revoked");
@@ -112,6 +135,40 @@ impl Shard {
             };
             self.route_or_count(shard, msg);
         }
+    }
+
+    /// As the home shard of every user in `users`: their connections here get the frame at
+    /// once, and each other shard holding any of them one `DeliverMany` listing them.
+    fn fanout_many(&mut self, users: &[u64], frame: Frame, except: ConnRef) {
+        let mut lists = std::mem::take(&mut self.fan_lists);
+        lists.resize_with(self.shards as usize, Vec::new);
+        for &user in users {
+            let mut mask = self.home.get(&user).copied().unwrap_or(0);
+            while mask != 0 {
+                let shard = mask.trailing_zeros() as u16;
+                mask &= mask - 1;
+                if shard == self.id {
+                    self.deliver(user, &frame, except);
+                } else {
+                    lists[shard as usize].push(user);
+                }
+            }
+        }
+        for (shard, list) in lists.iter_mut().enumerate() {
+            if list.is_empty() {
+                continue;
+            }
+            let msg = ShardMsg::DeliverMany {
+                users: list.as_slice().into(),
+                frame: frame.clone(),
+                except,
+            };
+            list.clear();
+            if self.mesh.send(shard as u16, msg).is_err() {
+                ShardStats::add(&self.st().ring_dropped_total, 1);
+            }
+        }
+        self.fan_lists = lists;
     }
 
     /// The frame to each of the user's connections here, but `except` (the sender's own).

@@ -89,8 +89,10 @@ pub const SEND_FRAMES_MAX: usize = 32;
 
 /// Linger after our close frame: how long we wait for the peer before closing anyway.
 const LINGER_MS: u64 = 2_000;
-/// Messages drained from the mesh per turn, so one busy peer cannot starve our sockets.
-const MESH_BATCH_MAX: usize = 4096;
+/// Deliveries (`ShardMsg::weight`) drained from the mesh per turn, so one busy peer cannot
+/// starve our sockets. Large enough for several group messages a turn: a member's frames
+/// queued in one turn leave in one vectored send.
+const MESH_BATCH_MAX: usize = 32_768;
 /// Slots of the timing wheel: one turn covers 4,096 ticks (410 s at the default 100 ms), longer
 /// than any deadline the shard arms, so a timer is visited once, when due.
 const WHEEL_SLOTS: usize = 4096;
@@ -141,6 +143,8 @@ pub struct Shard {
     held: Vec<u32>,
     held_until: u64,
     inbox: VecDeque<ShardMsg>,
+    /// Per destination shard, the users of a `FanoutMany` it holds (kept for their capacity).
+    fan_lists: Vec<Vec<u64>>,
     expired: Vec<u32>,
     scratch: Vec<u8>,
     pong: Frame,
@@ -212,6 +216,7 @@ impl Shard {
             held: Vec::new(),
             held_until: 0,
             inbox: VecDeque::new(),
+            fan_lists: Vec::new(),
             expired: Vec::new(),
             scratch: Vec::with_capacity(4096),
             pong: codec::server_frame(opcode::TEXT, protocol::PONG_JSON).into(),

@@ -1080,3 +1080,68 @@ fn a_merge_window_sends_a_connections_deliveries_in_one_write_when_it_closes() {
     sim.send_text(alice, &send_json(2, "c1", "hi"));
     assert_eq!(sim.json(alice)[0]["type"], "sent");
 }
+
+/// A group message comes from the bridge as one `FanoutMany` per home shard; the home shard
+/// passes one `DeliverMany` to each other shard holding members. Several group messages in
+/// one turn reach each member in order, in one send per connection.
+#[test]
+fn group_messages_fan_out_as_one_ring_entry_per_shard_and_leave_in_one_send() {
+    let (mut sim, mut end) = Sim::with_bridge(2, cfg());
+    let members: Vec<u64> = (1..=40).collect();
+    let mut conns = Vec::new();
+    for &u in &members {
+        conns.push((u, sim.connect((u % 2) as usize, u)));
+    }
+    // A member with a device on each shard.
+    conns.push((41, sim.connect(0, 41)));
+    conns.push((41, sim.connect(1, 41)));
+    drain_up(&mut end);
+    let origin_id = conns[0].1;
+    let origin = ConnRef {
+        shard: origin_id.0 as u16,
+        key: origin_id.1,
+        gen: sim.shards[origin_id.0].gen(origin_id.1).unwrap(),
+    };
+    for (_, id) in &conns {
+        sim.frames(*id);
+    }
+    let users: Vec<u64> = (1..=41).collect();
+    for i in 0..5 {
+        let text = format!(r#"{{"type":"msg","content":"g{i}"}}"#);
+        let frame: Frame = codec::server_frame(opcode::TEXT, text.as_bytes()).into();
+        for home in 0..2u16 {
+            let mine: Vec<u64> = users
+                .iter()
+                .copied()
+                .filter(|&u| crate::msg::home_shard(u, 2) == home)
+                .collect();
+            let n = mine.len();
+            let msg = ShardMsg::FanoutMany {
+                users: mine.into(),
+                frame: frame.clone(),
+                except: origin,
+            };
+            assert_eq!(msg.weight(), n, "a turn's budget counts deliveries");
+            end.down.send(home, msg).unwrap();
+        }
+    }
+    end.down.flush();
+    let before = sim.sends;
+    sim.run();
+    let want: Vec<Vec<u8>> = (0..5)
+        .map(|i| format!(r#"{{"type":"msg","content":"g{i}"}}"#).into_bytes())
+        .collect();
+    for (user, id) in &conns {
+        let got: Vec<Vec<u8>> = sim.frames(*id).into_iter().map(|(_, p)| p).collect();
+        if *id == origin_id {
+            assert!(got.is_empty(), "the sender's own connection is skipped");
+        } else {
+            assert_eq!(got, want, "user {user} on shard {}", id.0);
+        }
+    }
+    assert_eq!(
+        sim.sends - before,
+        conns.len() - 1,
+        "five group messages, one send per receiving connection"
+    );
+}

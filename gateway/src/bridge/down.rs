@@ -1,6 +1,7 @@
 //! The down thread: this gateway's downstream topic → the shard rings.
 
 use super::{frame, BridgeStats};
+use gateway_core::arena::Frame;
 use gateway_core::bridge::DownEnd;
 use gateway_core::msg::{conn_ref, home_shard, ConnRef, ShardMsg};
 use im_bus::Consumer;
@@ -65,16 +66,21 @@ fn dispatch(rec: records::Downstream, d: &mut DownEnd, stats: &BridgeStats) {
     };
     match rec.body {
         Some(DownstreamBody::Deliver(del)) => {
-            // One frame, shared by every recipient on every shard.
+            // One frame, shared by every recipient on every shard, and one ring entry per
+            // home shard listing its users (not one per user: a shard then takes many group
+            // messages a turn, and a member's frames leave in one send).
             let f = frame(&del.json);
             let except = conn_ref(del.except_conn);
-            for user in del.users {
-                let msg = ShardMsg::Fanout {
-                    user,
-                    frame: f.clone(),
-                    except,
-                };
-                push(d, home_shard(user, shards), msg, stats);
+            if shards == 1 {
+                fan_out(d, 0, del.users, f, except, stats);
+            } else {
+                let mut by_home = vec![Vec::new(); shards];
+                for user in del.users {
+                    by_home[home_shard(user, shards) as usize].push(user);
+                }
+                for (home, users) in by_home.into_iter().enumerate() {
+                    fan_out(d, home as u16, users, f.clone(), except, stats);
+                }
             }
         }
         Some(DownstreamBody::Reply(r)) => {
@@ -93,6 +99,31 @@ fn dispatch(rec: records::Downstream, d: &mut DownEnd, stats: &BridgeStats) {
     d.flush();
 }
 
+/// `frame` to `users`, all of whose home is `shard`.
+fn fan_out(
+    d: &mut DownEnd,
+    shard: u16,
+    users: Vec<u64>,
+    frame: Frame,
+    except: ConnRef,
+    stats: &BridgeStats,
+) {
+    let msg = match users[..] {
+        [] => return,
+        [user] => ShardMsg::Fanout {
+            user,
+            frame,
+            except,
+        },
+        _ => ShardMsg::FanoutMany {
+            users: users.into_boxed_slice(),
+            frame,
+            except,
+        },
+    };
+    push(d, shard, msg, stats);
+}
+
 /// Puts `msg` on a shard ring, waiting (bounded) while the shard catches up.
 fn push(d: &mut DownEnd, shard: u16, mut msg: ShardMsg, stats: &BridgeStats) {
     let deadline = Instant::now() + RING_WAIT;
@@ -104,10 +135,10 @@ fn push(d: &mut DownEnd, shard: u16, mut msg: ShardMsg, stats: &BridgeStats) {
                 d.flush();
                 std::thread::sleep(RING_RETRY);
             }
-            Err(_) => {
+            Err(m) => {
                 stats
                     .downstream_dropped_total
-                    .fetch_add(1, Ordering::Relaxed);
+                    .fetch_add(m.weight() as u64, Ordering::Relaxed);
                 return;
             }
         }
