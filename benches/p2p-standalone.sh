@@ -38,4 +38,5 @@ IM=$!
 wait_port 28290
 "$T/im-bench" p2p --addr 127.0.0.1:28290 --secret "$SECRET" --pairs "$PAIRS" --rate "$RATE" \
   --secs "$SECS" --user-base "$FIRST" --gateway-pid "$IM" \
+  --metrics 127.0.0.1:28280 --metrics 127.0.0.1:28290 \
   --json "$OUT/p2p-standalone-$PAIRS-$RATE-$RUN.json"

@@ -73,7 +73,8 @@ sleep 3 # logic's first rebalance
 for rate in 250 500 1000 1500; do
   echo "== p2p $rate msg/s"
   "$BENCH" p2p --addr 127.0.0.1:28090 --secret $SECRET --pairs 200 --rate "$rate" --secs 10 \
-    --user-base 10000000 --gateway-pid "$GW" --json "$OUT/pipeline-p2p-$rate.json"
+    --user-base 10000000 --gateway-pid "$GW" --metrics 127.0.0.1:28080 --metrics 127.0.0.1:28090 \
+    --json "$OUT/pipeline-p2p-$rate.json"
 done
 echo "== fanout $MEMBERS members"
 "$BENCH" fanout --addr 127.0.0.1:28090 --secret $SECRET --group 777 --first 20000000 \

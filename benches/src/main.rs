@@ -5,6 +5,7 @@
 mod api;
 mod baseline;
 mod broker_probe;
+mod fanout;
 mod gateway;
 mod hold;
 mod p2p;
@@ -12,6 +13,7 @@ mod persist_local;
 mod pipeline;
 mod proc;
 mod raw_fanout;
+mod scrape;
 mod ws;
 
 use clap::{Parser, Subcommand};
@@ -41,7 +43,7 @@ enum Cmd {
     /// Print SQL for benchmark users (and a group of them), for runs against `im logic`.
     SeedUsers(pipeline::SeedUsersArgs),
     /// One group message to every online member: delivery latency (needs the pipeline).
-    Fanout(pipeline::FanoutArgs),
+    Fanout(fanout::FanoutArgs),
     /// Broker produce rate, persist rows/s on a backlog, and single-row INSERTs.
     PersistRate(pipeline::PersistRateArgs),
     /// The broker alone along the message's three hops, with the pipeline's client settings.
@@ -103,8 +105,8 @@ fn main() {
         Cmd::SeedUsers(a) => pipeline::seed_users(a),
         Cmd::Fanout(a) => {
             let json = a.json.clone();
-            let r = pipeline::fanout(a);
-            pipeline::print_fanout(&r);
+            let r = fanout::fanout(a);
+            fanout::print(&r);
             write_json(json.as_deref(), &r);
         }
         Cmd::PersistRate(a) => {

@@ -4,6 +4,7 @@
 
 use crate::gateway::{self, GatewayArgs};
 use crate::proc;
+use crate::scrape;
 use crate::ws;
 use gateway_core::codec::opcode;
 use hdrhistogram::Histogram;
@@ -38,6 +39,10 @@ pub struct P2pArgs {
     pub user_base: u64,
     #[command(flatten)]
     pub gateway: GatewayArgs,
+    /// host:port of a service's `/metrics` (repeatable): its millisecond histograms over the
+    /// window are reported — where a message's time goes between the services.
+    #[arg(long = "metrics")]
+    pub metrics: Vec<SocketAddr>,
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
@@ -78,6 +83,8 @@ pub struct P2pResult {
     ack_latency: Latency,
     gateway_cpu_percent: Option<f64>,
     harness_cpu_secs: f64,
+    /// The services' histograms over the window (`--metrics`).
+    observed: Vec<scrape::Observed>,
 }
 
 /// Finds `"key":"` in a JSON frame and parses the 20 digits after it (our timestamps).
@@ -201,12 +208,18 @@ async fn run(a: P2pArgs, pids: Vec<u32>) -> P2pResult {
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let mut next_pair = 0usize;
     let mut measured_from = start;
+    let scrape_at = |addrs: Vec<SocketAddr>| {
+        // Off the send loop's thread: a scrape must not pause the senders.
+        tokio::task::spawn_blocking(move || scrape::snapshot(&addrs))
+    };
+    let mut before = None;
     while start.elapsed() < total {
         tick.tick().await;
         if !measuring.get() && start.elapsed() >= warmup {
             measuring.set(true);
             measured_from = Instant::now();
             cpu0 = cpu_sum(&pids);
+            before = Some(scrape_at(a.metrics.clone()));
         }
         // Messages due by now at the target rate.
         let due = (start.elapsed().as_secs_f64() * a.rate as f64) as u64;
@@ -230,6 +243,14 @@ async fn run(a: P2pArgs, pids: Vec<u32>) -> P2pResult {
     let window = measured_from.elapsed().as_secs_f64();
     let cpu = (!pids.is_empty()).then(|| (cpu_sum(&pids) - cpu0).as_secs_f64() / window * 100.0);
     measuring.set(false);
+    let after = scrape_at(a.metrics.clone());
+    let observed = match before {
+        Some(before) => scrape::between(
+            &before.await.unwrap_or_default(),
+            &after.await.unwrap_or_default(),
+        ),
+        None => Vec::new(),
+    };
     tokio::time::sleep(Duration::from_secs(1)).await; // stragglers (not counted)
     drop(receiver_writers);
     let delivery = delivery.borrow();
@@ -248,6 +269,7 @@ async fn run(a: P2pArgs, pids: Vec<u32>) -> P2pResult {
         ack_latency: Latency::of(&ack),
         gateway_cpu_percent: cpu,
         harness_cpu_secs: proc::own_cpu_time().as_secs_f64(),
+        observed,
     }
 }
 
@@ -275,4 +297,5 @@ pub fn print(r: &P2pResult) {
         println!("  gateway CPU        {c:.0} % of one core");
     }
     println!("  harness CPU        {:.1} s", r.harness_cpu_secs);
+    scrape::print(&r.observed);
 }

@@ -100,7 +100,14 @@ pub fn ping() -> Vec<u8> {
 }
 
 /// Splits complete server frames off the front of `buf`; calls `f(opcode, payload)` for each.
-pub fn drain_frames(buf: &mut Vec<u8>, mut f: impl FnMut(u8, &[u8])) {
+pub fn drain_frames(buf: &mut Vec<u8>, f: impl FnMut(u8, &[u8])) {
+    let used = frames_in(buf, f);
+    buf.drain(..used);
+}
+
+/// Calls `f(opcode, payload)` for each complete server frame at the front of `buf`; returns
+/// the bytes they took (the rest is the start of an incomplete frame).
+pub fn frames_in(buf: &[u8], mut f: impl FnMut(u8, &[u8])) -> usize {
     let mut pos = 0;
     loop {
         let b = &buf[pos..];
@@ -122,5 +129,5 @@ pub fn drain_frames(buf: &mut Vec<u8>, mut f: impl FnMut(u8, &[u8])) {
         f(b[0] & 0x0F, &b[hl..hl + len]);
         pos += hl + len;
     }
-    buf.drain(..pos);
+    pos
 }

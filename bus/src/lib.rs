@@ -46,6 +46,9 @@ pub struct Record {
     pub partition: i32,
     pub offset: i64,
     pub payload: Vec<u8>,
+    /// When the record was produced (Kafka's CreateTime, set by the producer; the memory
+    /// bus's append time), Unix ms: consumers export how old records are when they arrive.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// A record that will never be durable: why, and the record itself (so a caller need not

@@ -58,7 +58,8 @@ struct Topic {
 struct Part {
     /// Offset of `records[0]`.
     base: i64,
-    records: VecDeque<Arc<[u8]>>,
+    /// Each record, with when it was appended (Unix ms, as Kafka's CreateTime).
+    records: VecDeque<(i64, Arc<[u8]>)>,
     bytes: usize,
     /// Acknowledgements waiting for the ack group's commit, in offset order.
     acks: VecDeque<(i64, Done)>,
@@ -72,7 +73,7 @@ impl Part {
     }
 
     fn drop_oldest(&mut self) {
-        if let Some(r) = self.records.pop_front() {
+        if let Some((_, r)) = self.records.pop_front() {
             self.bytes -= r.len();
             self.base += 1;
         }
@@ -82,7 +83,7 @@ impl Part {
         !self.records.is_empty() && self.bytes + len > bytes_max
     }
 
-    fn get(&self, offset: i64) -> Option<&Arc<[u8]>> {
+    fn get(&self, offset: i64) -> Option<&(i64, Arc<[u8]>)> {
         if offset < self.base {
             return None;
         }
@@ -215,7 +216,8 @@ impl Producer for MemoryProducer {
             part.drop_oldest();
         }
         let offset = part.end();
-        part.records.push_back(payload.into());
+        part.records
+            .push_back((im_shared::unix_ms() as i64, payload.into()));
         part.bytes += payload.len();
         let ack_now = match (done, t.ack_group.is_some()) {
             (Some(done), true) => {
@@ -279,11 +281,12 @@ impl MemoryConsumer {
             let part = &mut t.parts[p];
             // Skipped past by trimming (a partition consumer that started before the base).
             let pos = pos.max(part.base);
-            if let Some(r) = part.get(pos) {
+            if let Some((ts, r)) = part.get(pos) {
                 let rec = Record {
                     partition: p as i32,
                     offset: pos,
                     payload: r.to_vec(),
+                    timestamp_ms: Some(*ts),
                 };
                 self.positions[k].1 = pos + 1;
                 if let Some(id) = self.reader {

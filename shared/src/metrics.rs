@@ -6,6 +6,7 @@
 //! cannot fail, so nothing here returns an error.
 
 use std::fmt::{Display, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The content type of what `Prom` writes.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -14,6 +15,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 pub enum Kind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 impl Kind {
@@ -21,6 +23,7 @@ impl Kind {
         match self {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         }
     }
 }
@@ -84,6 +87,54 @@ impl<'a> Prom<'a> {
     }
 }
 
+/// Upper bounds (ms) of `MillisHistogram`'s buckets: 1 ms to a minute, about three a decade.
+pub const MILLIS_BUCKETS: [u64; 16] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000,
+];
+
+/// A Prometheus histogram of milliseconds with fixed buckets (`MILLIS_BUCKETS`, then +Inf),
+/// lock-free: `observe` is a few relaxed atomic adds, cheap enough for every record.
+#[derive(Debug, Default)]
+pub struct MillisHistogram {
+    /// Per bucket, not cumulative (the +Inf bucket last); cumulated when rendered.
+    buckets: [AtomicU64; MILLIS_BUCKETS.len() + 1],
+    sum_ms: AtomicU64,
+}
+
+impl MillisHistogram {
+    pub fn observe(&self, ms: u64) {
+        let i = MILLIS_BUCKETS.partition_point(|&le| le < ms);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The family, its cumulative `_bucket` samples, `_sum` and `_count`.
+    pub fn render(&self, prom: &mut Prom<'_>, name: &str, help: &str, labels: &[(&str, &str)]) {
+        prom.family(name, Kind::Histogram, help);
+        let bucket = format!("{name}_bucket");
+        let mut total = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            total += b.load(Ordering::Relaxed);
+            let le = MILLIS_BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |v| v.to_string());
+            let mut with_le: Vec<(&str, &str)> = labels.to_vec();
+            with_le.push(("le", &le));
+            prom.sample(&bucket, &with_le, total);
+        }
+        prom.sample(
+            &format!("{name}_sum"),
+            labels,
+            self.sum_ms.load(Ordering::Relaxed),
+        );
+        prom.sample(&format!("{name}_count"), labels, total);
+    }
+}
+
 fn escape_into(v: &str, out: &mut String) {
     for c in v.chars() {
         match c {
@@ -114,5 +165,34 @@ mod tests {
              im_x_total{shard=\"1\",gw=\"a\\\"b\\\\c\\nd\"} 7\n\
              # HELP im_y Now.\n# TYPE im_y gauge\nim_y 0.500\n"
         );
+    }
+
+    #[test]
+    fn histograms_render_cumulative_buckets_sum_and_count() {
+        let h = MillisHistogram::default();
+        for ms in [0, 1, 3, 7, 70_000] {
+            h.observe(ms);
+        }
+        assert_eq!(h.count(), 5);
+        let mut out = String::new();
+        h.render(
+            &mut Prom::new(&mut out),
+            "im_age_milliseconds",
+            "Age.",
+            &[("t", "x")],
+        );
+        assert!(out.starts_with(
+            "# HELP im_age_milliseconds Age.\n# TYPE im_age_milliseconds histogram\n\
+             im_age_milliseconds_bucket{t=\"x\",le=\"1\"} 2\n\
+             im_age_milliseconds_bucket{t=\"x\",le=\"2\"} 2\n\
+             im_age_milliseconds_bucket{t=\"x\",le=\"5\"} 3\n\
+             im_age_milliseconds_bucket{t=\"x\",le=\"10\"} 4\n"
+        ));
+        assert!(out.contains("im_age_milliseconds_bucket{t=\"x\",le=\"60000\"} 4\n"));
+        assert!(out.ends_with(
+            "im_age_milliseconds_bucket{t=\"x\",le=\"+Inf\"} 5\n\
+             im_age_milliseconds_sum{t=\"x\"} 70011\n\
+             im_age_milliseconds_count{t=\"x\"} 5\n"
+        ));
     }
 }

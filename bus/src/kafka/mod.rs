@@ -149,6 +149,7 @@ impl Consumer for KafkaConsumer {
                 partition: m.partition(),
                 offset: m.offset(),
                 payload: m.payload().unwrap_or_default().to_vec(),
+                timestamp_ms: m.timestamp().to_millis(),
             })
         })
     }

@@ -42,6 +42,10 @@ pub(super) fn run(
         stats
             .downstream_records_total
             .fetch_add(1, Ordering::Relaxed);
+        if let Some(ts) = m.timestamp_ms {
+            let age = (im_shared::unix_ms() as i64).saturating_sub(ts).max(0) as u64;
+            stats.downstream_age.observe(age);
+        }
         match records::Downstream::from_bytes(&m.payload) {
             Ok(rec) => dispatch(rec, &mut down.lock().expect("not poisoned"), &stats),
             Err(e) => {

@@ -24,7 +24,7 @@ use gateway_core::bridge::BridgeEnd;
 use gateway_core::codec::{self, opcode};
 use im_bus::presence::Presence;
 use im_bus::{Bus, Start};
-use im_shared::metrics::{Kind, Prom};
+use im_shared::metrics::{Kind, MillisHistogram, Prom};
 use im_shared::records::topics;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -49,6 +49,9 @@ pub struct BridgeStats {
     pub downstream_records_total: AtomicU64,
     pub downstream_bad_records_total: AtomicU64,
     pub downstream_dropped_total: AtomicU64,
+    /// How old downstream records are when the bridge takes them (logic's produce → here:
+    /// the broker's hop), from their CreateTime.
+    pub downstream_age: MillisHistogram,
 }
 
 impl BridgeStats {
@@ -95,6 +98,12 @@ impl BridgeStats {
                 v.load(Ordering::Relaxed),
             );
         }
+        self.downstream_age.render(
+            &mut p,
+            "im_bridge_downstream_age_milliseconds",
+            "age of downstream records (since logic produced them) when the bridge takes them",
+            &[("gateway", gateway_id)],
+        );
     }
 }
 

@@ -193,6 +193,8 @@ type Acked = (BatchNo, usize, Result<(), String>);
 
 /// A batch between its produce and its answers.
 struct Produced {
+    /// When its first record was taken.
+    taken: std::time::Instant,
     /// When its last record was handed to the producer.
     produced: std::time::Instant,
     decisions: Vec<(Decision, Admitted)>,
@@ -275,8 +277,13 @@ impl Stage {
         acks: &mpsc::UnboundedSender<Acked>,
     ) -> Result<(), String> {
         let taken = std::time::Instant::now();
+        let unix_ms = im_shared::unix_ms() as i64;
         let mut sends: Vec<Admitted> = Vec::new();
         for m in batch {
+            if let Some(ts) = m.timestamp_ms {
+                let age = unix_ms.saturating_sub(ts).max(0) as u64;
+                self.stats.upstream_age.observe(age);
+            }
             let p = m.partition;
             if !self.seq.has(p) {
                 let part = recover(&*self.bus, p).await?;
@@ -327,6 +334,7 @@ impl Stage {
         // Registered before producing: an outcome can only name a batch the pipeline knows.
         let now = std::time::Instant::now();
         let batch = Produced {
+            taken,
             produced: now,
             decisions,
             offsets,
@@ -389,6 +397,8 @@ impl Stage {
             if !b.decisions.is_empty() {
                 self.answer(&b.decisions).await;
             }
+            let ms = b.taken.elapsed().as_millis() as u64;
+            self.stats.batch_time.observe(ms);
             // Everything up to these offsets is in im.messages and answered.
             for (p, o) in b.offsets {
                 let next = self.uncommitted.entry(p).or_insert(o);

@@ -1,6 +1,6 @@
 //! The stage's counters, served on logic's `/metrics`.
 
-use im_shared::metrics::{Kind, Prom};
+use im_shared::metrics::{Kind, MillisHistogram, Prom};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters for `/metrics`.
@@ -18,6 +18,11 @@ pub struct StageStats {
     pub batches_total: AtomicU64,
     pub sequencing_us_total: AtomicU64,
     pub durable_wait_us_total: AtomicU64,
+    /// How old `im.upstream` records are when the stage takes them (the broker's hop from
+    /// the gateway, and any queueing here), from their CreateTime.
+    pub upstream_age: MillisHistogram,
+    /// Per batch, from taking its first record to handing its answers to the producer.
+    pub batch_time: MillisHistogram,
 }
 
 impl StageStats {
@@ -72,5 +77,17 @@ impl StageStats {
         ] {
             p.single(name, Kind::Counter, help, &[], v.load(Ordering::Relaxed));
         }
+        self.upstream_age.render(
+            &mut p,
+            "im_logic_upstream_age_milliseconds",
+            "age of im.upstream records (since produced) when the stage takes them",
+            &[],
+        );
+        self.batch_time.render(
+            &mut p,
+            "im_logic_batch_milliseconds",
+            "per batch: first record taken to answers produced (checks, sequencing, durable wait)",
+            &[],
+        );
     }
 }
