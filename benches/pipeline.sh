@@ -4,7 +4,8 @@
 # and `im gateway` on this host against MariaDB and Redis, seeds users, then runs
 #   1. persist-rate  — broker produce rate, persist rows/s on a backlog, single-row INSERTs
 #   1b. broker-probe — the broker alone along the message's three hops (the floor for 2.)
-#   2. p2p           — 1:1 messages end to end at a few rates
+#   2. p2p           — 1:1 messages end to end at a few rates, each with the services' hop
+#                      histograms over its window (where the time goes: --metrics)
 #   3. fanout        — one group of MEMBERS members, all online on one gateway
 # and stops everything it started. Results go to benches/results/pipeline-*.json.
 #   usage: benches/pipeline.sh [MEMBERS]   (release build first: cargo build --release)
@@ -70,6 +71,10 @@ GW=$(pgrep -f -- "--gateway-id bench-gw" | head -1)
 "$BENCH" seed-users --first 10000000 --count 2000 | mysql -uroot -h127.0.0.1 "$DB"
 "$BENCH" seed-users --first 20000000 --count "$MEMBERS" --group 777 | mysql -uroot -h127.0.0.1 "$DB"
 sleep 3 # logic's first rebalance
+# A warm-up (not recorded): the consumers' first fetches and the groups' joins settle here,
+# not in the first measured step.
+"$BENCH" p2p --addr 127.0.0.1:28090 --secret $SECRET --pairs 200 --rate 200 --secs 5 \
+  --user-base 10000000 >/dev/null
 for rate in 250 500 1000 1500; do
   echo "== p2p $rate msg/s"
   "$BENCH" p2p --addr 127.0.0.1:28090 --secret $SECRET --pairs 200 --rate "$rate" --secs 10 \
