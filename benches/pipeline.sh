@@ -3,7 +3,8 @@
 # Kafka-protocol broker (nisshi, as scripts/test installs it, or IM_BROKER), `im logic`, `im persist`
 # and `im gateway` on this host against MariaDB and Redis, seeds users, then runs
 #   1. persist-rate  — broker produce rate, persist rows/s on a backlog, single-row INSERTs
-#   1b. broker-probe — the broker alone along the message's three hops (the floor for 2.)
+#   1b. broker-probe — the broker alone along the message's three hops (the floor for 2.),
+#                      then again beside the started (idle) pipeline
 #   2. p2p           — 1:1 messages end to end at a few rates, each with the services' hop
 #                      histograms over its window (where the time goes: --metrics)
 #   3. fanout        — one group of MEMBERS members, all online on one gateway
@@ -75,6 +76,10 @@ sleep 3 # logic's first rebalance
 # not in the first measured step.
 "$BENCH" p2p --addr 127.0.0.1:28090 --secret $SECRET --pairs 200 --rate 200 --secs 5 \
   --user-base 10000000 >/dev/null
+# The probe again, now with the pipeline's processes connected and idle beside it: their
+# consumers' polling is load the broker carries in the p2p steps but not in the first probe.
+echo "== broker-probe 1000 records/s, beside the idle pipeline"
+"$BENCH" broker-probe "${K[@]}" --rate 1000 --secs 10 --json "$OUT/pipeline-broker-probe-1000-beside.json"
 for rate in 250 500 1000 1500; do
   echo "== p2p $rate msg/s"
   "$BENCH" p2p --addr 127.0.0.1:28090 --secret $SECRET --pairs 200 --rate "$rate" --secs 10 \
