@@ -2,7 +2,11 @@
 //! connections of a user (`local`, an intrusive list through `Conn`); the user's *home* shard
 //! (`msg::home_shard`) keeps a bit mask of the shards holding any (`home`). A delivery goes to
 //! the home shard as `Fanout`, which forwards a `Deliver` to each shard in the mask; that
-//! shard writes the shared frame to each of the user's connections.
+//! shard writes the shared frame to each of the user's connections. A group message comes as
+//! `FanoutMany` (the users of one home shard): the home shard delivers to its own connections
+//! at once and sends each other shard holding members one `DeliverMany`. The mesh budget of a
+//! turn counts deliveries, so a shard takes many group messages a turn and a member's frames
+//! leave in one send.
 //!
 //! Directory updates (`Attach`, `Detach`) are never dropped; a delivery that meets a full ring
 //! and backlog is counted and dropped (the client's sync recovers it).

@@ -10,8 +10,9 @@
 //! - **down** (`down.rs`) — consumes this gateway's own topic `im.downstream.<gateway-id>` from
 //!   its end (what was sent to connections before this process started is for connections
 //!   that are gone) and puts each record on the shard rings: a `Deliver` becomes one shared
-//!   frame and a `Fanout` per user to the user's home shard; a `Reply` goes to the
-//!   connection's shard.
+//!   frame and, per home shard, one `FanoutMany` listing that shard's users (a group message
+//!   is one ring entry per shard, not one per member); a `Reply` goes to the connection's
+//!   shard. It records how old each record is (`im_bridge_downstream_age_milliseconds`).
 //! - **presence** (`crate::presence`) — writes the changes in batches to a `Presence` (Redis,
 //!   or the process's memory in standalone).
 
