@@ -545,7 +545,11 @@ impl Stage {
         loop {
             let topic = topics::MESSAGES;
             let tx = acks.clone();
+            let (sent, stats) = (std::time::Instant::now(), self.stats.clone());
             let done: im_bus::Done = Box::new(move |r: Result<(), im_bus::Undelivered<'_>>| {
+                if r.is_ok() {
+                    stats.ack_time.observe(sent.elapsed().as_millis() as u64);
+                }
                 let _ = tx.send((at.0, at.1, r.map_err(|(why, _)| why)));
             });
             match self

@@ -23,6 +23,10 @@ pub struct StageStats {
     pub upstream_age: MillisHistogram,
     /// Per batch, from taking its first record to handing its answers to the producer.
     pub batch_time: MillisHistogram,
+    /// Per record, from its produce to `im.messages` to its acknowledgement as durable (the
+    /// broker's acks=all; in standalone, persist's commit): the part of `batch_time` that is
+    /// the log's, beside what the stage adds (checks, in-order release, answers).
+    pub ack_time: MillisHistogram,
 }
 
 impl StageStats {
@@ -87,6 +91,12 @@ impl StageStats {
             &mut p,
             "im_logic_batch_milliseconds",
             "per batch: first record taken to answers produced (checks, sequencing, durable wait)",
+            &[],
+        );
+        self.ack_time.render(
+            &mut p,
+            "im_logic_messages_ack_milliseconds",
+            "per record: produced to im.messages until acknowledged as durable",
             &[],
         );
     }
