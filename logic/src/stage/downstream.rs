@@ -35,7 +35,31 @@ impl Downstream {
             body: Some(body),
         };
         let topic = topics::downstream(gateway);
-        match self.producer.send(&topic, None, key, &rec.to_bytes(), None) {
+        // The outcome is only counted: a live delivery the broker never takes is dropped (the
+        // client's sync recovers it), but an operator must see that it happened, and how long
+        // the broker takes to acknowledge the ones it does take.
+        let (sent, stats) = (std::time::Instant::now(), self.stats.clone());
+        let done: im_bus::Done = Box::new(move |r: Result<(), im_bus::Undelivered<'_>>| match r {
+            Ok(()) => stats
+                .downstream_ack_time
+                .observe(sent.elapsed().as_millis() as u64),
+            Err((why, _)) => {
+                let n = stats
+                    .downstream_failed_total
+                    .fetch_add(1, Ordering::Relaxed);
+                // The first failure, then one in a thousand: a broker outage fails them all.
+                if n % 1000 == 0 {
+                    log::warn!(
+                        "logic: a downstream record was not delivered ({why}); {} so far",
+                        n + 1
+                    );
+                }
+            }
+        });
+        match self
+            .producer
+            .send(&topic, None, key, &rec.to_bytes(), Some(done))
+        {
             Ok(()) => {
                 self.stats.deliveries_total.fetch_add(1, Ordering::Relaxed);
             }
@@ -75,5 +99,62 @@ impl Downstream {
         let mut json = Vec::with_capacity(160);
         protocol::encode_error(code, msg, cid, &mut json);
         self.reply(up, json);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use im_bus::{Done, SendError};
+    use std::time::Duration;
+
+    /// A producer whose broker takes records while `take` says so, and refuses them after.
+    struct Broker {
+        take: bool,
+    }
+
+    impl Producer for Broker {
+        fn send(
+            &self,
+            _topic: &str,
+            _partition: Option<i32>,
+            _key: &str,
+            payload: &[u8],
+            done: Option<Done>,
+        ) -> Result<(), SendError> {
+            let done = done.expect("downstream records are followed");
+            done(if self.take {
+                Ok(())
+            } else {
+                Err(("Local: Message timed out".into(), payload))
+            });
+            Ok(())
+        }
+
+        fn in_flight(&self) -> usize {
+            0
+        }
+
+        fn flush(&self, _timeout: Duration) {}
+    }
+
+    fn body() -> DownstreamBody {
+        DownstreamBody::Reply(records::Reply {
+            conn: 7,
+            json: b"{}".to_vec(),
+        })
+    }
+
+    #[test]
+    fn undelivered_records_are_counted_and_acks_timed() {
+        let stats = Arc::new(StageStats::default());
+        let ok = Downstream::new(Arc::new(Broker { take: true }), stats.clone());
+        ok.send("gw", "k", body());
+        ok.send("gw", "k", body());
+        let down = Downstream::new(Arc::new(Broker { take: false }), stats.clone());
+        down.send("gw", "k", body());
+        assert_eq!(stats.deliveries_total.load(Ordering::Relaxed), 3, "all queued");
+        assert_eq!(stats.downstream_ack_time.count(), 2);
+        assert_eq!(stats.downstream_failed_total.load(Ordering::Relaxed), 1);
     }
 }

@@ -27,6 +27,10 @@ pub struct StageStats {
     /// broker's acks=all; in standalone, persist's commit): the part of `batch_time` that is
     /// the log's, beside what the stage adds (checks, in-order release, answers).
     pub ack_time: MillisHistogram,
+    /// Downstream records (deliveries, replies) the broker acknowledged, per record from
+    /// produce to ack; and those it never took (dropped: the client's sync recovers them).
+    pub downstream_ack_time: MillisHistogram,
+    pub downstream_failed_total: AtomicU64,
 }
 
 impl StageStats {
@@ -52,6 +56,11 @@ impl StageStats {
                 "im_logic_downstream_records_total",
                 "records produced to gateways",
                 &self.deliveries_total,
+            ),
+            (
+                "im_logic_downstream_failed_total",
+                "records for gateways the broker never took (live deliveries dropped)",
+                &self.downstream_failed_total,
             ),
             (
                 "im_logic_bad_records_total",
@@ -97,6 +106,12 @@ impl StageStats {
             &mut p,
             "im_logic_messages_ack_milliseconds",
             "per record: produced to im.messages until acknowledged as durable",
+            &[],
+        );
+        self.downstream_ack_time.render(
+            &mut p,
+            "im_logic_downstream_ack_milliseconds",
+            "per record: produced to a gateway's topic until the broker acknowledged it",
             &[],
         );
     }
