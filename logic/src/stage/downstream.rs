@@ -153,7 +153,11 @@ mod tests {
         ok.send("gw", "k", body());
         let down = Downstream::new(Arc::new(Broker { take: false }), stats.clone());
         down.send("gw", "k", body());
-        assert_eq!(stats.deliveries_total.load(Ordering::Relaxed), 3, "all queued");
+        assert_eq!(
+            stats.deliveries_total.load(Ordering::Relaxed),
+            3,
+            "all queued"
+        );
         assert_eq!(stats.downstream_ack_time.count(), 2);
         assert_eq!(stats.downstream_failed_total.load(Ordering::Relaxed), 1);
     }
