@@ -13,9 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A fetch waits at most fetch.wait.max.ms at the broker (100 ms, bus/src/kafka/config.rs).
-# nisshi, like Kafka, answers as soon as data is there, so the wait bounds idle polling, not
-# latency. (tansu held every fetch for its whole wait, so its runs set 10 ms; on nisshi that
-# only burns the broker's CPU: IM_KAFKA_CONFIG=fetch.wait.max.ms=10 to compare.)
+# nisshi 0.6.0 answers a waiting fetch when data comes, but under load it can hold a fetch
+# for seconds: past the wait it reads one record per storage call until the 5 MiB budget is
+# full (benches/RESULTS.md, "2026-12-04 (night)"). To bound that hold on this broker:
+#   IM_KAFKA_CONFIG=fetch.max.bytes=65536,message.max.bytes=65536 benches/pipeline.sh
+# (a workaround for the test broker, not a production setting). A shorter wait makes it worse.
 T="${CARGO_TARGET_DIR:-target}/release"
 IM="$T/im"; BENCH="$T/im-bench"
 BROKER="${IM_BROKER:-$HOME/.cache/im-tools/bin/nisshi}"
