@@ -42,7 +42,8 @@ enum Cmd {
     SeedMessages(api::SeedArgs),
     /// Print SQL for benchmark users (and a group of them), for runs against `im logic`.
     SeedUsers(pipeline::SeedUsersArgs),
-    /// One group message to every online member: delivery latency (needs the pipeline).
+    /// Group messages to every online member: deliveries per server CPU-second and latency to
+    /// each and to the last member (one epoll reader thread; it reports its own CPU).
     Fanout(fanout::FanoutArgs),
     /// Broker produce rate, persist rows/s on a backlog, and single-row INSERTs.
     PersistRate(pipeline::PersistRateArgs),
