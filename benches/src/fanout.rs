@@ -337,15 +337,20 @@ fn read_loop(ep: i32, fds: Vec<i32>, want: &[u8], epoch: Instant, shared: &Share
             continue;
         }
         t.waits += 1;
-        let now = epoch.elapsed().as_micros() as u64;
-        let (mut got, mut errors) = (0u64, 0u64);
+        let (mut got, mut errors, mut now) = (0u64, 0u64, 0u64);
         for ev in &events[..n as usize] {
             let i = ev.u64 as usize;
             // SAFETY: reading into our own buffer from an fd we keep open.
             let r = unsafe { libc::read(fds[i], chunk.as_mut_ptr().cast(), chunk.len()) };
+            // Stamped per read: a wait's sockets take a while to read, and the last one's
+            // frames must not look as early as the first's.
+            now = epoch.elapsed().as_micros() as u64;
             if r <= 0 {
                 let again = r < 0
-                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock;
+                    && matches!(
+                        std::io::Error::last_os_error().kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    );
                 if !again {
                     // Closed or failed: stop watching it (its frames are counted as missing).
                     // SAFETY: removing an fd we added.

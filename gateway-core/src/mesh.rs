@@ -31,6 +31,8 @@ pub struct MeshPort {
     /// changes, which are bounded by the connection count).
     up_backlog: VecDeque<UpMsg>,
     wake_bridge: bool,
+    /// The peer whose ring `drain` visits first next turn.
+    next_peer: usize,
 }
 
 /// Builds the full mesh for `n` shards (n ≤ `SHARDS_MAX`).
@@ -58,6 +60,7 @@ pub fn build(
             bridge: None,
             up_backlog: VecDeque::new(),
             wake_bridge: false,
+            next_peer: 0,
         })
         .collect();
     for src in 0..n {
@@ -198,19 +201,30 @@ impl MeshPort {
     }
 
     /// Pops inbound messages worth up to `budget` deliveries (`ShardMsg::weight`; one heavy
-    /// message may overshoot it), round-robin over peers, into `out`.
-    pub fn drain(&mut self, budget: usize, out: &mut VecDeque<ShardMsg>) -> usize {
-        // The bridge gets at most half the budget: peers' messages are never starved by it.
-        let n = match self.bridge.as_mut() {
-            Some(link) => ring::drain_weighted([&mut link.down], budget / 2, ShardMsg::weight, out),
-            None => 0,
+    /// message may overshoot it) and at most `msgs_max` messages, into `out`. Peers are
+    /// visited from a different one each turn, so none is always last.
+    pub fn drain(&mut self, budget: usize, msgs_max: usize, out: &mut VecDeque<ShardMsg>) {
+        // The bridge gets at most half of each bound: peers are never starved by it.
+        let (n, k) = match self.bridge.as_mut() {
+            Some(link) => ring::drain_weighted(
+                [&mut link.down],
+                budget / 2,
+                msgs_max / 2,
+                ShardMsg::weight,
+                out,
+            ),
+            None => (0, 0),
         };
-        n + ring::drain_weighted(
-            self.inbound.iter_mut().flatten(),
+        let start = self.next_peer % self.inbound.len();
+        self.next_peer = self.next_peer.wrapping_add(1);
+        let (before, from) = self.inbound.split_at_mut(start);
+        ring::drain_weighted(
+            from.iter_mut().chain(before.iter_mut()).flatten(),
             budget - n.min(budget / 2),
+            msgs_max - k.min(msgs_max / 2),
             ShardMsg::weight,
             out,
-        )
+        );
     }
 
     pub fn has_inbound(&self) -> bool {
@@ -250,7 +264,8 @@ mod tests {
         }
         ports[0].flush();
         let mut got = VecDeque::new();
-        assert_eq!(ports[2].drain(100, &mut got), 5);
+        ports[2].drain(100, 100, &mut got);
+        assert_eq!(got.len(), 5);
         let users: Vec<u64> = got
             .iter()
             .map(|m| {
@@ -277,9 +292,9 @@ mod tests {
             "backlog bound must hold"
         );
         let mut got = VecDeque::new();
-        ports[1].drain(100, &mut got);
+        ports[1].drain(100, 100, &mut got);
         ports[0].flush(); // backlog moves into the freed ring, in order
-        ports[1].drain(100, &mut got);
+        ports[1].drain(100, 100, &mut got);
         assert_eq!(got.len(), 7);
         assert_eq!(ports[0].backlog_len(), 0);
         if let ShardMsg::Attach { user, .. } = got[6] {

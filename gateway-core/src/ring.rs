@@ -28,17 +28,18 @@ pub fn drain<'a, T: 'a>(
 }
 
 /// Like `drain`, but the budget is in `weight` units (a group delivery weighs its member
-/// count): takes items while the budget lasts, so one heavy item may end it; returns the
-/// weight taken. Items past the budget stay in their ring.
+/// count), and at most `items_max` items: takes items while both last, so one heavy item may
+/// end it; returns the weight and the items taken. Items past the budget stay in their ring.
 pub fn drain_weighted<'a, T: 'a>(
     rings: impl IntoIterator<Item = &'a mut Consumer<T>>,
     budget: usize,
+    items_max: usize,
     weight: impl Fn(&T) -> usize,
     out: &mut impl Extend<T>,
-) -> usize {
-    let mut n = 0;
+) -> (usize, usize) {
+    let (mut n, mut items) = (0, 0);
     for c in rings {
-        if n >= budget {
+        if n >= budget || items >= items_max {
             break;
         }
         let avail = c.slots();
@@ -49,14 +50,15 @@ pub fn drain_weighted<'a, T: 'a>(
             continue;
         };
         // Dropping the iterator gives back only the slots it yielded.
-        let mut items = chunk.into_iter();
-        while n < budget {
-            let Some(item) = items.next() else { break };
+        let mut iter = chunk.into_iter();
+        while n < budget && items < items_max {
+            let Some(item) = iter.next() else { break };
             n += weight(&item);
+            items += 1;
             out.extend(std::iter::once(item));
         }
     }
-    n
+    (n, items)
 }
 
 #[cfg(test)]
@@ -89,10 +91,25 @@ mod tests {
         p2.push(1).unwrap();
         let mut out = Vec::new();
         // 3 + 3 reaches 5: the third item and the second ring wait.
-        assert_eq!(drain_weighted([&mut c1, &mut c2], 5, |w| *w, &mut out), 6);
+        assert_eq!(
+            drain_weighted([&mut c1, &mut c2], 5, 100, |w| *w, &mut out),
+            (6, 2)
+        );
         assert_eq!(out, vec![3, 3]);
         assert_eq!((c1.slots(), c2.slots()), (1, 1));
-        assert_eq!(drain_weighted([&mut c1, &mut c2], 5, |w| *w, &mut out), 4);
+        assert_eq!(
+            drain_weighted([&mut c1, &mut c2], 5, 100, |w| *w, &mut out),
+            (4, 2)
+        );
         assert_eq!(out, vec![3, 3, 3, 1]);
+        // Light items are capped by count as well.
+        for _ in 0..4 {
+            p2.push(1).unwrap();
+        }
+        assert_eq!(
+            drain_weighted([&mut c1, &mut c2], 100, 3, |w| *w, &mut out),
+            (3, 3)
+        );
+        assert_eq!(c2.slots(), 1);
     }
 }

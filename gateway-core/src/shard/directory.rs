@@ -132,6 +132,12 @@ impl Shard {
         while mask != 0 {
             let shard = mask.trailing_zeros() as u16;
             mask &= mask - 1;
+            // Our own connections get it now, not from the back of the inbox: a `FanoutMany`
+            // behind this message delivers at once too, and must not overtake it.
+            if shard == self.id {
+                self.deliver(user, &frame, except);
+                continue;
+            }
             let msg = ShardMsg::Deliver {
                 user,
                 frame: frame.clone(),
@@ -168,8 +174,8 @@ impl Shard {
                 except,
             };
             list.clear();
-            if self.mesh.send(shard as u16, msg).is_err() {
-                ShardStats::add(&self.st().ring_dropped_total, 1);
+            if let Err(m) = self.mesh.send(shard as u16, msg) {
+                ShardStats::add(&self.st().ring_dropped_total, m.weight() as u64);
             }
         }
         self.fan_lists = lists;

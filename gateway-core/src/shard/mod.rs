@@ -93,6 +93,9 @@ const LINGER_MS: u64 = 2_000;
 /// starve our sockets. Large enough for several group messages a turn: a member's frames
 /// queued in one turn leave in one vectored send.
 const MESH_BATCH_MAX: usize = 32_768;
+/// And at most this many messages a turn, whatever they weigh (a `Submit` or `Reply` weighs
+/// one delivery but costs more).
+const MESH_MSGS_MAX: usize = 4096;
 /// Slots of the timing wheel: one turn covers 4,096 ticks (410 s at the default 100 ms), longer
 /// than any deadline the shard arms, so a timer is visited once, when due.
 const WHEEL_SLOTS: usize = 4096;
@@ -514,7 +517,8 @@ impl Shard {
 
     /// Drains cross-shard messages and handles them (bounded per call).
     pub fn poll_mesh(&mut self) {
-        self.mesh.drain(MESH_BATCH_MAX, &mut self.inbox);
+        self.mesh
+            .drain(MESH_BATCH_MAX, MESH_MSGS_MAX, &mut self.inbox);
         self.run_inbox();
     }
 

@@ -1145,3 +1145,49 @@ fn group_messages_fan_out_as_one_ring_entry_per_shard_and_leave_in_one_send() {
         "five group messages, one send per receiving connection"
     );
 }
+
+/// A 1:1 message (`Fanout`, one user) and a group message (`FanoutMany`) for the same user,
+/// in that order on the user's home shard: the member's connections there get them in that
+/// order (the home shard's own deliveries are made at once in both cases).
+#[test]
+fn a_fanout_and_a_fanout_many_to_one_user_keep_their_order() {
+    let (mut sim, mut end) = Sim::with_bridge(2, cfg());
+    let u = (1..100u64)
+        .find(|&u| crate::msg::home_shard(u, 2) == 0)
+        .unwrap();
+    let w = (1..100u64)
+        .find(|&w| w != u && crate::msg::home_shard(w, 2) == 0)
+        .unwrap();
+    let a = sim.connect(0, u);
+    let b = sim.connect(1, w);
+    drain_up(&mut end);
+    sim.frames(a);
+    sim.frames(b);
+    let frame = |text: &str| -> Frame { codec::server_frame(opcode::TEXT, text.as_bytes()).into() };
+    end.down
+        .send(
+            0,
+            ShardMsg::Fanout {
+                user: u,
+                frame: frame("first"),
+                except: ConnRef::NONE,
+            },
+        )
+        .unwrap();
+    end.down
+        .send(
+            0,
+            ShardMsg::FanoutMany {
+                users: vec![u, w].into(),
+                frame: frame("second"),
+                except: ConnRef::NONE,
+            },
+        )
+        .unwrap();
+    end.down.flush();
+    sim.run();
+    let got: Vec<Vec<u8>> = sim.frames(a).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(got, vec![b"first".to_vec(), b"second".to_vec()]);
+    let got: Vec<Vec<u8>> = sim.frames(b).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(got, vec![b"second".to_vec()]);
+}
