@@ -2,6 +2,7 @@
 //! server's argon2 cost), `history` (history page latency), and `seed-messages`, which prints
 //! SQL for the `mysql` client to fill a database with N messages for `history`.
 
+use crate::run_local;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::cell::RefCell;
@@ -179,14 +180,6 @@ where
         concurrency,
         secs,
     }
-}
-
-fn run_local<T>(f: impl std::future::Future<Output = T>) -> T {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    tokio::task::LocalSet::new().block_on(&rt, f)
 }
 
 #[derive(clap::Args)]

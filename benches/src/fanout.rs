@@ -205,11 +205,7 @@ pub fn fanout(a: FanoutArgs) -> FanoutResult {
 /// Connects and upgrades every member (with tokio, from explicit source ports), and hands
 /// back plain non-blocking sockets for the reader thread.
 fn connect_all(a: &FanoutArgs) -> Vec<TcpStream> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    crate::run_local(async {
         let src_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 3, 1));
         let mut socks = Vec::with_capacity(a.members as usize);
         for i in 0..a.members {
@@ -273,6 +269,8 @@ struct Reader {
 const EVENTS_MAX: usize = 1024;
 /// One `read`'s buffer: a socket with more than this pending is reported again.
 const READ_BYTES: usize = 256 * 1024;
+/// The most of an incomplete frame kept per connection (the gateway's frames are far smaller).
+const PARTIAL_BYTES_MAX: usize = 1 << 20;
 
 impl Reader {
     fn start(socks: &[TcpStream], want: &'static [u8]) -> Reader {
@@ -393,6 +391,14 @@ fn read_loop(ep: i32, fds: Vec<i32>, want: &[u8], epoch: Instant, shared: &Share
                 p.extend_from_slice(data);
                 let used = ws::frames_in(p, &mut on_frame);
                 p.drain(..used);
+            }
+            if p.len() > PARTIAL_BYTES_MAX {
+                // No frame of ours is this large: a broken stream. Stop reading it (its
+                // frames are counted as missing).
+                errors += 1;
+                p.clear();
+                // SAFETY: removing an fd we added.
+                unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fds[i], std::ptr::null_mut()) };
             }
         }
         if got > 0 {

@@ -271,12 +271,7 @@ fn user_token(secret: &str, user: u64) -> String {
 /// A worker: connect `conns` users from `src`, ping, report, exit when stdin closes.
 pub fn worker(a: WorkerArgs) {
     gateway_core::gateway::raise_nofile();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    crate::run_local(async move {
         let ok = Rc::new(Cell::new(0u64));
         let errors: Rc<std::cell::RefCell<BTreeMap<String, u64>>> = Rc::default();
         let sem = Rc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
@@ -407,11 +402,7 @@ fn cpu_split_sum(pids: &[u32]) -> (Duration, Duration) {
 
 /// Times `n` raw TCP connects (no WebSocket) to the gateway port, then closes them.
 fn raw_tcp_rate(addr: SocketAddr, n: u64, concurrency: usize) -> f64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
+    crate::run_local(async move {
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
         let src = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1));
         let t0 = Instant::now();

@@ -62,6 +62,16 @@ enum Cmd {
     Worker(hold::WorkerArgs),
 }
 
+/// Runs `f` to completion on a single-threaded tokio runtime with a `LocalSet` (the harness's
+/// clients are `!Send` tasks on one core).
+pub(crate) fn run_local<T>(f: impl std::future::Future<Output = T>) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tokio::task::LocalSet::new().block_on(&rt, f)
+}
+
 fn write_json<T: serde::Serialize>(path: Option<&std::path::Path>, v: &T) {
     let Some(path) = path else { return };
     let text = serde_json::to_string_pretty(v).expect("serialise");

@@ -100,12 +100,7 @@ pub fn p2p(a: P2pArgs) -> P2pResult {
     gateway_core::gateway::raise_nofile();
     let gateways = gateway::spawn(&a.gateway, a.addr, &a.secret);
     let pids = gateways.pids();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let local = tokio::task::LocalSet::new();
-    let r = local.block_on(&rt, run(a, pids));
+    let r = crate::run_local(run(a, pids));
     gateways.stop();
     r
 }

@@ -28,12 +28,7 @@ type Conns = Rc<RefCell<Vec<Rc<TcpStream>>>>;
 
 pub fn run(a: RawFanoutArgs) {
     let nofile = gateway_core::gateway::raise_nofile();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    crate::run_local(async move {
         let listener = TcpListener::bind(a.listen).await.expect("bind");
         eprintln!("raw-fanout on ws://{}/ws, open files {nofile}", a.listen);
         let conns: Conns = Rc::default();

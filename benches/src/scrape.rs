@@ -11,6 +11,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+/// The most of one `/metrics` page read.
+const METRICS_BYTES_MAX: u64 = 16 << 20;
+
 /// One histogram's cumulative buckets (upper bound ms, `f64::INFINITY` last), sum and count.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Hist {
@@ -52,7 +55,8 @@ fn get_metrics(addr: SocketAddr) -> std::io::Result<String> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
+    // Bounded: a /metrics page is kilobytes.
+    s.take(METRICS_BYTES_MAX).read_to_end(&mut body)?;
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 

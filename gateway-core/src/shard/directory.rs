@@ -67,36 +67,21 @@ impl Shard {
                 }
             }
             ShardMsg::Submit(s) => self.sequence(*s),
-            // With one shard `local` is the whole directory: deliver at once.
             ShardMsg::Fanout {
                 user,
                 frame,
                 except,
-            } if self.shards == 1 => self.deliver(user, &frame, except),
-            ShardMsg::Fanout {
-                user,
+            } => self.fanout(&[user], frame, except),
+            ShardMsg::FanoutMany {
+                users,
                 frame,
                 except,
-            } => self.fanout(user, frame, except),
+            } => self.fanout(&users, frame, except),
             ShardMsg::Deliver {
                 user,
                 frame,
                 except,
             } => self.deliver(user, &frame, except),
-            ShardMsg::FanoutMany {
-                users,
-                frame,
-                except,
-            } if self.shards == 1 => {
-                for &user in users.iter() {
-                    self.deliver(user, &frame, except);
-                }
-            }
-            ShardMsg::FanoutMany {
-                users,
-                frame,
-                except,
-            } => self.fanout_many(&users, frame, except),
             ShardMsg::DeliverMany {
                 users,
                 frame,
@@ -126,30 +111,17 @@ impl Shard {
             .is_some_and(|c| c.gen == to.gen)
     }
 
-    /// As the user's home shard: a `Deliver` to every shard holding the user.
-    fn fanout(&mut self, user: u64, frame: Frame, except: ConnRef) {
-        let mut mask = self.home.get(&user).copied().unwrap_or(0);
-        while mask != 0 {
-            let shard = mask.trailing_zeros() as u16;
-            mask &= mask - 1;
-            // Our own connections get it now, not from the back of the inbox: a `FanoutMany`
-            // behind this message delivers at once too, and must not overtake it.
-            if shard == self.id {
-                self.deliver(user, &frame, except);
-                continue;
-            }
-            let msg = ShardMsg::Deliver {
-                user,
-                frame: frame.clone(),
-                except,
-            };
-            self.route_or_count(shard, msg);
-        }
-    }
-
     /// As the home shard of every user in `users`: their connections here get the frame at
-    /// once, and each other shard holding any of them one `DeliverMany` listing them.
-    fn fanout_many(&mut self, users: &[u64], frame: Frame, except: ConnRef) {
+    /// once (never from the back of the inbox, so a later fan-out cannot overtake it), and
+    /// each other shard holding any of them one `Deliver` (one user) or `DeliverMany`.
+    fn fanout(&mut self, users: &[u64], frame: Frame, except: ConnRef) {
+        // With one shard `local` is the whole directory.
+        if self.shards == 1 {
+            for &user in users {
+                self.deliver(user, &frame, except);
+            }
+            return;
+        }
         let mut lists = std::mem::take(&mut self.fan_lists);
         lists.resize_with(self.shards as usize, Vec::new);
         for &user in users {
@@ -165,13 +137,19 @@ impl Shard {
             }
         }
         for (shard, list) in lists.iter_mut().enumerate() {
-            if list.is_empty() {
-                continue;
-            }
-            let msg = ShardMsg::DeliverMany {
-                users: list.as_slice().into(),
-                frame: frame.clone(),
-                except,
+            let msg = match list[..] {
+                [] => continue,
+                // A 1:1 message's party: no list to allocate.
+                [user] => ShardMsg::Deliver {
+                    user,
+                    frame: frame.clone(),
+                    except,
+                },
+                _ => ShardMsg::DeliverMany {
+                    users: list.as_slice().into(),
+                    frame: frame.clone(),
+                    except,
+                },
             };
             list.clear();
             if let Err(m) = self.mesh.send(shard as u16, msg) {
