@@ -9,7 +9,7 @@
 mod sql;
 pub mod testing;
 
-pub use sql::{MySqlStore, SqlStore, SqliteStore};
+pub use sql::{MySqlStore, SqlStore, SqliteStore, WalLimits};
 
 use async_trait::async_trait;
 use std::fmt;

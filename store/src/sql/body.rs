@@ -15,7 +15,8 @@ macro_rules! impl_store {
         bump_seq: $bump_seq:literal,
         insert_ignore: $insert_ignore:literal,
         raise_max_seq: $raise_max_seq:literal,
-        group_conv: $group_conv:literal
+        group_conv: $group_conv:literal,
+        restart_log: $restart_log:literal
     ) => {
         #[async_trait]
         impl Store for SqlStore<$db> {
@@ -302,7 +303,8 @@ macro_rules! impl_store {
                 if batch.is_empty() {
                     return Ok(0);
                 }
-                let mut tx = self.pool.begin().await?;
+                let mut conn = self.pool.acquire().await?;
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                 let mut inserted = 0;
                 // MySQL's IGNORE also turns an over-long value into a truncation warning rather
                 // than an error: one bad record cannot stall the batch forever, but the lengths
@@ -345,6 +347,13 @@ macro_rules! impl_store {
                     q.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
+                // SQLite: the checkpointer asked for the log to start over (see `checkpoints`
+                // in sql/mod.rs). A failure here loses nothing: the rows are committed.
+                if !$restart_log.is_empty() && self.log_restart.swap(false, Ordering::Relaxed) {
+                    if let Err(e) = sqlx::query($restart_log).execute(&mut *conn).await {
+                        log::debug!("checkpoint after commit: {e}");
+                    }
+                }
                 Ok(inserted)
             }
 
