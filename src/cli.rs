@@ -8,10 +8,10 @@ use im_shared::records::topic_safe_id;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Snowflake worker ids of the REST API's own ids (`POST /messages/send` without a pipeline)
-/// and of standalone's stage: distinct from the gateway shards' workers (0..64 per process).
-pub(crate) const API_WORKER_ID: u16 = 1000;
-pub(crate) const STANDALONE_STAGE_WORKER_ID: u16 = 1001;
+/// Standalone's Snowflake worker id: the one process that writes its SQLite file mints every
+/// message id (its stage; its gateway has no local router). The distributed mode leases ids
+/// from Redis instead (`im_bus::lease`).
+pub(crate) const STANDALONE_WORKER_ID: u16 = 1000;
 
 #[derive(Parser)]
 #[command(
@@ -109,8 +109,9 @@ pub(crate) struct LogicArgs {
     /// [default: logic-<host name>-<API port>].
     #[arg(long, env = "IM_LOGIC_ID")]
     pub(crate) logic_id: Option<String>,
-    /// Snowflake worker id, unique among logic instances (0..1023) [default: from --logic-id].
-    #[arg(long, env = "IM_WORKER_ID")]
+    /// Lease exactly this Snowflake worker id (0..1023) from Redis, and refuse to start if
+    /// another instance holds it [default: the first free id, from a hash of --logic-id on].
+    #[arg(long, env = "IM_WORKER_ID", value_parser = clap::value_parser!(u16).range(0..=1023))]
     pub(crate) worker_id: Option<u16>,
     /// MySQL (or MariaDB) holding users, groups and messages.
     #[arg(
@@ -266,7 +267,6 @@ impl ApiArgs {
                 ..Default::default()
             },
             ws_url,
-            worker_id: API_WORKER_ID,
         }
     }
 }
@@ -351,24 +351,23 @@ impl LogicArgs {
             .clone()
             .ok_or("--jwt-secret (or IM_JWT_SECRET) is required for `im logic`")?;
         let mut kafka = self.kafka.config();
+        let logic_id = topic_safe_id(
+            &self
+                .logic_id
+                .clone()
+                .unwrap_or_else(|| format!("logic-{}-{}", hostname(), self.api.api_listen.port())),
+        );
+        // Where the search for a free worker id starts: spreads instances over the ids, so
+        // each usually gets its first choice.
+        let h = logic_id
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let worker_hint = (im_shared::conv::mix64(h) % 1024) as u16;
         let stage = (!self.no_pipeline).then(|| {
-            let logic_id =
-                topic_safe_id(&self.logic_id.clone().unwrap_or_else(|| {
-                    format!("logic-{}-{}", hostname(), self.api.api_listen.port())
-                }));
-            let worker_id = self.worker_id.unwrap_or_else(|| {
-                let h = logic_id
-                    .bytes()
-                    .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-                (im_shared::conv::mix64(h) % 1024) as u16
-            });
             kafka.instance_id.get_or_insert_with(|| logic_id.clone());
             logic::StageSettings {
-                logic_id,
-                stage: logic::stage::StageConfig {
-                    worker_id: worker_id & im_shared::snowflake::WORKER_MAX,
-                    ..Default::default()
-                },
+                logic_id: logic_id.clone(),
+                stage: logic::stage::StageConfig::default(),
             }
         });
         Ok(logic::Config {
@@ -380,6 +379,10 @@ impl LogicArgs {
             mysql_url: self.mysql_url.clone(),
             redis_url: self.redis_url.clone(),
             kafka,
+            worker_id: self.worker_id,
+            worker_hint,
+            holder: logic_id,
+            lease: Default::default(),
         })
     }
 }

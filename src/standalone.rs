@@ -5,13 +5,14 @@
 //! acknowledged once persist has written it to SQLite (the in-process bus acknowledges
 //! `im.messages` after persist's commit), so an acknowledged message survives a crash.
 
-use crate::cli::{StandaloneArgs, STANDALONE_STAGE_WORKER_ID};
+use crate::cli::{StandaloneArgs, STANDALONE_WORKER_ID};
 use crate::signals::Signals;
 use im_bus::memory::PARTITION_BYTES_MAX;
 use im_bus::presence::MemoryPresence;
 use im_bus::revocation::RevokedSet;
 use im_bus::{Bus, MemoryBus};
 use im_shared::records::topics;
+use im_shared::snowflake::WorkerLease;
 use im_store::{SqliteStore, Store};
 use std::path::Path;
 use std::sync::Arc;
@@ -83,6 +84,8 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
         revocations: revoked.clone(),
         bus: bus.clone(),
         presence: presence.clone(),
+        // One process owns its SQLite file, and mints with one id.
+        snowflake: Arc::new(WorkerLease::fixed(STANDALONE_WORKER_ID)),
     };
     let logic = spawn(&rt, |stop| logic::serve_on(logic_cfg, backends, stop));
 
@@ -130,7 +133,6 @@ fn logic_config(a: &StandaloneArgs, secret: &str, ws: std::net::SocketAddr) -> l
         stage: Some(logic::StageSettings {
             logic_id: "standalone-logic".into(),
             stage: logic::stage::StageConfig {
-                worker_id: STANDALONE_STAGE_WORKER_ID,
                 batch_wait_ms: a.stage_wait_ms,
                 ..Default::default()
             },

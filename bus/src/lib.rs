@@ -26,6 +26,8 @@
 //! watermarks (for logic's recovery).
 
 pub mod kafka;
+#[cfg(feature = "redis")]
+pub mod lease;
 pub mod memory;
 pub mod presence;
 pub mod revocation;

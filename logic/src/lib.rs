@@ -16,6 +16,7 @@ use im_bus::presence::{Presence, RedisPresence};
 use im_bus::revocation::{RedisRevocations, Revocations};
 use im_bus::{Bus, KafkaBus, KafkaConfig};
 use im_shared::redact_url;
+use im_shared::snowflake::WorkerLease;
 use im_store::{MySqlStore, Store};
 use stage::client::PipelineClient;
 use stage::members::Members;
@@ -53,6 +54,9 @@ pub struct Backends {
     pub revocations: Arc<dyn Revocations>,
     pub bus: Arc<dyn Bus>,
     pub presence: Arc<dyn Presence>,
+    /// The Snowflake worker id this process mints message ids with, under its lease: one
+    /// minter per lease (the stage, or the REST API when there is no stage).
+    pub snowflake: Arc<WorkerLease>,
 }
 
 /// `im logic`: where its backends are.
@@ -62,6 +66,13 @@ pub struct Config {
     pub mysql_url: String,
     pub redis_url: String,
     pub kafka: KafkaConfig,
+    /// The Snowflake worker id to lease: exactly this one (`--worker-id`; refuse to start if
+    /// another instance holds it), or the first free one from `worker_hint` on.
+    pub worker_id: Option<u16>,
+    pub worker_hint: u16,
+    /// Names this instance in its lease (operators see who holds an id).
+    pub holder: String,
+    pub lease: im_bus::lease::LeaseSettings,
 }
 
 /// Presence TTL given to the Redis client; logic only reads presence, so it is not used.
@@ -81,13 +92,39 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Str
         Some(_) => RedisPresence::connect(&cfg.redis_url, PRESENCE_TTL_UNUSED_S).await?,
         None => RedisPresence::open(&cfg.redis_url, PRESENCE_TTL_UNUSED_S)?,
     };
+    // A worker id of our own before anything is minted; the keeper renews it until the
+    // service has stopped, then frees it.
+    let (stop_lease, lease_stop) = watch::channel(false);
+    let held = im_bus::lease::acquire(
+        &cfg.redis_url,
+        &cfg.holder,
+        cfg.worker_id,
+        cfg.worker_hint,
+        cfg.lease.clone(),
+        lease_stop,
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "leasing a Snowflake worker id in {}: {e}",
+            redact_url(&cfg.redis_url)
+        )
+    })?;
     let backends = Backends {
         store: Arc::new(store),
         revocations: Arc::new(revocations),
         bus: Arc::new(KafkaBus::new(cfg.kafka)),
         presence: Arc::new(presence),
+        snowflake: held.lease,
     };
-    serve_on(cfg.logic, backends, shutdown).await
+    let served = serve_on(cfg.logic, backends, shutdown).await;
+    let _ = stop_lease.send(true);
+    if tokio::time::timeout(STOP_GRACE, held.keeper).await.is_err() {
+        log::warn!(
+            "releasing the Snowflake lease took over {STOP_GRACE:?}; it frees itself after its TTL"
+        );
+    }
+    served
 }
 
 /// Serves the REST API and runs the stage on `b` until `shutdown` turns true; an `Err` when
@@ -116,6 +153,7 @@ pub async fn serve_on(
     let mut server = tokio::spawn(serve(
         b.store,
         b.revocations,
+        b.snowflake,
         cfg.api,
         listen,
         pipeline,
@@ -195,13 +233,14 @@ async fn start_stage(
         b.presence.clone(),
         members.clone(),
         s.stage.clone(),
+        b.snowflake.clone(),
         stats.clone(),
         shutdown,
     ));
     log::info!(
-        "logic {}: pipeline stage on, Snowflake worker {}",
+        "logic {}: pipeline stage on, Snowflake worker {:?}",
         s.logic_id,
-        s.stage.worker_id
+        b.snowflake.current()
     );
     let pipeline = api::Pipeline {
         client,
@@ -217,6 +256,7 @@ async fn start_stage(
 pub async fn serve(
     store: Arc<dyn Store>,
     revocations: Arc<dyn Revocations>,
+    lease: Arc<WorkerLease>,
     cfg: api::ApiConfig,
     listen: SocketAddr,
     pipeline: Option<api::Pipeline>,
@@ -227,7 +267,7 @@ pub async fn serve(
     let dummy_hash = tokio::task::spawn_blocking(move || auth::dummy_hash(cost))
         .await
         .map_err(std::io::Error::other)?;
-    let snowflake = std::sync::Mutex::new(im_shared::snowflake::Snowflake::new(cfg.worker_id));
+    let snowflake = std::sync::Mutex::new(im_shared::snowflake::Leased::new(lease));
     let state = api::AppState {
         store,
         revocations,

@@ -30,10 +30,11 @@ impl Api {
                 refresh_ttl_s: 3600,
                 password_cost: cost,
                 ws_url: "ws://127.0.0.1:8090/ws".into(),
-                worker_id: 1,
             },
             dummy_hash: auth::dummy_hash(cost),
-            snowflake: std::sync::Mutex::new(im_shared::snowflake::Snowflake::new(1)),
+            snowflake: std::sync::Mutex::new(im_shared::snowflake::Leased::new(Arc::new(
+                im_shared::snowflake::WorkerLease::fixed(1),
+            ))),
             pipeline: None,
         };
         Api {

@@ -36,10 +36,11 @@ async fn the_spec_and_the_router_agree() {
             refresh_ttl_s: 60,
             password_cost: cost,
             ws_url: String::new(),
-            worker_id: 1,
         },
         dummy_hash: auth::dummy_hash(cost),
-        snowflake: std::sync::Mutex::new(im_shared::snowflake::Snowflake::new(1)),
+        snowflake: std::sync::Mutex::new(im_shared::snowflake::Leased::new(Arc::new(
+            im_shared::snowflake::WorkerLease::fixed(1),
+        ))),
         pipeline: None,
     };
     let app = api::router(Arc::new(state));

@@ -2,6 +2,12 @@
 //! 12 bits of sequence. Ids from one worker increase strictly; ids sort roughly by time.
 //!
 //! A generator is owned by one thread (a shard, a logic partition writer): no atomics.
+//!
+//! Two generators with the same worker id can mint the same id in the same millisecond, and
+//! persist's `INSERT IGNORE` would then drop the second message as a replay. So a worker id is
+//! held under a lease (`WorkerLease`): fixed in a one-process deployment, leased from Redis by
+//! each logic instance in the distributed one (`im_bus::lease`). `Leased` mints only while its
+//! lease is valid.
 
 /// 2024-01-01T00:00:00Z in Unix milliseconds.
 pub const EPOCH_MS: u64 = 1_704_067_200_000;
@@ -80,6 +86,101 @@ impl Snowflake {
     }
 }
 
+/// A worker id and how long this process may mint with it: one atomic word, written by the
+/// lease's keeper (a renewal task) and read by the generators at every id. Validity is kept
+/// on this process's monotonic clock, so a wall clock stepping back cannot extend a lease.
+#[derive(Debug)]
+pub struct WorkerLease {
+    /// `((valid_until_ms + 1) << 16) | worker`, `valid_until_ms` counted from `base`; 0: none.
+    word: std::sync::atomic::AtomicU64,
+    base: std::time::Instant,
+}
+
+/// `valid_until` of a lease that never runs out (2^47 ms is ≈ 4,400 years).
+const FOREVER_MS: u64 = (1 << 47) - 1;
+
+impl WorkerLease {
+    /// A lease held from the start and never lost: one process that owns its ids outright
+    /// (standalone, a gateway's local router).
+    pub fn fixed(worker: u16) -> WorkerLease {
+        let l = WorkerLease::none();
+        l.grant_until(worker, FOREVER_MS);
+        l
+    }
+
+    /// No lease yet: nothing may be minted until `grant`.
+    pub fn none() -> WorkerLease {
+        WorkerLease {
+            word: std::sync::atomic::AtomicU64::new(0),
+            base: std::time::Instant::now(),
+        }
+    }
+
+    /// `worker` may be used until `until` (a renewal that the store confirmed, measured from
+    /// when the renewal was sent, less a margin for clock rates).
+    pub fn grant(&self, worker: u16, until: std::time::Instant) {
+        let ms = until.saturating_duration_since(self.base).as_millis() as u64;
+        self.grant_until(worker, ms.min(FOREVER_MS));
+    }
+
+    fn grant_until(&self, worker: u16, ms: u64) {
+        assert!(worker <= WORKER_MAX, "worker id {worker} > {WORKER_MAX}");
+        self.word.store(
+            ((ms + 1) << 16) | worker as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// The lease is lost (another holder has the id): stop minting at once.
+    pub fn revoke(&self) {
+        self.word.store(0, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The worker id, while the lease is valid.
+    pub fn current(&self) -> Option<u16> {
+        self.at(std::time::Instant::now())
+    }
+
+    /// The worker id at `now`, if the lease is valid then.
+    pub fn at(&self, now: std::time::Instant) -> Option<u16> {
+        let w = self.word.load(std::sync::atomic::Ordering::Acquire);
+        let until = w >> 16;
+        let now_ms = now.saturating_duration_since(self.base).as_millis() as u64;
+        (until != 0 && now_ms + 1 < until).then_some((w & 0xffff) as u16)
+    }
+}
+
+/// A generator that mints only under a valid lease, and follows the lease to a new worker id.
+#[derive(Debug)]
+pub struct Leased {
+    lease: std::sync::Arc<WorkerLease>,
+    gen: Option<Snowflake>,
+}
+
+impl Leased {
+    pub fn new(lease: std::sync::Arc<WorkerLease>) -> Leased {
+        Leased { lease, gen: None }
+    }
+
+    /// The next id at wall-clock `now_ms`, or `None` while this process holds no valid lease
+    /// (its sender gets a retryable error; nothing is minted under an id another may hold).
+    pub fn next(&mut self, now_ms: u64) -> Option<u64> {
+        let worker = self.lease.current()?;
+        match &self.gen {
+            Some(g) if g.worker == worker as u64 => {}
+            // A new id: the lease store handed it over only after its last holder's lease
+            // ran out, so its ids are older than any minted here.
+            _ => self.gen = Some(Snowflake::new(worker)),
+        }
+        self.gen.as_mut().map(|g| g.next(now_ms))
+    }
+
+    /// The worker id ids are minted with now, if any.
+    pub fn worker(&self) -> Option<u16> {
+        self.lease.current()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +228,35 @@ mod tests {
             .try_next(t + 1)
             .expect("a millisecond later, one more millisecond of ids");
         assert!(id > last);
+    }
+
+    #[test]
+    fn a_leased_generator_mints_only_while_its_lease_is_valid() {
+        use std::time::{Duration, Instant};
+        let lease = std::sync::Arc::new(WorkerLease::none());
+        let mut g = Leased::new(lease.clone());
+        let t = EPOCH_MS + 1_000;
+        assert_eq!(g.next(t), None, "no lease yet");
+        lease.grant(5, Instant::now() + Duration::from_secs(60));
+        let a = g.next(t).unwrap();
+        assert_eq!((a >> SEQ_BITS) & WORKER_MAX as u64, 5);
+        // Moved to another id: the ids carry it from the next one on.
+        lease.grant(9, Instant::now() + Duration::from_secs(60));
+        let b = g.next(t + 1).unwrap();
+        assert_eq!((b >> SEQ_BITS) & WORKER_MAX as u64, 9);
+        // Lost, or run out: nothing more.
+        lease.revoke();
+        assert_eq!(g.next(t + 2), None);
+        lease.grant(9, Instant::now());
+        assert_eq!(g.next(t + 3), None, "a lease that ends now is over");
+        assert_eq!(lease.at(Instant::now()), None);
+        // A fixed lease never ends.
+        let fixed = WorkerLease::fixed(WORKER_MAX);
+        assert_eq!(
+            fixed.at(Instant::now() + Duration::from_secs(100 * 365 * 86_400)),
+            Some(WORKER_MAX)
+        );
+        assert_eq!(std::mem::size_of::<WorkerLease>(), 24);
     }
 
     #[test]

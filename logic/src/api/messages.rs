@@ -164,7 +164,18 @@ pub async fn send(
         .await;
     }
     let now = im_shared::unix_ms();
-    let id = st.snowflake.lock().expect("snowflake lock").next(now);
+    let id = st
+        .snowflake
+        .lock()
+        .expect("snowflake lock")
+        .next(now)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::DependencyDown,
+                "no message ids: this logic instance has no Snowflake worker lease (Redis); retry with the same cid",
+            )
+        })?;
     let conv_s = conv.to_string();
     let m = NewMessage {
         id,

@@ -31,8 +31,6 @@ pub struct ApiConfig {
     pub password_cost: PasswordCost,
     /// The gateway login answers with (later chosen from the gateway registry).
     pub ws_url: String,
-    /// Snowflake worker id of this logic instance.
-    pub worker_id: u16,
 }
 
 pub struct AppState {
@@ -41,8 +39,10 @@ pub struct AppState {
     pub cfg: ApiConfig,
     /// Checked when the username is unknown, so that it takes as long as a wrong password.
     pub dummy_hash: String,
-    /// Message ids for `POST /messages/send` without a pipeline (standalone).
-    pub snowflake: std::sync::Mutex<im_shared::snowflake::Snowflake>,
+    /// Message ids for `POST /messages/send` without a pipeline (`--no-pipeline`), under the
+    /// process's lease. With a pipeline the stage mints and this never does: one minter per
+    /// lease.
+    pub snowflake: std::sync::Mutex<im_shared::snowflake::Leased>,
     /// With the Kafka pipeline: `POST /messages/send` goes through it, and membership changes
     /// drop the pipeline's cached member lists.
     pub pipeline: Option<Pipeline>,

@@ -34,6 +34,7 @@ use im_bus::presence::Presence;
 use im_bus::{Bus, Consumer, Producer, Rebalance, Record, SendError};
 use im_shared::protocol::{self, Message, Target};
 use im_shared::records::{self, groups, topics, DownstreamBody, Stored, UpstreamBody, Versioned};
+use im_shared::snowflake::WorkerLease;
 use im_shared::{Conv, ErrorCode};
 use im_store::Store;
 use members::Members;
@@ -50,8 +51,6 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 #[derive(Clone, Debug)]
 pub struct StageConfig {
-    /// Snowflake worker id of this instance (distinct per logic instance).
-    pub worker_id: u16,
     /// Records taken per batch, and how long a batch waits to fill.
     pub batch_max: usize,
     pub batch_wait_ms: u64,
@@ -62,7 +61,6 @@ pub struct StageConfig {
 impl Default for StageConfig {
     fn default() -> Self {
         StageConfig {
-            worker_id: 1,
             batch_max: 1000,
             batch_wait_ms: 0,
             sync_wait_ms: 2_000,
@@ -106,12 +104,14 @@ struct Stage {
 
 /// Runs the stage until `shutdown` turns true. Errors are fatal to the stage (the bus
 /// refused a message for good); the caller exits and a restart recovers.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     presence: Arc<dyn Presence>,
     members: Arc<Members>,
     cfg: StageConfig,
+    lease: Arc<WorkerLease>,
     stats: Arc<StageStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
@@ -119,7 +119,7 @@ pub async fn run(
     bus.ensure_topics(&[(topics::UPSTREAM, n), (topics::MESSAGES, n)])
         .await?;
     let mut consumer = bus.group_consumer(groups::LOGIC, topics::UPSTREAM)?;
-    let mut stage = Stage::new(bus.clone(), store, presence, members, cfg, stats)?;
+    let mut stage = Stage::new(bus.clone(), store, presence, members, cfg, lease, stats)?;
     log::info!(
         "logic pipeline: consuming {} in group logic on the {}",
         topics::UPSTREAM,
@@ -238,6 +238,7 @@ impl Stage {
         presence: Arc<dyn Presence>,
         members: Arc<Members>,
         cfg: StageConfig,
+        lease: Arc<WorkerLease>,
         stats: Arc<StageStats>,
     ) -> Result<Stage, String> {
         let down = Downstream::new(
@@ -260,7 +261,7 @@ impl Stage {
             members,
             down,
             answers,
-            seq: Sequencer::new(cfg.worker_id),
+            seq: Sequencer::new(lease),
             cfg,
             stats,
             uncommitted: Default::default(),
@@ -514,6 +515,10 @@ impl Stage {
                     self.down.reply_sent(&s.up, &s.send.cid, ack);
                 }
                 Decision::Assigned(rec) => fresh.push((rec, s)),
+                Decision::Refused(code, msg) => {
+                    self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
+                    self.down.reply_error(&s.up, *code, msg, Some(&s.send.cid));
+                }
             }
         }
         self.stats

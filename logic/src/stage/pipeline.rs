@@ -172,6 +172,7 @@ mod tests {
             .map(|d| match d {
                 Decision::Assigned(s) => (s.conv.clone(), s.seq),
                 Decision::RetryOf(a) => (format!("retry {}", a.conv), a.seq),
+                Decision::Refused(..) => ("refused".into(), 0),
             })
             .collect()
     }
@@ -191,7 +192,9 @@ mod tests {
     }
 
     fn sequencer() -> Sequencer {
-        let mut s = Sequencer::new(1);
+        let mut s = Sequencer::new(std::sync::Arc::new(
+            im_shared::snowflake::WorkerLease::fixed(1),
+        ));
         s.recovered(0, Partition::default());
         s.recovered(1, Partition::default());
         s

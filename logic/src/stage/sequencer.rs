@@ -16,7 +16,7 @@
 
 use super::state::{Ack, Partition};
 use im_shared::records::{self, Stored};
-use im_shared::snowflake::Snowflake;
+use im_shared::snowflake::{Leased, WorkerLease};
 use im_shared::{Conv, ErrorCode};
 use std::collections::{HashMap, HashSet};
 
@@ -66,19 +66,23 @@ pub enum Decision {
     RetryOf(Ack),
     /// New: produce this record to `im.messages`; once durable, answer and route it.
     Assigned(Stored),
+    /// Not sequenced, nothing remembered: this instance holds no valid Snowflake lease (its
+    /// Redis is down past the lease's TTL, or it lost the id). The sender retries with the
+    /// same cid.
+    Refused(ErrorCode, &'static str),
 }
 
 pub struct Sequencer {
     parts: HashMap<i32, Partition>,
-    snowflake: Snowflake,
+    snowflake: Leased,
     known_users: HashSet<u64>,
 }
 
 impl Sequencer {
-    pub fn new(worker_id: u16) -> Sequencer {
+    pub fn new(lease: std::sync::Arc<WorkerLease>) -> Sequencer {
         Sequencer {
             parts: HashMap::new(),
-            snowflake: Snowflake::new(worker_id),
+            snowflake: Leased::new(lease),
             known_users: HashSet::new(),
         }
     }
@@ -175,9 +179,16 @@ impl Sequencer {
                 out.push(Decision::RetryOf(ack.clone()));
                 continue;
             }
+            // The id first: without one, no seq is taken (no gap) and nothing remembered.
+            let Some(id) = self.snowflake.next(now_ms) else {
+                out.push(Decision::Refused(
+                    ErrorCode::DependencyDown,
+                    "no message ids: this logic instance has no Snowflake worker lease (Redis); retry with the same cid",
+                ));
+                continue;
+            };
             let conv = s.conv.to_string();
             let seq = part.next_seq(&conv, db_max.get(&conv).copied());
-            let id = self.snowflake.next(now_ms);
             let ack = Ack {
                 id,
                 conv: conv.clone(),
@@ -257,7 +268,7 @@ pub(super) mod tests {
 
     #[test]
     fn checks_ask_for_what_they_cannot_know() {
-        let mut s = Sequencer::new(1);
+        let mut s = Sequencer::new(std::sync::Arc::new(WorkerLease::fixed(1)));
         let to = |u, g| records::Send {
             to_user: u,
             to_group: g,
@@ -296,9 +307,39 @@ pub(super) mod tests {
         ));
     }
 
+    /// Without a valid worker lease nothing is minted: the send is refused with a retryable
+    /// code, takes no seq (no gap) and is not remembered (its retry is sequenced afresh).
+    #[test]
+    fn without_a_worker_lease_sends_are_refused_without_a_gap() {
+        use im_shared::snowflake::{SEQ_BITS, WORKER_MAX};
+        use std::time::{Duration, Instant};
+        let lease = std::sync::Arc::new(WorkerLease::none());
+        lease.grant(3, Instant::now() + Duration::from_secs(60));
+        let mut s = Sequencer::new(lease.clone());
+        s.recovered(0, Partition::default());
+        let (none, no_max) = (HashMap::new(), HashMap::new());
+        let worker = |d: &Decision| match d {
+            Decision::Assigned(r) => ((r.id >> SEQ_BITS) & WORKER_MAX as u64, r.seq),
+            other => panic!("{other:?}"),
+        };
+        let d = s.decide(&[send(1, "a", 2, 0, 0)], &none, &no_max, 1_000);
+        assert_eq!(worker(&d[0]), (3, 1));
+        // The lease runs out (Redis down past its TTL) or is lost.
+        lease.revoke();
+        let d = s.decide(&[send(1, "b", 2, 0, 0)], &none, &no_max, 1_001);
+        assert!(matches!(
+            d[0],
+            Decision::Refused(ErrorCode::DependencyDown, _)
+        ));
+        // Leased again, under another id: the retry of "b" gets the next seq, no gap.
+        lease.grant(8, Instant::now() + Duration::from_secs(60));
+        let d = s.decide(&[send(1, "b", 2, 0, 0)], &none, &no_max, 1_002);
+        assert_eq!(worker(&d[0]), (8, 2));
+    }
+
     #[test]
     fn seqs_continue_from_the_database_and_per_conversation() {
-        let mut s = Sequencer::new(1);
+        let mut s = Sequencer::new(std::sync::Arc::new(WorkerLease::fixed(1)));
         s.recovered(0, Partition::default());
         let batch = [
             send(1, "a", 2, 0, 0),
@@ -332,7 +373,7 @@ pub(super) mod tests {
 
     #[test]
     fn retries_get_the_first_ack_from_memory_or_the_database() {
-        let mut s = Sequencer::new(1);
+        let mut s = Sequencer::new(std::sync::Arc::new(WorkerLease::fixed(1)));
         s.recovered(0, Partition::default());
         let first = s.decide(
             &[send(1, "a", 2, 0, 0)],
