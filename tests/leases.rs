@@ -24,7 +24,14 @@ fn spawn_logic(
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut cmd = im();
     cmd.args(["logic", "--no-pipeline", "--api-listen", &api.to_string()])
-        .args(["--mysql-url", db, "--redis-url", redis, "--jwt-secret", SECRET])
+        .args([
+            "--mysql-url",
+            db,
+            "--redis-url",
+            redis,
+            "--jwt-secret",
+            SECRET,
+        ])
         // The same logic id for all: the same first choice of worker id.
         .args(["--argon2-m-kib", "8", "--logic-id", "logic-lease"])
         .env("RUST_LOG", "info");
@@ -43,7 +50,12 @@ fn leased_worker(p: &Proc) -> u16 {
             let n: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
             return n.parse().unwrap();
         }
-        assert!(Instant::now() < end, "{} leased nothing:\n{}", p.name, p.log_tail());
+        assert!(
+            Instant::now() < end,
+            "{} leased nothing:\n{}",
+            p.name,
+            p.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -105,7 +117,9 @@ fn logic_instances_lease_distinct_worker_ids_and_a_held_id_refuses_to_start() {
     }
     let log = c.log_tail();
     assert!(
-        log.contains(&format!("Snowflake worker id {wa} is leased by logic-lease/")),
+        log.contains(&format!(
+            "Snowflake worker id {wa} is leased by logic-lease/"
+        )),
         "{log}"
     );
     assert!(std::net::TcpStream::connect(api_c).is_err());

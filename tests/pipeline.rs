@@ -5,10 +5,10 @@
 mod support;
 
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use support::load;
 use support::*;
 
 /// One deployment at a time: each is a broker and five processes on a 2-core machine.
@@ -345,178 +345,16 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
     a0.until(T, &mut Vec::new(), |v| v["type"] == "pong");
 }
 
-/// Sends `n` messages from one connection with at most `window` unacknowledged, resending a
-/// message (same cid) that got a retryable error or no ack within `patience`. Returns the
-/// acks by cid.
-fn pump(
-    ws: &mut Ws,
-    to: u64,
-    prefix: &str,
-    n: usize,
-    window: usize,
-    patience: Duration,
-    acked_total: &AtomicUsize,
-) -> HashMap<String, Value> {
-    let mut acks: HashMap<String, Value> = HashMap::new();
-    let mut out: BTreeMap<usize, Instant> = BTreeMap::new();
-    let mut next = 0;
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let send = |ws: &mut Ws, i: usize| {
-        ws.send(json!({"type": "send", "cid": format!("{prefix}-{i}"), "to": to.to_string(), "content": format!("m{i}")}));
-    };
-    while acks.len() < n {
-        assert!(
-            Instant::now() < deadline,
-            "{prefix}: {} of {n} acknowledged",
-            acks.len()
-        );
-        while out.len() < window && next < n {
-            send(ws, next);
-            out.insert(next, Instant::now());
-            next += 1;
-        }
-        if let Some(v) = ws.recv(Duration::from_millis(50)) {
-            let cid = v["cid"].as_str().unwrap_or_default().to_string();
-            let i: usize = cid
-                .rsplit('-')
-                .next()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(usize::MAX);
-            match v["type"].as_str() {
-                Some("sent") => {
-                    if let Some(first) = acks.get(&cid) {
-                        assert_eq!(first["id"], v["id"], "one cid, one message: {first} vs {v}");
-                        assert_eq!(first["seq"], v["seq"]);
-                    } else {
-                        acked_total.fetch_add(1, Ordering::Relaxed);
-                        acks.insert(cid, v);
-                    }
-                    out.remove(&i);
-                }
-                Some("error") => {
-                    assert!(
-                        v["code"].as_u64().unwrap() >= 5000,
-                        "only retryable errors here: {v}"
-                    );
-                    if out.contains_key(&i) {
-                        out.insert(i, Instant::now() - patience); // resend now
-                    }
-                }
-                _ => {}
-            }
-        }
-        let now = Instant::now();
-        let late: Vec<usize> = out
-            .iter()
-            .filter(|(_, t)| now.duration_since(**t) >= patience)
-            .map(|(i, _)| *i)
-            .collect();
-        for i in late {
-            send(ws, i);
-            out.insert(i, now);
-        }
-    }
-    acks
-}
-
-/// Runs `senders` connections, each pumping `per` messages to `to`, on threads; calls
-/// `midway` once `trigger` messages are acknowledged.
-fn run_senders(
-    c: &mut Cluster,
-    tokens: &[String],
-    to: u64,
-    per: usize,
-    trigger: usize,
-    patience: Duration,
-    midway: impl FnOnce(&mut Cluster),
-) -> Vec<HashMap<String, Value>> {
-    let acked = Arc::new(AtomicUsize::new(0));
-    let handles: Vec<_> = tokens
-        .iter()
-        .enumerate()
-        .map(|(k, t)| {
-            let mut ws = c.ws(0, t);
-            let acked = acked.clone();
-            std::thread::spawn(move || {
-                pump(&mut ws, to, &format!("s{k}"), per, 100, patience, &acked)
-            })
-        })
-        .collect();
-    let end = Instant::now() + Duration::from_secs(120);
-    while acked.load(Ordering::Relaxed) < trigger {
-        assert!(
-            Instant::now() < end,
-            "only {} acknowledged\n{}",
-            acked.load(Ordering::Relaxed),
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    midway(c);
-    handles
-        .into_iter()
-        .map(|h| {
-            h.join()
-                .unwrap_or_else(|_| panic!("a sender failed\n{}", c.logs()))
-        })
+/// `n` senders on the first gateway, all to `r`.
+fn senders_to(c: &Cluster, n: usize, r: u64) -> Vec<(String, load::Target, usize)> {
+    (0..n)
+        .map(|i| (c.user(&format!("sender{i}")).1, load::Target::User(r), 0))
         .collect()
 }
 
-fn wait_rows(c: &Cluster, want: usize) {
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: usize = mysql_query(&c.db, "SELECT COUNT(*) FROM messages")
-            .parse()
-            .unwrap();
-        if n >= want {
-            // Settle: nothing more may arrive (a duplicate would show up as a late extra row).
-            std::thread::sleep(Duration::from_secs(1));
-            return;
-        }
-        assert!(Instant::now() < end, "{n} of {want} rows\n{}", c.logs());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Every acknowledged message is stored once, with the id and seq it was acknowledged with,
-/// and each conversation's seqs are 1..=n without a gap.
-fn check_stored(c: &Cluster, acks: &[HashMap<String, Value>], total: usize) {
-    assert_eq!(
-        mysql_query(&c.db, "SELECT COUNT(*) FROM messages"),
-        total.to_string(),
-        "{}",
-        c.logs()
-    );
-    let rows = mysql_query(&c.db, "SELECT CAST(cid AS CHAR), id, seq FROM messages");
-    let stored: HashMap<&str, (&str, &str)> = rows
-        .lines()
-        .map(|l| {
-            let mut f = l.split('\t');
-            (f.next().unwrap(), (f.next().unwrap(), f.next().unwrap()))
-        })
-        .collect();
-    for per in acks {
-        for (cid, ack) in per {
-            let (id, seq) = stored
-                .get(cid.as_str())
-                .unwrap_or_else(|| panic!("acknowledged {cid} is not stored"));
-            assert_eq!(ack["id"].as_str().unwrap(), *id, "{cid}");
-            assert_eq!(ack["seq"].as_u64().unwrap().to_string(), *seq, "{cid}");
-        }
-    }
-    let gaps = mysql_query(
-        &c.db,
-        "SELECT conv, COUNT(*), MIN(seq), MAX(seq) FROM messages GROUP BY conv",
-    );
-    for l in gaps.lines() {
-        let f: Vec<&str> = l.split('\t').collect();
-        assert_eq!(
-            (f[2], f[1]),
-            ("1", f[3]),
-            "seqs of {} are 1..=count: {l}",
-            f[0]
-        );
-    }
+/// The acks of every sender.
+fn acks(sent: &[load::Sent]) -> Vec<&HashMap<String, Value>> {
+    sent.iter().map(|s| &s.acks).collect()
 }
 
 #[test]
@@ -524,11 +362,10 @@ fn kill_9_of_persist_mid_stream_leaves_exactly_every_message_once() {
     let _g = serial();
     let mut c = Cluster::start("persist", 2, 1);
     let (r, _) = c.user("receiver");
-    let tokens: Vec<String> = (0..5).map(|i| c.user(&format!("sender{i}")).1).collect();
-    let acks = run_senders(
+    let senders = senders_to(&c, 5, r);
+    let sent = load::run_senders(
         &mut c,
-        &tokens,
-        r,
+        &senders,
         2_000,
         3_000,
         Duration::from_secs(10),
@@ -538,9 +375,10 @@ fn kill_9_of_persist_mid_stream_leaves_exactly_every_message_once() {
             c.restart_persist();
         },
     );
+    let acks = acks(&sent);
     assert_eq!(acks.iter().map(|a| a.len()).sum::<usize>(), 10_000);
-    wait_rows(&c, 10_000);
-    check_stored(&c, &acks, 10_000);
+    load::wait_rows(&c, 10_000);
+    load::check_stored(&c, &acks, 10_000);
 }
 
 #[test]
@@ -548,8 +386,8 @@ fn kill_9_of_logic_loses_and_duplicates_nothing_acknowledged() {
     let _g = serial();
     let mut c = Cluster::start("logic", 3, 1);
     let (r, _) = c.user("receiver");
-    let tokens: Vec<String> = (0..4).map(|i| c.user(&format!("sender{i}")).1).collect();
-    let acks = run_senders(&mut c, &tokens, r, 500, 600, Duration::from_secs(3), |c| {
+    let senders = senders_to(&c, 4, r);
+    let sent = load::run_senders(&mut c, &senders, 500, 600, Duration::from_secs(3), |c| {
         // Persist goes down first, so the restarted logic must recover the seqs and retries
         // it handed out from the im.messages tail, not from the database.
         c.persist.kill9();
@@ -560,7 +398,8 @@ fn kill_9_of_logic_loses_and_duplicates_nothing_acknowledged() {
         std::thread::sleep(Duration::from_secs(3));
         c.restart_persist();
     });
+    let acks = acks(&sent);
     assert_eq!(acks.iter().map(|a| a.len()).sum::<usize>(), 2_000);
-    wait_rows(&c, 2_000);
-    check_stored(&c, &acks, 2_000);
+    load::wait_rows(&c, 2_000);
+    load::check_stored(&c, &acks, 2_000);
 }

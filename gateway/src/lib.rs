@@ -82,7 +82,7 @@ pub fn start(
         }
     });
     let set = p.revoked.clone();
-    let revoked: RevokedCheck = Arc::new(move |jti: &str, now_s: u64| set.contains(jti, now_s));
+    let revoked: RevokedCheck = Arc::new(move |jti: &str, now_s: u64| set.check(jti, now_s));
     let opts = Options {
         revoked: Some(revoked),
         metrics: Some(metrics),

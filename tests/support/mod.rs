@@ -3,6 +3,8 @@
 //! Every child is killed when its guard drops, so a failing test leaves nothing running.
 #![allow(dead_code)]
 
+pub mod load;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -139,7 +141,11 @@ pub fn scratch(test: &str) -> PathBuf {
 
 /// A broker (nisshi) on a free port, storing in SQLite in its own directory.
 pub fn broker(dir: &std::path::Path) -> (Proc, String) {
-    let port = free_port();
+    broker_on(dir, free_port())
+}
+
+/// The broker on `port`, its storage in `dir/broker` (a restart finds its topics there).
+pub fn broker_on(dir: &std::path::Path, port: u16) -> (Proc, String) {
     let bdir = dir.join("broker");
     std::fs::create_dir_all(&bdir).unwrap();
     let url = format!("tcp://127.0.0.1:{port}");
@@ -220,14 +226,75 @@ pub struct Cluster {
     pub logic: Proc,
     pub persist: Proc,
     pub gateways: Vec<(Proc, SocketAddr)>,
+    /// A Redis of this deployment's own (`start_with_private_redis`), to break.
+    pub redis_server: Option<PrivateRedis>,
+}
+
+/// A `redis-server` of one test's own, on a free port, with an append-only file in its
+/// directory (a restart finds its keys, as a production Redis with persistence does).
+pub struct PrivateRedis {
+    pub proc: Proc,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateRedis {
+    pub fn start(dir: &std::path::Path) -> PrivateRedis {
+        Self::start_on(dir, free_port())
+    }
+
+    fn start_on(dir: &std::path::Path, port: u16) -> PrivateRedis {
+        let rdir = dir.join("redis");
+        std::fs::create_dir_all(&rdir).unwrap();
+        let mut cmd = Command::new("redis-server");
+        cmd.current_dir(&rdir)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "yes", "--dir", "."]);
+        let proc = Proc::spawn("redis", cmd, dir);
+        wait_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            "redis-server",
+            Duration::from_secs(20),
+        );
+        PrivateRedis {
+            proc,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Starts it again on its port and files (after `proc.kill9()`).
+    pub fn restart(&mut self) {
+        *self = Self::start_on(&self.dir.clone(), self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
 }
 
 impl Cluster {
     pub fn start(test: &str, redis_index: u32, gateways: usize) -> Cluster {
+        let redis = fresh_redis(redis_index);
+        Self::start_on(scratch(test), test, redis, None, gateways)
+    }
+
+    /// A deployment with a Redis of its own, which the test may kill.
+    pub fn start_with_private_redis(test: &str, gateways: usize) -> Cluster {
         let dir = scratch(test);
+        let server = PrivateRedis::start(&dir);
+        Self::start_on(dir, test, server.url(), Some(server), gateways)
+    }
+
+    fn start_on(
+        dir: PathBuf,
+        test: &str,
+        redis: String,
+        redis_server: Option<PrivateRedis>,
+        gateways: usize,
+    ) -> Cluster {
         let (broker, brokers) = broker(&dir);
         let db = fresh_db(test);
-        let redis = fresh_redis(redis_index);
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let logic = Self::spawn_logic(&dir, &brokers, &db, &redis, api);
         wait_port(api, "im logic", Duration::from_secs(60));
@@ -267,6 +334,7 @@ impl Cluster {
             logic,
             persist,
             gateways: gws,
+            redis_server,
         }
     }
 
@@ -302,6 +370,12 @@ impl Cluster {
     pub fn restart_logic(&mut self) {
         self.logic = Self::spawn_logic(&self.dir, &self.brokers, &self.db, &self.redis, self.api);
         wait_port(self.api, "im logic", Duration::from_secs(60));
+    }
+
+    /// Starts the broker again on its port and storage (after `broker.kill9()`).
+    pub fn restart_broker(&mut self) {
+        let port: u16 = self.brokers.rsplit(':').next().unwrap().parse().unwrap();
+        self.broker = broker_on(&self.dir, port).0;
     }
 
     pub fn restart_persist(&mut self) {
@@ -447,10 +521,56 @@ impl Ws {
         Ws { ws }
     }
 
+    /// An upgrade that may fail (a gateway that is down).
+    pub fn try_connect(addr: SocketAddr, token: &str) -> Result<Ws, String> {
+        let s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let (ws, _) = tungstenite::client(
+            format!("ws://{addr}/ws?token={token}"),
+            MaybeTlsStream::Plain(s),
+        )
+        .map_err(|e| e.to_string())?;
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Ws { ws })
+    }
+
     pub fn send(&mut self, v: Value) {
+        self.try_send(v).unwrap();
+    }
+
+    /// `send` that reports a lost connection.
+    pub fn try_send(&mut self, v: Value) -> Result<(), String> {
         self.ws
             .send(tungstenite::Message::text(v.to_string()))
-            .unwrap();
+            .map_err(|e| e.to_string())
+    }
+
+    /// `recv` that reports a lost connection (or a close frame) instead of panicking.
+    pub fn try_recv(&mut self, within: Duration) -> Result<Option<Value>, String> {
+        let end = Instant::now() + within;
+        loop {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    return Ok(Some(serde_json::from_str(&t).unwrap()))
+                }
+                Ok(tungstenite::Message::Close(f)) => return Err(format!("closed: {f:?}")),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if Instant::now() >= end {
+                return Ok(None);
+            }
+        }
     }
 
     /// The next JSON frame within `within`, or None.

@@ -21,6 +21,7 @@ pub use self::redis::RedisRevocations;
 use async_trait::async_trait;
 use im_shared::jwt::unexpired;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Redis key prefix of a revoked token id.
@@ -40,6 +41,8 @@ pub trait Revocations: Send + Sync + 'static {
 #[derive(Default)]
 pub struct RevokedSet {
     jtis: Mutex<HashMap<String, u64>>,
+    /// True while the set may be missing revocations (see `check`).
+    stale: AtomicBool,
 }
 
 /// Entries kept before expired ones are swept.
@@ -48,6 +51,18 @@ const SWEEP_AT: usize = 100_000;
 impl RevokedSet {
     fn jtis(&self) -> MutexGuard<'_, HashMap<String, u64>> {
         self.jtis.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `jti` is revoked at `now_s`, or `None` while the set may be missing
+    /// revocations (its Redis follower is not connected): a gateway then refuses every
+    /// upgrade rather than let a logged-out token in (fail closed; open sockets stay).
+    pub fn check(&self, jti: &str, now_s: u64) -> Option<bool> {
+        (!self.stale.load(Ordering::Acquire)).then(|| self.contains(jti, now_s))
+    }
+
+    /// Marks the set as possibly behind (`true`: its source cannot be read) or caught up.
+    pub fn set_stale(&self, stale: bool) {
+        self.stale.store(stale, Ordering::Release);
     }
 
     /// Whether `jti` is revoked at `now_s` (cheap: called at every upgrade).
@@ -90,6 +105,20 @@ impl Revocations for RevokedSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_set_answers_nothing() {
+        let s = RevokedSet::default();
+        s.apply("abc 2000");
+        assert_eq!(
+            (s.check("abc", 1), s.check("x", 1)),
+            (Some(true), Some(false))
+        );
+        s.set_stale(true);
+        assert_eq!((s.check("abc", 1), s.check("x", 1)), (None, None));
+        s.set_stale(false);
+        assert_eq!(s.check("x", 1), Some(false));
+    }
 
     #[test]
     fn messages_add_entries_that_expire() {

@@ -56,6 +56,10 @@ impl Revocations for RedisRevocations {
     }
 }
 
+/// How often the follower checks that Redis still answers, and how long it waits.
+const LIVENESS_EVERY: Duration = Duration::from_secs(2);
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The longest pause between reconnects of the follower.
 const FOLLOW_BACKOFF_MAX_MS: u64 = 5_000;
 
@@ -67,9 +71,14 @@ pub fn follow(redis_url: &str, set: Arc<RevokedSet>, stop: Arc<AtomicBool>) -> R
         .name("im-revoked".into())
         .spawn(move || {
             let mut backoff_ms = 100;
+            // Until the keys are loaded, the set may be missing revocations.
+            set.set_stale(true);
             while !stop.load(Ordering::Acquire) {
                 if let Err(e) = follow_once(&client, &set, &stop) {
-                    log::warn!("revocations: {e}; reconnecting in {backoff_ms} ms");
+                    set.set_stale(true);
+                    log::warn!(
+                        "revocations: {e}; refusing upgrades until Redis is back; reconnecting in {backoff_ms} ms"
+                    );
                     std::thread::sleep(Duration::from_millis(backoff_ms));
                     backoff_ms = (backoff_ms * 2).min(FOLLOW_BACKOFF_MAX_MS);
                 } else {
@@ -92,6 +101,7 @@ fn follow_once(
     pubsub.subscribe(CHANNEL)?;
     pubsub.set_read_timeout(Some(Duration::from_secs(1)))?;
     let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(LIVENESS_TIMEOUT))?;
     let keys: Vec<String> = {
         use redis::Commands as _;
         // SCAN, not KEYS: never blocks Redis, whatever the key count.
@@ -106,7 +116,15 @@ fn follow_once(
             }
         }
     }
+    set.set_stale(false);
+    let mut pinged = std::time::Instant::now();
     while !stop.load(Ordering::Acquire) {
+        // A subscription on a Redis that stopped answering (paused, cut off) only times out:
+        // a PING now and then tells that from a quiet channel.
+        if pinged.elapsed() >= LIVENESS_EVERY {
+            redis::cmd("PING").query::<String>(&mut conn)?;
+            pinged = std::time::Instant::now();
+        }
         match pubsub.get_message() {
             Ok(m) => {
                 let payload: String = m.get_payload()?;

@@ -47,9 +47,10 @@ use slab::Slab;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-/// Tells whether a token id (`jti`) has been revoked (logout). Called at each upgrade; it
-/// must be cheap and must not block (an in-memory set, or a local cache of Redis).
-pub type RevokedCheck = Arc<dyn Fn(&str, u64) -> bool + Send + Sync>;
+/// Tells whether a token id (`jti`) has been revoked (logout), or `None` when that cannot be
+/// known now (the revocation list cannot be read: the upgrade is refused, 503). Called at each
+/// upgrade; it must be cheap and must not block (an in-memory set, or a local cache of Redis).
+pub type RevokedCheck = Arc<dyn Fn(&str, u64) -> Option<bool> + Send + Sync>;
 
 /// Appends more Prometheus text to `/metrics` (the pipeline bridge's counters).
 pub type MetricsHook = Arc<dyn Fn(&mut String) + Send + Sync>;

@@ -690,7 +690,10 @@ fn upgrade_and_a_bad_frame_in_one_segment_still_get_the_101_first() {
 fn a_revoked_token_is_refused_at_the_upgrade() {
     let revoked_jti = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let check = revoked_jti.clone();
-    let hook: RevokedCheck = Arc::new(move |jti, _| *check.lock().unwrap() == jti);
+    let hook: RevokedCheck = Arc::new(move |jti, _| match check.lock().unwrap().as_str() {
+        "unreadable" => None,
+        revoked => Some(revoked == jti),
+    });
     let mut sim = Sim::with_revocations(1, cfg(), Some(hook));
     let claims = jwt::Claims::new(7, NOW_UNIX_MS / 1000, 600);
     let token = jwt::sign(SECRET, &claims);
@@ -707,6 +710,21 @@ fn a_revoked_token_is_refused_at_the_upgrade() {
     );
     // Another token of the same user still works.
     let other = sim.connect(0, 7);
+    assert!(!sim.closed.contains(&other));
+    // While the revocation list cannot be read, no token gets in (fail closed), and the
+    // open connection stays.
+    *revoked_jti.lock().unwrap() = "unreadable".into();
+    let fresh = jwt::sign(SECRET, &jwt::Claims::new(8, NOW_UNIX_MS / 1000, 600));
+    let key = sim.accept(0);
+    sim.recv(
+        (0, key),
+        Sim::upgrade_request(&format!("/ws?token={fresh}")).as_bytes(),
+    );
+    let answer = sim.take_http((0, key));
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("5032"),
+        "{answer}"
+    );
     assert!(!sim.closed.contains(&other));
 }
 

@@ -21,9 +21,9 @@ impl Shard {
                 token,
                 protocol,
             } => match self.verify(token.as_deref()) {
-                Err(why) => {
+                Err((status, code, why)) => {
                     ShardStats::add(&self.st().refused_token_total, 1);
-                    let refusal = handshake::json_error(401, ErrorCode::Unauthorized.code(), &why);
+                    let refusal = handshake::json_error(status, code.code(), &why);
                     self.http_answer(key, refusal);
                 }
                 Ok(claims) => self.open(key, claims, &accept, protocol),
@@ -35,18 +35,26 @@ impl Shard {
         }
     }
 
-    /// The token's claims, if it verifies and was not revoked; why not otherwise.
-    fn verify(&self, token: Option<&str>) -> Result<jwt::Claims, String> {
+    /// The token's claims, if it verifies and was not revoked; the refusal otherwise.
+    fn verify(&self, token: Option<&str>) -> Result<jwt::Claims, (u16, ErrorCode, String)> {
+        let unauthorized = |why: String| (401, ErrorCode::Unauthorized, why);
         let Some(t) = token else {
-            return Err(
+            return Err(unauthorized(
                 "missing token: pass ?token=<JWT> or Sec-WebSocket-Protocol: bearer.<JWT>".into(),
-            );
+            ));
         };
         let now_s = self.now.unix_ms / 1000;
-        let claims = jwt::verify(&self.secret, t, now_s).map_err(|e| e.to_string())?;
-        match &self.revoked {
-            Some(revoked) if revoked(&claims.jti, now_s) => Err("invalid token: revoked".into()),
-            _ => Ok(claims),
+        let claims =
+            jwt::verify(&self.secret, t, now_s).map_err(|e| unauthorized(e.to_string()))?;
+        match self.revoked.as_ref().map(|r| r(&claims.jti, now_s)) {
+            None | Some(Some(false)) => Ok(claims),
+            Some(Some(true)) => Err(unauthorized("invalid token: revoked".into())),
+            // Fail closed: a logged-out token must not get in while the list is unreadable.
+            Some(None) => Err((
+                503,
+                ErrorCode::DependencyDown,
+                "the revocation list cannot be read (Redis is down): retry".into(),
+            )),
         }
     }
 

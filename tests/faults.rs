@@ -1,0 +1,211 @@
+//! Faults under load (issue 14): each test runs 1:1 and group senders on two gateways and a
+//! receiving device, breaks one part of its own private deployment (its own broker, its own
+//! gateway processes), and ends with the accounting of `support::load`: every acknowledged
+//! message stored once with its acknowledged id and seq, seqs 1..=n per conversation, the
+//! live stream in order without duplicates, `sync` returning exactly what is stored.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::load::*;
+use support::*;
+
+/// One deployment at a time: each is a broker and five processes on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The load of every fault test: a receiver, two 1:1 senders and two group senders, spread
+/// over both gateways, `per` messages each.
+struct Load {
+    receiver: (u64, String),
+    senders: Vec<(String, Target, usize)>,
+    convs: Vec<String>,
+    per: usize,
+}
+
+impl Load {
+    fn new(c: &Cluster, per: usize) -> Load {
+        let receiver = c.user("receiver");
+        let s: Vec<(u64, String)> = (0..4).map(|i| c.user(&format!("sender{i}"))).collect();
+        let (st, v) = http(
+            c.api,
+            "POST",
+            "/api/v1/groups/create",
+            Some(&receiver.1),
+            &json!({"name": "faults"}),
+        );
+        assert_eq!(st, 201, "{v}");
+        let gid: u64 = v["group_id"].as_str().unwrap().parse().unwrap();
+        for (_, t) in &s[2..] {
+            let (st, v) = http(
+                c.api,
+                "POST",
+                &format!("/api/v1/groups/{gid}/join"),
+                Some(t),
+                &Value::Null,
+            );
+            assert_eq!(st, 204, "{v}");
+        }
+        let r = receiver.0;
+        let pair = |u: u64| format!("p:{}:{}", u.min(r), u.max(r));
+        Load {
+            convs: vec![pair(s[0].0), pair(s[1].0), format!("g:{gid}")],
+            senders: vec![
+                (s[0].1.clone(), Target::User(r), 0),
+                (s[1].1.clone(), Target::User(r), 1),
+                (s[2].1.clone(), Target::Group(gid), 0),
+                (s[3].1.clone(), Target::Group(gid), 1),
+            ],
+            receiver,
+            per,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.per * self.senders.len()
+    }
+
+    /// Runs the load with `fault` once `trigger` messages are acknowledged, then the
+    /// accounting; the senders' results and the messages the device got live.
+    fn run(
+        &self,
+        c: &mut Cluster,
+        device_gateway: usize,
+        trigger: usize,
+        fault: impl FnOnce(&mut Cluster),
+    ) -> (Vec<Sent>, usize) {
+        let gateways: Vec<SocketAddr> = c.gateways.iter().map(|g| g.1).collect();
+        let device = Client::new(&self.receiver.1, gateways, device_gateway);
+        let stop = Arc::new(AtomicBool::new(false));
+        let receiving = {
+            let stop = stop.clone();
+            std::thread::spawn(move || receive(device, stop))
+        };
+        let sent = run_senders(
+            c,
+            &self.senders,
+            self.per,
+            trigger,
+            Duration::from_secs(6),
+            fault,
+        );
+        wait_rows(c, self.total());
+        // Live deliveries of the last acknowledged messages may still be on their way.
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut device, live) = receiving.join().expect("the receiving device");
+        let acks: Vec<_> = sent.iter().map(|s| &s.acks).collect();
+        assert_eq!(acks.iter().map(|a| a.len()).sum::<usize>(), self.total());
+        let stored = check_stored(c, &acks, self.total());
+        let got_live = check_delivered(&mut device, &live, &stored, &self.convs);
+        (sent, got_live)
+    }
+}
+
+/// The broker dies for 10 s: senders get 5032 (or no answer) meanwhile and succeed when they
+/// retry with the same cid; nothing acknowledged is lost, duplicated or reordered.
+#[test]
+fn the_broker_down_for_10_s_then_back() {
+    let _g = serial();
+    let mut c = Cluster::start("fault-broker", 7, 2);
+    let load = Load::new(&c, 250);
+    let (sent, live) = load.run(&mut c, 1, 200, |c| {
+        c.broker.kill9();
+        std::thread::sleep(Duration::from_secs(10));
+        c.restart_broker();
+    });
+    let errors = errors_of(&sent);
+    assert!(
+        errors.keys().all(|&code| code == 5032 || code == 5030),
+        "{errors:?}"
+    );
+    assert!(
+        errors.get(&5032).copied().unwrap_or(0) > 0,
+        "no sender was told the broker is down: {errors:?}\n{}",
+        c.logs()
+    );
+    eprintln!(
+        "broker outage: errors {errors:?}, {live} of {} delivered live",
+        load.total()
+    );
+}
+
+/// A gateway is killed with SIGKILL: its clients reconnect to the other gateway and resend
+/// what was unanswered (same cids); the device on it reconnects too and `sync`s the rest.
+#[test]
+fn kill_9_of_a_gateway_moves_its_clients_to_the_other() {
+    let _g = serial();
+    let mut c = Cluster::start("fault-gateway", 8, 2);
+    let load = Load::new(&c, 250);
+    let (sent, live) = load.run(&mut c, 0, 200, |c| {
+        c.gateways[0].0.kill9();
+    });
+    let moved: usize = sent.iter().map(|s| s.reconnects).sum();
+    assert!(
+        moved >= 2,
+        "the clients of the killed gateway did not reconnect"
+    );
+    eprintln!(
+        "gateway kill: {moved} reconnects, {live} of {} delivered live",
+        load.total()
+    );
+}
+
+/// Redis (this deployment's own) is killed for 12 s and restarted with its append-only file.
+/// Meanwhile: open sockets stay; new upgrades of any token are refused with 503/5032, since
+/// a logout could not be seen (fail closed); sends go on until logic's Snowflake lease runs
+/// out (8 s after its last renewal), then get 5032 until Redis is back; live delivery stops
+/// (logic cannot read presence) and the device `sync`s what it missed. Afterwards upgrades
+/// and sends work again, and the accounting holds.
+#[test]
+fn redis_down_for_12_s_then_back() {
+    let _g = serial();
+    let mut c = Cluster::start_with_private_redis("fault-redis", 2);
+    let load = Load::new(&c, 250);
+    let (_, probe) = c.user("probe");
+    let gw = c.gateways[0].1;
+    assert_eq!(Ws::upgrade_status(gw, &probe), 101);
+    let refused = Arc::new(Mutex::new(None));
+    let seen = refused.clone();
+    let (sent, live) = load.run(&mut c, 1, 200, move |c| {
+        let redis = c.redis_server.as_mut().unwrap();
+        redis.proc.kill9();
+        let t0 = std::time::Instant::now();
+        let mut status = 101;
+        while t0.elapsed() < Duration::from_secs(5) && status == 101 {
+            std::thread::sleep(Duration::from_millis(100));
+            status = Ws::upgrade_status(gw, &probe);
+        }
+        *seen.lock().unwrap() = Some((status, t0.elapsed()));
+        std::thread::sleep(Duration::from_secs(12).saturating_sub(t0.elapsed()));
+        c.redis_server.as_mut().unwrap().restart();
+        let t1 = std::time::Instant::now();
+        while Ws::upgrade_status(gw, &probe) != 101 {
+            assert!(
+                t1.elapsed() < Duration::from_secs(20),
+                "upgrades still refused"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let (status, after) = refused.lock().unwrap().unwrap();
+    assert_eq!(status, 503, "an upgrade was let in while Redis was down");
+    let moved: usize = sent.iter().map(|s| s.reconnects).sum();
+    assert_eq!(moved, 0, "open sockets must stay");
+    let errors = errors_of(&sent);
+    assert!(
+        errors.keys().all(|&code| code == 5032 || code == 5030),
+        "{errors:?}"
+    );
+    eprintln!(
+        "redis outage: upgrades refused {after:?} after the kill, sender errors {errors:?}, {live} of {} delivered live",
+        load.total()
+    );
+}
