@@ -195,7 +195,8 @@ pub(crate) struct PipelineArgs {
     /// Presence entries expire this long after their last refresh.
     #[arg(long, env = "IM_PRESENCE_TTL_S", default_value_t = 180)]
     pub(crate) presence_ttl_s: u64,
-    /// How long a send may wait for the broker before the client gets a retryable error.
+    /// How long a send may wait for the broker before the client gets a retryable error (its
+    /// record stays queued and may still be delivered; a resend with its cid gets one `sent`).
     #[arg(long, env = "IM_PRODUCE_TIMEOUT_MS", default_value_t = 5_000)]
     pub(crate) produce_timeout_ms: u32,
 }

@@ -114,7 +114,7 @@ impl Load {
 #[test]
 fn the_broker_down_for_10_s_then_back() {
     let _g = serial();
-    let mut c = Cluster::start("fault-broker", 7, 2);
+    let mut c = Cluster::start("fault_broker", 7, 2);
     let load = Load::new(&c, 250);
     let (sent, live) = load.run(&mut c, 1, 200, |c| {
         c.broker.kill9();
@@ -142,7 +142,7 @@ fn the_broker_down_for_10_s_then_back() {
 #[test]
 fn kill_9_of_a_gateway_moves_its_clients_to_the_other() {
     let _g = serial();
-    let mut c = Cluster::start("fault-gateway", 8, 2);
+    let mut c = Cluster::start("fault_gateway", 8, 2);
     let load = Load::new(&c, 250);
     let (sent, live) = load.run(&mut c, 0, 200, |c| {
         c.gateways[0].0.kill9();
@@ -167,8 +167,9 @@ fn kill_9_of_a_gateway_moves_its_clients_to_the_other() {
 #[test]
 fn redis_down_for_12_s_then_back() {
     let _g = serial();
-    let mut c = Cluster::start_with_private_redis("fault-redis", 2);
-    let load = Load::new(&c, 250);
+    let mut c = Cluster::start_with_private_redis("fault_redis", 2);
+    // Enough load to still be sending when the lease runs out, 8 s into the outage.
+    let load = Load::new(&c, 1_500);
     let (_, probe) = c.user("probe");
     let gw = c.gateways[0].1;
     assert_eq!(Ws::upgrade_status(gw, &probe), 101);
@@ -203,6 +204,11 @@ fn redis_down_for_12_s_then_back() {
     assert!(
         errors.keys().all(|&code| code == 5032 || code == 5030),
         "{errors:?}"
+    );
+    assert!(
+        errors.get(&5032).copied().unwrap_or(0) > 0,
+        "sends went on past the lease's end: {errors:?}\n{}",
+        c.logs()
     );
     eprintln!(
         "redis outage: upgrades refused {after:?} after the kill, sender errors {errors:?}, {live} of {} delivered live",

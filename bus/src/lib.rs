@@ -33,6 +33,15 @@ pub mod presence;
 pub mod revocation;
 
 pub use kafka::{KafkaBus, KafkaConfig};
+
+/// How long a producer keeps retrying a record before it gives up (librdkafka's
+/// `message.timeout.ms`), where the caller answers its own user sooner (the gateway after
+/// `--produce-timeout-ms`, logic's deliveries): long enough to ride out a broker restart.
+/// A record that times out locally makes an idempotent producer bump its epoch, a step some
+/// Kafka-protocol brokers do not implement (nisshi 0.6 answers every later produce of that
+/// producer with an error, so the service never recovers): on such a broker only outages
+/// longer than this stay fatal.
+pub const RECORD_TIMEOUT_MS: u32 = 120_000;
 pub use memory::MemoryBus;
 
 use std::future::Future;

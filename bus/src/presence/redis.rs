@@ -15,6 +15,17 @@ use tokio::sync::Mutex;
 
 /// How long making the connection may take before the call fails (and is retried later).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a read may take. A Redis that is down must not hold up logic's stage: while the
+/// connection manager reconnects, a request waits for it (with its backoff, tens of
+/// seconds), and the stage would miss its consumer poll deadline and lose its partitions.
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `f`, or an error once `READ_TIMEOUT` has passed.
+async fn bounded<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::time::timeout(READ_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| Err(format!("presence: no answer in {READ_TIMEOUT:?}")))
+}
 
 pub struct RedisPresence {
     client: redis::Client,
@@ -92,6 +103,16 @@ impl Presence for RedisPresence {
     }
 
     async fn gateways(&self, users: &[u64]) -> Result<HashMap<u64, Vec<String>>, String> {
+        bounded(self.read_gateways(users)).await
+    }
+
+    async fn connections(&self, user: u64) -> Result<Vec<Connection>, String> {
+        bounded(self.read_connections(user)).await
+    }
+}
+
+impl RedisPresence {
+    async fn read_gateways(&self, users: &[u64]) -> Result<HashMap<u64, Vec<String>>, String> {
         let mut out = HashMap::with_capacity(users.len());
         if users.is_empty() {
             return Ok(out);
@@ -122,7 +143,7 @@ impl Presence for RedisPresence {
         Ok(out)
     }
 
-    async fn connections(&self, user: u64) -> Result<Vec<Connection>, String> {
+    async fn read_connections(&self, user: u64) -> Result<Vec<Connection>, String> {
         let mut conn = self.conn().await?;
         let all: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(presence::key(user))

@@ -47,6 +47,7 @@ pub struct BridgeStats {
     pub produced_total: AtomicU64,
     pub produce_refused_total: AtomicU64,
     pub produce_failed_total: AtomicU64,
+    pub produce_expired_total: AtomicU64,
     pub downstream_records_total: AtomicU64,
     pub downstream_bad_records_total: AtomicU64,
     pub downstream_dropped_total: AtomicU64,
@@ -63,6 +64,11 @@ impl BridgeStats {
                 "im_bridge_produced_total",
                 "im.upstream records the broker acknowledged",
                 &self.produced_total,
+            ),
+            (
+                "im_bridge_produce_expired_total",
+                "senders answered 5032 at the produce timeout while their record was still queued (it may yet be delivered)",
+                &self.produce_expired_total,
             ),
             (
                 "im_bridge_produce_refused_total",
@@ -140,7 +146,9 @@ pub fn start(
     let rt = runtime()?;
     rt.block_on(bus.ensure_topics(&[(&topic, 1), (topics::UPSTREAM, bus.partitions())]))?;
     let consumer = rt.block_on(bus.partition_consumer(&topic, &[(0, Start::End)]))?;
-    let producer = bus.producer(cfg.linger_ms, cfg.produce_timeout_ms.max(1))?;
+    // The sender is answered at `produce_timeout_ms`; the record itself is retried for much
+    // longer (`im_bus::RECORD_TIMEOUT_MS`), so a broker restart does not time it out locally.
+    let producer = bus.producer(cfg.linger_ms, im_bus::RECORD_TIMEOUT_MS)?;
 
     let BridgeEnd { up: up_end, down } = end;
     let down = Arc::new(Mutex::new(down));
@@ -154,7 +162,13 @@ pub fn start(
     threads.push(spawn("im-bridge-down", move || {
         down::run(rt, consumer, d, s, st)
     })?);
-    let up = up::Up::new(producer, stats, down, presence_tx);
+    let up = up::Up::new(
+        producer,
+        stats,
+        down,
+        presence_tx,
+        cfg.produce_timeout_ms.max(1),
+    );
     let s = stop.clone();
     threads.push(spawn("im-bridge-up", move || up.run(up_end, s))?);
     log::info!(

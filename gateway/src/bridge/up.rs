@@ -28,6 +28,15 @@ type Refusal = (u64, Option<String>, ErrorCode);
 /// Records the bus failed to deliver: their connection and cid (filled by delivery callbacks
 /// on the bus's thread).
 type Failed = Arc<Mutex<Vec<(u64, Option<String>)>>>;
+/// Numbers of the records whose outcome is known (filled by the delivery callbacks).
+type Settled = Arc<Mutex<Vec<u64>>>;
+
+/// A record whose outcome is not known yet; its sender is answered 5032 at `due`.
+struct InFlight {
+    conn: u64,
+    /// Kept (not copied: the bus copied it) to find the `cid` if the answer is due.
+    payload: Box<[u8]>,
+}
 
 pub(super) struct Up {
     producer: Arc<dyn Producer>,
@@ -37,6 +46,13 @@ pub(super) struct Up {
     presence: mpsc::Sender<Change>,
     refusals: Vec<Refusal>,
     key: String,
+    /// Records in flight by number, the numbers in produce order with their due time, and
+    /// the next number: the produce timeout is ours, not the bus's (see `RECORD_TIMEOUT_MS`).
+    in_flight: std::collections::HashMap<u64, InFlight>,
+    due: std::collections::VecDeque<(u64, std::time::Instant)>,
+    settled: Settled,
+    next_no: u64,
+    timeout: Duration,
 }
 
 impl Up {
@@ -45,6 +61,7 @@ impl Up {
         stats: Arc<BridgeStats>,
         down: Arc<Mutex<DownEnd>>,
         presence: mpsc::Sender<Change>,
+        produce_timeout_ms: u32,
     ) -> Up {
         Up {
             producer,
@@ -54,6 +71,11 @@ impl Up {
             presence,
             refusals: Vec::new(),
             key: String::new(),
+            in_flight: Default::default(),
+            due: Default::default(),
+            settled: Arc::default(),
+            next_no: 0,
+            timeout: Duration::from_millis(produce_timeout_ms as u64),
         }
     }
 
@@ -70,6 +92,7 @@ impl Up {
             for msg in batch.drain(..) {
                 self.forward(msg);
             }
+            self.expire();
             self.answer_refusals();
             if stopping && end.is_empty() {
                 break;
@@ -98,7 +121,7 @@ impl Up {
                 conv,
                 conn,
                 payload,
-            } => self.produce(conv, conn, &payload),
+            } => self.produce(conv, conn, payload),
             UpMsg::Online {
                 user,
                 conn,
@@ -126,14 +149,16 @@ impl Up {
         }
     }
 
-    fn produce(&mut self, conv: im_shared::Conv, conn: ConnRef, payload: &[u8]) {
+    fn produce(&mut self, conv: im_shared::Conv, conn: ConnRef, payload: Box<[u8]>) {
         self.key.clear();
         let _ = write!(self.key, "{conv}");
         let conn = conn_token(conn);
-        let done = self.done(conn);
+        let no = self.next_no;
+        self.next_no += 1;
+        let done = self.done(conn, no);
         let sent = self
             .producer
-            .send(topics::UPSTREAM, None, &self.key, payload, Some(done));
+            .send(topics::UPSTREAM, None, &self.key, &payload, Some(done));
         if let Err(e) = sent {
             self.stats
                 .produce_refused_total
@@ -142,24 +167,55 @@ impl Up {
                 SendError::QueueFull => ErrorCode::Busy,
                 SendError::Failed(_) => ErrorCode::DependencyDown,
             };
-            self.refusals.push((conn, cid_of(payload), code));
+            self.refusals.push((conn, cid_of(&payload), code));
+            return;
+        }
+        self.in_flight.insert(no, InFlight { conn, payload });
+        self.due
+            .push_back((no, std::time::Instant::now() + self.timeout));
+    }
+
+    /// Forgets the records whose outcome came, and answers 5032 to the senders of those
+    /// still unknown at their due time. Such a record stays queued in the bus and may yet be
+    /// delivered: the sender resends with the same cid and gets the one `sent`.
+    fn expire(&mut self) {
+        for no in std::mem::take(&mut *self.settled.lock().expect("not poisoned")) {
+            self.in_flight.remove(&no);
+        }
+        let now = std::time::Instant::now();
+        while let Some(&(no, due)) = self.due.front() {
+            if due > now && !self.in_flight.is_empty() {
+                break;
+            }
+            self.due.pop_front();
+            if let Some(f) = self.in_flight.remove(&no) {
+                self.stats
+                    .produce_expired_total
+                    .fetch_add(1, Ordering::Relaxed);
+                let cid = cid_of(&f.payload);
+                self.refusals.push((f.conn, cid, ErrorCode::DependencyDown));
+            }
         }
     }
 
     /// The callback that counts a record's outcome and notes a failure for its sender (the
     /// bus hands the record back on failure, so the `cid` is decoded only then).
-    fn done(&self, conn: u64) -> Done {
+    fn done(&self, conn: u64, no: u64) -> Done {
         let (stats, failed) = (self.stats.clone(), self.failed.clone());
-        Box::new(move |r: Result<(), Undelivered<'_>>| match r {
-            Ok(()) => {
-                stats.produced_total.fetch_add(1, Ordering::Relaxed);
+        let settled = self.settled.clone();
+        Box::new(move |r: Result<(), Undelivered<'_>>| {
+            match r {
+                Ok(()) => {
+                    stats.produced_total.fetch_add(1, Ordering::Relaxed);
+                }
+                Err((e, payload)) => {
+                    stats.produce_failed_total.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("bridge: an upstream record was not delivered: {e}");
+                    let cid = cid_of(payload);
+                    failed.lock().expect("not poisoned").push((conn, cid));
+                }
             }
-            Err((e, payload)) => {
-                stats.produce_failed_total.fetch_add(1, Ordering::Relaxed);
-                log::warn!("bridge: an upstream record was not delivered: {e}");
-                let cid = cid_of(payload);
-                failed.lock().expect("not poisoned").push((conn, cid));
-            }
+            settled.lock().expect("not poisoned").push(no);
         })
     }
 

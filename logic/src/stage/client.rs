@@ -24,7 +24,7 @@ pub struct PipelineClient {
 /// Requests waiting for an answer at once; past it, `send` is refused (bounded).
 const PENDING_MAX: usize = 10_000;
 /// How long a request may wait for the bus before it fails.
-const PRODUCE_TIMEOUT_MS: u32 = 10_000;
+const PRODUCE_TIMEOUT_MS: u32 = im_bus::RECORD_TIMEOUT_MS;
 /// How long the producer may hold a request to batch it.
 const LINGER_MS: u32 = 1;
 /// The pause after an error reading the reply topic.

@@ -69,7 +69,7 @@ impl Default for StageConfig {
 }
 
 /// How long a live delivery may wait for the bus before it is dropped (sync recovers it).
-const DOWNSTREAM_TIMEOUT_MS: u32 = 10_000;
+const DOWNSTREAM_TIMEOUT_MS: u32 = im_bus::RECORD_TIMEOUT_MS;
 /// How long the producers may hold a record to batch it.
 const LINGER_MS: u32 = 1;
 /// How long a full `im.messages` producer queue is waited on before trying again.
@@ -592,7 +592,16 @@ impl Stage {
             Ok(o) => o,
             Err(e) => {
                 // Not fatal: the messages are durable; clients get them by sync.
-                log::warn!("logic: presence lookup failed, no live delivery for this batch: {e}");
+                let n = self
+                    .stats
+                    .presence_failed_total
+                    .fetch_add(1, Ordering::Relaxed);
+                if n % 1000 == 0 {
+                    log::warn!(
+                        "logic: presence lookup failed ({} times so far), no live delivery for this batch: {e}",
+                        n + 1
+                    );
+                }
                 return;
             }
         };

@@ -31,6 +31,8 @@ pub struct StageStats {
     /// produce to ack; and those it never took (dropped: the client's sync recovers them).
     pub downstream_ack_time: MillisHistogram,
     pub downstream_failed_total: AtomicU64,
+    /// Batches delivered by nobody live because presence could not be read (Redis down).
+    pub presence_failed_total: AtomicU64,
 }
 
 impl StageStats {
@@ -61,6 +63,11 @@ impl StageStats {
                 "im_logic_downstream_failed_total",
                 "records for gateways the broker never took (live deliveries dropped)",
                 &self.downstream_failed_total,
+            ),
+            (
+                "im_logic_presence_failed_total",
+                "batches not delivered live: presence could not be read (sync recovers them)",
+                &self.presence_failed_total,
             ),
             (
                 "im_logic_bad_records_total",
