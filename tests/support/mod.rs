@@ -211,6 +211,12 @@ pub fn fresh_redis(index: u32) -> String {
     format!("redis://127.0.0.1:6379/{index}")
 }
 
+/// The children's `RUST_LOG`: `IM_TEST_LOG` when set (e.g. `info,librdkafka=debug` with
+/// `IM_KAFKA_DEBUG=cgrp` to see consumer-group steps), else `info`.
+pub fn log_filter() -> String {
+    std::env::var("IM_TEST_LOG").unwrap_or_else(|_| "info".into())
+}
+
 pub fn im() -> Command {
     Command::new(env!("CARGO_BIN_EXE_im"))
 }
@@ -345,6 +351,25 @@ impl Cluster {
         redis: &str,
         api: SocketAddr,
     ) -> Proc {
+        Self::spawn_logic_as(dir, brokers, db, redis, api, "logic-test")
+    }
+
+    /// Another logic instance of this deployment (`id`: its logic id and log name).
+    pub fn spawn_another_logic(&self, id: &str) -> (Proc, SocketAddr) {
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let p = Self::spawn_logic_as(&self.dir, &self.brokers, &self.db, &self.redis, api, id);
+        wait_port(api, id, Duration::from_secs(60));
+        (p, api)
+    }
+
+    fn spawn_logic_as(
+        dir: &std::path::Path,
+        brokers: &str,
+        db: &str,
+        redis: &str,
+        api: SocketAddr,
+        id: &str,
+    ) -> Proc {
         let mut cmd = im();
         cmd.args(["logic", "--api-listen", &api.to_string(), "--mysql-url", db])
             .args([
@@ -355,9 +380,10 @@ impl Cluster {
                 "--redis-url",
                 redis,
             ])
-            .args(["--argon2-m-kib", "8", "--logic-id", "logic-test"])
-            .env("RUST_LOG", "info");
-        Proc::spawn("logic", cmd, dir)
+            .args(["--argon2-m-kib", "8", "--logic-id", id])
+            .env("RUST_LOG", log_filter());
+        let name = if id == "logic-test" { "logic" } else { id };
+        Proc::spawn(name, cmd, dir)
     }
 
     pub fn spawn_persist(dir: &std::path::Path, brokers: &str, db: &str) -> Proc {
