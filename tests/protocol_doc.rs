@@ -20,7 +20,8 @@ fn rows<'a>(doc: &'a str, heading: &str) -> Vec<&'a str> {
         .find(heading)
         .unwrap_or_else(|| panic!("no section {heading}"));
     let rest = &doc[start + heading.len()..];
-    let end = rest.find("\n## ").unwrap_or(rest.len());
+    // The section ends at the next heading of any level.
+    let end = rest.find("\n#").unwrap_or(rest.len());
     rest[..end]
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| ---"))

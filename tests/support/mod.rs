@@ -170,9 +170,14 @@ pub fn broker_on(dir: &std::path::Path, port: u16) -> (Proc, String) {
 
 /// A fresh MariaDB database (dropped first if a previous run left it).
 pub fn fresh_db(test: &str) -> String {
+    fresh_db_on(test, 3306)
+}
+
+/// `fresh_db` on the server at `port`.
+pub fn fresh_db_on(test: &str, port: u16) -> String {
     let name = format!("im_e2e_{test}");
     let out = Command::new("mysql")
-        .args(["-h127.0.0.1", "-uroot", "-e"])
+        .args(["-h127.0.0.1", &format!("-P{port}"), "-uroot", "-e"])
         .arg(format!(
             "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
         ))
@@ -183,13 +188,23 @@ pub fn fresh_db(test: &str) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    format!("mysql://root@127.0.0.1:3306/{name}")
+    format!("mysql://root@127.0.0.1:{port}/{name}")
 }
 
 pub fn mysql_query(db_url: &str, sql: &str) -> String {
-    let db = db_url.rsplit('/').next().unwrap();
+    let (server, db) = db_url.rsplit_once('/').unwrap();
+    let port = server.rsplit(':').next().unwrap();
     let out = Command::new("mysql")
-        .args(["-h127.0.0.1", "-uroot", "-N", "-B", db, "-e", sql])
+        .args([
+            "-h127.0.0.1",
+            &format!("-P{port}"),
+            "-uroot",
+            "-N",
+            "-B",
+            db,
+            "-e",
+            sql,
+        ])
         .output()
         .unwrap();
     assert!(
@@ -234,6 +249,66 @@ pub struct Cluster {
     pub gateways: Vec<(Proc, SocketAddr)>,
     /// A Redis of this deployment's own (`start_with_private_redis`), to break.
     pub redis_server: Option<PrivateRedis>,
+    /// A MariaDB of this deployment's own (`start_with_private_mysql`), to break.
+    pub mysql_server: Option<PrivateMysql>,
+}
+
+/// A `mariadbd` of one test's own: its datadir (made by `mariadb-install-db`), a free port.
+pub struct PrivateMysql {
+    pub proc: Proc,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateMysql {
+    pub fn start(dir: &std::path::Path) -> PrivateMysql {
+        let data = dir.join("mysql");
+        let out = Command::new("mariadb-install-db")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--user=root", "--auth-root-authentication-method=normal"])
+            .arg("--skip-test-db")
+            .output()
+            .expect("mariadb-install-db (Debian package mariadb-server) is required");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Self::start_on(dir, free_port())
+    }
+
+    fn start_on(dir: &std::path::Path, port: u16) -> PrivateMysql {
+        let data = dir.join("mysql");
+        let mut cmd = Command::new("/usr/sbin/mariadbd");
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--user=root", "--bind-address=127.0.0.1", "--skip-log-bin"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--socket={}", dir.join("mysql.sock").display()))
+            .arg(format!("--pid-file={}", dir.join("mysql.pid").display()))
+            .args(["--innodb-buffer-pool-size=64M", "--max-connections=200"]);
+        let proc = Proc::spawn("mariadb", cmd, dir);
+        let end = Instant::now() + Duration::from_secs(60);
+        while !Command::new("mysqladmin")
+            .args(["-h127.0.0.1", &format!("-P{port}"), "-uroot", "ping"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(Instant::now() < end, "the private mariadbd did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        PrivateMysql {
+            proc,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Starts it again on its port and datadir (after `proc.stop()` or `kill9()`).
+    pub fn restart(&mut self) {
+        *self = Self::start_on(&self.dir.clone(), self.port);
+    }
 }
 
 /// A `redis-server` of one test's own, on a free port, with an append-only file in its
@@ -285,6 +360,14 @@ impl Cluster {
         Self::start_on(scratch(test), test, redis, None, gateways)
     }
 
+    /// A deployment with a MariaDB of its own, which the test may stop.
+    pub fn start_with_private_mysql(test: &str, redis_index: u32, gateways: usize) -> Cluster {
+        let dir = scratch(test);
+        let server = PrivateMysql::start(&dir);
+        let redis = fresh_redis(redis_index);
+        Self::start_with_db(dir, test, redis, None, Some(server), gateways)
+    }
+
     /// A deployment with a Redis of its own, which the test may kill.
     pub fn start_with_private_redis(test: &str, gateways: usize) -> Cluster {
         let dir = scratch(test);
@@ -299,8 +382,19 @@ impl Cluster {
         redis_server: Option<PrivateRedis>,
         gateways: usize,
     ) -> Cluster {
+        Self::start_with_db(dir, test, redis, redis_server, None, gateways)
+    }
+
+    fn start_with_db(
+        dir: PathBuf,
+        test: &str,
+        redis: String,
+        redis_server: Option<PrivateRedis>,
+        mysql_server: Option<PrivateMysql>,
+        gateways: usize,
+    ) -> Cluster {
         let (broker, brokers) = broker(&dir);
-        let db = fresh_db(test);
+        let db = fresh_db_on(test, mysql_server.as_ref().map_or(3306, |m| m.port));
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let logic = Self::spawn_logic(&dir, &brokers, &db, &redis, api);
         wait_port(api, "im logic", Duration::from_secs(60));
@@ -341,6 +435,7 @@ impl Cluster {
             persist,
             gateways: gws,
             redis_server,
+            mysql_server,
         }
     }
 
