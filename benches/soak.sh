@@ -89,6 +89,7 @@ awk -F, 'NR == 3 { r0 = $2; a0 = $3; f0 = $5 } NR > 1 { r = $2; a = $3; f = $5; 
 
 # A plot of RSS (MiB) and open fds (thousands) against minutes.
 awk -F, -v title="im standalone soak, $MINUTES min ($IDLE idle + $((2 * PAIRS + MEMBERS)) busy connections)" '
+  BEGIN { n = 0 }
   NR > 1 { t[n] = $1 / 60; r[n] = $2 / 1024; a[n] = $3 / 1024; f[n] = $5 / 1000; if (r[n] > rm) rm = r[n]; if (t[n] > tm) tm = t[n]; n++ }
   END {
     W = 720; H = 360; L = 60; B = 40; if (tm == 0) tm = 1; ym = rm * 1.2; if (ym < 25) ym = 25
