@@ -152,25 +152,7 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
     a1.until(T, &mut Vec::new(), |v| v["type"] == "msg" && v["seq"] == 21);
 
     // A group: created and joined over REST, fanned out to members on both gateways.
-    let (st, v) = http(
-        c.api,
-        "POST",
-        "/api/v1/groups/create",
-        Some(&ta),
-        &json!({"name": "team"}),
-    );
-    assert_eq!(st, 201, "{v}");
-    let gid: u64 = v["group_id"].as_str().unwrap().parse().unwrap();
-    for t in [&tb, &tc] {
-        let (st, v) = http(
-            c.api,
-            "POST",
-            &format!("/api/v1/groups/{gid}/join"),
-            Some(t),
-            &Value::Null,
-        );
-        assert_eq!(st, 204, "{v}");
-    }
+    let gid = c.group(&ta, "team", &[&tb, &tc]);
     for i in 0..3 {
         a0.send(json!({"type": "send", "cid": format!("g{i}"), "group": gid.to_string(), "content": format!("all {i}")}));
         let ack = a0.until(T, &mut Vec::new(), |v| v["type"] == "sent");
@@ -363,7 +345,7 @@ fn kill_9_of_persist_mid_stream_leaves_exactly_every_message_once() {
     let mut c = Cluster::start("persist", 2, 1);
     let (r, _) = c.user("receiver");
     let senders = senders_to(&c, 5, r);
-    let sent = load::run_senders(
+    let (sent, ()) = load::run_senders(
         &mut c,
         &senders,
         2_000,
@@ -387,7 +369,7 @@ fn kill_9_of_logic_loses_and_duplicates_nothing_acknowledged() {
     let mut c = Cluster::start("logic", 3, 1);
     let (r, _) = c.user("receiver");
     let senders = senders_to(&c, 4, r);
-    let sent = load::run_senders(&mut c, &senders, 500, 600, Duration::from_secs(3), |c| {
+    let (sent, ()) = load::run_senders(&mut c, &senders, 500, 600, Duration::from_secs(3), |c| {
         // Persist goes down first, so the restarted logic must recover the seqs and retries
         // it handed out from the im.messages tail, not from the database.
         c.persist.kill9();

@@ -166,6 +166,16 @@ impl Keeper {
         })
     }
 
+    /// `script` (`RENEW`, `RELEASE`) on the key of the id held, with this holder's value.
+    fn script(&self, script: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script)
+            .arg(1)
+            .arg(self.key(self.worker))
+            .arg(&self.value);
+        cmd
+    }
+
     /// One command, bounded by the lease's TTL (a Redis that stops answering is down).
     async fn call<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, String> {
         match tokio::time::timeout(self.settings.ttl, cmd.query_async(&mut self.conn)).await {
@@ -187,14 +197,7 @@ impl Keeper {
             }
             let sent = Instant::now();
             let renewed: Result<i64, String> = self
-                .call(
-                    redis::cmd("EVAL")
-                        .arg(RENEW)
-                        .arg(1)
-                        .arg(self.key(self.worker))
-                        .arg(&self.value)
-                        .arg(self.settings.ttl.as_millis() as u64),
-                )
+                .call(self.script(RENEW).arg(self.settings.ttl.as_millis() as u64))
                 .await;
             match renewed {
                 Ok(1) => {
@@ -236,15 +239,7 @@ impl Keeper {
             }
         }
         lease.revoke();
-        let released: Result<i64, String> = self
-            .call(
-                redis::cmd("EVAL")
-                    .arg(RELEASE)
-                    .arg(1)
-                    .arg(self.key(self.worker))
-                    .arg(&self.value),
-            )
-            .await;
+        let released: Result<i64, String> = self.call(&self.script(RELEASE)).await;
         if let Err(e) = released {
             log::warn!(
                 "releasing Snowflake worker {}: {e} (it frees itself after its TTL)",

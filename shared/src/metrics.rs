@@ -11,6 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The content type of what `Prom` writes.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
+/// Adds one to `counter`; the new total for the first and then every 1,000th, `None`
+/// otherwise. For a failure that comes in floods (every record while a broker is down): it is
+/// counted each time and logged now and then.
+pub fn count_rarely(counter: &AtomicU64) -> Option<u64> {
+    let n = counter.fetch_add(1, Ordering::Relaxed);
+    (n % 1000 == 0).then_some(n + 1)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Counter,
@@ -149,6 +157,14 @@ fn escape_into(v: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn count_rarely_answers_the_first_and_every_thousandth() {
+        let c = AtomicU64::new(0);
+        let said: Vec<u64> = (0..2_500).filter_map(|_| count_rarely(&c)).collect();
+        assert_eq!(said, [1, 1001, 2001]);
+        assert_eq!(c.load(Ordering::Relaxed), 2_500);
+    }
 
     #[test]
     fn families_samples_and_escaped_labels() {

@@ -174,11 +174,6 @@ impl Leased {
         }
         self.gen.as_mut().map(|g| g.next(now_ms))
     }
-
-    /// The worker id ids are minted with now, if any.
-    pub fn worker(&self) -> Option<u16> {
-        self.lease.current()
-    }
 }
 
 #[cfg(test)]

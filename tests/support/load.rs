@@ -353,15 +353,16 @@ pub fn check_delivered(
 }
 
 /// Runs `senders` (token, target, first gateway) on threads, each pumping `per` messages, and
-/// calls `midway` once `trigger` messages are acknowledged overall.
-pub fn run_senders(
+/// calls `midway` once `trigger` messages are acknowledged overall; what the senders ended
+/// with, and what `midway` returned.
+pub fn run_senders<R>(
     c: &mut Cluster,
     senders: &[(String, Target, usize)],
     per: usize,
     trigger: usize,
     patience: Duration,
-    midway: impl FnOnce(&mut Cluster),
-) -> Vec<Sent> {
+    midway: impl FnOnce(&mut Cluster) -> R,
+) -> (Vec<Sent>, R) {
     let acked = Arc::new(AtomicUsize::new(0));
     let gateways: Vec<SocketAddr> = c.gateways.iter().map(|g| g.1).collect();
     let handles: Vec<_> = senders
@@ -393,14 +394,15 @@ pub fn run_senders(
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    midway(c);
-    handles
+    let r = midway(c);
+    let sent = handles
         .into_iter()
         .map(|h| {
             h.join()
                 .unwrap_or_else(|_| panic!("a sender failed\n{}", c.logs()))
         })
-        .collect()
+        .collect();
+    (sent, r)
 }
 
 /// A shared error-code tally, for assertions over all senders.
@@ -412,4 +414,13 @@ pub fn errors_of(sent: &[Sent]) -> BTreeMap<u64, usize> {
         }
     }
     all
+}
+
+/// The error codes a service outage may answer a `send` with: 5032 (a dependency is down)
+/// and 5030 (busy); anything else fails the test.
+pub fn assert_only_unavailable(errors: &BTreeMap<u64, usize>) {
+    assert!(
+        errors.keys().all(|&code| code == 5032 || code == 5030),
+        "{errors:?}"
+    );
 }

@@ -539,6 +539,30 @@ impl Cluster {
         )
     }
 
+    /// Creates a group over REST as `owner` and joins each of `members` to it; its id.
+    pub fn group(&self, owner: &str, name: &str, members: &[&str]) -> u64 {
+        let (st, v) = http(
+            self.api,
+            "POST",
+            "/api/v1/groups/create",
+            Some(owner),
+            &json!({ "name": name }),
+        );
+        assert_eq!(st, 201, "{v}");
+        let gid: u64 = v["group_id"].as_str().unwrap().parse().unwrap();
+        for t in members {
+            let (st, v) = http(
+                self.api,
+                "POST",
+                &format!("/api/v1/groups/{gid}/join"),
+                Some(t),
+                &Value::Null,
+            );
+            assert_eq!(st, 204, "{v}");
+        }
+        gid
+    }
+
     pub fn ws(&self, gateway: usize, token: &str) -> Ws {
         Ws::connect(self.gateways[gateway].1, token)
     }

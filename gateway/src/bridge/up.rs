@@ -6,13 +6,15 @@ use gateway_core::bridge::{DownEnd, UpEnd};
 use gateway_core::msg::{conn_ref, conn_token, ConnRef, ShardMsg, UpMsg};
 use im_bus::presence::{Change, BATCH_MAX};
 use im_bus::{Done, Producer, SendError, Undelivered};
+use im_shared::metrics::count_rarely;
 use im_shared::protocol;
 use im_shared::records::{self, topics, UpstreamBody, Versioned};
 use im_shared::ErrorCode;
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Messages taken from the shard rings per turn.
 const UP_BATCH_MAX: usize = 4096;
@@ -25,34 +27,35 @@ const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
 /// A connection whose record was not taken, its `send`'s cid, and the code to answer.
 type Refusal = (u64, Option<String>, ErrorCode);
-/// Records the bus failed to deliver: their connection and cid (filled by delivery callbacks
-/// on the bus's thread).
-type Failed = Arc<Mutex<Vec<(u64, Option<String>)>>>;
-/// Numbers of the records whose outcome is known (filled by the delivery callbacks).
-type Settled = Arc<Mutex<Vec<u64>>>;
+/// Outcomes reported by the delivery callbacks (on the bus's thread): the record's number,
+/// and whether it was delivered.
+type Settled = Arc<Mutex<Vec<(u64, bool)>>>;
 
 /// A record whose outcome is not known yet; its sender is answered 5032 at `due`.
 struct InFlight {
     conn: u64,
-    /// Kept (not copied: the bus copied it) to find the `cid` if the answer is due.
+    due: Instant,
+    /// Kept (not copied: the bus copied it) to find the `cid` if its sender is answered.
     payload: Box<[u8]>,
 }
 
 pub(super) struct Up {
     producer: Arc<dyn Producer>,
     stats: Arc<BridgeStats>,
-    failed: Failed,
     down: Arc<Mutex<DownEnd>>,
     presence: mpsc::Sender<Change>,
     refusals: Vec<Refusal>,
     key: String,
-    /// Records in flight by number, the numbers in produce order with their due time, and
-    /// the next number: the produce timeout is ours, not the bus's (see `RECORD_TIMEOUT_MS`).
-    in_flight: std::collections::HashMap<u64, InFlight>,
-    due: std::collections::VecDeque<(u64, std::time::Instant)>,
+    /// Records by number in produce order, so also in due order: record `first + i` is
+    /// `in_flight[i]`, `None` once settled or answered. The produce timeout is ours, not the
+    /// bus's (see `RECORD_TIMEOUT_MS`); the front leaves at its due time at the latest, so
+    /// this holds at most one timeout's worth of records.
+    in_flight: VecDeque<Option<InFlight>>,
+    first: u64,
     settled: Settled,
-    next_no: u64,
     timeout: Duration,
+    /// The clock, read once per turn.
+    now: Instant,
 }
 
 impl Up {
@@ -66,16 +69,15 @@ impl Up {
         Up {
             producer,
             stats,
-            failed: Arc::default(),
             down,
             presence,
             refusals: Vec::new(),
             key: String::new(),
-            in_flight: Default::default(),
-            due: Default::default(),
+            in_flight: VecDeque::new(),
+            first: 0,
             settled: Arc::default(),
-            next_no: 0,
             timeout: Duration::from_millis(produce_timeout_ms as u64),
+            now: Instant::now(),
         }
     }
 
@@ -89,10 +91,11 @@ impl Up {
             }
             batch.clear();
             end.drain(UP_BATCH_MAX, &mut batch);
+            self.now = Instant::now();
             for msg in batch.drain(..) {
                 self.forward(msg);
             }
-            self.expire();
+            self.settle();
             self.answer_refusals();
             if stopping && end.is_empty() {
                 break;
@@ -153,9 +156,8 @@ impl Up {
         self.key.clear();
         let _ = write!(self.key, "{conv}");
         let conn = conn_token(conn);
-        let no = self.next_no;
-        self.next_no += 1;
-        let done = self.done(conn, no);
+        let no = self.first + self.in_flight.len() as u64;
+        let done = self.done(no);
         let sent = self
             .producer
             .send(topics::UPSTREAM, None, &self.key, &payload, Some(done));
@@ -167,66 +169,76 @@ impl Up {
                 SendError::QueueFull => ErrorCode::Busy,
                 SendError::Failed(_) => ErrorCode::DependencyDown,
             };
+            // Its number is not taken: `done` is never called for a refused record.
             self.refusals.push((conn, cid_of(&payload), code));
             return;
         }
-        self.in_flight.insert(no, InFlight { conn, payload });
-        self.due
-            .push_back((no, std::time::Instant::now() + self.timeout));
+        let due = self.now + self.timeout;
+        self.in_flight
+            .push_back(Some(InFlight { conn, due, payload }));
     }
 
-    /// Forgets the records whose outcome came, and answers 5032 to the senders of those
-    /// still unknown at their due time. Such a record stays queued in the bus and may yet be
-    /// delivered: the sender resends with the same cid and gets the one `sent`.
-    fn expire(&mut self) {
-        for no in std::mem::take(&mut *self.settled.lock().expect("not poisoned")) {
-            self.in_flight.remove(&no);
-        }
-        let now = std::time::Instant::now();
-        while let Some(&(no, due)) = self.due.front() {
-            if due > now && !self.in_flight.is_empty() {
-                break;
-            }
-            self.due.pop_front();
-            if let Some(f) = self.in_flight.remove(&no) {
-                self.stats
-                    .produce_expired_total
-                    .fetch_add(1, Ordering::Relaxed);
+    /// Takes the outcomes the bus reported: a failed record's sender is answered 5032 now.
+    /// Then answers 5032 to the senders of records still unknown at their due time. Such a
+    /// record stays queued in the bus and may yet be delivered: the sender resends with the
+    /// same cid and gets the one `sent`. Each sender is answered once, whichever comes first.
+    fn settle(&mut self) {
+        for (no, delivered) in std::mem::take(&mut *self.settled.lock().expect("not poisoned")) {
+            let Some(slot) = no
+                .checked_sub(self.first)
+                .and_then(|i| self.in_flight.get_mut(i as usize))
+            else {
+                continue; // answered at its due time already
+            };
+            let Some(f) = slot.take() else { continue };
+            if !delivered {
                 let cid = cid_of(&f.payload);
                 self.refusals.push((f.conn, cid, ErrorCode::DependencyDown));
             }
         }
+        while let Some(front) = self.in_flight.front_mut() {
+            match front {
+                Some(f) if f.due > self.now => break,
+                Some(_) => {
+                    let f = front.take().expect("matched Some");
+                    self.stats
+                        .produce_expired_total
+                        .fetch_add(1, Ordering::Relaxed);
+                    let cid = cid_of(&f.payload);
+                    self.refusals.push((f.conn, cid, ErrorCode::DependencyDown));
+                }
+                None => {}
+            }
+            self.in_flight.pop_front();
+            self.first += 1;
+        }
     }
 
-    /// The callback that counts a record's outcome and notes a failure for its sender (the
-    /// bus hands the record back on failure, so the `cid` is decoded only then).
-    fn done(&self, conn: u64, no: u64) -> Done {
-        let (stats, failed) = (self.stats.clone(), self.failed.clone());
-        let settled = self.settled.clone();
+    /// The callback that counts a record's outcome and reports it to `settle`.
+    fn done(&self, no: u64) -> Done {
+        let (stats, settled) = (self.stats.clone(), self.settled.clone());
         Box::new(move |r: Result<(), Undelivered<'_>>| {
-            match r {
+            let delivered = match r {
                 Ok(()) => {
                     stats.produced_total.fetch_add(1, Ordering::Relaxed);
+                    true
                 }
-                Err((e, payload)) => {
-                    stats.produce_failed_total.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("bridge: an upstream record was not delivered: {e}");
-                    let cid = cid_of(payload);
-                    failed.lock().expect("not poisoned").push((conn, cid));
+                Err((e, _)) => {
+                    // A broker outage fails them all: counted each, logged now and then.
+                    if let Some(n) = count_rarely(&stats.produce_failed_total) {
+                        log::warn!(
+                            "bridge: an upstream record was not delivered ({e}); {n} so far"
+                        );
+                    }
+                    false
                 }
-            }
-            settled.lock().expect("not poisoned").push(no);
+            };
+            settled.lock().expect("not poisoned").push((no, delivered));
         })
     }
 
     /// Answers every refused or lost record with a retryable `error` to its connection.
     fn answer_refusals(&mut self) {
-        let failed = std::mem::take(&mut *self.failed.lock().expect("not poisoned"));
-        self.refusals.extend(
-            failed
-                .into_iter()
-                .map(|(c, cid)| (c, cid, ErrorCode::DependencyDown)),
-        );
         if self.refusals.is_empty() {
             return;
         }

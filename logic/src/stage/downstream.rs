@@ -5,6 +5,7 @@
 use super::state::Ack;
 use super::StageStats;
 use im_bus::Producer;
+use im_shared::metrics::count_rarely;
 use im_shared::protocol;
 use im_shared::records::{self, topics, DownstreamBody, Versioned};
 use im_shared::{Conv, ErrorCode};
@@ -44,15 +45,9 @@ impl Downstream {
                 .downstream_ack_time
                 .observe(sent.elapsed().as_millis() as u64),
             Err((why, _)) => {
-                let n = stats
-                    .downstream_failed_total
-                    .fetch_add(1, Ordering::Relaxed);
-                // The first failure, then one in a thousand: a broker outage fails them all.
-                if n % 1000 == 0 {
-                    log::warn!(
-                        "logic: a downstream record was not delivered ({why}); {} so far",
-                        n + 1
-                    );
+                // A broker outage fails them all: counted each, logged now and then.
+                if let Some(n) = count_rarely(&stats.downstream_failed_total) {
+                    log::warn!("logic: a downstream record was not delivered ({why}); {n} so far");
                 }
             }
         });

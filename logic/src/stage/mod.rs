@@ -32,6 +32,7 @@ use answers::Answers;
 use downstream::Downstream;
 use im_bus::presence::Presence;
 use im_bus::{Bus, Consumer, Producer, Rebalance, Record, SendError};
+use im_shared::metrics::count_rarely;
 use im_shared::protocol::{self, Message, Target};
 use im_shared::records::{self, groups, topics, DownstreamBody, Stored, UpstreamBody, Versioned};
 use im_shared::snowflake::WorkerLease;
@@ -592,14 +593,9 @@ impl Stage {
             Ok(o) => o,
             Err(e) => {
                 // Not fatal: the messages are durable; clients get them by sync.
-                let n = self
-                    .stats
-                    .presence_failed_total
-                    .fetch_add(1, Ordering::Relaxed);
-                if n % 1000 == 0 {
+                if let Some(n) = count_rarely(&self.stats.presence_failed_total) {
                     log::warn!(
-                        "logic: presence lookup failed ({} times so far), no live delivery for this batch: {e}",
-                        n + 1
+                        "logic: presence lookup failed ({n} times so far), no live delivery for this batch: {e}"
                     );
                 }
                 return;
