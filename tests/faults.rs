@@ -71,12 +71,15 @@ impl Load {
             let stop = stop.clone();
             std::thread::spawn(move || receive(device, stop))
         };
+        // Patience (3 s) plus the gateway's produce timeout (5 s) stays inside the shortest
+        // outage (10 s): a send left unanswered at the start of one is resent into it, and
+        // its sender is told 5032 before the outage ends, whatever the timing of the fault.
         let (sent, r) = run_senders(
             c,
             &self.senders,
             self.per,
             trigger,
-            Duration::from_secs(6),
+            Duration::from_secs(3),
             fault,
         );
         wait_rows(c, self.total());
