@@ -269,3 +269,49 @@ fn mariadb_stopped_for_30_s_then_back() {
         load.total()
     );
 }
+
+/// Fencing (ARCHITECTURE.md, "Fencing"). The only logic instance is paused with SIGSTOP under
+/// load and a second one is started: once the first is past its session timeout (10 s) the
+/// group gives every partition to the second, which fences them and serves. The first is
+/// then resumed with SIGCONT, still believing it owns them: durable batches it had in flight
+/// and records it had already taken. Persist stores nothing it writes after the new owner's
+/// fence, and it answers nobody (it cannot confirm its membership), so the accounting finds
+/// every acknowledged message stored once, with the id and seq its sender was told. Both
+/// instances serve afterwards.
+#[test]
+fn a_paused_logic_is_fenced_off_when_it_wakes() {
+    let _g = serial();
+    let mut c = Cluster::start("fault_fence", 11, 2);
+    let load = Load::new(&c, 1_500);
+    let paused = c.logic.pid() as i32;
+    let (sent, live, mut two) = load.run(&mut c, 1, 200, |c| {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(paused, libc::SIGSTOP) };
+        let two = c.spawn_another_logic("logic-two").0;
+        std::thread::sleep(Duration::from_secs(16));
+        unsafe { libc::kill(paused, libc::SIGCONT) };
+        two
+    });
+    assert!(
+        two.alive() && c.logic.alive(),
+        "a logic instance died:\n{}\n===== logic-two =====\n{}",
+        c.logs(),
+        two.log_tail()
+    );
+    let log = std::fs::read_to_string(&two.log).unwrap_or_default();
+    assert!(
+        log.contains("recovered in generation"),
+        "the second instance never took a partition over:\n{}",
+        two.log_tail()
+    );
+    let first = std::fs::read_to_string(&c.logic.log).unwrap_or_default();
+    let persist = std::fs::read_to_string(&c.persist.log).unwrap_or_default();
+    let errors = errors_of(&sent);
+    eprintln!(
+        "logic paused 16 s: sender errors {errors:?}, {live} of {} delivered live; \
+         the paused instance left batches unanswered: {}, persist dropped a fenced writer's messages: {}",
+        load.total(),
+        first.contains("left unanswered"),
+        persist.contains("not storing message"),
+    );
+}

@@ -141,7 +141,7 @@ async fn measure(a: PersistLocalArgs) -> PersistLocalResult {
     let t = Instant::now();
     for r in &single {
         store
-            .insert_messages(std::slice::from_ref(r))
+            .insert_messages(std::slice::from_ref(r), &[])
             .await
             .expect("insert");
     }

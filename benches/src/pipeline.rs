@@ -178,6 +178,7 @@ fn stored(run: u64, i: u64, conv_base: u64, content: &str) -> records::Stored {
         content_type: "text".into(),
         ts: im_shared::unix_ms(),
         cid: format!("r{run}-{i}"),
+        ..Default::default()
     }
 }
 
@@ -261,7 +262,7 @@ async fn run_persist_rate(a: PersistRateArgs) -> PersistRateResult {
     for i in 0..a.single_rows {
         let rec = stored(run + 500_000, i, conv_base + 500, &content);
         store
-            .insert_messages(std::slice::from_ref(&rec))
+            .insert_messages(std::slice::from_ref(&rec), &[])
             .await
             .expect("insert");
     }

@@ -154,7 +154,13 @@ pub async fn send_acked(
 pub enum Rebalance {
     /// Noted before the partitions go: nothing of them is committed after this.
     Revoked(Vec<i32>),
-    Assigned(Vec<i32>),
+    /// The group's `generation` (Kafka's consumer group generation, read when the
+    /// assignment arrived) gave this member `partitions`. Logic stamps what it writes with
+    /// it, so that a reader can tell an owner's records from a fenced-off one's.
+    Assigned {
+        partitions: Vec<i32>,
+        generation: i32,
+    },
 }
 
 pub trait Consumer: Send {
@@ -165,8 +171,15 @@ pub trait Consumer: Send {
     /// Rebalances since the last call, oldest first (group consumers; empty otherwise).
     fn take_rebalances(&mut self) -> Vec<Rebalance>;
 
+    /// The group generation this member is in now, as the client last heard from the
+    /// group's coordinator (0 outside a group). It moves on when the member rejoins, before
+    /// the rebalance's `Assigned` is taken.
+    fn generation(&self) -> i32;
+
     /// Commits the next offsets to read, `(partition, offset)` (group consumers). With
-    /// `wait`, returns once the group holds them.
+    /// `wait`, returns once the group holds them: the coordinator accepted them from this
+    /// member at its current generation, so an `Ok` also says this member had not been
+    /// fenced off (expelled, or the group moved to a newer generation) when it committed.
     fn commit(&mut self, offsets: &[(i32, i64)], wait: bool) -> Result<(), String>;
 }
 

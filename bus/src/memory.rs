@@ -94,6 +94,8 @@ impl Part {
 struct Group {
     committed: Vec<Option<i64>>,
     member: bool,
+    /// Bumped each time a member joins, as a Kafka group's generation is.
+    generation: i32,
 }
 
 impl Topic {
@@ -264,6 +266,8 @@ struct MemoryConsumer {
     /// Where the round-robin over partitions resumes.
     turn: usize,
     rebalances: Vec<Rebalance>,
+    /// The group's generation when this member joined (0 for a partition consumer).
+    generation: i32,
     appended: Arc<Notify>,
 }
 
@@ -319,6 +323,10 @@ impl Consumer for MemoryConsumer {
 
     fn take_rebalances(&mut self) -> Vec<Rebalance> {
         std::mem::take(&mut self.rebalances)
+    }
+
+    fn generation(&self) -> i32 {
+        self.generation
     }
 
     fn commit(&mut self, offsets: &[(i32, i64)], _wait: bool) -> Result<(), String> {
@@ -421,6 +429,7 @@ impl Bus for MemoryBus {
         let g = t.groups.entry(group.to_owned()).or_insert_with(|| Group {
             committed: vec![None; n],
             member: false,
+            generation: 0,
         });
         if g.member {
             return Err(format!(
@@ -428,6 +437,8 @@ impl Bus for MemoryBus {
             ));
         }
         g.member = true;
+        g.generation += 1;
+        let generation = g.generation;
         let committed = g.committed.clone();
         let positions = (0..n)
             .map(|p| (p, committed[p].unwrap_or(0).max(t.parts[p].base)))
@@ -439,7 +450,11 @@ impl Bus for MemoryBus {
             reader: None,
             positions,
             turn: 0,
-            rebalances: vec![Rebalance::Assigned((0..n as i32).collect())],
+            rebalances: vec![Rebalance::Assigned {
+                partitions: (0..n as i32).collect(),
+                generation,
+            }],
+            generation,
             appended: t.appended.clone(),
         }))
     }
@@ -475,6 +490,7 @@ impl Bus for MemoryBus {
                 positions,
                 turn: 0,
                 rebalances: Vec::new(),
+                generation: 0,
                 appended: t.appended.clone(),
             }) as Box<dyn Consumer>)
         })();
@@ -557,7 +573,10 @@ mod tests {
             let mut c = bus.group_consumer("g", "t").unwrap();
             assert_eq!(
                 c.take_rebalances(),
-                vec![Rebalance::Assigned(vec![0, 1, 2, 3])]
+                vec![Rebalance::Assigned {
+                    partitions: vec![0, 1, 2, 3],
+                    generation: 1
+                }]
             );
             let first = next(&mut c).await;
             assert_eq!(first.offset, 0);

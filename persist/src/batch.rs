@@ -2,8 +2,27 @@
 //! be committed once it is in the database. No Kafka, no database, no clock: the driver
 //! (`consumer.rs`) feeds it payloads with their partition, offset and the current time.
 
-use im_shared::records::{DecodeError, Stored, Versioned};
-use std::collections::BTreeMap;
+use im_shared::records::{DecodeError, Fencing, Judged, Stored, Versioned};
+use std::collections::{BTreeMap, HashMap};
+
+/// What `Batcher::push` made of a record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// A row to write.
+    Row,
+    /// A fence (ARCHITECTURE.md, "Fencing"); written with the batch when it raised one.
+    Fence,
+    /// A message written by a logic instance that had lost the partition before it wrote
+    /// it: not stored. Its sender was not answered (logic checks its membership before
+    /// answering) and the partition's owner sequences the same request again.
+    Stale {
+        id: u64,
+        conv: String,
+        seq: u64,
+        generation: i32,
+        fence: i32,
+    },
+}
 
 /// Records waiting to be written, and the offsets their write will make committable.
 #[derive(Debug)]
@@ -18,6 +37,11 @@ pub struct Batcher {
     next_offsets: BTreeMap<i32, i64>,
     /// When the oldest uncommitted record (written or skipped) arrived.
     oldest_ms: Option<u64>,
+    /// Per partition read since it was assigned: the fence so far (the database's, then
+    /// the log's). A partition not here needs `set_fence` before its first record.
+    fencing: HashMap<i32, Fencing>,
+    /// Fences raised since the last write, to be written with it.
+    raised: BTreeMap<i32, i32>,
 }
 
 impl Batcher {
@@ -31,7 +55,25 @@ impl Batcher {
             partitions: Vec::with_capacity(batch_rows),
             next_offsets: BTreeMap::new(),
             oldest_ms: None,
+            fencing: HashMap::new(),
+            raised: BTreeMap::new(),
         }
+    }
+
+    /// Whether `partition`'s fence must be read from the database before its next record.
+    pub fn needs_fence(&self, partition: i32) -> bool {
+        !self.fencing.contains_key(&partition)
+    }
+
+    /// The fence the database holds for `partition`.
+    pub fn set_fence(&mut self, partition: i32, generation: i32) {
+        self.fencing
+            .insert(partition, Fencing { fence: generation });
+    }
+
+    /// Fences raised since the last write: `(partition, generation)`.
+    pub fn fences(&self) -> Vec<(i32, i32)> {
+        self.raised.iter().map(|(&p, &g)| (p, g)).collect()
     }
 
     /// Takes the record at `offset` of `partition`. A payload that does not decode (garbage,
@@ -43,7 +85,7 @@ impl Batcher {
         offset: i64,
         payload: Option<&[u8]>,
         now_ms: u64,
-    ) -> Result<(), DecodeError> {
+    ) -> Result<Pushed, DecodeError> {
         debug_assert!(
             self.records.len() < self.batch_rows,
             "flush a due batch first"
@@ -52,9 +94,26 @@ impl Batcher {
         *next = (*next).max(offset + 1);
         self.oldest_ms.get_or_insert(now_ms);
         let record = decode(payload)?;
-        self.records.push(record);
-        self.partitions.push(partition);
-        Ok(())
+        match self.fencing.entry(partition).or_default().judge(&record) {
+            Judged::Current => {
+                self.records.push(record);
+                self.partitions.push(partition);
+                Ok(Pushed::Row)
+            }
+            Judged::Fence { raised } => {
+                if raised {
+                    self.raised.insert(partition, record.generation);
+                }
+                Ok(Pushed::Fence)
+            }
+            Judged::Stale { fence } => Ok(Pushed::Stale {
+                id: record.id,
+                conv: record.conv,
+                seq: record.seq,
+                generation: record.generation,
+                fence,
+            }),
+        }
     }
 
     /// Buffered rows.
@@ -92,6 +151,7 @@ impl Batcher {
     /// commit, `(partition, offset)` with offset = highest offset + 1.
     pub fn take_commit(&mut self) -> Vec<(i32, i64)> {
         self.records.clear();
+        self.raised.clear();
         self.partitions.clear();
         self.oldest_ms = None;
         std::mem::take(&mut self.next_offsets).into_iter().collect()
@@ -121,6 +181,9 @@ impl Batcher {
         });
         self.partitions.retain(|p| !partitions.contains(p));
         self.next_offsets.retain(|p, _| !partitions.contains(p));
+        // Their next owner may raise the fence meanwhile: read it again if they come back.
+        self.fencing.retain(|p, _| !partitions.contains(p));
+        self.raised.retain(|p, _| !partitions.contains(p));
         if self.next_offsets.is_empty() {
             self.oldest_ms = None;
         }
@@ -132,6 +195,9 @@ impl Batcher {
 fn decode(payload: Option<&[u8]>) -> Result<Stored, DecodeError> {
     let bytes = payload.ok_or_else(|| DecodeError::Malformed("empty record".into()))?;
     let r = Stored::from_bytes(bytes)?;
+    if r.fence {
+        return Ok(r);
+    }
     // Logic never writes these; as rows they would collide on id or seq with real messages.
     if r.id == 0 || r.seq == 0 || r.conv.is_empty() {
         return Err(DecodeError::Malformed(format!(
@@ -269,6 +335,57 @@ mod tests {
         b.push(0, 3, Some(&rec(4)), 0).unwrap();
         assert_eq!(b.revoke(&[0]), 1);
         assert!(!b.has_pending() && b.wait_ms(0).is_none());
+    }
+
+    fn rec_of(id: u64, generation: i32) -> Vec<u8> {
+        let mut r = Stored::from_bytes(&rec(id)).unwrap();
+        r.generation = generation;
+        r.to_bytes()
+    }
+
+    #[test]
+    fn a_fenced_off_owners_records_are_not_stored_and_raised_fences_are_written() {
+        let mut b = Batcher::new(10, 50);
+        assert!(b.needs_fence(0));
+        // The database knew fence 4 for partition 0; partition 1 has none.
+        b.set_fence(0, 4);
+        b.set_fence(1, 0);
+        assert!(!b.needs_fence(0));
+        let fence = |g| Stored::fence(g).to_bytes();
+        assert_eq!(b.push(0, 1, Some(&rec_of(1, 4)), 0), Ok(Pushed::Row));
+        assert!(matches!(
+            b.push(0, 2, Some(&rec_of(2, 3)), 0),
+            Ok(Pushed::Stale {
+                id: 2,
+                generation: 3,
+                fence: 4,
+                ..
+            })
+        ));
+        // A new owner at generation 6 takes the partition; the old one (4) writes on.
+        assert_eq!(b.push(0, 3, Some(&fence(6)), 0), Ok(Pushed::Fence));
+        assert!(matches!(
+            b.push(0, 4, Some(&rec_of(3, 4)), 0),
+            Ok(Pushed::Stale { fence: 6, .. })
+        ));
+        assert_eq!(b.push(0, 5, Some(&rec_of(4, 6)), 0), Ok(Pushed::Row));
+        // A late fence of an older generation raises nothing; partitions are independent.
+        assert_eq!(b.push(0, 6, Some(&fence(5)), 0), Ok(Pushed::Fence));
+        assert_eq!(b.push(1, 0, Some(&rec_of(5, 2)), 0), Ok(Pushed::Row));
+        assert_eq!(
+            b.records().iter().map(|r| r.id).collect::<Vec<_>>(),
+            [1, 4, 5]
+        );
+        assert_eq!(b.fences(), [(0, 6)]);
+        assert_eq!(b.take_commit(), [(0, 7), (1, 1)]);
+        assert!(b.fences().is_empty(), "written with the batch");
+        // A batch of nothing but a fence is still pending: the fence must be written.
+        assert_eq!(b.push(1, 1, Some(&fence(3)), 10), Ok(Pushed::Fence));
+        assert_eq!((b.rows(), b.has_pending()), (0, true));
+        assert_eq!(b.fences(), [(1, 3)]);
+        // Revoked: the fence is read again from the database when the partition returns.
+        b.revoke(&[1]);
+        assert!(b.needs_fence(1) && b.fences().is_empty());
     }
 
     #[test]

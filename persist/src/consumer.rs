@@ -66,7 +66,7 @@ pub(crate) async fn consume(
             // Take what is ready without waiting; nothing ready means write now.
             tokio::select! {
                 biased;
-                got = consumer.recv() => taken(&mut *consumer, &mut w, got).await,
+                got = consumer.recv() => taken(&mut *consumer, &mut w, got, &mut shutdown).await?,
                 _ = std::future::ready(()) => idle = true,
             }
             continue;
@@ -77,7 +77,7 @@ pub(crate) async fn consume(
             got = tokio::time::timeout(Duration::from_millis(wait_ms), consumer.recv()) => {
                 // Nothing came: the loop looks at the batch and the shutdown flag again.
                 if let Ok(got) = got {
-                    taken(&mut *consumer, &mut w, got).await;
+                    taken(&mut *consumer, &mut w, got, &mut shutdown).await?;
                 }
             }
         }
@@ -93,16 +93,33 @@ pub(crate) async fn consume(
     Ok(())
 }
 
-/// Buffers what `recv` returned (after forgetting partitions revoked inside that `recv`).
-async fn taken(consumer: &mut dyn Consumer, w: &mut Writer, got: Result<im_bus::Record, String>) {
+/// Buffers what `recv` returned (after forgetting partitions revoked inside that `recv`, and
+/// reading the partition's fence first when it is new to this consumer). `Err` when asked
+/// to stop while the database could not tell the fence: that record and everything after
+/// it stay uncommitted, and are read again.
+async fn taken(
+    consumer: &mut dyn Consumer,
+    w: &mut Writer,
+    got: Result<im_bus::Record, String>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
     forget_revoked(consumer, w);
     match got {
-        Ok(m) => w.push(m.partition, m.offset, Some(&m.payload)),
+        Ok(m) => {
+            if w.load_fence(m.partition, shutdown).await.is_err() {
+                return Err(format!(
+                    "stopped before the fence of partition {} could be read",
+                    m.partition
+                ));
+            }
+            w.push(m.partition, m.offset, Some(&m.payload))
+        }
         Err(e) => {
             log::warn!("persist: consuming {}: {e}", topics::MESSAGES);
             tokio::time::sleep(Duration::from_millis(ERROR_PAUSE_MS)).await;
         }
     }
+    Ok(())
 }
 
 fn gave_up(rows: usize) -> String {

@@ -18,6 +18,9 @@ pub struct PersistStats {
     pub skipped_total: AtomicU64,
     /// Buffered rows dropped because their partition moved to another consumer.
     pub revoked_rows_total: AtomicU64,
+    /// Messages not stored because their writer had been fenced off (ARCHITECTURE.md,
+    /// "Fencing"): a logic instance that lost its partitions without knowing it yet.
+    pub fenced_total: AtomicU64,
     /// Offset commits the broker refused (retried with the next).
     pub commit_failures_total: AtomicU64,
     /// How long the last batch took to write, failed attempts and waits included.
@@ -56,6 +59,11 @@ pub fn render_metrics(stats: &PersistStats) -> String {
             "im_persist_revoked_rows_total",
             "Buffered rows dropped when their partition was revoked.",
             &stats.revoked_rows_total,
+        ),
+        (
+            "im_persist_fenced_total",
+            "Messages not stored because a newer owner of their partition had fenced their writer off.",
+            &stats.fenced_total,
         ),
         (
             "im_persist_commit_failures_total",

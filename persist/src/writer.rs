@@ -2,8 +2,9 @@
 //! `Store::insert_messages`, and retries the same batch with capped exponential backoff until
 //! the database takes it. Only after that may the driver commit its offsets.
 
-use crate::batch::{Backoff, Batcher};
+use crate::batch::{Backoff, Batcher, Pushed};
 use crate::stats::PersistStats;
+use im_shared::metrics::count_rarely;
 use im_store::Store;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -61,15 +62,58 @@ impl Writer {
     /// Buffers one consumed record; one that cannot be decoded is counted, logged and skipped.
     pub(crate) fn push(&mut self, partition: i32, offset: i64, payload: Option<&[u8]>) {
         let now = self.now_ms();
-        if let Err(e) = self.batcher.push(partition, offset, payload, now) {
-            let n = self.stats.skipped_total.fetch_add(1, Ordering::Relaxed) + 1;
-            // A flood of garbage must not become a flood of log lines.
-            if n <= 10 || n.is_power_of_two() {
-                log::warn!(
-                    "persist: skipping the record at {partition}/{offset} ({n} skipped so far): {e}"
-                );
+        match self.batcher.push(partition, offset, payload, now) {
+            Ok(Pushed::Row | Pushed::Fence) => {}
+            Ok(Pushed::Stale {
+                id,
+                conv,
+                seq,
+                generation,
+                fence,
+            }) => {
+                if let Some(n) = count_rarely(&self.stats.fenced_total) {
+                    log::warn!(
+                        "persist: not storing message {id} ({conv} seq {seq}) at {partition}/{offset}: \
+                         its writer was in generation {generation}, fenced off by {fence} ({n} so far); \
+                         the partition's owner sequences its request again"
+                    );
+                }
+            }
+            Err(e) => {
+                let n = self.stats.skipped_total.fetch_add(1, Ordering::Relaxed) + 1;
+                // A flood of garbage must not become a flood of log lines.
+                if n <= 10 || n.is_power_of_two() {
+                    log::warn!(
+                        "persist: skipping the record at {partition}/{offset} ({n} skipped so far): {e}"
+                    );
+                }
             }
         }
+    }
+
+    /// Reads `partition`'s fence from the database unless it is known, retrying until the
+    /// database answers. `Err` when asked to stop meanwhile (nothing of the partition is
+    /// pushed then, so nothing of it is committed).
+    pub(crate) async fn load_fence(
+        &mut self,
+        partition: i32,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ()> {
+        let mut backoff = Backoff::new(FIRST_RETRY_MS, self.retry_max_ms);
+        while self.batcher.needs_fence(partition) {
+            match self.store.fence(partition).await {
+                Ok(g) => self.batcher.set_fence(partition, g),
+                Err(e) => {
+                    let wait = Duration::from_millis(backoff.next_ms());
+                    log::warn!("persist: reading the fence of partition {partition}: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => return Err(()),
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Forgets what came from partitions this consumer lost.
@@ -93,14 +137,19 @@ impl Writer {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), usize> {
         let rows = self.batcher.rows();
-        if rows == 0 {
+        let fences = self.batcher.fences();
+        if rows == 0 && fences.is_empty() {
             return Ok(());
         }
         let started = Instant::now();
         let mut backoff = Backoff::new(FIRST_RETRY_MS, self.retry_max_ms);
         let mut failures = 0u32;
         loop {
-            match self.store.insert_messages(self.batcher.records()).await {
+            match self
+                .store
+                .insert_messages(self.batcher.records(), &fences)
+                .await
+            {
                 Ok(inserted) => {
                     let took = started.elapsed();
                     let s = &self.stats;

@@ -124,6 +124,58 @@ pub struct Stored {
     pub ts: u64,
     #[prost(string, tag = "11")]
     pub cid: String,
+    /// The logic group's generation in which its writer owned the partition (im.proto says
+    /// what a fence does with it).
+    #[prost(int32, tag = "12")]
+    pub generation: i32,
+    /// A fence record (no message): the partition's new owner, at `generation`.
+    #[prost(bool, tag = "13")]
+    pub fence: bool,
+}
+
+impl Stored {
+    /// The fence an owner writes on taking a partition at `generation`.
+    pub fn fence(generation: i32) -> Stored {
+        Stored {
+            version: VERSION,
+            generation,
+            fence: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// What a reader of one `im.messages` partition, in log order, makes of each record: the
+/// latest fence seen so far decides whether a message's writer still owned the partition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fencing {
+    /// The highest generation fenced so far (0: none seen).
+    pub fence: i32,
+}
+
+/// One record, judged by `Fencing::judge`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judged {
+    /// A message from the partition's current owner.
+    Current,
+    /// A fence; `raised` when it moved the fence up.
+    Fence { raised: bool },
+    /// A message from an owner fenced off before it was written: not to be stored.
+    Stale { fence: i32 },
+}
+
+impl Fencing {
+    pub fn judge(&mut self, r: &Stored) -> Judged {
+        if r.fence {
+            let raised = r.generation > self.fence;
+            self.fence = self.fence.max(r.generation);
+            Judged::Fence { raised }
+        } else if r.generation < self.fence {
+            Judged::Stale { fence: self.fence }
+        } else {
+            Judged::Current
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -285,6 +337,8 @@ mod tests {
             "Send send = 10;",
             "uint64 to_group = 3;",
             "string cid = 11;",
+            "int32 generation = 12;",
+            "bool fence = 13;",
             "repeated uint64 users = 1;",
             "bytes json = 2;",
             "Reply reply = 11;",
@@ -310,6 +364,29 @@ mod tests {
             up.encode_to_vec(),
             [0x08, 1, 0x62, 7, 0x0a, 3, b'g', b':', b'1', 0x10, 5]
         );
+    }
+
+    #[test]
+    fn a_fence_stales_earlier_generations_after_it_and_only_those() {
+        let msg = |generation| Stored {
+            id: 1,
+            conv: "p:1:2".into(),
+            seq: 1,
+            generation,
+            ..Default::default()
+        };
+        let mut f = Fencing::default();
+        // Before any fence, every generation is current (old records carry 0).
+        assert_eq!(f.judge(&msg(0)), Judged::Current);
+        assert_eq!(f.judge(&Stored::fence(3)), Judged::Fence { raised: true });
+        assert_eq!(f.judge(&msg(3)), Judged::Current);
+        assert_eq!(f.judge(&msg(4)), Judged::Current);
+        assert_eq!(f.judge(&msg(2)), Judged::Stale { fence: 3 });
+        // A late fence of an older owner lowers nothing.
+        assert_eq!(f.judge(&Stored::fence(2)), Judged::Fence { raised: false });
+        assert_eq!(f.judge(&msg(2)), Judged::Stale { fence: 3 });
+        let back = Stored::from_bytes(&Stored::fence(7).to_bytes()).unwrap();
+        assert!(back.fence && back.generation == 7 && back.id == 0);
     }
 
     #[test]

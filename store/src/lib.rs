@@ -206,8 +206,16 @@ pub trait Store: Send + Sync + 'static {
     /// to the batch's highest seq for it, skipped rows included (never lowers it; creates the
     /// row), and puts two-person conversations
     /// (`to_user != 0`) in both users' lists, as `append_message` does. Returns the number of
-    /// message rows inserted.
-    async fn insert_messages(&self, batch: &[im_shared::records::Stored]) -> Result<u64>;
+    /// message rows inserted. In the same transaction, raises the fence of each
+    /// `(im.messages partition, generation)` in `fences` (never lowers one).
+    async fn insert_messages(
+        &self,
+        batch: &[im_shared::records::Stored],
+        fences: &[(i32, i32)],
+    ) -> Result<u64>;
+    /// The highest logic generation fenced in an `im.messages` partition, as far as the
+    /// database has it (0: none).
+    async fn fence(&self, partition: i32) -> Result<i32>;
     /// `max_seq` of each of `convs` that has a conversation row (the others are absent).
     async fn max_seqs(&self, convs: &[String]) -> Result<Vec<(String, u64)>>;
     /// Stored messages by (sender, cid), to recognise client retries; one query per chunk of

@@ -216,6 +216,7 @@ fn rec(id: u64, conv: &str, seq: u64, from: u64, to_user: u64, to_group: u64, ci
         content_type: "text".into(),
         ts: 1_700_000_000_000 + id,
         cid: cid.to_owned(),
+        ..Default::default()
     }
 }
 
@@ -260,8 +261,8 @@ async fn message_batches(s: &dyn Store) {
             }
         })
         .collect();
-    assert_eq!(s.insert_messages(&[]).await.unwrap(), 0);
-    assert_eq!(s.insert_messages(&batch).await.unwrap(), 1500);
+    assert_eq!(s.insert_messages(&[], &[]).await.unwrap(), 0);
+    assert_eq!(s.insert_messages(&batch, &[]).await.unwrap(), 1500);
 
     for conv in [&ab, &ac, &gc] {
         let h = s.history(conv, u64::MAX, 1000).await.unwrap();
@@ -331,8 +332,19 @@ async fn message_batches(s: &dyn Store) {
     assert_eq!(convs_of(b).await, want_b);
     assert_eq!(convs_of(c).await, vec![(ac.clone(), 500, last_ac)]);
 
+    // Fences ride with a batch (or alone), only ever rise, and are per partition.
+    assert_eq!(s.fence(3).await.unwrap(), 0);
+    assert_eq!(s.insert_messages(&[], &[(3, 5), (4, 1)]).await.unwrap(), 0);
+    assert_eq!(s.insert_messages(&[], &[(3, 4)]).await.unwrap(), 0);
+    assert_eq!(
+        (s.fence(3).await.unwrap(), s.fence(4).await.unwrap()),
+        (5, 1)
+    );
+    assert_eq!(s.insert_messages(&[], &[(3, 7)]).await.unwrap(), 0);
+    assert_eq!(s.fence(3).await.unwrap(), 7);
+
     // A replay of the whole batch stores nothing and changes nothing.
-    assert_eq!(s.insert_messages(&batch).await.unwrap(), 0);
+    assert_eq!(s.insert_messages(&batch, &[]).await.unwrap(), 0);
     assert_eq!(s.history(&ab, u64::MAX, 1000).await.unwrap().len(), 500);
     assert_eq!(sorted_max_seqs(s, &all).await, expected);
     assert_eq!(convs_of(b).await, want_b);
@@ -340,7 +352,7 @@ async fn message_batches(s: &dyn Store) {
     // Old and new mixed: only the new are stored, and max_seq follows them.
     let mut mixed: Vec<Stored> = batch[1400..].to_vec();
     mixed.extend((0..50u64).map(|i| rec(20_000 + i, &ab, 501 + i, a, b, 0, &format!("n{i}"))));
-    assert_eq!(s.insert_messages(&mixed).await.unwrap(), 50);
+    assert_eq!(s.insert_messages(&mixed, &[]).await.unwrap(), 50);
     assert_eq!(s.history(&ab, u64::MAX, 1000).await.unwrap().len(), 550);
     assert_eq!(
         s.max_seqs(std::slice::from_ref(&ab)).await.unwrap(),
@@ -349,20 +361,20 @@ async fn message_batches(s: &dyn Store) {
 
     // An older batch replayed later never moves max_seq back, nor does a new row with a
     // lower seq than the conversation's highest.
-    assert_eq!(s.insert_messages(&batch[..30]).await.unwrap(), 0);
+    assert_eq!(s.insert_messages(&batch[..30], &[]).await.unwrap(), 0);
     assert_eq!(
         s.max_seqs(std::slice::from_ref(&ab)).await.unwrap(),
         vec![(ab.clone(), 550)]
     );
     let late = format!("p:{}:{}", b.min(c), b.max(c));
     assert_eq!(
-        s.insert_messages(&[rec(30_000, &late, 5, b, c, 0, "l5")])
+        s.insert_messages(&[rec(30_000, &late, 5, b, c, 0, "l5")], &[])
             .await
             .unwrap(),
         1
     );
     assert_eq!(
-        s.insert_messages(&[rec(30_001, &late, 3, b, c, 0, "l3")])
+        s.insert_messages(&[rec(30_001, &late, 3, b, c, 0, "l3")], &[])
             .await
             .unwrap(),
         1
@@ -377,7 +389,7 @@ async fn message_batches(s: &dyn Store) {
     let same_seq = rec(30_002, &late, 5, b, c, 0, "fresh-2");
     let same_cid = rec(30_003, &late, 10, b, c, 0, "l5");
     assert_eq!(
-        s.insert_messages(&[same_id, same_seq, same_cid])
+        s.insert_messages(&[same_id, same_seq, same_cid], &[])
             .await
             .unwrap(),
         0
@@ -517,7 +529,7 @@ async fn sqlite_write_ahead_log_stays_bounded_under_back_to_back_commits() {
                 )
             })
             .collect();
-        assert_eq!(s.insert_messages(&batch).await.unwrap(), 30);
+        assert_eq!(s.insert_messages(&batch, &[]).await.unwrap(), 30);
         let size = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         if size < last {
             shrank += 1;

@@ -116,19 +116,40 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, r: &KRebalance<'_>) {
+    fn post_rebalance(&self, c: &BaseConsumer<Self>, r: &KRebalance<'_>) {
         match r {
             KRebalance::Assign(tpl) => {
-                let parts = partitions_of(tpl);
-                log::info!("kafka: partitions assigned {parts:?}");
+                let partitions = partitions_of(tpl);
+                let generation = generation_of(c.client());
+                log::info!("kafka: partitions assigned {partitions:?} in generation {generation}");
                 self.events
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .push(Rebalance::Assigned(parts));
+                    .push(Rebalance::Assigned {
+                        partitions,
+                        generation,
+                    });
             }
             KRebalance::Error(e) => log::warn!("kafka: rebalance error: {e}"),
             KRebalance::Revoke(_) => {}
         }
+    }
+}
+
+/// The consumer group generation librdkafka is in now (-1 when it is in none). rdkafka has no
+/// safe accessor; librdkafka's `rd_kafka_consumer_group_metadata_generation_id` is public.
+fn generation_of<C: ClientContext>(client: &rdkafka::client::Client<C>) -> i32 {
+    use rdkafka::bindings as rd;
+    // SAFETY: `native_ptr` is the live client's handle; the metadata is a copy that we own
+    // and destroy after reading one integer from it.
+    unsafe {
+        let md = rd::rd_kafka_consumer_group_metadata(client.native_ptr());
+        if md.is_null() {
+            return -1;
+        }
+        let generation = rd::rd_kafka_consumer_group_metadata_generation_id(md);
+        rd::rd_kafka_consumer_group_metadata_destroy(md);
+        generation
     }
 }
 
@@ -165,6 +186,10 @@ impl Consumer for KafkaConsumer {
         )
     }
 
+    fn generation(&self) -> i32 {
+        generation_of(self.inner.client())
+    }
+
     fn commit(&mut self, offsets: &[(i32, i64)], wait: bool) -> Result<(), String> {
         let mut tpl = TopicPartitionList::with_capacity(offsets.len());
         for &(p, o) in offsets {
@@ -176,9 +201,20 @@ impl Consumer for KafkaConsumer {
         } else {
             CommitMode::Async
         };
-        self.inner
-            .commit(&tpl, mode)
-            .map_err(|e| format!("committing {}: {e}", self.topic))
+        let commit = || {
+            self.inner
+                .commit(&tpl, mode)
+                .map_err(|e| format!("committing {}: {e}", self.topic))
+        };
+        // A waiting commit blocks for a broker round trip: on a multi-threaded runtime, let
+        // the runtime move its other tasks off this thread meanwhile.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if wait && multi_thread {
+            tokio::task::block_in_place(commit)
+        } else {
+            commit()
+        }
     }
 }
 

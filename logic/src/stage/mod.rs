@@ -9,6 +9,14 @@
 //! produced while earlier ones wait for their acknowledgements, and answers, routing and
 //! commits follow in batch order (`pipeline.rs` says what stays in order and why).
 //!
+//! Fencing (ARCHITECTURE.md, "Fencing"): an instance paused past its session timeout wakes up
+//! believing it still owns its partitions. Its records carry its group generation and every
+//! owner fences a partition before using it, so persist does not store what it writes after a
+//! newer owner's fence; and before answering or routing a durable batch, the stage commits
+//! its offsets and waits: the coordinator accepts that commit only from a current member, so
+//! a fenced-off instance answers nobody (its senders hear from the new owner, which
+//! sequences the same requests again).
+//!
 //! The decisions are the `Sequencer`'s (`sequencer.rs`, no I/O, tested on its own); this
 //! file is the thin async driver around it: it consumes, does the lookups and produces the
 //! sequencer asks for, and answers.
@@ -40,11 +48,11 @@ use im_shared::{Conv, ErrorCode};
 use im_store::Store;
 use members::Members;
 use pipeline::{BatchNo, Failure, Pipeline};
-use recovery::recover;
+use recovery::{recover, Recovered};
 use sequencer::{Admitted, Check, Decision, Sequencer};
 use state::Ack;
 pub use stats::StageStats;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,8 +85,6 @@ const LINGER_MS: u32 = 1;
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 /// The pause after a consume error.
 const CONSUME_ERROR_PAUSE: Duration = Duration::from_millis(100);
-/// The longest a released batch's upstream offsets wait to be committed under load.
-const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// Batches, and records, in flight between their produce and their answers.
 const IN_FLIGHT_BATCHES: usize = 64;
 const IN_FLIGHT_RECORDS: usize = 20_000;
@@ -98,9 +104,14 @@ struct Stage {
     answers: Answers,
     seq: Sequencer,
     stats: Arc<StageStats>,
-    /// Upstream offsets answered and not yet committed, and when the last commit went out.
+    /// Upstream offsets released and not yet committed.
     uncommitted: std::collections::BTreeMap<i32, i64>,
-    last_commit: std::time::Instant,
+    /// The group generation of the current assignment: stamped on what this instance
+    /// writes, and compared with the consumer's after each confirming commit.
+    generation: i32,
+    /// Partitions a newer owner has fenced: their records are skipped (not sequenced, not
+    /// committed) until the next rebalance says what this instance owns.
+    fenced_off: HashSet<i32>,
 }
 
 /// Runs the stage until `shutdown` turns true. Errors are fatal to the stage (the bus
@@ -162,8 +173,20 @@ pub async fn run(
             }
         }
         for r in rebalances {
-            let (Rebalance::Assigned(parts) | Rebalance::Revoked(parts)) = r;
-            parts.into_iter().for_each(|p| stage.seq.forget(p));
+            let parts = match r {
+                Rebalance::Assigned {
+                    partitions,
+                    generation,
+                } => {
+                    stage.generation = generation;
+                    partitions
+                }
+                Rebalance::Revoked(parts) => parts,
+            };
+            for p in parts {
+                stage.seq.forget(p);
+                stage.fenced_off.remove(&p);
+            }
         }
         if batch.is_empty() {
             continue;
@@ -266,7 +289,8 @@ impl Stage {
             cfg,
             stats,
             uncommitted: Default::default(),
-            last_commit: std::time::Instant::now(),
+            generation: 0,
+            fenced_off: HashSet::new(),
         })
     }
 
@@ -287,9 +311,19 @@ impl Stage {
                 self.stats.upstream_age.observe(age);
             }
             let p = m.partition;
+            if self.fenced_off.contains(&p) {
+                continue;
+            }
             if !self.seq.has(p) {
-                let part = recover(&*self.bus, p).await?;
-                self.seq.recovered(p, part);
+                let (bus, store, log) = (&*self.bus, &*self.store, &*self.log);
+                match recover(bus, store, log, p, self.generation).await? {
+                    Recovered::Owned(part) => self.seq.recovered(p, part),
+                    Recovered::Fenced => {
+                        self.stats.fenced_total.fetch_add(1, Ordering::Relaxed);
+                        self.fenced_off.insert(p);
+                        continue;
+                    }
+                }
             }
             let up = match records::Upstream::from_bytes(&m.payload) {
                 Ok(u) => u,
@@ -323,7 +357,8 @@ impl Stage {
                 None => {}
             }
         }
-        let offsets = next_offsets(batch);
+        let mut offsets = next_offsets(batch);
+        offsets.retain(|(p, _)| !self.fenced_off.contains(p));
         let decisions = if sends.is_empty() {
             Vec::new()
         } else {
@@ -388,9 +423,46 @@ impl Stage {
         }
     }
 
-    /// Answers the batches that are durable, oldest first, and commits their offsets.
+    /// Answers the batches that are durable, oldest first, once this instance has confirmed
+    /// that it still owns their partitions: a waiting commit of their offsets, which the
+    /// group's coordinator accepts only from a current member (one commit confirms every
+    /// batch that became durable before it was sent; while it waits, later acknowledgements
+    /// pile up for the next). Unconfirmed batches are not answered and their partitions'
+    /// state is forgotten: the partitions' owner, this instance or another, recovers and
+    /// answers their senders' requests (sequenced again, or recognised as retries).
     async fn release(&mut self, pipe: &mut Pipeline<Produced>, consumer: &mut dyn Consumer) {
+        let mut ready = Vec::new();
         while let Some(b) = pipe.pop_ready() {
+            for &(p, o) in &b.offsets {
+                let next = self.uncommitted.entry(p).or_insert(o);
+                *next = (*next).max(o);
+            }
+            ready.push(b);
+        }
+        if ready.is_empty() {
+            return;
+        }
+        if let Err(e) = self.confirm(consumer) {
+            self.stats
+                .unconfirmed_batches_total
+                .fetch_add(ready.len() as u64, Ordering::Relaxed);
+            let mut parts: Vec<i32> = ready
+                .iter()
+                .flat_map(|b| b.decisions.iter().map(|(_, s)| s.partition))
+                .chain(ready.iter().flat_map(|b| b.offsets.iter().map(|&(p, _)| p)))
+                .collect();
+            parts.sort_unstable();
+            parts.dedup();
+            log::warn!(
+                "logic: {} durable batches left unanswered, partitions {parts:?} to be recovered: ownership not confirmed: {e}",
+                ready.len()
+            );
+            for p in parts {
+                self.seq.forget(p);
+            }
+            return;
+        }
+        for b in ready {
             let waited = b.produced.elapsed().as_micros() as u64;
             self.stats.batches_total.fetch_add(1, Ordering::Relaxed);
             self.stats
@@ -401,31 +473,26 @@ impl Stage {
             }
             let ms = b.taken.elapsed().as_millis() as u64;
             self.stats.batch_time.observe(ms);
-            // Everything up to these offsets is in im.messages and answered.
-            for (p, o) in b.offsets {
-                let next = self.uncommitted.entry(p).or_insert(o);
-                *next = (*next).max(o);
-            }
-        }
-        // Batches are small now that they are pipelined: a commit per batch was a broker
-        // request per batch. Commit when idle, or every COMMIT_EVERY under load (committing
-        // late only means a crash replays more, and a replay is recognised as retries).
-        if pipe.is_empty() || self.last_commit.elapsed() >= COMMIT_EVERY {
-            self.commit(consumer);
         }
     }
 
-    /// Commits the offsets released so far.
-    fn commit(&mut self, consumer: &mut dyn Consumer) {
-        if self.uncommitted.is_empty() {
-            return;
-        }
+    /// Commits the offsets released so far and waits: `Ok` when the group's coordinator took
+    /// them from this member in the generation its partitions were assigned in.
+    fn confirm(&mut self, consumer: &mut dyn Consumer) -> Result<(), String> {
         let offsets: Vec<(i32, i64)> = std::mem::take(&mut self.uncommitted).into_iter().collect();
-        self.last_commit = std::time::Instant::now();
-        if let Err(e) = consumer.commit(&offsets, false) {
-            // Not fatal: a replay is recognised as retries.
-            log::warn!("logic: committing upstream offsets: {e}");
+        if !offsets.is_empty() {
+            consumer.commit(&offsets, true)?;
         }
+        // A member that was expelled and has rejoined commits in its new generation: its
+        // batches of the old one are not confirmed by that.
+        let now = consumer.generation();
+        if now != self.generation {
+            return Err(format!(
+                "the group moved from generation {} to {now}",
+                self.generation
+            ));
+        }
+        Ok(())
     }
 
     /// Waits for everything in flight, answering it in order.

@@ -1,31 +1,52 @@
 //! Recovery of a partition's state when this instance is given it (state.rs says why it is
-//! needed): everything before the persist group's committed offset in `im.messages` is in the
-//! database, and the records after it — the tail — are read back.
+//! needed): the owner fences the partition first (a fence record at its group generation,
+//! ARCHITECTURE.md, "Fencing"), then reads back the records after the persist group's
+//! committed offset in `im.messages` — the tail; everything before that offset is in the
+//! database. Reading up to the fence (the log's end once the fence is acknowledged) means
+//! that anything an earlier owner wrote is either before the fence, and so in this state, or
+//! after it, and so stale for persist and for every later recovery.
 
 use super::state::Partition;
-use super::CONSUME_ERROR_PAUSE;
-use im_bus::{Bus, Start};
-use im_shared::records::{groups, topics};
+use super::{with_retry, CONSUME_ERROR_PAUSE, QUEUE_FULL_PAUSE};
+use im_bus::{send_acked, Bus, Producer, SendError, Start};
+use im_shared::records::{groups, topics, Stored, Versioned};
 use std::time::Duration;
 
 /// How long reading back a partition's tail may take.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Rebuilds a partition's state: the persist group's committed offset in `im.messages` is
-/// where the database ends; the records after it are read back.
-pub(super) async fn recover(bus: &dyn Bus, partition: i32) -> Result<Partition, String> {
+/// What recovering a partition found.
+pub(super) enum Recovered {
+    /// This instance owns the partition: its state.
+    Owned(Partition),
+    /// A newer owner fenced the partition: this instance must not write to it.
+    Fenced,
+}
+
+/// Fences `partition` at `generation` with a record produced through `log` and rebuilds the
+/// partition's state from the database's fence and the log's tail.
+pub(super) async fn recover(
+    bus: &dyn Bus,
+    store: &dyn im_store::Store,
+    log: &dyn Producer,
+    partition: i32,
+    generation: i32,
+) -> Result<Recovered, String> {
+    let fence = Stored::fence(generation).to_bytes();
+    loop {
+        match send_acked(log, topics::MESSAGES, Some(partition), "", &fence).await {
+            Ok(()) => break,
+            Err(SendError::QueueFull) => tokio::time::sleep(QUEUE_FULL_PAUSE).await,
+            Err(SendError::Failed(e)) => return Err(format!("fencing partition {partition}: {e}")),
+        }
+    }
+    let db_fence = with_retry("reading a partition's fence", || store.fence(partition)).await;
     let committed = bus
         .committed(groups::PERSIST, topics::MESSAGES, partition)
         .await?;
     let (low, high) = bus.watermarks(topics::MESSAGES, partition).await?;
     let start = committed.unwrap_or(low).max(low);
-    let mut part = Partition::default();
-    if start >= high {
-        log::info!(
-            "logic: partition {partition} recovered (nothing after persist's offset {start})"
-        );
-        return Ok(part);
-    }
+    let mut part = Partition::new(generation, db_fence);
     let mut reader = bus
         .partition_consumer(topics::MESSAGES, &[(partition, Start::Offset(start))])
         .await?;
@@ -48,10 +69,17 @@ pub(super) async fn recover(bus: &dyn Bus, partition: i32) -> Result<Partition, 
             }
         }
     }
+    if part.fence() > generation {
+        log::warn!(
+            "logic: partition {partition} is fenced off: a newer owner wrote generation {} (this instance is in {generation}); not writing to it",
+            part.fence()
+        );
+        return Ok(Recovered::Fenced);
+    }
     log::info!(
-        "logic: partition {partition} recovered: {} records after persist's offset {start}, {} conversations",
+        "logic: partition {partition} recovered in generation {generation}: {} records after persist's offset {start}, {} conversations",
         high - start,
         part.seqs.len()
     );
-    Ok(part)
+    Ok(Recovered::Owned(part))
 }

@@ -208,6 +208,8 @@ impl Sequencer {
                 content_type: s.send.content_type.clone(),
                 ts: now_ms,
                 cid: cid.clone(),
+                generation: part.generation,
+                fence: false,
             }));
         }
         out

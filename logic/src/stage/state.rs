@@ -7,8 +7,15 @@
 //! everything before the persist group's committed offset in `im.messages` is in the database
 //! (persist commits only after its batch is in), and the rest is read back from the topic —
 //! the tail. A conversation not in the tail takes its last seq from the database on first use.
+//!
+//! "One writer" is what the consumer group intends, not what it guarantees: an instance that
+//! was paused past its session timeout still believes it owns its partitions when it wakes.
+//! So each owner writes a fence into the partition before reading the tail, stamps its
+//! records with its group generation, and the tail is read as persist reads it: what a
+//! fenced-off owner wrote after a newer fence is not part of the partition's history
+//! (ARCHITECTURE.md, "Fencing").
 
-use im_shared::records::{Stored, Versioned};
+use im_shared::records::{Fencing, Judged, Stored, Versioned};
 use std::collections::{HashMap, VecDeque};
 
 /// What a `sent` needs, kept for retries.
@@ -26,6 +33,10 @@ pub const SENT_MAX: usize = 200_000;
 
 #[derive(Default)]
 pub struct Partition {
+    /// The group generation this instance owns the partition in: stamped on its records.
+    pub generation: i32,
+    /// The fence as read so far (the database's, then the tail's).
+    fencing: Fencing,
     /// conv → last seq handed out (conversations seen since recovery).
     pub seqs: HashMap<String, u64>,
     sent: HashMap<(u64, String), Ack>,
@@ -33,6 +44,22 @@ pub struct Partition {
 }
 
 impl Partition {
+    /// State for an owner in `generation`, before the tail is read; `fence` is the
+    /// database's fence for the partition.
+    pub fn new(generation: i32, fence: i32) -> Partition {
+        Partition {
+            generation,
+            fencing: Fencing { fence },
+            ..Default::default()
+        }
+    }
+
+    /// The highest generation fenced in what was read: above this owner's own generation,
+    /// a newer owner exists and this one must not write.
+    pub fn fence(&self) -> i32 {
+        self.fencing.fence
+    }
+
     pub fn ack(&self, sender: u64, cid: &str) -> Option<&Ack> {
         // A tuple key cannot be looked up by borrowed parts; cids are short.
         self.sent.get(&(sender, cid.to_owned()))
@@ -50,11 +77,16 @@ impl Partition {
         }
     }
 
-    /// Takes a record of the `im.messages` tail into account.
+    /// Takes a record of the `im.messages` tail into account (fences, and messages whose
+    /// writer was not fenced off; a stale one was not stored and its request is sequenced
+    /// again by its partition's owner).
     pub fn replay(&mut self, payload: &[u8]) {
         let Ok(m) = Stored::from_bytes(payload) else {
             return;
         };
+        if self.fencing.judge(&m) != Judged::Current {
+            return;
+        }
         let seq = self.seqs.entry(m.conv.clone()).or_insert(0);
         *seq = (*seq).max(m.seq);
         let ack = Ack {
@@ -114,6 +146,32 @@ mod tests {
         assert_eq!(p.next_seq("g:4", None), 1);
         assert_eq!(p.ack(2, "b").map(|a| a.seq), Some(8));
         assert!(p.ack(1, "b").is_none());
+    }
+
+    #[test]
+    fn the_tail_is_read_as_persist_reads_it_past_fences() {
+        let stamped = |seq, cid: &str, generation| {
+            let mut m = Stored::from_bytes(&stored("p:1:2", seq, 1, cid)).unwrap();
+            m.generation = generation;
+            m.to_bytes()
+        };
+        // The database knew fence 2; this owner is in generation 5.
+        let mut p = Partition::new(5, 2);
+        p.replay(&stamped(1, "old", 1)); // before the database's fence: never stored
+        p.replay(&stamped(1, "a", 2));
+        p.replay(&Stored::fence(3).to_bytes());
+        p.replay(&stamped(2, "zombie", 2)); // its writer lost the partition at 3
+        p.replay(&stamped(2, "b", 3));
+        p.replay(&Stored::fence(5).to_bytes()); // this owner's own fence
+        assert_eq!(p.fence(), 5);
+        assert_eq!(p.next_seq("p:1:2", None), 3);
+        assert!(p.ack(1, "old").is_none() && p.ack(1, "zombie").is_none());
+        assert_eq!(p.ack(1, "b").map(|a| a.seq), Some(2));
+        // A newer owner's fence in the tail: this instance is the one fenced off.
+        let mut q = Partition::new(5, 0);
+        q.replay(&Stored::fence(5).to_bytes());
+        q.replay(&Stored::fence(6).to_bytes());
+        assert!(q.fence() > q.generation);
     }
 
     #[test]

@@ -33,6 +33,11 @@ pub struct StageStats {
     pub downstream_failed_total: AtomicU64,
     /// Batches delivered by nobody live because presence could not be read (Redis down).
     pub presence_failed_total: AtomicU64,
+    /// Durable batches left unanswered because this instance could not confirm it still
+    /// owned their partitions (ARCHITECTURE.md, "Fencing").
+    pub unconfirmed_batches_total: AtomicU64,
+    /// Partitions this instance found fenced off by a newer owner while recovering them.
+    pub fenced_total: AtomicU64,
 }
 
 impl StageStats {
@@ -68,6 +73,16 @@ impl StageStats {
                 "im_logic_presence_failed_total",
                 "batches not delivered live: presence could not be read (sync recovers them)",
                 &self.presence_failed_total,
+            ),
+            (
+                "im_logic_unconfirmed_batches_total",
+                "durable batches left unanswered: this instance could not confirm it still owned their partitions",
+                &self.unconfirmed_batches_total,
+            ),
+            (
+                "im_logic_fenced_total",
+                "partitions found fenced off by a newer owner while recovering them",
+                &self.fenced_total,
             ),
             (
                 "im_logic_bad_records_total",

@@ -15,6 +15,7 @@ macro_rules! impl_store {
         bump_seq: $bump_seq:literal,
         insert_ignore: $insert_ignore:literal,
         raise_max_seq: $raise_max_seq:literal,
+        raise_fence: $raise_fence:literal,
         group_conv: $group_conv:literal,
         restart_log: $restart_log:literal
     ) => {
@@ -299,8 +300,8 @@ macro_rules! impl_store {
                 rows.iter().map(message_row).collect()
             }
 
-            async fn insert_messages(&self, batch: &[Stored]) -> Result<u64> {
-                if batch.is_empty() {
+            async fn insert_messages(&self, batch: &[Stored], fences: &[(i32, i32)]) -> Result<u64> {
+                if batch.is_empty() && fences.is_empty() {
                     return Ok(0);
                 }
                 let mut conn = self.pool.acquire().await?;
@@ -346,6 +347,10 @@ macro_rules! impl_store {
                     });
                     q.build().execute(&mut *tx).await?;
                 }
+                // Rare (an owner taking a partition): one statement each.
+                for &(partition, generation) in fences {
+                    sqlx::query($raise_fence).bind(partition).bind(generation).execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
                 // SQLite: the checkpointer asked for the log to start over (see `checkpoints`
                 // in sql/mod.rs). A failure here loses nothing: the rows are committed.
@@ -355,6 +360,14 @@ macro_rules! impl_store {
                     }
                 }
                 Ok(inserted)
+            }
+
+            async fn fence(&self, partition: i32) -> Result<i32> {
+                let g: Option<i32> = sqlx::query_scalar("SELECT generation FROM log_fences WHERE log_partition = ?")
+                    .bind(partition)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(g.unwrap_or(0))
             }
 
             async fn max_seqs(&self, convs: &[String]) -> Result<Vec<(String, u64)>> {

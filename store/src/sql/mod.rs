@@ -200,10 +200,14 @@ async fn checkpoint(pool: &Pool<Sqlite>, mode: &str) -> Result<i64> {
     Ok(row.try_get::<i64, _>(1)?)
 }
 
-const MYSQL_MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/mysql/0001_init.sql"))];
-const SQLITE_MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MYSQL_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/mysql/0001_init.sql")),
+    (2, include_str!("../../migrations/mysql/0002_fences.sql")),
+];
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_fences.sql")),
+];
 
 /// The statements of a migration file: split at `;` line ends, comment-only chunks dropped.
 fn statements(sql: &str) -> impl Iterator<Item = &str> {
@@ -306,6 +310,7 @@ impl_store!(
     bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON DUPLICATE KEY UPDATE max_seq = max_seq + 1",
     insert_ignore: "INSERT IGNORE",
     raise_max_seq: " ON DUPLICATE KEY UPDATE max_seq = GREATEST(max_seq, VALUES(max_seq))",
+    raise_fence: "INSERT INTO log_fences (log_partition, generation) VALUES (?, ?) ON DUPLICATE KEY UPDATE generation = GREATEST(generation, VALUES(generation))",
     // Collation pinned to the tables': compared with conv columns in joins.
     group_conv: "(CONCAT('g:', gm.group_id) COLLATE utf8mb4_unicode_ci)",
     restart_log: ""
@@ -322,6 +327,7 @@ impl_store!(
     bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON CONFLICT(conv) DO UPDATE SET max_seq = max_seq + 1",
     insert_ignore: "INSERT OR IGNORE",
     raise_max_seq: " ON CONFLICT(conv) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)",
+    raise_fence: "INSERT INTO log_fences (log_partition, generation) VALUES (?, ?) ON CONFLICT(log_partition) DO UPDATE SET generation = MAX(generation, excluded.generation)",
     group_conv: "('g:' || gm.group_id)",
     restart_log: "PRAGMA wal_checkpoint(PASSIVE)"
 );
@@ -431,17 +437,27 @@ mod tests {
 
     #[test]
     fn migration_files_split_into_statements() {
-        for (_, sql) in super::MYSQL_MIGRATIONS
-            .iter()
-            .chain(super::SQLITE_MIGRATIONS)
-        {
-            let stmts: Vec<&str> = statements(sql).collect();
-            let tables = stmts.iter().filter(|s| s.contains("CREATE TABLE")).count();
+        for (mysql, sqlite) in super::MYSQL_MIGRATIONS.iter().zip(super::SQLITE_MIGRATIONS) {
             assert_eq!(
-                tables, 7,
-                "both dialects create the same seven tables: {stmts:#?}"
+                mysql.0, sqlite.0,
+                "both dialects number their migrations alike"
             );
-            assert!(stmts.iter().all(|s| s.contains("CREATE")));
+            let tables = |sql| {
+                let stmts: Vec<&str> = statements(sql).collect();
+                assert!(stmts.iter().all(|s| s.contains("CREATE")), "{stmts:#?}");
+                stmts.iter().filter(|s| s.contains("CREATE TABLE")).count()
+            };
+            assert_eq!(
+                tables(mysql.1),
+                tables(sqlite.1),
+                "both dialects create the same tables in migration {}",
+                mysql.0
+            );
         }
+        let first: Vec<&str> = statements(super::MYSQL_MIGRATIONS[0].1).collect();
+        assert_eq!(
+            first.iter().filter(|s| s.contains("CREATE TABLE")).count(),
+            7
+        );
     }
 }
