@@ -72,6 +72,10 @@ pub(crate) struct KafkaArgs {
     /// Static consumer-group membership id, unique per logic or persist process: a restart
     /// with the same id resumes its partitions at once, without waiting out the session of
     /// the process that died [default: logic: its --logic-id; persist: persist-<host name>].
+    /// An empty value turns static membership off: a process that stops answering is then
+    /// expelled after its session timeout on every broker (some brokers, nisshi 0.6 among
+    /// them, never expire a silent static member), at the price of a restart waiting out
+    /// its predecessor's session.
     #[arg(long, env = "IM_KAFKA_INSTANCE_ID")]
     pub(crate) kafka_instance_id: Option<String>,
 }

@@ -446,13 +446,19 @@ impl Cluster {
         redis: &str,
         api: SocketAddr,
     ) -> Proc {
-        Self::spawn_logic_as(dir, brokers, db, redis, api, "logic-test")
+        Self::spawn_logic_as(dir, brokers, db, redis, api, "logic-test", &[])
     }
 
     /// Another logic instance of this deployment (`id`: its logic id and log name).
     pub fn spawn_another_logic(&self, id: &str) -> (Proc, SocketAddr) {
+        self.spawn_another_logic_with(id, &[])
+    }
+
+    /// Another logic instance, with `extra` arguments.
+    pub fn spawn_another_logic_with(&self, id: &str, extra: &[&str]) -> (Proc, SocketAddr) {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let p = Self::spawn_logic_as(&self.dir, &self.brokers, &self.db, &self.redis, api, id);
+        let (dir, brokers, db, redis) = (&self.dir, &self.brokers, &self.db, &self.redis);
+        let p = Self::spawn_logic_as(dir, brokers, db, redis, api, id, extra);
         wait_port(api, id, Duration::from_secs(60));
         (p, api)
     }
@@ -464,6 +470,7 @@ impl Cluster {
         redis: &str,
         api: SocketAddr,
         id: &str,
+        extra: &[&str],
     ) -> Proc {
         let mut cmd = im();
         cmd.args(["logic", "--api-listen", &api.to_string(), "--mysql-url", db])
@@ -476,6 +483,7 @@ impl Cluster {
                 redis,
             ])
             .args(["--argon2-m-kib", "8", "--logic-id", id])
+            .args(extra)
             .env("RUST_LOG", log_filter());
         let name = if id == "logic-test" { "logic" } else { id };
         Proc::spawn(name, cmd, dir)
@@ -489,7 +497,13 @@ impl Cluster {
     }
 
     pub fn restart_logic(&mut self) {
-        self.logic = Self::spawn_logic(&self.dir, &self.brokers, &self.db, &self.redis, self.api);
+        self.restart_logic_with(&[]);
+    }
+
+    /// Starts the first logic instance again (on its API port), with `extra` arguments.
+    pub fn restart_logic_with(&mut self, extra: &[&str]) {
+        let (dir, brokers, db, redis) = (&self.dir, &self.brokers, &self.db, &self.redis);
+        self.logic = Self::spawn_logic_as(dir, brokers, db, redis, self.api, "logic-test", extra);
         wait_port(self.api, "im logic", Duration::from_secs(60));
     }
 

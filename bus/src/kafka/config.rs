@@ -44,7 +44,8 @@ pub struct KafkaConfig {
     pub replication: i32,
     /// Static group membership (KIP-345, `group.instance.id`): a restarted process with the
     /// same id takes its partitions back at once instead of waiting for the broker to expire
-    /// the crashed member. Unique per process within a group.
+    /// the crashed member. Unique per process within a group. `Some("")`: dynamic
+    /// membership, chosen on purpose.
     pub instance_id: Option<String>,
 }
 
@@ -108,7 +109,8 @@ impl KafkaConfig {
             .set("heartbeat.interval.ms", "1000")
             .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             .set("isolation.level", "read_uncommitted");
-        if let Some(id) = &self.instance_id {
+        // Empty: dynamic membership, asked for explicitly (see `instance_id`).
+        if let Some(id) = self.instance_id.as_deref().filter(|id| !id.is_empty()) {
             c.set("group.instance.id", id);
         }
         overrides(c)

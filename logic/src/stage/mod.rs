@@ -165,12 +165,19 @@ pub async fn run(
         fill(&mut *consumer, &mut batch, &stage.cfg).await;
         let rebalances = consumer.take_rebalances();
         if !rebalances.is_empty() {
-            // What is in flight was sequenced under the old assignment: answer it before
-            // the state of any partition is forgotten.
-            tokio::select! {
-                r = stage.drain(&mut pipe, &mut acks, &acks_tx, &mut *consumer) => r?,
-                _ = shutdown.wait_for(|s| *s) => break,
+            // What is in flight was sequenced under the old assignment: left to the
+            // partitions' next owner (pipeline.rs, "A rebalance abandons").
+            let n = pipe.abandon();
+            if n > 0 {
+                stage
+                    .stats
+                    .unconfirmed_batches_total
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                log::info!(
+                    "logic: rebalance: {n} batches in flight left to the partitions' next owner"
+                );
             }
+            stage.uncommitted.clear();
         }
         for r in rebalances {
             let parts = match r {
@@ -408,6 +415,7 @@ impl Stage {
         };
         match pipe.failed(no, i, &why) {
             Failure::GiveUp(e) => Err(format!("producing to {}: {e}", topics::MESSAGES)),
+            Failure::Abandoned => Ok(()),
             Failure::Retry { attempt } => {
                 log::warn!(
                     "logic: producing to {} failed ({why}); attempt {attempt}",

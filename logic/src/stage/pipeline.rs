@@ -18,6 +18,11 @@
 //!   is the release order above. After `PRODUCE_ATTEMPTS` failures the stage gives up (as
 //!   before pipelining: a restart recovers from the log, and no answer of the failed batch or
 //!   any later one has gone out).
+//! - A rebalance abandons what is in flight (`abandon`): unanswered, unrouted, uncommitted.
+//!   Answering it after the partitions were revoked would race their next owner, whose
+//!   recovery reads these records back if they landed before its fence (it answers their
+//!   senders' replays as retries) and stales them if they landed after (it sequences the
+//!   requests again). Outcomes that arrive for an abandoned batch are ignored.
 
 use std::collections::VecDeque;
 
@@ -34,6 +39,8 @@ pub enum Failure {
     Retry { attempt: u8 },
     /// Out of attempts: the stage stops with this error.
     GiveUp(String),
+    /// The batch was abandoned: nothing to do.
+    Abandoned,
 }
 
 struct InFlight<T> {
@@ -52,6 +59,8 @@ pub struct Pipeline<T> {
     records: usize,
     batches_max: usize,
     records_max: usize,
+    /// Batches numbered below this were abandoned (or released).
+    abandoned_before: BatchNo,
 }
 
 impl<T> Pipeline<T> {
@@ -64,7 +73,17 @@ impl<T> Pipeline<T> {
             records: 0,
             batches_max,
             records_max,
+            abandoned_before: 0,
         }
+    }
+
+    /// Drops every batch in flight, unanswered; returns how many there were.
+    pub fn abandon(&mut self) -> usize {
+        let n = self.queue.len();
+        self.queue.clear();
+        self.records = 0;
+        self.abandoned_before = self.next;
+        n
     }
 
     /// Whether another batch may start (else the driver waits for acknowledgements).
@@ -129,6 +148,9 @@ impl<T> Pipeline<T> {
 
     /// Record `index` of batch `no` was refused: retry it, or give up.
     pub fn failed(&mut self, no: BatchNo, index: usize, why: &str) -> Failure {
+        if no < self.abandoned_before && self.queue.front().is_none_or(|b| no < b.no) {
+            return Failure::Abandoned;
+        }
         let Some(b) = self.find(no, index) else {
             return Failure::GiveUp(format!(
                 "batch {no} record {index} failed unexpectedly: {why}"
@@ -271,6 +293,27 @@ mod tests {
         }
         assert!(matches!(p.failed(b0, 0, "x"), Failure::GiveUp(_)));
         assert!(p.pop_ready().is_none(), "batch 1 is never answered");
+    }
+
+    #[test]
+    fn an_abandoned_batch_is_never_released_and_its_late_outcomes_are_ignored() {
+        let mut seq = sequencer();
+        let mut p = Pipeline::new(8, 100);
+        let (b0, _) = start(&mut seq, &mut p, &[send(1, "a", 2, 0)]);
+        let (b1, _) = start(&mut seq, &mut p, &[send(1, "b", 2, 0)]);
+        p.acked(b0, 0);
+        assert_eq!(p.abandon(), 2);
+        assert!(p.is_empty() && p.unacknowledged() == 0 && p.has_room());
+        p.acked(b1, 0);
+        assert_eq!(p.failed(b1, 0, "late"), Failure::Abandoned);
+        assert!(p.pop_ready().is_none());
+        // Numbering goes on: a new batch is not mistaken for an abandoned one.
+        let (b2, d2) = start(&mut seq, &mut p, &[send(1, "c", 2, 0)]);
+        assert!(b2 > b1);
+        assert_eq!(p.failed(b1, 0, "late"), Failure::Abandoned);
+        assert_eq!(p.failed(b2, 0, "x"), Failure::Retry { attempt: 2 });
+        p.acked(b2, 0);
+        assert_eq!(p.pop_ready(), Some(d2));
     }
 
     #[test]

@@ -33,8 +33,8 @@ pub struct StageStats {
     pub downstream_failed_total: AtomicU64,
     /// Batches delivered by nobody live because presence could not be read (Redis down).
     pub presence_failed_total: AtomicU64,
-    /// Durable batches left unanswered because this instance could not confirm it still
-    /// owned their partitions (ARCHITECTURE.md, "Fencing").
+    /// Batches left unanswered because this instance could not confirm it still owned their
+    /// partitions, or abandoned at a rebalance (ARCHITECTURE.md, "Fencing").
     pub unconfirmed_batches_total: AtomicU64,
     /// Partitions this instance found fenced off by a newer owner while recovering them.
     pub fenced_total: AtomicU64,
@@ -76,7 +76,7 @@ impl StageStats {
             ),
             (
                 "im_logic_unconfirmed_batches_total",
-                "durable batches left unanswered: this instance could not confirm it still owned their partitions",
+                "batches left unanswered to the partitions' next owner: ownership not confirmed, or a rebalance",
                 &self.unconfirmed_batches_total,
             ),
             (
