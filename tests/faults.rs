@@ -270,7 +270,7 @@ fn mariadb_stopped_for_30_s_then_back() {
     );
 }
 
-/// Fencing (ARCHITECTURE.md, "Fencing"). Two logic instances share the partitions (dynamic
+/// Fencing (README.md, "Fencing"). Two logic instances share the partitions (dynamic
 /// group members: nisshi 0.6 never expires a silent static member). Under load, the one that
 /// sequenced more of the load so far is paused with SIGSTOP; past its session timeout (10 s)
 /// the group gives its partitions to the other, which fences them and serves. While it is
@@ -362,7 +362,9 @@ fn a_paused_logic_is_fenced_off_when_it_wakes() {
             // fencing they are stored (rows nobody sent, past a gap of seqs). Where a stale
             // write meets the owner's message at the same seq, INSERT IGNORE keeps whichever
             // the log holds first, and drops the other silently.
-            writes += write_as_fenced_off_owner(&c.brokers, conv, old, max_seq(conv) + 10_000, 20);
+            let epoch = im_shared::records::epoch_of(old);
+            writes +=
+                write_as_fenced_off_owner(&c.brokers, conv, epoch, max_seq(conv) + 10_000, 20);
         }
         std::thread::sleep(Duration::from_secs(16).saturating_sub(started.elapsed()));
         unsafe { libc::kill(pids[paused], libc::SIGCONT) };
@@ -383,20 +385,20 @@ fn a_paused_logic_is_fenced_off_when_it_wakes() {
     let errors = errors_of(&sent);
     eprintln!(
         "logic paused 16 s: sender errors {errors:?}, {live} of {} delivered live; \
-         {zombie_writes} writes of the fenced-off generation dropped; \
+         {zombie_writes} writes of the fenced-off epoch dropped; \
          the paused instance left batches unanswered when it woke: {}",
         load.total(),
         read(paused).contains("left unanswered"),
     );
 }
 
-/// Writes `n` messages of `conv` into `im.messages` as a logic instance of `generation` that
-/// no longer owns the partition would (the same key, so the same partition as the
+/// Writes `n` messages of `conv` into `im.messages` as a logic instance at `epoch` that no
+/// longer owns the partition would (the same key, so the same partition as the
 /// conversation's requests): new ids and cids, seqs from `first_seq`.
 fn write_as_fenced_off_owner(
     brokers: &str,
     conv: &str,
-    generation: i32,
+    epoch: i32,
     first_seq: u64,
     n: u64,
 ) -> usize {
@@ -423,7 +425,7 @@ fn write_as_fenced_off_owner(
             content_type: "text".into(),
             ts: 1,
             cid: format!("zombie-{conv}-{i}"),
-            generation,
+            epoch,
             ..Default::default()
         };
         rt.block_on(im_bus::send_acked(

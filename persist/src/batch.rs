@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 pub enum Pushed {
     /// A row to write.
     Row,
-    /// A fence (ARCHITECTURE.md, "Fencing"); written with the batch when it raised one.
+    /// A fence (README.md, "Fencing"); written with the batch when it raised one.
     Fence,
     /// A message written by a logic instance that had lost the partition before it wrote
     /// it: not stored. Its sender was not answered (logic checks its membership before
@@ -19,7 +19,7 @@ pub enum Pushed {
         id: u64,
         conv: String,
         seq: u64,
-        generation: i32,
+        epoch: i32,
         fence: i32,
     },
 }
@@ -66,12 +66,11 @@ impl Batcher {
     }
 
     /// The fence the database holds for `partition`.
-    pub fn set_fence(&mut self, partition: i32, generation: i32) {
-        self.fencing
-            .insert(partition, Fencing { fence: generation });
+    pub fn set_fence(&mut self, partition: i32, epoch: i32) {
+        self.fencing.insert(partition, Fencing { fence: epoch });
     }
 
-    /// Fences raised since the last write: `(partition, generation)`.
+    /// Fences raised since the last write: `(partition, epoch)`.
     pub fn fences(&self) -> Vec<(i32, i32)> {
         self.raised.iter().map(|(&p, &g)| (p, g)).collect()
     }
@@ -102,7 +101,7 @@ impl Batcher {
             }
             Judged::Fence { raised } => {
                 if raised {
-                    self.raised.insert(partition, record.generation);
+                    self.raised.insert(partition, record.epoch);
                 }
                 Ok(Pushed::Fence)
             }
@@ -110,7 +109,7 @@ impl Batcher {
                 id: record.id,
                 conv: record.conv,
                 seq: record.seq,
-                generation: record.generation,
+                epoch: record.epoch,
                 fence,
             }),
         }
@@ -337,9 +336,9 @@ mod tests {
         assert!(!b.has_pending() && b.wait_ms(0).is_none());
     }
 
-    fn rec_of(id: u64, generation: i32) -> Vec<u8> {
+    fn rec_of(id: u64, epoch: i32) -> Vec<u8> {
         let mut r = Stored::from_bytes(&rec(id)).unwrap();
-        r.generation = generation;
+        r.epoch = epoch;
         r.to_bytes()
     }
 
@@ -357,19 +356,19 @@ mod tests {
             b.push(0, 2, Some(&rec_of(2, 3)), 0),
             Ok(Pushed::Stale {
                 id: 2,
-                generation: 3,
+                epoch: 3,
                 fence: 4,
                 ..
             })
         ));
-        // A new owner at generation 6 takes the partition; the old one (4) writes on.
+        // A new owner at epoch 6 takes the partition; the old one (4) writes on.
         assert_eq!(b.push(0, 3, Some(&fence(6)), 0), Ok(Pushed::Fence));
         assert!(matches!(
             b.push(0, 4, Some(&rec_of(3, 4)), 0),
             Ok(Pushed::Stale { fence: 6, .. })
         ));
         assert_eq!(b.push(0, 5, Some(&rec_of(4, 6)), 0), Ok(Pushed::Row));
-        // A late fence of an older generation raises nothing; partitions are independent.
+        // A late fence of an older epoch raises nothing; partitions are independent.
         assert_eq!(b.push(0, 6, Some(&fence(5)), 0), Ok(Pushed::Fence));
         assert_eq!(b.push(1, 0, Some(&rec_of(5, 2)), 0), Ok(Pushed::Row));
         assert_eq!(

@@ -18,7 +18,7 @@ pub struct PersistStats {
     pub skipped_total: AtomicU64,
     /// Buffered rows dropped because their partition moved to another consumer.
     pub revoked_rows_total: AtomicU64,
-    /// Messages not stored because their writer had been fenced off (ARCHITECTURE.md,
+    /// Messages not stored because their writer had been fenced off (README.md,
     /// "Fencing"): a logic instance that lost its partitions without knowing it yet.
     pub fenced_total: AtomicU64,
     /// Offset commits the broker refused (retried with the next).

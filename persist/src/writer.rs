@@ -68,13 +68,13 @@ impl Writer {
                 id,
                 conv,
                 seq,
-                generation,
+                epoch,
                 fence,
             }) => {
                 if let Some(n) = count_rarely(&self.stats.fenced_total) {
                     log::warn!(
                         "persist: not storing message {id} ({conv} seq {seq}) at {partition}/{offset}: \
-                         its writer was in generation {generation}, fenced off by {fence} ({n} so far); \
+                         its writer was in epoch {epoch}, fenced off by {fence} ({n} so far); \
                          the partition's owner sequences its request again"
                     );
                 }

@@ -124,21 +124,27 @@ pub struct Stored {
     pub ts: u64,
     #[prost(string, tag = "11")]
     pub cid: String,
-    /// The logic group's generation in which its writer owned the partition (im.proto says
-    /// what a fence does with it).
+    /// The epoch of its writer's ownership of the partition: the logic group generation + 1
+    /// (`epoch_of`); 0 from a build without fencing. im.proto says what a fence does with it.
     #[prost(int32, tag = "12")]
-    pub generation: i32,
-    /// A fence record (no message): the partition's new owner, at `generation`.
+    pub epoch: i32,
+    /// A fence record (no message): the partition's new owner, at `epoch`.
     #[prost(bool, tag = "13")]
     pub fence: bool,
 }
 
+/// The epoch of an owner assigned its partitions in consumer group generation `generation`
+/// (Kafka's start at 0 on some brokers; 0 is kept for records of builds without fencing).
+pub fn epoch_of(generation: i32) -> i32 {
+    generation.saturating_add(1).max(1)
+}
+
 impl Stored {
-    /// The fence an owner writes on taking a partition at `generation`.
-    pub fn fence(generation: i32) -> Stored {
+    /// The fence an owner writes on taking a partition at `epoch`.
+    pub fn fence(epoch: i32) -> Stored {
         Stored {
             version: VERSION,
-            generation,
+            epoch,
             fence: true,
             ..Default::default()
         }
@@ -149,7 +155,7 @@ impl Stored {
 /// latest fence seen so far decides whether a message's writer still owned the partition.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Fencing {
-    /// The highest generation fenced so far (0: none seen).
+    /// The highest epoch fenced so far (0: none seen).
     pub fence: i32,
 }
 
@@ -167,10 +173,12 @@ pub enum Judged {
 impl Fencing {
     pub fn judge(&mut self, r: &Stored) -> Judged {
         if r.fence {
-            let raised = r.generation > self.fence;
-            self.fence = self.fence.max(r.generation);
+            let raised = r.epoch > self.fence;
+            self.fence = self.fence.max(r.epoch);
             Judged::Fence { raised }
-        } else if r.generation < self.fence {
+        } else if r.epoch != 0 && r.epoch < self.fence {
+            // (Epoch 0: a build without fencing wrote it; that build had no way to be
+            // fenced, and dropping its records during a rolling upgrade would lose them.)
             Judged::Stale { fence: self.fence }
         } else {
             Judged::Current
@@ -337,7 +345,7 @@ mod tests {
             "Send send = 10;",
             "uint64 to_group = 3;",
             "string cid = 11;",
-            "int32 generation = 12;",
+            "int32 epoch = 12;",
             "bool fence = 13;",
             "repeated uint64 users = 1;",
             "bytes json = 2;",
@@ -367,17 +375,17 @@ mod tests {
     }
 
     #[test]
-    fn a_fence_stales_earlier_generations_after_it_and_only_those() {
-        let msg = |generation| Stored {
+    fn a_fence_stales_earlier_epochs_after_it_and_only_those() {
+        let msg = |epoch| Stored {
             id: 1,
             conv: "p:1:2".into(),
             seq: 1,
-            generation,
+            epoch,
             ..Default::default()
         };
         let mut f = Fencing::default();
-        // Before any fence, every generation is current (old records carry 0).
-        assert_eq!(f.judge(&msg(0)), Judged::Current);
+        // Before any fence, every epoch is current.
+        assert_eq!(f.judge(&msg(1)), Judged::Current);
         assert_eq!(f.judge(&Stored::fence(3)), Judged::Fence { raised: true });
         assert_eq!(f.judge(&msg(3)), Judged::Current);
         assert_eq!(f.judge(&msg(4)), Judged::Current);
@@ -385,8 +393,11 @@ mod tests {
         // A late fence of an older owner lowers nothing.
         assert_eq!(f.judge(&Stored::fence(2)), Judged::Fence { raised: false });
         assert_eq!(f.judge(&msg(2)), Judged::Stale { fence: 3 });
+        // Records of a build without fencing are never stale.
+        assert_eq!(f.judge(&msg(0)), Judged::Current);
+        assert_eq!((epoch_of(0), epoch_of(-1), epoch_of(6)), (1, 1, 7));
         let back = Stored::from_bytes(&Stored::fence(7).to_bytes()).unwrap();
-        assert!(back.fence && back.generation == 7 && back.id == 0);
+        assert!(back.fence && back.epoch == 7 && back.id == 0);
     }
 
     #[test]

@@ -207,13 +207,13 @@ pub trait Store: Send + Sync + 'static {
     /// row), and puts two-person conversations
     /// (`to_user != 0`) in both users' lists, as `append_message` does. Returns the number of
     /// message rows inserted. In the same transaction, raises the fence of each
-    /// `(im.messages partition, generation)` in `fences` (never lowers one).
+    /// `(im.messages partition, epoch)` in `fences` (never lowers one).
     async fn insert_messages(
         &self,
         batch: &[im_shared::records::Stored],
         fences: &[(i32, i32)],
     ) -> Result<u64>;
-    /// The highest logic generation fenced in an `im.messages` partition, as far as the
+    /// The highest epoch fenced (README.md, "Fencing") in an `im.messages` partition, as far as the
     /// database has it (0: none).
     async fn fence(&self, partition: i32) -> Result<i32>;
     /// `max_seq` of each of `convs` that has a conversation row (the others are absent).

@@ -9,8 +9,9 @@
 //! produced while earlier ones wait for their acknowledgements, and answers, routing and
 //! commits follow in batch order (`pipeline.rs` says what stays in order and why).
 //!
-//! Fencing (ARCHITECTURE.md, "Fencing"): an instance paused past its session timeout wakes up
-//! believing it still owns its partitions. Its records carry its group generation and every
+//! Fencing (README.md, "Fencing"): an instance paused past its session timeout wakes up
+//! believing it still owns its partitions. Its records carry its epoch (group generation + 1)
+//! and every
 //! owner fences a partition before using it, so persist does not store what it writes after a
 //! newer owner's fence; and before answering or routing a durable batch, the stage commits
 //! its offsets and waits: the coordinator accepts that commit only from a current member, so

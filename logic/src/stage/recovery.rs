@@ -1,6 +1,6 @@
 //! Recovery of a partition's state when this instance is given it (state.rs says why it is
-//! needed): the owner fences the partition first (a fence record at its group generation,
-//! ARCHITECTURE.md, "Fencing"), then reads back the records after the persist group's
+//! needed): the owner fences the partition first (a fence record at its epoch, its group
+//! generation + 1; README.md, "Fencing"), then reads back the records after the persist group's
 //! committed offset in `im.messages` — the tail; everything before that offset is in the
 //! database. Reading up to the fence (the log's end once the fence is acknowledged) means
 //! that anything an earlier owner wrote is either before the fence, and so in this state, or
@@ -9,7 +9,7 @@
 use super::state::Partition;
 use super::{with_retry, CONSUME_ERROR_PAUSE, QUEUE_FULL_PAUSE};
 use im_bus::{send_acked, Bus, Producer, SendError, Start};
-use im_shared::records::{groups, topics, Stored, Versioned};
+use im_shared::records::{epoch_of, groups, topics, Stored, Versioned};
 use std::time::Duration;
 
 /// How long reading back a partition's tail may take.
@@ -23,7 +23,8 @@ pub(super) enum Recovered {
     Fenced,
 }
 
-/// Fences `partition` at `generation` with a record produced through `log` and rebuilds the
+/// Fences `partition` at the epoch of group `generation` with a record produced through
+/// `log` and rebuilds the
 /// partition's state from the database's fence and the log's tail.
 pub(super) async fn recover(
     bus: &dyn Bus,
@@ -32,7 +33,8 @@ pub(super) async fn recover(
     partition: i32,
     generation: i32,
 ) -> Result<Recovered, String> {
-    let fence = Stored::fence(generation).to_bytes();
+    let epoch = epoch_of(generation);
+    let fence = Stored::fence(epoch).to_bytes();
     loop {
         match send_acked(log, topics::MESSAGES, Some(partition), "", &fence).await {
             Ok(()) => break,
@@ -46,7 +48,7 @@ pub(super) async fn recover(
         .await?;
     let (low, high) = bus.watermarks(topics::MESSAGES, partition).await?;
     let start = committed.unwrap_or(low).max(low);
-    let mut part = Partition::new(generation, db_fence);
+    let mut part = Partition::new(epoch, db_fence);
     let mut reader = bus
         .partition_consumer(topics::MESSAGES, &[(partition, Start::Offset(start))])
         .await?;
@@ -69,9 +71,9 @@ pub(super) async fn recover(
             }
         }
     }
-    if part.fence() > generation {
+    if part.fence() > epoch {
         log::warn!(
-            "logic: partition {partition} is fenced off: a newer owner wrote generation {} (this instance is in {generation}); not writing to it",
+            "logic: partition {partition} is fenced off: a newer owner fenced it at epoch {} (this instance is at {epoch}, generation {generation}); not writing to it",
             part.fence()
         );
         return Ok(Recovered::Fenced);

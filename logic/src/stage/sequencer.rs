@@ -208,7 +208,7 @@ impl Sequencer {
                 content_type: s.send.content_type.clone(),
                 ts: now_ms,
                 cid: cid.clone(),
-                generation: part.generation,
+                epoch: part.epoch,
                 fence: false,
             }));
         }

@@ -11,9 +11,9 @@
 //! "One writer" is what the consumer group intends, not what it guarantees: an instance that
 //! was paused past its session timeout still believes it owns its partitions when it wakes.
 //! So each owner writes a fence into the partition before reading the tail, stamps its
-//! records with its group generation, and the tail is read as persist reads it: what a
+//! records with its epoch (group generation + 1), and the tail is read as persist reads it: what a
 //! fenced-off owner wrote after a newer fence is not part of the partition's history
-//! (ARCHITECTURE.md, "Fencing").
+//! (README.md, "Fencing").
 
 use im_shared::records::{Fencing, Judged, Stored, Versioned};
 use std::collections::{HashMap, VecDeque};
@@ -33,8 +33,8 @@ pub const SENT_MAX: usize = 200_000;
 
 #[derive(Default)]
 pub struct Partition {
-    /// The group generation this instance owns the partition in: stamped on its records.
-    pub generation: i32,
+    /// The epoch of this instance's ownership (group generation + 1): stamped on its records.
+    pub epoch: i32,
     /// The fence as read so far (the database's, then the tail's).
     fencing: Fencing,
     /// conv → last seq handed out (conversations seen since recovery).
@@ -44,17 +44,17 @@ pub struct Partition {
 }
 
 impl Partition {
-    /// State for an owner in `generation`, before the tail is read; `fence` is the
+    /// State for an owner in `epoch`, before the tail is read; `fence` is the
     /// database's fence for the partition.
-    pub fn new(generation: i32, fence: i32) -> Partition {
+    pub fn new(epoch: i32, fence: i32) -> Partition {
         Partition {
-            generation,
+            epoch,
             fencing: Fencing { fence },
             ..Default::default()
         }
     }
 
-    /// The highest generation fenced in what was read: above this owner's own generation,
+    /// The highest epoch fenced in what was read: above this owner's own epoch,
     /// a newer owner exists and this one must not write.
     pub fn fence(&self) -> i32 {
         self.fencing.fence
@@ -150,12 +150,12 @@ mod tests {
 
     #[test]
     fn the_tail_is_read_as_persist_reads_it_past_fences() {
-        let stamped = |seq, cid: &str, generation| {
+        let stamped = |seq, cid: &str, epoch| {
             let mut m = Stored::from_bytes(&stored("p:1:2", seq, 1, cid)).unwrap();
-            m.generation = generation;
+            m.epoch = epoch;
             m.to_bytes()
         };
-        // The database knew fence 2; this owner is in generation 5.
+        // The database knew fence 2; this owner is in epoch 5.
         let mut p = Partition::new(5, 2);
         p.replay(&stamped(1, "old", 1)); // before the database's fence: never stored
         p.replay(&stamped(1, "a", 2));
@@ -171,7 +171,7 @@ mod tests {
         let mut q = Partition::new(5, 0);
         q.replay(&Stored::fence(5).to_bytes());
         q.replay(&Stored::fence(6).to_bytes());
-        assert!(q.fence() > q.generation);
+        assert!(q.fence() > q.epoch);
     }
 
     #[test]

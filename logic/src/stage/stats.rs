@@ -34,7 +34,7 @@ pub struct StageStats {
     /// Batches delivered by nobody live because presence could not be read (Redis down).
     pub presence_failed_total: AtomicU64,
     /// Batches left unanswered because this instance could not confirm it still owned their
-    /// partitions, or abandoned at a rebalance (ARCHITECTURE.md, "Fencing").
+    /// partitions, or abandoned at a rebalance (README.md, "Fencing").
     pub unconfirmed_batches_total: AtomicU64,
     /// Partitions this instance found fenced off by a newer owner while recovering them.
     pub fenced_total: AtomicU64,

@@ -348,8 +348,8 @@ macro_rules! impl_store {
                     q.build().execute(&mut *tx).await?;
                 }
                 // Rare (an owner taking a partition): one statement each.
-                for &(partition, generation) in fences {
-                    sqlx::query($raise_fence).bind(partition).bind(generation).execute(&mut *tx).await?;
+                for &(partition, epoch) in fences {
+                    sqlx::query($raise_fence).bind(partition).bind(epoch).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 // SQLite: the checkpointer asked for the log to start over (see `checkpoints`
@@ -363,7 +363,7 @@ macro_rules! impl_store {
             }
 
             async fn fence(&self, partition: i32) -> Result<i32> {
-                let g: Option<i32> = sqlx::query_scalar("SELECT generation FROM log_fences WHERE log_partition = ?")
+                let g: Option<i32> = sqlx::query_scalar("SELECT epoch FROM log_fences WHERE log_partition = ?")
                     .bind(partition)
                     .fetch_optional(&self.pool)
                     .await?;

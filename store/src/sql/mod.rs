@@ -310,7 +310,7 @@ impl_store!(
     bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON DUPLICATE KEY UPDATE max_seq = max_seq + 1",
     insert_ignore: "INSERT IGNORE",
     raise_max_seq: " ON DUPLICATE KEY UPDATE max_seq = GREATEST(max_seq, VALUES(max_seq))",
-    raise_fence: "INSERT INTO log_fences (log_partition, generation) VALUES (?, ?) ON DUPLICATE KEY UPDATE generation = GREATEST(generation, VALUES(generation))",
+    raise_fence: "INSERT INTO log_fences (log_partition, epoch) VALUES (?, ?) ON DUPLICATE KEY UPDATE epoch = GREATEST(epoch, VALUES(epoch))",
     // Collation pinned to the tables': compared with conv columns in joins.
     group_conv: "(CONCAT('g:', gm.group_id) COLLATE utf8mb4_unicode_ci)",
     restart_log: ""
@@ -327,7 +327,7 @@ impl_store!(
     bump_seq: "INSERT INTO conversations (conv, max_seq) VALUES (?, 1) ON CONFLICT(conv) DO UPDATE SET max_seq = max_seq + 1",
     insert_ignore: "INSERT OR IGNORE",
     raise_max_seq: " ON CONFLICT(conv) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)",
-    raise_fence: "INSERT INTO log_fences (log_partition, generation) VALUES (?, ?) ON CONFLICT(log_partition) DO UPDATE SET generation = MAX(generation, excluded.generation)",
+    raise_fence: "INSERT INTO log_fences (log_partition, epoch) VALUES (?, ?) ON CONFLICT(log_partition) DO UPDATE SET epoch = MAX(epoch, excluded.epoch)",
     group_conv: "('g:' || gm.group_id)",
     restart_log: "PRAGMA wal_checkpoint(PASSIVE)"
 );
