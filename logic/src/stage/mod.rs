@@ -490,7 +490,10 @@ impl Stage {
     fn confirm(&mut self, consumer: &mut dyn Consumer) -> Result<(), String> {
         let offsets: Vec<(i32, i64)> = std::mem::take(&mut self.uncommitted).into_iter().collect();
         if !offsets.is_empty() {
+            let started = std::time::Instant::now();
             consumer.commit(&offsets, true)?;
+            let ms = started.elapsed().as_millis() as u64;
+            self.stats.confirm_time.observe(ms);
         }
         // A member that was expelled and has rejoined commits in its new generation: its
         // batches of the old one are not confirmed by that.

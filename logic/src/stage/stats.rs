@@ -27,6 +27,9 @@ pub struct StageStats {
     /// broker's acks=all; in standalone, persist's commit): the part of `batch_time` that is
     /// the log's, beside what the stage adds (checks, in-order release, answers).
     pub ack_time: MillisHistogram,
+    /// Per release of durable batches, the waiting offset commit that confirms this instance
+    /// still owns their partitions (README.md, "Fencing"): what fencing adds to a message.
+    pub confirm_time: MillisHistogram,
     /// Downstream records (deliveries, replies) the broker acknowledged, per record from
     /// produce to ack; and those it never took (dropped: the client's sync recovers them).
     pub downstream_ack_time: MillisHistogram,
@@ -128,6 +131,12 @@ impl StageStats {
             &mut p,
             "im_logic_messages_ack_milliseconds",
             "per record: produced to im.messages until acknowledged as durable",
+            &[],
+        );
+        self.confirm_time.render(
+            &mut p,
+            "im_logic_confirm_milliseconds",
+            "per release of durable batches: the waiting offset commit that confirms ownership",
             &[],
         );
         self.downstream_ack_time.render(
