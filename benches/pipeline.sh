@@ -10,6 +10,9 @@
 #   3. fanout        — one group of MEMBERS members, all online on one gateway
 # and stops everything it started. Results go to benches/results/pipeline-*.json.
 #   usage: benches/pipeline.sh [MEMBERS]   (release build first: cargo build --release)
+# ONLY_P2P=1 runs the 1:1 steps alone (with the probe beside the idle pipeline), RATES picks
+# their rates (default "250 500 1000 1500"), TAG suffixes the result files, IM_BIN=DIR takes
+# `im` and `im-bench` from DIR (an A/B of two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A fetch waits at most fetch.wait.max.ms at the broker (100 ms, bus/src/kafka/config.rs).
@@ -18,7 +21,7 @@ cd "$(dirname "$0")/.."
 # full (benches/RESULTS.md, "2026-12-04 (night)"). To bound that hold on this broker:
 #   IM_KAFKA_CONFIG=fetch.max.bytes=65536,message.max.bytes=65536 benches/pipeline.sh
 # (a workaround for the test broker, not a production setting). A shorter wait makes it worse.
-T="${CARGO_TARGET_DIR:-target}/release"
+T="${IM_BIN:-${CARGO_TARGET_DIR:-target}/release}"
 IM="$T/im"; BENCH="$T/im-bench"
 BROKER="${IM_BROKER:-$HOME/.cache/im-tools/bin/nisshi}"
 MEMBERS="${1:-10000}"
@@ -54,15 +57,20 @@ mkdir -p "$WORK/broker"
 PIDS+=($!)
 wait_port 29092
 K=(--kafka-brokers 127.0.0.1:29092)
+ONLY_P2P="${ONLY_P2P:-}"
+RATES="${RATES:-250 500 1000 1500}"
+TAG="${TAG:+-$TAG}"
+if [ -z "$ONLY_P2P" ]; then
 echo "== persist-rate"
 "$BENCH" persist-rate "${K[@]}" --mysql-url "$MYSQL" --rows 50000 --single-rows 2000 \
-  --spawn-persist "$IM" --json "$OUT/pipeline-persist.json"
+  --spawn-persist "$IM" --json "$OUT/pipeline-persist$TAG.json"
 
 # The broker alone along the same three hops (im-bench broker-probe), at the pipeline's
 # 1,000 msg/s; its overload run (what it carries at most) comes last, after the pipeline's
 # runs, which a broker still draining a backlog would distort.
 echo "== broker-probe 1000 records/s"
-"$BENCH" broker-probe "${K[@]}" --rate 1000 --secs 10 --json "$OUT/pipeline-broker-probe-1000.json"
+"$BENCH" broker-probe "${K[@]}" --rate 1000 --secs 10 --json "$OUT/pipeline-broker-probe-1000$TAG.json"
+fi
 
 start logic "$IM" logic --jwt-secret $SECRET --mysql-url "$MYSQL" --redis-url $REDIS "${K[@]}" --api-listen 127.0.0.1:28080
 wait_port 28080
@@ -81,15 +89,16 @@ sleep 3 # logic's first rebalance
 # The probe again, now with the pipeline's processes connected and idle beside it: their
 # consumers' polling is load the broker carries in the p2p steps but not in the first probe.
 echo "== broker-probe 1000 records/s, beside the idle pipeline"
-"$BENCH" broker-probe "${K[@]}" --rate 1000 --secs 10 --json "$OUT/pipeline-broker-probe-1000-beside.json"
-for rate in 250 500 1000 1500; do
+"$BENCH" broker-probe "${K[@]}" --rate 1000 --secs 10 --json "$OUT/pipeline-broker-probe-1000-beside$TAG.json"
+for rate in $RATES; do
   echo "== p2p $rate msg/s"
   "$BENCH" p2p --addr 127.0.0.1:28090 --secret $SECRET --pairs 200 --rate "$rate" --secs 10 \
     --user-base 10000000 --gateway-pid "$GW" --metrics 127.0.0.1:28080 --metrics 127.0.0.1:28090 \
-    --json "$OUT/pipeline-p2p-$rate.json"
+    --json "$OUT/pipeline-p2p-$rate$TAG.json"
 done
+[ -n "$ONLY_P2P" ] && exit 0
 echo "== fanout $MEMBERS members"
 "$BENCH" fanout --addr 127.0.0.1:28090 --secret $SECRET --group 777 --first 20000000 \
-  --members "$MEMBERS" --messages 20 --interval-ms 500 --gateway-pid "$GW" --json "$OUT/pipeline-fanout.json"
+  --members "$MEMBERS" --messages 20 --interval-ms 500 --gateway-pid "$GW" --json "$OUT/pipeline-fanout$TAG.json"
 echo "== broker-probe 5000 records/s (overload: what the broker carries through three hops)"
-"$BENCH" broker-probe "${K[@]}" --rate 5000 --secs 10 --json "$OUT/pipeline-broker-probe-5000.json"
+"$BENCH" broker-probe "${K[@]}" --rate 5000 --secs 10 --json "$OUT/pipeline-broker-probe-5000$TAG.json"

@@ -10,13 +10,12 @@
 //! commits follow in batch order (`pipeline.rs` says what stays in order and why).
 //!
 //! Fencing (README.md, "Fencing"): an instance paused past its session timeout wakes up
-//! believing it still owns its partitions. Its records carry its epoch (group generation + 1)
-//! and every
-//! owner fences a partition before using it, so persist does not store what it writes after a
-//! newer owner's fence; and before answering or routing a durable batch, the stage commits
-//! its offsets and waits: the coordinator accepts that commit only from a current member, so
-//! a fenced-off instance answers nobody (its senders hear from the new owner, which
-//! sequences the same requests again).
+//! believing it still owns its partitions. Its records carry its epoch (group generation
+//! + 1) and every owner fences a partition before using it, so persist does not store what it
+//! writes after a newer owner's fence; and before answering or routing a durable batch, the
+//! stage commits its offsets and waits: the coordinator accepts that commit only from a
+//! current member, so a fenced-off instance answers nobody (its senders hear from the new
+//! owner, which sequences the same requests again).
 //!
 //! The decisions are the `Sequencer`'s (`sequencer.rs`, no I/O, tested on its own); this
 //! file is the thin async driver around it: it consumes, does the lookups and produces the
@@ -113,6 +112,10 @@ struct Stage {
     /// Partitions a newer owner has fenced: their records are skipped (not sequenced, not
     /// committed) until the next rebalance says what this instance owns.
     fenced_off: HashSet<i32>,
+    /// A confirming commit failed: nothing more is taken or answered until every batch in
+    /// flight is acknowledged (so that the log holds all of this instance's records before
+    /// any partition is recovered again, under the same epoch), then all state is forgotten.
+    unconfirmed: bool,
 }
 
 /// Runs the stage until `shutdown` turns true. Errors are fatal to the stage (the bus
@@ -152,7 +155,7 @@ pub async fn run(
                 stage.release(&mut pipe, &mut *consumer).await;
                 continue;
             }
-            m = consumer.recv(), if pipe.has_room() => match m {
+            m = consumer.recv(), if pipe.has_room() && !stage.unconfirmed => match m {
                 Ok(m) => batch.push(m),
                 Err(e) => {
                     log::warn!("logic: consume error: {e}");
@@ -179,6 +182,7 @@ pub async fn run(
                 );
             }
             stage.uncommitted.clear();
+            stage.unconfirmed = false;
         }
         for r in rebalances {
             let parts = match r {
@@ -299,6 +303,7 @@ impl Stage {
             uncommitted: Default::default(),
             generation: 0,
             fenced_off: HashSet::new(),
+            unconfirmed: false,
         })
     }
 
@@ -436,10 +441,20 @@ impl Stage {
     /// that it still owns their partitions: a waiting commit of their offsets, which the
     /// group's coordinator accepts only from a current member (one commit confirms every
     /// batch that became durable before it was sent; while it waits, later acknowledgements
-    /// pile up for the next). Unconfirmed batches are not answered and their partitions'
-    /// state is forgotten: the partitions' owner, this instance or another, recovers and
-    /// answers their senders' requests (sequenced again, or recognised as retries).
+    /// pile up for the next). Unconfirmed batches are not answered, nor is anything in flight
+    /// after them (`unconfirmed`); then the state of every partition is forgotten: their
+    /// owner, this instance or another, recovers and answers their senders' requests
+    /// (sequenced again, or recognised as retries).
     async fn release(&mut self, pipe: &mut Pipeline<Produced>, consumer: &mut dyn Consumer) {
+        if self.unconfirmed {
+            while pipe.pop_ready().is_some() {
+                self.stats
+                    .unconfirmed_batches_total
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            self.end_unconfirmed(pipe);
+            return;
+        }
         let mut ready = Vec::new();
         while let Some(b) = pipe.pop_ready() {
             for &(p, o) in &b.offsets {
@@ -455,20 +470,13 @@ impl Stage {
             self.stats
                 .unconfirmed_batches_total
                 .fetch_add(ready.len() as u64, Ordering::Relaxed);
-            let mut parts: Vec<i32> = ready
-                .iter()
-                .flat_map(|b| b.decisions.iter().map(|(_, s)| s.partition))
-                .chain(ready.iter().flat_map(|b| b.offsets.iter().map(|&(p, _)| p)))
-                .collect();
-            parts.sort_unstable();
-            parts.dedup();
             log::warn!(
-                "logic: {} durable batches left unanswered, partitions {parts:?} to be recovered: ownership not confirmed: {e}",
-                ready.len()
+                "logic: {} durable batches left unanswered, and the {} still in flight: ownership not confirmed: {e}",
+                ready.len(),
+                pipe.len()
             );
-            for p in parts {
-                self.seq.forget(p);
-            }
+            self.unconfirmed = true;
+            self.end_unconfirmed(pipe);
             return;
         }
         for b in ready {
@@ -482,6 +490,15 @@ impl Stage {
             }
             let ms = b.taken.elapsed().as_millis() as u64;
             self.stats.batch_time.observe(ms);
+        }
+    }
+
+    /// Once nothing is in flight after a failed confirmation: every partition is recovered
+    /// again before its next record.
+    fn end_unconfirmed(&mut self, pipe: &Pipeline<Produced>) {
+        if pipe.is_empty() {
+            self.unconfirmed = false;
+            self.seq.forget_all();
         }
     }
 

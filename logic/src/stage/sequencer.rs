@@ -103,6 +103,11 @@ impl Sequencer {
         self.parts.remove(&partition);
     }
 
+    /// Every partition's state is rebuilt before its next record.
+    pub fn forget_all(&mut self) {
+        self.parts.clear();
+    }
+
     /// The last seq handed out in `conv`, if this instance knows it.
     pub fn last_seq(&self, partition: i32, conv: &str) -> Option<u64> {
         self.parts.get(&partition)?.last_seq(conv)
