@@ -10,12 +10,12 @@
 //! commits follow in batch order (`pipeline.rs` says what stays in order and why).
 //!
 //! Fencing (README.md, "Fencing"): an instance paused past its session timeout wakes up
-//! believing it still owns its partitions. Its records carry its epoch (group generation
-//! + 1) and every owner fences a partition before using it, so persist does not store what it
-//! writes after a newer owner's fence; and before answering or routing a durable batch, the
-//! stage commits its offsets and waits: the coordinator accepts that commit only from a
-//! current member, so a fenced-off instance answers nobody (its senders hear from the new
-//! owner, which sequences the same requests again).
+//! believing it still owns its partitions. Its records carry its epoch (its group generation
+//! plus one) and every owner fences a partition before using it, so persist does not store
+//! what it writes after a newer owner's fence; and before answering or routing a durable
+//! batch, the stage commits its offsets and waits: the coordinator accepts that commit only
+//! from a current member, so a fenced-off instance answers nobody (its senders hear from the
+//! new owner, which sequences the same requests again).
 //!
 //! The decisions are the `Sequencer`'s (`sequencer.rs`, no I/O, tested on its own); this
 //! file is the thin async driver around it: it consumes, does the lookups and produces the
