@@ -483,3 +483,52 @@ fn logic_replaced_under_another_member_id() {
         load.total()
     );
 }
+
+/// A network partition, not a dead process: gateway 0 runs in a network namespace of the
+/// test's own (a veth link to the host, where the broker, Redis and everything else are).
+/// Under load, nftables in the namespace drops every packet on the link for 20 s, then 5 %
+/// of them at random for 30 s, then none. The receiving device, a 1:1 sender and a group
+/// sender are on that gateway: while it is cut off they hear nothing (their sockets stall;
+/// the gateway's bridge answers 5032 to what it cannot hand the broker, and those answers
+/// wait in the stalled socket), then they resend with the same cids. The accounting finds
+/// every acknowledged message stored once and in order, and the device has a presence entry
+/// after the heal (its Redis TTL, 180 s, outlives the cut), so live delivery to it resumes.
+#[test]
+fn a_gateway_cut_off_by_the_network_then_lossy() {
+    let _g = serial();
+    let mut c = Cluster::start_with_netns_gateway("fault_netns");
+    let load = Load::new(&c, 600);
+    let receiver = load.receiver.0;
+    let (sent, live, presence) = load.run(&mut c, 0, 200, |c| {
+        let ns = c.netns.as_ref().unwrap();
+        ns.cut();
+        std::thread::sleep(Duration::from_secs(20));
+        ns.lossy(5);
+        std::thread::sleep(Duration::from_secs(30));
+        ns.heal();
+        // The device (still connected: the load goes on) has a presence entry.
+        let port = c.redis_server.as_ref().unwrap().port.to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &port, "HKEYS", &format!("im:presence:{receiver}")])
+                .output()
+                .unwrap();
+            let fields = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !fields.is_empty() || Instant::now() > deadline {
+                return fields;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let errors = errors_of(&sent);
+    assert_only_unavailable(&errors);
+    assert!(
+        !presence.is_empty(),
+        "the device has no presence entry after the heal"
+    );
+    eprintln!(
+        "gateway cut off 20 s, then 5 % loss for 30 s: sender errors {errors:?}, {live} of {} delivered live; the device's presence after the heal: {presence:?}",
+        load.total()
+    );
+}

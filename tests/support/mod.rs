@@ -146,26 +146,166 @@ pub fn broker(dir: &std::path::Path) -> (Proc, String) {
 
 /// The broker on `port`, its storage in `dir/broker` (a restart finds its topics there).
 pub fn broker_on(dir: &std::path::Path, port: u16) -> (Proc, String) {
+    broker_at(dir, port, "127.0.0.1", "127.0.0.1")
+}
+
+/// The broker listening on `listen:port` and telling clients to come to `host:port`.
+pub fn broker_at(dir: &std::path::Path, port: u16, listen: &str, host: &str) -> (Proc, String) {
     let bdir = dir.join("broker");
     std::fs::create_dir_all(&bdir).unwrap();
-    let url = format!("tcp://127.0.0.1:{port}");
     let mut cmd = Command::new(broker_path());
     cmd.current_dir(&bdir).args([
         "broker",
         "--listener-url",
-        &url,
+        &format!("tcp://{listen}:{port}"),
         "--advertised-listener-url",
-        &url,
+        &format!("tcp://{host}:{port}"),
         "--storage-engine",
         "sqlite://broker.db",
     ]);
     let p = Proc::spawn("broker", cmd, dir);
     wait_port(
-        format!("127.0.0.1:{port}").parse().unwrap(),
+        format!("{host}:{port}").parse().unwrap(),
         "the broker",
         Duration::from_secs(20),
     );
-    (p, format!("127.0.0.1:{port}"))
+    (p, format!("{host}:{port}"))
+}
+
+/// A network namespace of the test's own, linked to the host by a veth pair
+/// (`HOST_IP` on the host's end, `NS_IP` inside), with an nftables table inside that can cut
+/// the link (`cut`) or drop a share of its packets (`lossy`) without touching the host's
+/// interfaces. Deleted on drop (the veth pair goes with it).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub const HOST_IP: &'static str = "10.213.7.1";
+    pub const NS_IP: &'static str = "10.213.7.2";
+    const NS_IF: &'static str = "imfault1";
+    const HOST_IF: &'static str = "imfault0";
+
+    pub fn create(name: &str) -> Netns {
+        assert!(
+            Command::new("nft").arg("--version").output().is_ok(),
+            "nft (Debian package nftables) is needed: scripts/test installs it"
+        );
+        // Left over by a killed run: gone first.
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", Self::HOST_IF])
+            .output();
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        let host = format!("{}/30", Self::HOST_IP);
+        let inside = format!("{}/30", Self::NS_IP);
+        ip(&["netns", "add", name]);
+        ip(&[
+            "link",
+            "add",
+            Self::HOST_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Self::NS_IF,
+        ]);
+        ip(&["link", "set", Self::NS_IF, "netns", name]);
+        ip(&["addr", "add", &host, "dev", Self::HOST_IF]);
+        ip(&["link", "set", Self::HOST_IF, "up"]);
+        ns.exec(&["ip", "addr", "add", &inside, "dev", Self::NS_IF]);
+        ns.exec(&["ip", "link", "set", Self::NS_IF, "up"]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns.nft(&format!(
+            "table inet imfault {{\n\
+               chain in {{ type filter hook input priority 0; policy accept; }}\n\
+               chain out {{ type filter hook output priority 0; policy accept; }}\n\
+             }}\n"
+        ));
+        ns
+    }
+
+    /// A command inside the namespace, for `Proc::spawn`.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    fn exec(&self, args: &[&str]) {
+        let out = self.command(args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn nft(&self, script: &str) {
+        let mut child = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Drops `rule`'s packets on the link, both ways (after flushing what was there).
+    fn drop_on_link(&self, rule: &str) {
+        let i = Self::NS_IF;
+        self.nft(&format!(
+            "flush chain inet imfault in\nflush chain inet imfault out\n\
+             add rule inet imfault in iifname {i} {rule} drop\n\
+             add rule inet imfault out oifname {i} {rule} drop\n"
+        ));
+    }
+
+    /// Every packet on the link is dropped: the namespace is cut off.
+    pub fn cut(&self) {
+        self.drop_on_link("");
+    }
+
+    /// `percent` % of the packets on the link are dropped, at random.
+    pub fn lossy(&self, percent: u32) {
+        self.drop_on_link(&format!("numgen random mod 100 < {percent}"));
+    }
+
+    /// The link carries everything again.
+    pub fn heal(&self) {
+        self.nft("flush chain inet imfault in\nflush chain inet imfault out\n");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A fresh MariaDB database (dropped first if a previous run left it).
@@ -251,6 +391,9 @@ pub struct Cluster {
     pub redis_server: Option<PrivateRedis>,
     /// A MariaDB of this deployment's own (`start_with_private_mysql`), to break.
     pub mysql_server: Option<PrivateMysql>,
+    /// The network namespace gateway 0 runs in (`start_with_netns_gateway`). Last, so the
+    /// processes are gone before it is deleted.
+    pub netns: Option<Netns>,
 }
 
 /// A `mariadbd` of one test's own: its datadir (made by `mariadb-install-db`), a free port.
@@ -325,11 +468,20 @@ impl PrivateRedis {
     }
 
     fn start_on(dir: &std::path::Path, port: u16) -> PrivateRedis {
+        Self::start_bound(dir, port, "127.0.0.1")
+    }
+
+    /// On `port`, listening on `bind` (addresses separated by spaces, 127.0.0.1 first).
+    pub fn start_bound(dir: &std::path::Path, port: u16, bind: &str) -> PrivateRedis {
         let rdir = dir.join("redis");
         std::fs::create_dir_all(&rdir).unwrap();
         let mut cmd = Command::new("redis-server");
         cmd.current_dir(&rdir)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--bind"])
+            .args(bind.split_whitespace())
+            // Protected mode refuses every address but loopback; the other one is the
+            // test's own veth link.
+            .args(["--protected-mode", "no"])
             .args(["--save", "", "--appendonly", "yes", "--dir", "."]);
         let proc = Proc::spawn("redis", cmd, dir);
         wait_port(
@@ -365,10 +517,22 @@ impl Cluster {
         let dir = scratch(test);
         let server = PrivateMysql::start(&dir);
         let redis = fresh_redis(redis_index);
-        Self::start_with_db(dir, test, redis, None, Some(server), gateways)
+        Self::start_with_db(dir, test, redis, None, Some(server), gateways, None)
     }
 
     /// A deployment with a Redis of its own, which the test may kill.
+    /// Two gateways, the first in a network namespace of the test's own (`Netns`): the
+    /// broker and a private Redis listen on the host's end of the link, and every process
+    /// reaches them there.
+    pub fn start_with_netns_gateway(test: &str) -> Cluster {
+        let dir = scratch(test);
+        let ns = Netns::create("im-fault");
+        let bind = format!("127.0.0.1 {}", Netns::HOST_IP);
+        let server = PrivateRedis::start_bound(&dir, free_port(), &bind);
+        let redis = format!("redis://{}:{}", Netns::HOST_IP, server.port);
+        Self::start_with_db(dir, test, redis, Some(server), None, 2, Some(ns))
+    }
+
     pub fn start_with_private_redis(test: &str, gateways: usize) -> Cluster {
         let dir = scratch(test);
         let server = PrivateRedis::start(&dir);
@@ -382,7 +546,7 @@ impl Cluster {
         redis_server: Option<PrivateRedis>,
         gateways: usize,
     ) -> Cluster {
-        Self::start_with_db(dir, test, redis, redis_server, None, gateways)
+        Self::start_with_db(dir, test, redis, redis_server, None, gateways, None)
     }
 
     fn start_with_db(
@@ -392,8 +556,12 @@ impl Cluster {
         redis_server: Option<PrivateRedis>,
         mysql_server: Option<PrivateMysql>,
         gateways: usize,
+        netns: Option<Netns>,
     ) -> Cluster {
-        let (broker, brokers) = broker(&dir);
+        let (broker, brokers) = match &netns {
+            Some(_) => broker_at(&dir, free_port(), "0.0.0.0", Netns::HOST_IP),
+            None => broker(&dir),
+        };
         let db = fresh_db_on(test, mysql_server.as_ref().map_or(3306, |m| m.port));
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let logic = Self::spawn_logic(&dir, &brokers, &db, &redis, api);
@@ -401,8 +569,13 @@ impl Cluster {
         let persist = Self::spawn_persist(&dir, &brokers, &db);
         let mut gws = Vec::new();
         for i in 0..gateways {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let mut cmd = im();
+            let inside = netns.as_ref().filter(|_| i == 0);
+            let host = inside.map_or("127.0.0.1", |_| Netns::NS_IP);
+            let addr: SocketAddr = format!("{host}:{}", free_port()).parse().unwrap();
+            let mut cmd = match inside {
+                Some(ns) => ns.command(env!("CARGO_BIN_EXE_im")),
+                None => im(),
+            };
             cmd.args([
                 "gateway",
                 "--ws-listen",
@@ -436,6 +609,7 @@ impl Cluster {
             gateways: gws,
             redis_server,
             mysql_server,
+            netns,
         }
     }
 
