@@ -218,12 +218,12 @@ impl Netns {
         ns.exec(&["ip", "addr", "add", &inside, "dev", Self::NS_IF]);
         ns.exec(&["ip", "link", "set", Self::NS_IF, "up"]);
         ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns.nft(&format!(
-            "table inet imfault {{\n\
-               chain in {{ type filter hook input priority 0; policy accept; }}\n\
-               chain out {{ type filter hook output priority 0; policy accept; }}\n\
-             }}\n"
-        ));
+        ns.nft(
+            "table inet imfault {\n\
+               chain in { type filter hook input priority 0; policy accept; }\n\
+               chain out { type filter hook output priority 0; policy accept; }\n\
+             }\n",
+        );
         ns
     }
 
