@@ -44,6 +44,30 @@ pub use kafka::{KafkaBus, KafkaConfig};
 pub const RECORD_TIMEOUT_MS: u32 = 120_000;
 pub use memory::MemoryBus;
 
+/// One PING over a plain connection, answered within 10 s. A Redis that refuses this process
+/// (protected mode, a password, nothing listening) is reported at once with its reason;
+/// redis-rs's connection manager would retry it with backoff for about two minutes and then
+/// say little more.
+#[cfg(feature = "redis")]
+pub(crate) async fn redis_ping(client: &redis::Client) -> Result<(), String> {
+    const WITHIN: Duration = Duration::from_secs(10);
+    let ping = async {
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(WITHIN, ping).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no answer within {WITHIN:?}")),
+    }
+}
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

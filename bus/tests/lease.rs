@@ -115,9 +115,14 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start(port: u16) -> PrivateRedis {
+        Self::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> PrivateRedis {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (Debian package redis-server) is required");
@@ -172,4 +177,28 @@ async fn redis_down_mints_until_the_lease_runs_out_then_leases_again_when_it_is_
     let _redis = PrivateRedis::start(port);
     let back = eventually(Duration::from_secs(5), || a.lease.current().is_some()).await;
     assert!(back, "no lease after Redis came back");
+}
+
+/// A Redis that refuses this process (here: it wants a password we do not have) is reported
+/// by the services' first connection with Redis's own reason, instead of being retried
+/// quietly by a connection manager for minutes.
+#[tokio::test]
+async fn a_redis_that_refuses_us_is_reported_with_its_reason() {
+    use im_bus::presence::RedisPresence;
+    use im_bus::revocation::RedisRevocations;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let redis = PrivateRedis::start_with(port, &["--requirepass", "not-ours"]);
+    let e = RedisRevocations::connect(&redis.url())
+        .await
+        .err()
+        .expect("connected without the password");
+    assert!(e.contains("NOAUTH") || e.contains("Authentication"), "{e}");
+    let e = RedisPresence::connect(&redis.url(), 60)
+        .await
+        .err()
+        .expect("connected without the password");
+    assert!(e.contains("NOAUTH") || e.contains("Authentication"), "{e}");
 }

@@ -48,6 +48,7 @@ impl RedisPresence {
     /// `open`, then connects now: for services that should not start without Redis.
     pub async fn connect(url: &str, ttl_s: u64) -> Result<RedisPresence, String> {
         let p = RedisPresence::open(url, ttl_s)?;
+        crate::redis_ping(&p.client).await?;
         p.conn().await.map_err(|e| format!("redis {url}: {e}"))?;
         Ok(p)
     }

@@ -16,6 +16,7 @@ impl RedisRevocations {
     /// Connects (and reconnects on its own later) to `redis://host:port/db`.
     pub async fn connect(url: &str) -> Result<RedisRevocations, String> {
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        crate::redis_ping(&client).await?;
         let conn = redis::aio::ConnectionManager::new(client)
             .await
             .map_err(|e| e.to_string())?;
