@@ -194,30 +194,65 @@ fn redis_down_for_12_s_then_back() {
     );
 }
 
-/// Logic scaled out from one instance to two under load: the group rebalances, the new
-/// instance recovers the seqs and retries of the partitions it gets from the `im.messages`
-/// tail, and nothing acknowledged is lost, duplicated or reordered.
+/// Logic scaled 1 → 2 → 1 under load. The second instance joins (the group rebalances, and
+/// it recovers the seqs and retries of the partitions it gets from the `im.messages` tail),
+/// sequences part of the load, then is stopped with SIGTERM while the load goes on: it leaves
+/// the group, and the first instance takes every partition back. Nothing acknowledged is
+/// lost, duplicated or reordered.
 ///
-/// Scaling back in is not tested: logic is a static group member (so a restart takes its
-/// partitions back at once), and a static member that stops does not leave the group; its
-/// partitions wait for its session timeout (10 s on Kafka). On nisshi 0.6 they stayed
-/// unserved for over a minute (README, "Scaling logic").
+/// The second instance is a dynamic member (`--kafka-instance-id ''`): a dynamic member that
+/// stops sends LeaveGroup, so its partitions move at once. A static member does not leave; its
+/// partitions wait for its session timeout (and on nisshi 0.6 they waited for a dynamic
+/// member's heartbeat to expire it: README, "Scaling logic").
 #[test]
-fn logic_scaled_out_under_load() {
+fn logic_scaled_out_then_in_under_load() {
     let _g = serial();
     let mut c = Cluster::start("fault_scale", 9, 2);
-    let load = Load::new(&c, 1_500);
-    let (sent, live, mut two) = load.run(&mut c, 1, 200, |c| c.spawn_another_logic("logic-two").0);
+    let load = Load::new(&c, 3_000);
+    let total = load.total();
+    let (sent, live, (rows_at_stop, back_after, stopped)) = load.run(&mut c, 1, 200, |c| {
+        let dynamic = ["--kafka-instance-id", ""];
+        let (mut two, _) = c.spawn_another_logic_with("logic-two", &dynamic);
+        let assigned = |p: &Proc| {
+            std::fs::read_to_string(&p.log)
+                .unwrap_or_default()
+                .matches("partitions assigned")
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while assigned(&two) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the second instance got no partitions:\n{}",
+                two.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Let it sequence part of the load, then scale back in.
+        std::thread::sleep(Duration::from_secs(4));
+        let before = assigned(&c.logic);
+        let rows = mysql_query(&c.db, "SELECT COUNT(*) FROM messages");
+        let t = Instant::now();
+        let stopped = two.stop();
+        let exited = t.elapsed();
+        while assigned(&c.logic) == before {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the first instance never took the partitions back:\n{}",
+                c.logic.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (rows, (exited, t.elapsed()), stopped)
+    });
     assert!(
-        two.alive(),
-        "the second logic instance died:\n{}",
-        two.log_tail()
+        stopped.is_some_and(|s| s.success()),
+        "the second instance did not stop cleanly: {stopped:?}"
     );
-    let log = std::fs::read_to_string(&two.log).unwrap_or_default();
+    let rows_at_stop: usize = rows_at_stop.parse().unwrap();
     assert!(
-        log.contains("partitions assigned"),
-        "the second instance never served:\n{}",
-        two.log_tail()
+        rows_at_stop < total,
+        "the load was over before the scale-in ({rows_at_stop} of {total} stored)"
     );
     // Both instances sequenced messages: ids carry each one's Snowflake worker.
     let workers = mysql_query(
@@ -229,9 +264,11 @@ fn logic_scaled_out_under_load() {
         "the second instance sequenced nothing under load"
     );
     let errors = errors_of(&sent);
+    assert_only_unavailable(&errors);
     eprintln!(
-        "logic 1→2: sender errors {errors:?}, {live} of {} delivered live",
-        load.total()
+        "logic 1→2→1: after SIGTERM the second instance exited in {:.1} s and the first had every partition back in {:.1} s ({rows_at_stop} of {total} stored then); sender errors {errors:?}, {live} of {total} delivered live",
+        back_after.0.as_secs_f64(),
+        back_after.1.as_secs_f64(),
     );
 }
 

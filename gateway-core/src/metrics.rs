@@ -103,6 +103,7 @@ pub fn render(gateway_id: &str, shards: &[ShardStats], driver: &str) -> String {
             p.sample(name, &labels, s.closes[i].load(Relaxed));
         }
     }
+    im_shared::metrics::render_heap(&mut p);
     out
 }
 

@@ -64,13 +64,15 @@ async fn metrics(axum::extract::State(st): axum::extract::State<State>) -> Respo
         ("store", st.store.backend()),
         ("pipeline", pipeline.as_str()),
     ];
-    Prom::new(&mut out).single(
+    let mut prom = Prom::new(&mut out);
+    prom.single(
         "im_logic_info",
         Kind::Gauge,
         "The logic service.",
         &labels,
         1,
     );
+    im_shared::metrics::render_heap(&mut prom);
     if let Some(p) = &st.pipeline {
         p.stats.render(&mut out);
     }
