@@ -327,6 +327,71 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
     a0.until(T, &mut Vec::new(), |v| v["type"] == "pong");
 }
 
+/// `redis-cli` on this deployment's database; its output, trimmed.
+fn redis_cli(c: &Cluster, args: &[&str]) -> String {
+    let db = c.redis.rsplit('/').next().unwrap().to_string();
+    let out = std::process::Command::new("redis-cli")
+        .args(["-n", &db])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "redis-cli {args:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A user's presence entries, `field value` lines, sorted.
+fn presence_entries(c: &Cluster, user: u64) -> Vec<String> {
+    let all = redis_cli(c, &["HGETALL", &format!("im:presence:{user}")]);
+    let lines: Vec<&str> = all.lines().collect();
+    let mut entries: Vec<String> = lines.chunks(2).map(|kv| kv.join(" ")).collect();
+    entries.sort();
+    entries
+}
+
+/// Presence that Redis lost while the connections stayed open (a Redis restarted without its
+/// data, a failover to a replica that was behind, an outage longer than the TTL) is written
+/// again: each gateway keeps what it wrote and writes it again at every refresh (a third of
+/// `--presence-ttl-s`), token ids included, so live delivery resumes without a reconnect and
+/// a logout still finds the connections.
+#[test]
+fn presence_that_redis_lost_is_written_again() {
+    let _g = serial();
+    let c = Cluster::start_with_gateway_args("presence_lost", 13, 2, &["--presence-ttl-s", "6"]);
+    let (alice, ta) = c.user("alice");
+    let (bob, tb) = c.user("bob");
+    let mut a = c.ws(0, &ta);
+    let mut b0 = c.ws(0, &tb);
+    let mut b1 = c.ws(1, &tb);
+    wait_presence(&c, alice, 1);
+    wait_presence(&c, bob, 2);
+    let before = presence_entries(&c, bob);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    redis_cli(&c, &["DEL", &format!("im:presence:{bob}")]);
+    assert!(presence_entries(&c, bob).is_empty());
+    let t = Instant::now();
+    wait_presence(&c, bob, 2);
+    let back = t.elapsed();
+    assert_eq!(
+        presence_entries(&c, bob),
+        before,
+        "the same entries, with their token ids"
+    );
+    let ttl: i64 = redis_cli(&c, &["TTL", &format!("im:presence:{bob}")])
+        .parse()
+        .unwrap();
+    assert!((1..=6).contains(&ttl), "the entry expires again: TTL {ttl}");
+
+    // Live delivery to both of bob's devices, without a reconnect.
+    a.send(json!({"type": "send", "cid": "after", "to": bob.to_string(), "content": "back"}));
+    a.until(T, &mut Vec::new(), |v| v["type"] == "sent");
+    for ws in [&mut b0, &mut b1] {
+        let m = ws.until(T, &mut Vec::new(), |v| v["type"] == "msg");
+        assert_eq!(m["content"], "back");
+    }
+    eprintln!("presence written again {back:?} after it was deleted (refresh every 2 s)");
+}
+
 /// `n` senders on the first gateway, all to `r`.
 fn senders_to(c: &Cluster, n: usize, r: u64) -> Vec<(String, load::Target, usize)> {
     (0..n)

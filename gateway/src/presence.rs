@@ -3,8 +3,15 @@
 //! up to `BATCH_MAX` (one pipelined round trip on Redis). While the store is down it keeps the
 //! batch and retries it with capped backoff; the channel holds at most two changes per
 //! connection plus refreshes, so nothing grows without bound.
+//!
+//! A store that `forgets` (Redis: restarted without its data, failed over to a replica that
+//! had not caught up, or down for longer than the entries' TTL) would leave open connections
+//! without an entry, and so without live messages, until they reconnect. So the writer keeps a
+//! `Registry` of what it wrote, one entry per open connection, and a refresh writes each
+//! connection's entry again instead of only extending the key's TTL.
 
 use im_bus::presence::{Change, Presence, BATCH_MAX};
+use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +21,119 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first pause after a failed write; it doubles up to the cap.
 const RETRY_FIRST_MS: u64 = 10;
 const RETRY_MAX_MS: u64 = 2_000;
+
+/// This gateway's open connections as it told presence about them: what it needs to write
+/// their entries again. About 80 bytes per connection (a B-tree entry of 56 bytes, nodes
+/// part full), plus the device id's text where the token names one; only gateways whose store
+/// `forgets` keep it.
+#[derive(Default)]
+pub(crate) struct Registry {
+    /// By (user, conn): a refresh names users, and a user's connections are one range.
+    conns: BTreeMap<(u64, u64), Token>,
+}
+
+/// What an `Online` carried besides the user and the connection.
+struct Token {
+    jti: Jti,
+    device: Option<Box<str>>,
+}
+
+/// A token id: the 32 lowercase hex digits logic mints (`im_shared::jwt`), packed into 16
+/// bytes; any other text as it came.
+enum Jti {
+    Hex([u8; 16]),
+    Text(Box<str>),
+}
+
+impl Jti {
+    fn pack(jti: &str) -> Jti {
+        let b = jti.as_bytes();
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        if b.len() == 32 {
+            let mut out = [0u8; 16];
+            let packed = out.iter_mut().enumerate().all(|(i, o)| {
+                match (digit(b[2 * i]), digit(b[2 * i + 1])) {
+                    (Some(h), Some(l)) => {
+                        *o = h << 4 | l;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            if packed {
+                return Jti::Hex(out);
+            }
+        }
+        Jti::Text(jti.into())
+    }
+
+    fn unpack(&self) -> Box<str> {
+        match self {
+            Jti::Hex(b) => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let mut s = String::with_capacity(32);
+                for x in b {
+                    s.push(HEX[(x >> 4) as usize] as char);
+                    s.push(HEX[(x & 15) as usize] as char);
+                }
+                s.into_boxed_str()
+            }
+            Jti::Text(t) => t.clone(),
+        }
+    }
+}
+
+impl Registry {
+    /// Takes `change` into `pending`: `Online` and `Offline` as they are (noted here), a
+    /// `Refresh` as an `Online` for each of its users' connections.
+    pub(crate) fn take(&mut self, change: Change, pending: &mut Vec<Change>) {
+        match change {
+            Change::Online {
+                user,
+                conn,
+                jti,
+                device,
+            } => {
+                let token = Token {
+                    jti: Jti::pack(&jti),
+                    device: device.clone(),
+                };
+                self.conns.insert((user, conn), token);
+                pending.push(Change::Online {
+                    user,
+                    conn,
+                    jti,
+                    device,
+                });
+            }
+            Change::Offline { user, conn } => {
+                self.conns.remove(&(user, conn));
+                pending.push(Change::Offline { user, conn });
+            }
+            Change::Refresh(users) => {
+                for user in users {
+                    for (&(user, conn), t) in self.conns.range((user, 0)..=(user, u64::MAX)) {
+                        pending.push(Change::Online {
+                            user,
+                            conn,
+                            jti: t.jti.unpack(),
+                            device: t.device.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.conns.len()
+    }
+}
 
 /// Writes presence changes until the channel closes (the bridge stopped).
 pub(crate) fn run_writer(presence: Arc<dyn Presence>, gateway_id: &str, rx: Receiver<Change>) {
@@ -29,6 +149,11 @@ pub(crate) fn run_writer(presence: Arc<dyn Presence>, gateway_id: &str, rx: Rece
             return;
         }
     };
+    let mut registry = presence.forgets().then(Registry::default);
+    let mut take = |c: Change, pending: &mut Vec<Change>| match &mut registry {
+        Some(r) => r.take(c, pending),
+        None => pending.push(c),
+    };
     let mut pending: Vec<Change> = Vec::new();
     let mut backoff_ms = RETRY_FIRST_MS;
     let mut closed = false;
@@ -38,13 +163,13 @@ pub(crate) fn run_writer(presence: Arc<dyn Presence>, gateway_id: &str, rx: Rece
                 return;
             }
             match rx.recv() {
-                Ok(c) => pending.push(c),
+                Ok(c) => take(c, &mut pending),
                 Err(_) => return,
             }
         }
         while pending.len() < BATCH_MAX {
             match rx.try_recv() {
-                Ok(c) => pending.push(c),
+                Ok(c) => take(c, &mut pending),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     closed = true;
@@ -71,5 +196,128 @@ pub(crate) fn run_writer(presence: Arc<dyn Presence>, gateway_id: &str, rx: Rece
                 backoff_ms = (backoff_ms * 2).min(RETRY_MAX_MS);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use im_bus::presence::{Connection, MemoryPresence};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    fn online(user: u64, conn: u64, jti: &str, device: Option<&str>) -> Change {
+        Change::Online {
+            user,
+            conn,
+            jti: jti.into(),
+            device: device.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn token_ids_pack_into_16_bytes_and_come_back_as_they_were() {
+        let minted = im_shared::jwt::random_hex(16);
+        let packed = Jti::pack(&minted);
+        assert!(matches!(packed, Jti::Hex(_)));
+        assert_eq!(&*packed.unpack(), minted.as_str());
+        // Anything else is kept as text: upper case would not come back the same.
+        for other in [
+            "x",
+            "0123456789ABCDEF0123456789abcdef",
+            "g123456789abcdef0123456789abcdef",
+        ] {
+            let j = Jti::pack(other);
+            assert!(matches!(j, Jti::Text(_)), "{other}");
+            assert_eq!(&*j.unpack(), other);
+        }
+        assert_eq!(std::mem::size_of::<Jti>(), 24);
+        assert_eq!(std::mem::size_of::<Token>(), 40);
+    }
+
+    #[test]
+    fn a_refresh_writes_the_open_connections_of_its_users_again() {
+        let mut r = Registry::default();
+        let mut out = Vec::new();
+        let jti = im_shared::jwt::random_hex(16);
+        r.take(online(7, 1, &jti, Some("phone")), &mut out);
+        r.take(online(7, 2, "other", None), &mut out);
+        r.take(online(8, 3, &jti, None), &mut out);
+        r.take(online(9, 4, &jti, None), &mut out);
+        r.take(Change::Offline { user: 7, conn: 1 }, &mut out);
+        assert_eq!(out.len(), 5, "online and offline pass through as they are");
+        assert_eq!(r.len(), 3);
+        out.clear();
+        r.take(Change::Refresh(vec![7, 8, 10]), &mut out);
+        assert_eq!(
+            out,
+            [online(7, 2, "other", None), online(8, 3, &jti, None)],
+            "user 7's closed connection stays closed, 9 is not asked for, 10 has none"
+        );
+    }
+
+    /// A store that forgets (as Redis restarted without its data does), faked in memory.
+    #[derive(Default)]
+    struct Forgetful {
+        inner: MemoryPresence,
+        applied: Mutex<Vec<Change>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Presence for Forgetful {
+        async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<(), String> {
+            self.applied.lock().unwrap().extend(changes.iter().cloned());
+            self.inner.apply(gateway_id, changes).await
+        }
+        async fn gateways(&self, users: &[u64]) -> Result<HashMap<u64, Vec<String>>, String> {
+            self.inner.gateways(users).await
+        }
+        async fn connections(&self, user: u64) -> Result<Vec<Connection>, String> {
+            self.inner.connections(user).await
+        }
+        fn forgets(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn the_writer_restores_entries_a_store_forgot_at_the_next_refresh() {
+        let store = Arc::new(Forgetful::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(online(7, 1, "j1", None)).unwrap();
+        tx.send(online(7, 2, "j2", Some("laptop"))).unwrap();
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || run_writer(store, "gw", rx))
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let conns = |store: &Forgetful| {
+            let mut c = rt.block_on(store.inner.connections(7)).unwrap();
+            c.sort();
+            c.into_iter().map(|c| (c.conn, c.jti)).collect::<Vec<_>>()
+        };
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while conns(&store).len() < 2 {
+            assert!(std::time::Instant::now() < end, "never written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The store loses both entries; the next refresh brings them back.
+        rt.block_on(store.inner.apply(
+            "gw",
+            &[
+                Change::Offline { user: 7, conn: 1 },
+                Change::Offline { user: 7, conn: 2 },
+            ],
+        ))
+        .unwrap();
+        assert!(conns(&store).is_empty());
+        tx.send(Change::Refresh(vec![7])).unwrap();
+        drop(tx);
+        writer.join().unwrap();
+        assert_eq!(conns(&store), [(1, "j1".into()), (2, "j2".into())]);
+        let applied = store.applied.lock().unwrap();
+        assert_eq!(applied.last(), Some(&online(7, 2, "j2", Some("laptop"))));
     }
 }

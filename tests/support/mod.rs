@@ -512,12 +512,23 @@ impl Cluster {
         Self::start_on(scratch(test), test, redis, None, gateways)
     }
 
+    /// `start`, with `args` added to every gateway's command line.
+    pub fn start_with_gateway_args(
+        test: &str,
+        redis_index: u32,
+        gateways: usize,
+        args: &[&str],
+    ) -> Cluster {
+        let redis = fresh_redis(redis_index);
+        Self::start_with_db(scratch(test), test, redis, None, None, gateways, None, args)
+    }
+
     /// A deployment with a MariaDB of its own, which the test may stop.
     pub fn start_with_private_mysql(test: &str, redis_index: u32, gateways: usize) -> Cluster {
         let dir = scratch(test);
         let server = PrivateMysql::start(&dir);
         let redis = fresh_redis(redis_index);
-        Self::start_with_db(dir, test, redis, None, Some(server), gateways, None)
+        Self::start_with_db(dir, test, redis, None, Some(server), gateways, None, &[])
     }
 
     /// A deployment with a Redis of its own, which the test may kill.
@@ -530,7 +541,7 @@ impl Cluster {
         let bind = format!("127.0.0.1 {}", Netns::HOST_IP);
         let server = PrivateRedis::start_bound(&dir, free_port(), &bind);
         let redis = format!("redis://{}:{}", Netns::HOST_IP, server.port);
-        Self::start_with_db(dir, test, redis, Some(server), None, 2, Some(ns))
+        Self::start_with_db(dir, test, redis, Some(server), None, 2, Some(ns), &[])
     }
 
     pub fn start_with_private_redis(test: &str, gateways: usize) -> Cluster {
@@ -546,9 +557,10 @@ impl Cluster {
         redis_server: Option<PrivateRedis>,
         gateways: usize,
     ) -> Cluster {
-        Self::start_with_db(dir, test, redis, redis_server, None, gateways, None)
+        Self::start_with_db(dir, test, redis, redis_server, None, gateways, None, &[])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_with_db(
         dir: PathBuf,
         test: &str,
@@ -557,6 +569,7 @@ impl Cluster {
         mysql_server: Option<PrivateMysql>,
         gateways: usize,
         netns: Option<Netns>,
+        gateway_args: &[&str],
     ) -> Cluster {
         let (broker, brokers) = match &netns {
             Some(_) => broker_at(&dir, free_port(), "0.0.0.0", Netns::HOST_IP),
@@ -592,6 +605,7 @@ impl Cluster {
             ])
             .args(["--kafka-brokers", &brokers, "--redis-url", &redis])
             .args(["--msgs-per-sec-max", "1000"])
+            .args(gateway_args)
             .env("RUST_LOG", "info");
             let p = Proc::spawn(&format!("gateway{i}"), cmd, &dir);
             wait_port(addr, "im gateway", Duration::from_secs(60));

@@ -33,7 +33,8 @@ pub enum Change {
         user: u64,
         conn: u64,
     },
-    /// These users still have connections: keep their entries alive.
+    /// These users still have connections: keep their entries alive. (A gateway whose store
+    /// `forgets` turns it into an `Online` per connection, which also restores lost entries.)
     Refresh(Vec<u64>),
 }
 
@@ -63,4 +64,12 @@ pub trait Presence: Send + Sync + 'static {
 
     /// The user's connections.
     async fn connections(&self, user: u64) -> Result<Vec<Connection>, String>;
+
+    /// Whether entries can vanish while their connections stay open: a store restarted
+    /// without its data (a Redis without persistence, a failover to a replica that had not
+    /// caught up) or an outage longer than the entries' TTL. A gateway then keeps what it wrote
+    /// and writes it again at each refresh (`gateway/src/presence.rs`).
+    fn forgets(&self) -> bool {
+        false
+    }
 }

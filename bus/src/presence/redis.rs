@@ -110,6 +110,10 @@ impl Presence for RedisPresence {
     async fn connections(&self, user: u64) -> Result<Vec<Connection>, String> {
         bounded(self.read_connections(user)).await
     }
+
+    fn forgets(&self) -> bool {
+        true
+    }
 }
 
 impl RedisPresence {
