@@ -16,6 +16,30 @@ use std::time::Duration;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    // mimalloc's own report (linked in with it; `mi_decl_export` in its stats.c).
+    fn mi_process_info(
+        elapsed_msecs: *mut usize,
+        user_msecs: *mut usize,
+        system_msecs: *mut usize,
+        current_rss: *mut usize,
+        peak_rss: *mut usize,
+        current_commit: *mut usize,
+        peak_commit: *mut usize,
+        page_faults: *mut usize,
+    );
+}
+
+/// What mimalloc has committed from the OS: its always-kept OS-level count (in use, or cached
+/// in its pages until purged), for `/metrics`.
+fn mimalloc_committed() -> u64 {
+    let mut v = [0usize; 8];
+    let [a, b, c, d, e, f, g, h] = &mut v;
+    // SAFETY: every pointer is to a live local; mimalloc only writes through them.
+    unsafe { mi_process_info(a, b, c, d, e, f, g, h) };
+    v[5] as u64
+}
+
 /// How long a stopped service's runtime may take to finish its remaining tasks.
 const RUNTIME_STOP: Duration = Duration::from_secs(5);
 
@@ -28,6 +52,7 @@ fn main() -> ExitCode {
         // SAFETY: prctl with constant arguments; affects only this process and its children.
         unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     }
+    im_shared::metrics::set_allocator_probe("mimalloc", mimalloc_committed);
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.cmd {

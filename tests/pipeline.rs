@@ -262,6 +262,13 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
     assert_eq!(st, 200);
     let produced = metric(&text, "im_bridge_produced_total{gateway=\"gw0\"}");
     assert!(produced.is_some_and(|n| n >= 28), "{text}");
+    // The heaps: Rust's allocator (mimalloc, registered by the binary) and the C libraries'.
+    let rust = metric(
+        &text,
+        "im_allocator_committed_bytes{allocator=\"mimalloc\"}",
+    );
+    assert!(rust.is_some_and(|n| n >= 1 << 20), "{text}");
+    assert!(metric(&text, "im_malloc_in_use_bytes").is_some_and(|n| n > 0));
     let (st, text) = get_text(c.api, "/metrics");
     assert_eq!(st, 200);
     assert_eq!(metric(&text, "im_logic_messages_total"), Some(28), "{text}");

@@ -7,6 +7,7 @@
 
 use std::fmt::{Display, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// The content type of what `Prom` writes.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -143,12 +144,13 @@ impl MillisHistogram {
     }
 }
 
-/// The process's heap as the C allocator (glibc's malloc, which Rust's default allocator calls)
-/// counts it: bytes handed out and not yet freed, and bytes freed but kept by the allocator.
-/// RSS alone cannot tell a growing structure (in use grows) from fragmentation or memory the
-/// allocator holds on to (free grows). `mallinfo2` walks every arena under its lock, which is
-/// fine once per scrape and costs the hot path nothing. `None` off glibc.
-pub fn heap_bytes() -> Option<(u64, u64)> {
+/// The C libraries' heap, as glibc's malloc counts it: bytes handed out and not yet freed,
+/// and bytes freed but kept by the allocator. In `im` that is SQLite's page cache and
+/// librdkafka's buffers; Rust's own heap is the allocator the binary chose (`set_allocator_probe`).
+/// RSS alone cannot tell a growing structure (in use grows) from fragmentation (free grows).
+/// `mallinfo2` walks every arena under its lock: fine once per scrape, nothing on the hot
+/// path. `None` off glibc.
+pub fn malloc_bytes() -> Option<(u64, u64)> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value.
@@ -162,20 +164,42 @@ pub fn heap_bytes() -> Option<(u64, u64)> {
     }
 }
 
-/// `im_heap_in_use_bytes` and `im_heap_free_bytes` (see `heap_bytes`), when known.
+/// The Rust allocator's name and a probe of the memory it has committed from the OS (in use
+/// or cached for reuse), set once by the binary that chose the allocator.
+static ALLOCATOR_PROBE: OnceLock<AllocatorProbe> = OnceLock::new();
+
+/// An allocator's name and how to read its committed bytes.
+type AllocatorProbe = (&'static str, fn() -> u64);
+
+/// Registers the process's global allocator for `render_heap` (the first call wins).
+pub fn set_allocator_probe(name: &'static str, committed_bytes: fn() -> u64) {
+    let _ = ALLOCATOR_PROBE.set((name, committed_bytes));
+}
+
+/// The heap gauges: `im_allocator_committed_bytes` (Rust's heap, when the binary registered
+/// its allocator), `im_malloc_in_use_bytes` and `im_malloc_free_bytes` (the C libraries').
 pub fn render_heap(prom: &mut Prom<'_>) {
-    if let Some((in_use, free)) = heap_bytes() {
+    if let Some((name, committed)) = ALLOCATOR_PROBE.get() {
         prom.single(
-            "im_heap_in_use_bytes",
+            "im_allocator_committed_bytes",
             Kind::Gauge,
-            "Heap bytes allocated and not freed (malloc's count, all threads).",
+            "Memory the Rust allocator has committed from the OS (in use or cached for reuse).",
+            &[("allocator", name)],
+            committed(),
+        );
+    }
+    if let Some((in_use, free)) = malloc_bytes() {
+        prom.single(
+            "im_malloc_in_use_bytes",
+            Kind::Gauge,
+            "The C libraries' heap (glibc malloc: SQLite's page cache, librdkafka): allocated, not freed.",
             &[],
             in_use,
         );
         prom.single(
-            "im_heap_free_bytes",
+            "im_malloc_free_bytes",
             Kind::Gauge,
-            "Heap bytes freed but still held by the allocator (fragmentation, arena slack).",
+            "The C libraries' heap: freed but still held by malloc (fragmentation, arena slack).",
             &[],
             free,
         );
@@ -223,18 +247,22 @@ mod tests {
     }
 
     #[test]
-    fn the_heap_counts_what_is_allocated() {
-        let Some((before, _)) = heap_bytes() else {
+    fn the_c_heap_counts_what_malloc_hands_out() {
+        let Some((before, _)) = malloc_bytes() else {
             return; // not glibc: nothing to count
         };
-        let block = vec![1u8; 64 << 20];
-        let (during, _) = heap_bytes().unwrap();
+        // SAFETY: a plain malloc and free of our own block.
+        let block = unsafe { libc::malloc(64 << 20) };
+        assert!(!block.is_null());
+        let (during, _) = malloc_bytes().unwrap();
+        unsafe { libc::free(block) };
         assert!(during >= before + (60 << 20), "{before} → {during}");
-        drop(block);
+        set_allocator_probe("test", || 42);
         let mut out = String::new();
         render_heap(&mut Prom::new(&mut out));
-        assert!(out.contains("# TYPE im_heap_in_use_bytes gauge\nim_heap_in_use_bytes "));
-        assert!(out.contains("\nim_heap_free_bytes "));
+        assert!(out.contains("\nim_allocator_committed_bytes{allocator=\"test\"} 42\n"));
+        assert!(out.contains("# TYPE im_malloc_in_use_bytes gauge\nim_malloc_in_use_bytes "));
+        assert!(out.contains("\nim_malloc_free_bytes "));
     }
 
     #[test]
