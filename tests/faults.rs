@@ -522,8 +522,9 @@ fn logic_replaced_under_another_member_id() {
 }
 
 /// A network partition, not a dead process: gateway 0 runs in a network namespace of the
-/// test's own (a veth link to the host, where the broker, Redis and everything else are).
-/// Under load, nftables in the namespace drops every packet on the link for 20 s, then 5 %
+/// test's own (a veth link to the host, where the broker, Redis and everything else are), and
+/// its clients reach it through a relay that adds 100 ms each way (`support::relay`: this
+/// kernel has no `tc netem`). Under load, nftables in the namespace drops every packet on the link for 20 s, then 5 %
 /// of them at random for 30 s, then none. The receiving device, a 1:1 sender and a group
 /// sender are on that gateway: while it is cut off they hear nothing (their sockets stall;
 /// the gateway's bridge answers 5032 to what it cannot hand the broker, and those answers
@@ -534,6 +535,9 @@ fn logic_replaced_under_another_member_id() {
 fn a_gateway_cut_off_by_the_network_then_lossy() {
     let _g = serial();
     let mut c = Cluster::start_with_netns_gateway("fault_netns");
+    // Gateway 0's clients reach it through a relay that adds 100 ms each way, all along.
+    let relay = relay::DelayRelay::start(c.gateways[0].1, Duration::from_millis(100));
+    c.gateways[0].1 = relay.addr;
     let load = Load::new(&c, 600);
     let receiver = load.receiver.0;
     let (sent, live, presence) = load.run(&mut c, 0, 200, |c| {
@@ -565,7 +569,8 @@ fn a_gateway_cut_off_by_the_network_then_lossy() {
         "the device has no presence entry after the heal"
     );
     eprintln!(
-        "gateway cut off 20 s, then 5 % loss for 30 s: sender errors {errors:?}, {live} of {} delivered live; the device's presence after the heal: {presence:?}",
-        load.total()
+        "gateway 100 ms away each way, cut off 20 s, then 5 % loss for 30 s: sender errors {errors:?}, {live} of {} delivered live, {} connections through the relay; the device's presence after the heal: {presence:?}",
+        load.total(),
+        relay.accepted.load(std::sync::atomic::Ordering::Relaxed)
     );
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod relay;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};

@@ -81,7 +81,7 @@ pub(super) async fn recover(
     log::info!(
         "logic: partition {partition} recovered in generation {generation}: {} records after persist's offset {start}, {} conversations",
         high - start,
-        part.seqs.len()
+        part.conversations()
     );
     Ok(Recovered::Owned(part))
 }

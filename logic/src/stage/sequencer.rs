@@ -176,11 +176,11 @@ impl Sequencer {
                 .expect("the stage recovers a partition before its first send");
             let (sender, cid) = (s.up.user, &s.send.cid);
             if let Some(ack) = part.ack(sender, cid) {
-                out.push(Decision::RetryOf(ack.clone()));
+                out.push(Decision::RetryOf(ack));
                 continue;
             }
             if let Some(ack) = stored.get(&(sender, cid.clone())) {
-                part.remember(sender, cid.clone(), ack.clone());
+                part.remember(sender, cid, ack.clone());
                 out.push(Decision::RetryOf(ack.clone()));
                 continue;
             }
@@ -200,7 +200,7 @@ impl Sequencer {
                 seq,
                 ts: now_ms,
             };
-            part.remember(sender, cid.clone(), ack);
+            part.remember(sender, cid, ack);
             out.push(Decision::Assigned(Stored {
                 version: records::VERSION,
                 id,
