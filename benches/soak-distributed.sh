@@ -78,7 +78,8 @@ sleep 3 # logic's first rebalance
 "$BENCH" hold --addr 127.0.0.1:28190 --secret "$SECRET" --conns "$IDLE" --raw-tcp 0 \
   --per-worker 16000 --user-base 50000000 --hold-secs $((SECS + 120)) > "$OUT/$NAME-hold.txt" 2>&1 &
 PIDS+=("$!")
-gateway_pids() { pgrep -P "$GW" | tr '\n' ' '; }
+# The supervisor and its gateway processes (with --processes 1 there are none: it is the gateway).
+gateway_pids() { echo "$GW $(pgrep -P "$GW" | tr '\n' ' ' || true)"; }
 fds_of() { local n=0; for p in "$@"; do n=$((n + $(ls /proc/"$p"/fd 2>/dev/null | wc -l))); done; echo $n; }
 for _ in $(seq 300); do
   # shellcheck disable=SC2046

@@ -7,7 +7,7 @@
 # the warm-up (the growth from the first sample after warm-up to the last is printed in %).
 # Writes benches/results/soak-<minutes>-<run>.{csv,svg} and the harnesses' JSON beside them.
 #   usage: benches/soak.sh [MINUTES (60)] [RUN] [SAMPLE_S (60)]   (cargo build --release first)
-# The distributed soak (100,000 connections over gateway processes) is not here yet.
+# The distributed soak (100,000 connections over gateway processes) is benches/soak-distributed.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES="${1:-60}"
