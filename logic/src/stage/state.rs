@@ -263,7 +263,8 @@ mod tests {
         };
         let mut p = Partition::new(1, 0);
         let n = SENT_MAX as u64;
-        for i in 0..n {
+        // The i-th send: 400 senders in pairs, a new cid each.
+        let send = |p: &mut Partition, i: u64| {
             let sender = 10_000_000 + i % 400;
             let conv = format!("p:{}:{}", sender - sender % 2, sender - sender % 2 + 1);
             let seq = p.next_seq(&conv, None);
@@ -274,20 +275,14 @@ mod tests {
                 ts: 1_700_000_000_000 + i,
             };
             p.remember(sender, &format!("c-{sender}-{i}"), ack);
+        };
+        for i in 0..n {
+            send(&mut p, i);
         }
         let (full, _) = im_shared::metrics::malloc_bytes().unwrap();
         // Turned over twice more: the same conversations, new cids.
         for i in n..3 * n {
-            let sender = 10_000_000 + i % 400;
-            let conv = format!("p:{}:{}", sender - sender % 2, sender - sender % 2 + 1);
-            let seq = p.next_seq(&conv, None);
-            let ack = Ack {
-                id: i << 22,
-                conv,
-                seq,
-                ts: 1_700_000_000_000 + i,
-            };
-            p.remember(sender, &format!("c-{sender}-{i}"), ack);
+            send(&mut p, i);
         }
         let (after, _) = im_shared::metrics::malloc_bytes().unwrap();
         let per = full.saturating_sub(before) as f64 / n as f64;
