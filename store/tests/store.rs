@@ -504,6 +504,13 @@ async fn sqlite_write_ahead_log_stays_bounded_under_back_to_back_commits() {
         .await
         .unwrap();
     s.migrate().await.unwrap();
+    // New databases use small pages: each commit writes the pages it touched whole, so the
+    // page size is the log's bytes per touched index leaf (sql/mod.rs, SQLITE_PAGE_BYTES).
+    let page: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(page, 1024);
     let log = dir.join("im.db-wal");
     let (mut largest, mut shrank, mut last) = (0u64, 0u32, 0u64);
     let mut seqs = vec![0u64; 200];
