@@ -17,7 +17,8 @@ macro_rules! impl_store {
         raise_max_seq: $raise_max_seq:literal,
         raise_fence: $raise_fence:literal,
         group_conv: $group_conv:literal,
-        restart_log: $restart_log:literal
+        restart_log: $restart_log:literal,
+        hold_hot: $hold_hot:literal
     ) => {
         #[async_trait]
         impl Store for SqlStore<$db> {
@@ -304,62 +305,67 @@ macro_rules! impl_store {
                 if batch.is_empty() && fences.is_empty() {
                     return Ok(0);
                 }
-                let mut conn = self.pool.acquire().await?;
-                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                let mut inserted = 0;
-                // MySQL's IGNORE also turns an over-long value into a truncation warning rather
-                // than an error: one bad record cannot stall the batch forever, but the lengths
-                // (conv 48 characters, cid 64 bytes) are the pipeline's to check.
-                for chunk in message_chunks(batch) {
-                    let mut q = QueryBuilder::<$db>::new(concat!(
-                        $insert_ignore,
-                        " INTO messages (id, conv, seq, sender_id, cid, to_user_id, to_group_id, content, content_type, ts_ms) "
-                    ));
-                    q.push_values(padded(chunk, shortest(chunk)), |mut row, m| {
-                        row.push_bind(to_i64(m.id))
-                            .push_bind(m.conv.as_str())
-                            .push_bind(to_i64(m.seq))
-                            .push_bind(to_i64(m.from))
-                            .push_bind(m.cid.as_bytes())
-                            .push_bind(nonzero(m.to_user))
-                            .push_bind(nonzero(m.to_group))
-                            .push_bind(m.content.as_str())
-                            .push_bind(m.content_type.as_str())
-                            .push_bind(to_i64(m.ts));
-                    });
-                    // Padded to a size class, so the statement is prepared once per size and
-                    // connection; the padding repeats a row, which IGNORE skips uncounted.
-                    inserted += q.build().execute(&mut *tx).await?.rows_affected();
-                }
-                for chunk in highest_seqs(batch).chunks(KEY_CHUNK) {
-                    let mut q = QueryBuilder::<$db>::new("INSERT INTO conversations (conv, max_seq) ");
-                    // Padding repeats the last row: raising to the same seq twice is a no-op.
-                    q.push_values(padded(chunk, chunk.len() - 1), |mut row, &(conv, seq)| {
-                        row.push_bind(conv).push_bind(to_i64(seq));
-                    });
-                    q.push($raise_max_seq);
-                    q.build().execute(&mut *tx).await?;
-                }
-                for chunk in pair_members(batch).chunks(KEY_CHUNK) {
-                    let mut q = QueryBuilder::<$db>::new(concat!($insert_ignore, " INTO conversation_members (user_id, conv) "));
-                    q.push_values(padded(chunk, chunk.len() - 1), |mut row, &(user, conv)| {
-                        row.push_bind(to_i64(user)).push_bind(conv);
-                    });
-                    q.build().execute(&mut *tx).await?;
-                }
-                // Rare (an owner taking a partition): one statement each.
-                for &(partition, epoch) in fences {
-                    sqlx::query($raise_fence).bind(partition).bind(epoch).execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                // SQLite: the checkpointer asked for the log to start over (see `checkpoints`
-                // in sql/mod.rs). A failure here loses nothing: the rows are committed.
-                if !$restart_log.is_empty() && self.log_restart.swap(false, Ordering::Relaxed) {
-                    if let Err(e) = sqlx::query($restart_log).execute(&mut *conn).await {
-                        log::debug!("checkpoint after commit: {e}");
+                let mut hot = self.hot($hold_hot).await?;
+                let conn = hot.conn();
+                let r: Result<u64> = async {
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                    let mut inserted = 0;
+                    // MySQL's IGNORE also turns an over-long value into a truncation warning rather
+                    // than an error: one bad record cannot stall the batch forever, but the lengths
+                    // (conv 48 characters, cid 64 bytes) are the pipeline's to check.
+                    for chunk in message_chunks(batch) {
+                        let mut q = QueryBuilder::<$db>::new(concat!(
+                            $insert_ignore,
+                            " INTO messages (id, conv, seq, sender_id, cid, to_user_id, to_group_id, content, content_type, ts_ms) "
+                        ));
+                        q.push_values(padded(chunk, shortest(chunk)), |mut row, m| {
+                            row.push_bind(to_i64(m.id))
+                                .push_bind(m.conv.as_str())
+                                .push_bind(to_i64(m.seq))
+                                .push_bind(to_i64(m.from))
+                                .push_bind(m.cid.as_bytes())
+                                .push_bind(nonzero(m.to_user))
+                                .push_bind(nonzero(m.to_group))
+                                .push_bind(m.content.as_str())
+                                .push_bind(m.content_type.as_str())
+                                .push_bind(to_i64(m.ts));
+                        });
+                        // Padded to a size class, so the statement is prepared once per size and
+                        // connection; the padding repeats a row, which IGNORE skips uncounted.
+                        inserted += q.build().execute(&mut *tx).await?.rows_affected();
                     }
+                    for chunk in highest_seqs(batch).chunks(KEY_CHUNK) {
+                        let mut q = QueryBuilder::<$db>::new("INSERT INTO conversations (conv, max_seq) ");
+                        // Padding repeats the last row: raising to the same seq twice is a no-op.
+                        q.push_values(padded(chunk, chunk.len() - 1), |mut row, &(conv, seq)| {
+                            row.push_bind(conv).push_bind(to_i64(seq));
+                        });
+                        q.push($raise_max_seq);
+                        q.build().execute(&mut *tx).await?;
+                    }
+                    for chunk in pair_members(batch).chunks(KEY_CHUNK) {
+                        let mut q = QueryBuilder::<$db>::new(concat!($insert_ignore, " INTO conversation_members (user_id, conv) "));
+                        q.push_values(padded(chunk, chunk.len() - 1), |mut row, &(user, conv)| {
+                            row.push_bind(to_i64(user)).push_bind(conv);
+                        });
+                        q.build().execute(&mut *tx).await?;
+                    }
+                    // Rare (an owner taking a partition): one statement each.
+                    for &(partition, epoch) in fences {
+                        sqlx::query($raise_fence).bind(partition).bind(epoch).execute(&mut *tx).await?;
+                    }
+                    tx.commit().await?;
+                    // SQLite: the checkpointer asked for the log to start over (see `checkpoints`
+                    // in sql/mod.rs). A failure here loses nothing: the rows are committed.
+                    if !$restart_log.is_empty() && self.log_restart.swap(false, Ordering::Relaxed) {
+                        if let Err(e) = sqlx::query($restart_log).execute(&mut *conn).await {
+                            log::debug!("checkpoint after commit: {e}");
+                        }
+                    }
+                    Ok(inserted)
                 }
-                Ok(inserted)
+                .await;
+                hot.release(r)
             }
 
             async fn fence(&self, partition: i32) -> Result<i32> {
@@ -388,25 +394,35 @@ macro_rules! impl_store {
 
             async fn find_by_cids(&self, keys: &[(u64, String)]) -> Result<Vec<(u64, String, MessageRow)>> {
                 let mut out = Vec::new();
-                for chunk in keys.chunks(CID_CHUNK) {
-                    // An OR of equalities on the (sender_id, cid) unique key: both engines read
-                    // it as index lookups, which row-constructor IN does not promise.
-                    let mut q = QueryBuilder::<$db>::new(concat!("SELECT ", message_columns!(), ", cid FROM messages WHERE "));
-                    for (i, (sender, cid)) in padded(chunk, chunk.len() - 1).enumerate() {
-                        q.push(if i == 0 { "(sender_id = " } else { " OR (sender_id = " })
-                            .push_bind(to_i64(*sender))
-                            .push(" AND cid = ")
-                            .push_bind(cid.as_bytes())
-                            .push(")");
-                    }
-                    for r in q.build().fetch_all(&self.pool).await? {
-                        let row = message_row(&r)?;
-                        let cid: Vec<u8> = r.try_get("cid")?;
-                        // Stored from a String, so UTF-8; lossy rather than failing the batch.
-                        out.push((row.sender, String::from_utf8_lossy(&cid).into_owned(), row));
-                    }
+                if keys.is_empty() {
+                    return Ok(out);
                 }
-                Ok(out)
+                // On the writer's connection: its page cache holds what it just wrote.
+                let mut hot = self.hot($hold_hot).await?;
+                let conn = hot.conn();
+                let r: Result<()> = async {
+                    for chunk in keys.chunks(CID_CHUNK) {
+                        // An OR of equalities on the (sender_id, cid) unique key: both engines read
+                        // it as index lookups, which row-constructor IN does not promise.
+                        let mut q = QueryBuilder::<$db>::new(concat!("SELECT ", message_columns!(), ", cid FROM messages WHERE "));
+                        for (i, (sender, cid)) in padded(chunk, chunk.len() - 1).enumerate() {
+                            q.push(if i == 0 { "(sender_id = " } else { " OR (sender_id = " })
+                                .push_bind(to_i64(*sender))
+                                .push(" AND cid = ")
+                                .push_bind(cid.as_bytes())
+                                .push(")");
+                        }
+                        for r in q.build().fetch_all(&mut *conn).await? {
+                            let row = message_row(&r)?;
+                            let cid: Vec<u8> = r.try_get("cid")?;
+                            // Stored from a String, so UTF-8; lossy rather than failing the batch.
+                            out.push((row.sender, String::from_utf8_lossy(&cid).into_owned(), row));
+                        }
+                    }
+                    Ok(())
+                }
+                .await;
+                hot.release(r).map(|()| out)
             }
 
             async fn messages_after(&self, conv: &str, after: u64, limit: u32) -> Result<Vec<MessageRow>> {

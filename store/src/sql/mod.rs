@@ -8,6 +8,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use im_shared::records::Stored;
+use sqlx::pool::PoolConnection;
 use sqlx::{MySql, Pool, QueryBuilder, Row, Sqlite};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,38 @@ pub struct SqlStore<DB: sqlx::Database> {
     /// Set by SQLite's checkpointer when the log should start over: the message writer then
     /// checkpoints on its own connection right after its next commit (`checkpoints`).
     log_restart: Arc<AtomicBool>,
+    /// SQLite: the connection messages are written and looked up on, held between calls
+    /// (`hot`). A connection's page cache is dropped whenever another connection has
+    /// committed since its last read, so retry lookups on pool connections read every index
+    /// page again after each of the writer's commits, and the pages the log holds are copies
+    /// (pread), not the shared mapping: ≈ 15 µs per message at 10k messages/s. On the
+    /// writer's own connection they find the pages it just wrote.
+    hot: tokio::sync::Mutex<Option<PoolConnection<DB>>>,
+}
+
+/// A connection for `insert_messages` and `find_by_cids`: the held one, or (MySQL, whose
+/// server caches pages for every connection) one from the pool for this call.
+enum Hot<'a, DB: sqlx::Database> {
+    Held(tokio::sync::MutexGuard<'a, Option<PoolConnection<DB>>>),
+    Pooled(PoolConnection<DB>),
+}
+
+impl<DB: sqlx::Database> Hot<'_, DB> {
+    fn conn(&mut self) -> &mut DB::Connection {
+        match self {
+            Hot::Held(slot) => slot.as_mut().expect("`hot` fills the slot"),
+            Hot::Pooled(c) => c,
+        }
+    }
+
+    /// Ends a call: a held connection whose call failed goes back to the pool (it may be
+    /// broken or mid-transaction) and the next call takes another.
+    fn release<T>(self, r: Result<T>) -> Result<T> {
+        if let (Hot::Held(mut slot), true) = (self, r.is_err()) {
+            *slot = None;
+        }
+        r
+    }
 }
 
 impl<DB: sqlx::Database> Drop for SqlStore<DB> {
@@ -43,7 +76,20 @@ impl<DB: sqlx::Database> SqlStore<DB> {
             pool,
             checkpointer: None,
             log_restart: Arc::default(),
+            hot: Default::default(),
         }
+    }
+
+    /// The connection for messages: held across calls if `hold` (see `SqlStore::hot`).
+    async fn hot(&self, hold: bool) -> Result<Hot<'_, DB>> {
+        if !hold {
+            return Ok(Hot::Pooled(self.pool.acquire().await?));
+        }
+        let mut slot = self.hot.lock().await;
+        if slot.is_none() {
+            *slot = Some(self.pool.acquire().await?);
+        }
+        Ok(Hot::Held(slot))
     }
 
     pub fn pool(&self) -> &Pool<DB> {
@@ -127,6 +173,7 @@ impl SqliteStore {
             pool,
             checkpointer: Some(checkpointer.abort_handle()),
             log_restart,
+            hot: Default::default(),
         })
     }
 }
@@ -319,7 +366,8 @@ impl_store!(
     raise_fence: "INSERT INTO log_fences (log_partition, epoch) VALUES (?, ?) ON DUPLICATE KEY UPDATE epoch = GREATEST(epoch, VALUES(epoch))",
     // Collation pinned to the tables': compared with conv columns in joins.
     group_conv: "(CONCAT('g:', gm.group_id) COLLATE utf8mb4_unicode_ci)",
-    restart_log: ""
+    restart_log: "",
+    hold_hot: false
 );
 // One SQLite file has one writer at a time: no lock statements, no row locks.
 impl_store!(
@@ -335,7 +383,8 @@ impl_store!(
     raise_max_seq: " ON CONFLICT(conv) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)",
     raise_fence: "INSERT INTO log_fences (log_partition, epoch) VALUES (?, ?) ON CONFLICT(log_partition) DO UPDATE SET epoch = MAX(epoch, excluded.epoch)",
     group_conv: "('g:' || gm.group_id)",
-    restart_log: "PRAGMA wal_checkpoint(PASSIVE)"
+    restart_log: "PRAGMA wal_checkpoint(PASSIVE)",
+    hold_hot: true
 );
 
 /// The columns `message_row` reads, in one place.
