@@ -56,6 +56,15 @@ pub(crate) struct ApiArgs {
     /// argon2id memory cost in KiB (time cost 2, one lane).
     #[arg(long, env = "IM_ARGON2_M_KIB", default_value_t = 19 * 1024)]
     pub(crate) argon2_m_kib: u32,
+    /// A reverse proxy in front of the REST API whose `X-Forwarded-For` is believed (login
+    /// throttling keys on the client's address); repeat for several, or comma-separate.
+    /// Without one, the socket's peer is the client and the header is ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "IM_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 #[derive(Args, Clone)]
@@ -272,6 +281,7 @@ impl ApiArgs {
                 ..Default::default()
             },
             ws_url,
+            trusted_proxies: self.trusted_proxies.clone(),
         }
     }
 }

@@ -267,18 +267,12 @@ pub async fn serve(
     let dummy_hash = tokio::task::spawn_blocking(move || auth::dummy_hash(cost))
         .await
         .map_err(std::io::Error::other)?;
-    let snowflake = std::sync::Mutex::new(im_shared::snowflake::Leased::new(lease));
-    let state = api::AppState {
-        store,
-        revocations,
-        cfg,
-        dummy_hash,
-        snowflake,
-        pipeline,
-    };
+    let state = api::AppState::new(store, revocations, cfg, dummy_hash, lease, pipeline);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     log::info!("logic REST API on http://{}/api/v1", listener.local_addr()?);
-    axum::serve(listener, api::router(Arc::new(state)))
+    // With each connection's peer address: login throttling keys on it (api::ClientAddr).
+    let app = api::router(Arc::new(state)).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -16,29 +16,35 @@ const SECRET: &[u8] = b"api-test-secret";
 
 struct Api {
     app: axum::Router,
+    state: Arc<AppState>,
 }
 
 impl Api {
     fn new(store: Arc<dyn Store>) -> Api {
-        let cost = PasswordCost::test();
-        let state = AppState {
+        Api::with_cost(store, PasswordCost::test())
+    }
+
+    fn with_cost(store: Arc<dyn Store>, cost: PasswordCost) -> Api {
+        let state = AppState::new(
             store,
-            revocations: Arc::new(RevokedSet::default()),
-            cfg: ApiConfig {
+            Arc::new(RevokedSet::default()),
+            ApiConfig {
                 jwt_secret: SECRET.to_vec(),
                 access_ttl_s: 600,
                 refresh_ttl_s: 3600,
                 password_cost: cost,
                 ws_url: "ws://127.0.0.1:8090/ws".into(),
+                // The tests' requests name their client in X-Forwarded-For (`Api::login_from`).
+                trusted_proxies: vec![std::net::Ipv4Addr::UNSPECIFIED.into()],
             },
-            dummy_hash: auth::dummy_hash(cost),
-            snowflake: std::sync::Mutex::new(im_shared::snowflake::Leased::new(Arc::new(
-                im_shared::snowflake::WorkerLease::fixed(1),
-            ))),
-            pipeline: None,
-        };
+            auth::dummy_hash(cost),
+            Arc::new(im_shared::snowflake::WorkerLease::fixed(1)),
+            None,
+        );
+        let state = Arc::new(state);
         Api {
-            app: api::router(Arc::new(state)),
+            app: api::router(state.clone()),
+            state,
         }
     }
 
@@ -109,6 +115,106 @@ impl Api {
         )
         .await
     }
+}
+
+/// A login from client address `from` (the tests' router trusts 0.0.0.0 as a proxy, and
+/// in-process requests come from it): status, `Retry-After`, body.
+async fn login_from(
+    app: &axum::Router,
+    from: &str,
+    username: &str,
+    password: &str,
+) -> (StatusCode, Option<u64>, Value) {
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/auth/login")
+        .header("content-type", "application/json")
+        // A client's own claim on the left, our proxy's on the right: the right one counts.
+        .header("x-forwarded-for", format!("10.9.9.9, {from}"))
+        .body(Body::from(
+            json!({"username": username, "password": password}).to_string(),
+        ))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, retry, serde_json::from_slice(&bytes).unwrap())
+}
+
+/// Brute force is slowed per (account, address) and per address, never by account alone;
+/// argon2 runs at most once per core however many logins arrive at once.
+async fn login_throttling(api: &Api) {
+    assert_eq!(
+        api.register("victim", "correct horse").await.0,
+        StatusCode::CREATED
+    );
+    let app = &api.app;
+    let attacker = "198.51.100.7";
+    for i in 0..5 {
+        let r = login_from(app, attacker, "victim", &format!("guess {i}")).await;
+        assert_eq!(r.0, StatusCode::UNAUTHORIZED, "attempt {i}: {r:?}");
+    }
+    // Even the right password waits now: the attempt is not even checked.
+    let r = login_from(app, attacker, "victim", "correct horse").await;
+    assert_eq!(r.0, StatusCode::TOO_MANY_REQUESTS, "{r:?}");
+    assert_eq!(r.2["code"], 4290);
+    assert_eq!(r.1, Some(1), "Retry-After: the first wait is a second");
+    // The victim, from their own address, is not locked out.
+    let r = login_from(app, "192.0.2.10", "victim", "correct horse").await;
+    assert_eq!(r.0, StatusCode::OK, "{r:?}");
+    // Once the wait has passed, the attacker's address may try again (once, then 2 s).
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let r = login_from(app, attacker, "victim", "guess 5").await;
+    assert_eq!(r.0, StatusCode::UNAUTHORIZED, "{r:?}");
+    let r = login_from(app, attacker, "victim", "guess 6").await;
+    assert_eq!(
+        (r.0, r.1),
+        (StatusCode::TOO_MANY_REQUESTS, Some(2)),
+        "{r:?}"
+    );
+
+    // Per address: many accounts, four failures each, add up to the address's limit.
+    let sprayer = "203.0.113.5";
+    for i in 0..20 {
+        let r = login_from(app, sprayer, &format!("user{}", i % 5), "password1").await;
+        assert_eq!(r.0, StatusCode::UNAUTHORIZED, "attempt {i}: {r:?}");
+    }
+    let r = login_from(app, sprayer, "victim", "correct horse").await;
+    assert_eq!(r.0, StatusCode::TOO_MANY_REQUESTS, "{r:?}");
+
+    // 64 logins at once: argon2 runs at most once per core.
+    let mut logins = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let (app, from) = (app.clone(), format!("192.0.2.{}", 100 + i));
+        logins.spawn(async move { login_from(&app, &from, "victim", "correct horse").await.0 });
+    }
+    let answers = logins.join_all().await;
+    assert!(answers.iter().all(|s| *s == StatusCode::OK), "{answers:?}");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let peak = api
+        .state
+        .hashing_peak
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!((1..=cores).contains(&peak), "peak {peak}, cores {cores}");
+}
+
+#[tokio::test]
+async fn login_throttling_on_sqlite() {
+    let dir = tempdir();
+    // Hashes of 1 MiB: slow enough that 64 logins at once overlap unless they are held apart.
+    let cost = PasswordCost {
+        m_kib: 1024,
+        t: 1,
+        p: 1,
+    };
+    login_throttling(&Api::with_cost(Arc::new(fresh_sqlite(&dir).await), cost)).await;
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Status and error code of an answer.

@@ -27,22 +27,21 @@ async fn the_spec_and_the_router_agree() {
     assert_eq!(spec["openapi"], "3.0.3");
     let dir = im_store::testing::tempdir();
     let cost = PasswordCost::test();
-    let state = AppState {
-        store: Arc::new(im_store::testing::fresh_sqlite(&dir).await),
-        revocations: Arc::new(RevokedSet::default()),
-        cfg: ApiConfig {
+    let state = AppState::new(
+        Arc::new(im_store::testing::fresh_sqlite(&dir).await),
+        Arc::new(RevokedSet::default()),
+        ApiConfig {
             jwt_secret: b"s".to_vec(),
             access_ttl_s: 60,
             refresh_ttl_s: 60,
             password_cost: cost,
             ws_url: String::new(),
+            trusted_proxies: Vec::new(),
         },
-        dummy_hash: auth::dummy_hash(cost),
-        snowflake: std::sync::Mutex::new(im_shared::snowflake::Leased::new(Arc::new(
-            im_shared::snowflake::WorkerLease::fixed(1),
-        ))),
-        pipeline: None,
-    };
+        auth::dummy_hash(cost),
+        Arc::new(im_shared::snowflake::WorkerLease::fixed(1)),
+        None,
+    );
     let app = api::router(Arc::new(state));
     let call = |method: &str, path: String| {
         let req = Request::builder()

@@ -5,6 +5,7 @@
 mod accounts;
 mod groups;
 mod messages;
+pub mod throttle;
 mod web;
 
 use crate::auth::PasswordCost;
@@ -31,6 +32,9 @@ pub struct ApiConfig {
     pub password_cost: PasswordCost,
     /// The gateway login answers with (later chosen from the gateway registry).
     pub ws_url: String,
+    /// Proxies whose `X-Forwarded-For` names the client (`--trusted-proxy`); from any other
+    /// peer the header is ignored and the socket's address is the client's.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 pub struct AppState {
@@ -46,6 +50,14 @@ pub struct AppState {
     /// With the Kafka pipeline: `POST /messages/send` goes through it, and membership changes
     /// drop the pipeline's cached member lists.
     pub pipeline: Option<Pipeline>,
+    /// Failed logins per (account, address) and per address (`throttle.rs`).
+    pub logins: std::sync::Mutex<throttle::LoginThrottle>,
+    /// argon2 runs at once, at most: each holds `PasswordCost::m_kib` of memory, so a burst
+    /// of logins waits here instead of taking a buffer each (`accounts::hashing`).
+    pub hashing: tokio::sync::Semaphore,
+    /// argon2 runs now, and the most there have been at once (tests hold it to the cores).
+    pub hashing_now: std::sync::atomic::AtomicUsize,
+    pub hashing_peak: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -80,6 +92,30 @@ async fn metrics(axum::extract::State(st): axum::extract::State<State>) -> Respo
 }
 
 impl AppState {
+    /// The state of a new API; `dummy_hash` from `auth::dummy_hash` at the same cost.
+    pub fn new(
+        store: Arc<dyn Store>,
+        revocations: Arc<dyn Revocations>,
+        cfg: ApiConfig,
+        dummy_hash: String,
+        lease: Arc<im_shared::snowflake::WorkerLease>,
+        pipeline: Option<Pipeline>,
+    ) -> AppState {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        AppState {
+            store,
+            revocations,
+            cfg,
+            dummy_hash,
+            snowflake: std::sync::Mutex::new(im_shared::snowflake::Leased::new(lease)),
+            pipeline,
+            logins: Default::default(),
+            hashing: tokio::sync::Semaphore::new(cores),
+            hashing_now: Default::default(),
+            hashing_peak: Default::default(),
+        }
+    }
+
     /// A group's membership changed: cached member lists are stale.
     pub fn members_changed(&self, group: u64) {
         if let Some(p) = &self.pipeline {
@@ -154,6 +190,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: ErrorCode,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
@@ -162,7 +200,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_s: None,
         }
+    }
+
+    /// With `Retry-After: secs` (at least 1).
+    pub fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after_s = Some(secs.max(1));
+        self
     }
 
     pub fn bad(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -177,7 +222,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "code": self.code.code(), "message": self.message });
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        resp
     }
 }
 
@@ -237,6 +287,54 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
             .map(|axum::extract::Query(v)| Params(v))
             .map_err(|e| ApiError::bad(ErrorCode::BadRequest, e.body_text()))
     }
+}
+
+/// The client's address: the socket's peer, or, when that peer is a trusted proxy, the
+/// nearest address in `X-Forwarded-For` that is not one (read from the right: a client can
+/// put anything on the left of the list, and only what our proxies appended is theirs).
+/// Unspecified (0.0.0.0) when the router runs without a socket (in-process tests).
+pub struct ClientAddr(pub std::net::IpAddr);
+
+impl FromRequestParts<State> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &State) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
+        Ok(ClientAddr(client_addr(
+            peer,
+            &parts.headers,
+            &state.cfg.trusted_proxies,
+        )))
+    }
+}
+
+fn client_addr(
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> std::net::IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for hop in hops.iter().rev() {
+        match hop.trim().parse::<std::net::IpAddr>() {
+            Ok(ip) if trusted.contains(&ip) => continue,
+            Ok(ip) => return ip,
+            // Garbage where the client's address should be: the last trusted hop is the
+            // nearest address anyone vouches for.
+            Err(_) => break,
+        }
+    }
+    peer
 }
 
 /// The caller, from `Authorization: Bearer <JWT>`: signature, expiry and revocation checked.
