@@ -110,6 +110,7 @@ class ApiError extends Error {
     super(message);
     this.status = status;   // HTTP status; 0 when the request did not get an answer
     this.code = code;       // the server's numeric code (4xxx/5xxx), 0 if none
+    this.retryAfter = 0;    // seconds from a Retry-After header (429, 503), 0 if none
   }
 }
 
@@ -139,7 +140,9 @@ async function request(method, path, body, token) {
   }
   if (!res.ok) {
     const message = data && typeof data.message === 'string' ? data.message : `HTTP ${res.status}`;
-    throw new ApiError(res.status, (data && data.code) || 0, message);
+    const err = new ApiError(res.status, (data && data.code) || 0, message);
+    err.retryAfter = Number.parseInt(res.headers.get('Retry-After') || '0', 10) || 0;
+    throw err;
   }
   return data;
 }
@@ -1054,17 +1057,36 @@ async function logIn(username, password) {
 }
 
 /// Runs a form action with its buttons disabled, showing any error.
+/// Runs `action` with the form's buttons disabled. An answer that says when to try again
+/// (429 after failed logins, Retry-After) keeps them disabled that long, counting down.
 async function busy(form, action) {
   const buttons = form.querySelectorAll('button');
   buttons.forEach((b) => { b.disabled = true; });
+  let waitS = 0;
   try {
     await action();
     return true;
   } catch (e) {
-    showError(e.message);
+    waitS = e instanceof ApiError && e.status === 429 ? e.retryAfter : 0;
+    showError(waitS > 0 ? `${e.message} (try again in ${waitS} s)` : e.message);
     return false;
   } finally {
-    buttons.forEach((b) => { b.disabled = false; });
+    if (waitS > 0) {
+      const until = Date.now() + waitS * 1000;
+      const tick = setInterval(() => {
+        const left = Math.ceil((until - Date.now()) / 1000);
+        if (left > 0) {
+          form.dataset.wait = String(left);
+          return;
+        }
+        clearInterval(tick);
+        delete form.dataset.wait;
+        buttons.forEach((b) => { b.disabled = false; });
+      }, 250);
+      form.dataset.wait = String(waitS);
+    } else {
+      buttons.forEach((b) => { b.disabled = false; });
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 // End-to-end test of the browser chat client (logic/web) in headless Chromium: two users in
 // two browser contexts register, chat 1:1 and in a group, one goes away and comes back to
-// unread counts and missed messages, and a message that looks like HTML stays text.
+// unread counts and missed messages, a message that looks like HTML stays text, and a third
+// page's failed logins make its form wait (429, Retry-After) and come back.
 //
 //   IM_BASE_URL=http://127.0.0.1:18080 IM_OUT_DIR=/tmp/shots node tests/browser/chat.mjs
 //
@@ -276,7 +277,26 @@ async function scenario(browser) {
     check(flag === 'undefined', `window.__xss is set on ${who}'s page: the message ran as HTML`);
   }
 
-  step = 'f. screenshots';
+  step = 'f. failed logins make the form wait, counting down';
+  const mallory = await newUserPage(await browser.newContext({ viewport }), 'mallory');
+  await mallory.goto(BASE_URL, { waitUntil: 'domcontentloaded' });
+  const submit = byTestId(mallory, 'login-submit');
+  for (let i = 1; i <= 6; i++) {
+    await until(`the login button to be enabled for attempt ${i}`, async () => (await submit.isEnabled()) || 'disabled');
+    await byTestId(mallory, 'login-username').fill(ALICE);
+    await byTestId(mallory, 'login-password').fill(`wrong-${i}-${PASSWORD}`);
+    await submit.click();
+    const want = i <= 5 ? 'invalid username or password' : 'try again in';
+    await until(`attempt ${i} to show "${want}"`, async () => {
+      const t = await text(mallory, 'error');
+      return (t.includes(want) && (i <= 5 || !(await submit.isEnabled()))) || t;
+    });
+    // The next attempt must not read this attempt's message as its own.
+    await mallory.evaluate(() => { document.getElementById('error').textContent = ''; });
+  }
+  await until('the login button to come back after the wait', async () => (await submit.isEnabled()) || 'disabled', 5_000);
+
+  step = 'g. screenshots';
   await alice.screenshot({ path: path.join(OUT_DIR, 'alice.png') });
   await bob.screenshot({ path: path.join(OUT_DIR, 'bob.png') });
   check(pageErrors.length === 0, `uncaught errors in the pages:\n  ${pageErrors.join('\n  ')}`);
