@@ -140,9 +140,74 @@ fn logic_config(a: &StandaloneArgs, secret: &str, ws: std::net::SocketAddr) -> l
     }
 }
 
+/// The database file and the two SQLite keeps beside it (its log and shared memory).
+const DB_FILES: [&str; 3] = ["im.db", "im.db-wal", "im.db-shm"];
+
+/// The data directory, for this user only: it holds password and refresh-token hashes,
+/// every message and the JWT secret. Created 0700; an existing one that is ours (it holds
+/// `im.db` or `jwt_secret`, or nothing) is made 0700, and its files of ours 0600. A
+/// directory of other things (`--data-dir /tmp`) is left as it is, with a warning.
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let err = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| err("creating", dir, e))?;
+    let ours = ["im.db", "jwt_secret"].iter().any(|f| dir.join(f).exists())
+        || std::fs::read_dir(dir)
+            .map_err(|e| err("reading", dir, e))?
+            .next()
+            .is_none();
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| err("reading", dir, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        if !ours {
+            log::warn!(
+                "{} is readable by other users and holds other files: its mode is left at {:o}",
+                dir.display(),
+                mode & 0o777
+            );
+        } else {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| err("making private", dir, e))?;
+            log::info!("{}: mode {:o} → 700", dir.display(), mode & 0o777);
+        }
+    }
+    // SQLite gives its log and shared-memory files the database file's mode: so the database
+    // is created 0600 here, before SQLite opens it, and existing files are made so.
+    let db = dir.join(DB_FILES[0]);
+    if let Err(e) = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&db)
+    {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(err("creating", &db, e));
+        }
+    }
+    for f in DB_FILES.iter().chain(&["jwt_secret"]) {
+        let p = dir.join(f);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| err("making private", &p, e))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err("reading", &p, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Opens (and migrates) the SQLite database in `dir`.
 fn open_store(rt: &tokio::runtime::Runtime, dir: &Path) -> Result<Arc<dyn Store>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    private_dir(dir)?;
     let db = dir.join("im.db");
     let store = rt
         .block_on(SqliteStore::open(&db))
@@ -223,7 +288,7 @@ fn secret(dir: &Path) -> Result<String, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    private_dir(dir)?;
     let secret = im_shared::jwt::random_hex(32);
     let mut f = std::fs::OpenOptions::new()
         .write(true)

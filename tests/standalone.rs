@@ -241,6 +241,35 @@ fn acknowledged_messages_survive_a_stop_and_a_crash_once_each() {
     assert_eq!(unread[&gconv], grp.len() as u64, "{convs}");
 }
 
+/// The data directory holds password hashes, messages and the secret: 0700, its files 0600,
+/// whether standalone creates them or finds them readable by others (a directory made by an
+/// older version, or by hand).
+#[test]
+fn the_data_directory_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = scratch("standalone-private-data");
+    let fresh = dir.join("fresh");
+    let found = dir.join("found");
+    std::fs::create_dir_all(&found).unwrap();
+    std::fs::set_permissions(&found, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in ["im.db", "jwt_secret"] {
+        let content = if f == "im.db" { "" } else { "an-old-secret\n" };
+        std::fs::write(found.join(f), content).unwrap();
+        std::fs::set_permissions(found.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    for data in [&fresh, &found] {
+        let s = Standalone::start(&dir, data, "standalone-private");
+        // A registration writes through the log: the log and shared-memory files exist.
+        s.user("private");
+        assert_eq!(mode(data), 0o700, "{}", data.display());
+        for f in ["im.db", "im.db-wal", "im.db-shm", "jwt_secret"] {
+            assert_eq!(mode(&data.join(f)), 0o600, "{}", data.join(f).display());
+        }
+        drop(s);
+    }
+}
+
 fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
