@@ -67,6 +67,15 @@ pub(crate) struct ApiArgs {
     pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
 }
 
+/// How tokens are judged: one setting for gateways and logic, which must agree.
+#[derive(Args, Clone)]
+pub(crate) struct TokenPolicyArgs {
+    /// The longest lifetime (exp − iat) an access token may claim; a token claiming more, or
+    /// issued more than a minute in the future, is refused. Must be at least --access-ttl-s.
+    #[arg(long, env = "IM_TOKEN_LIFETIME_MAX_S", default_value_t = im_shared::jwt::LIFETIME_MAX_S)]
+    pub(crate) token_lifetime_max_s: u64,
+}
+
 #[derive(Args, Clone)]
 pub(crate) struct KafkaArgs {
     /// Kafka bootstrap brokers, host:port[,host:port...].
@@ -112,6 +121,8 @@ pub(crate) struct PersistArgs {
 pub(crate) struct LogicArgs {
     #[command(flatten)]
     pub(crate) api: ApiArgs,
+    #[command(flatten)]
+    pub(crate) tokens: TokenPolicyArgs,
     #[command(flatten)]
     pub(crate) kafka: KafkaArgs,
     /// Serve the REST API only, without the Kafka pipeline stage (messages/send then stores
@@ -220,6 +231,8 @@ pub(crate) struct StandaloneArgs {
     pub(crate) gateway: GatewayArgs,
     #[command(flatten)]
     pub(crate) api: ApiArgs,
+    #[command(flatten)]
+    pub(crate) tokens: TokenPolicyArgs,
     /// Where standalone keeps its state: the generated JWT secret and the SQLite database.
     #[arg(long, env = "IM_DATA_DIR", default_value = "./data")]
     pub(crate) data_dir: PathBuf,
@@ -244,6 +257,8 @@ pub(crate) struct StandaloneArgs {
 pub(crate) struct GatewayCmdArgs {
     #[command(flatten)]
     pub(crate) gateway: GatewayArgs,
+    #[command(flatten)]
+    pub(crate) tokens: TokenPolicyArgs,
     #[command(flatten)]
     pub(crate) pipeline: PipelineArgs,
     /// Run this many gateway processes sharing the port with SO_REUSEPORT, each with its own
@@ -271,8 +286,20 @@ pub(crate) struct TokenArgs {
 }
 
 impl ApiArgs {
-    pub(crate) fn config(&self, secret: &str, ws_url: String) -> logic::api::ApiConfig {
-        logic::api::ApiConfig {
+    /// The API's settings; refused if its own tokens would outlive what verifiers accept.
+    pub(crate) fn config(
+        &self,
+        secret: &str,
+        ws_url: String,
+        tokens: &TokenPolicyArgs,
+    ) -> Result<logic::api::ApiConfig, String> {
+        if self.access_ttl_s > tokens.token_lifetime_max_s {
+            return Err(format!(
+                "--access-ttl-s {} is above --token-lifetime-max-s {}: every token login issues would be refused",
+                self.access_ttl_s, tokens.token_lifetime_max_s
+            ));
+        }
+        Ok(logic::api::ApiConfig {
             jwt_secret: secret.as_bytes().to_vec(),
             access_ttl_s: self.access_ttl_s,
             refresh_ttl_s: self.refresh_ttl_s,
@@ -282,7 +309,8 @@ impl ApiArgs {
             },
             ws_url,
             trusted_proxies: self.trusted_proxies.clone(),
-        }
+            token_lifetime_max_s: tokens.token_lifetime_max_s,
+        })
     }
 }
 
@@ -387,7 +415,9 @@ impl LogicArgs {
         });
         Ok(logic::Config {
             logic: logic::LogicConfig {
-                api: self.api.config(&secret, self.ws_url.clone()),
+                api: self
+                    .api
+                    .config(&secret, self.ws_url.clone(), &self.tokens)?,
                 api_listen: self.api.api_listen,
                 stage,
             },

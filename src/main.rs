@@ -90,10 +90,12 @@ fn gateway(a: GatewayCmdArgs) -> Result<(), String> {
         let n = a.processes;
         return im_gateway::supervisor::supervise(n, &exe, &args, signals);
     }
+    let mut core = a
+        .gateway
+        .config(secret.into_bytes(), a.process_index, a.processes);
+    core.token_lifetime_max_s = a.tokens.token_lifetime_max_s;
     let cfg = im_gateway::Config {
-        core: a
-            .gateway
-            .config(secret.into_bytes(), a.process_index, a.processes),
+        core,
         distributed: a.pipeline.distributed(),
     };
     im_gateway::run(cfg, signals)

@@ -50,7 +50,9 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     };
     let mut gw = a.gateway.config(secret.clone().into_bytes(), None, 1);
     gw.presence_refresh_ms = PRESENCE_REFRESH_MS;
+    gw.token_lifetime_max_s = a.tokens.token_lifetime_max_s;
     let (ws, api) = (gw.ws_listen, a.api.api_listen);
+    let logic_cfg = logic_config(&a, &secret, ws)?;
 
     // Logic and persist run on a small tokio runtime beside the gateway's pinned shards.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -78,7 +80,6 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     let persist = persist::Persist::new(bus.clone(), store.clone(), persist_cfg);
     let persist_stats = persist.stats();
     let persist = spawn(&rt, |stop| persist.run(stop));
-    let logic_cfg = logic_config(&a, &secret, ws);
     let backends = logic::Backends {
         store,
         revocations: revoked.clone(),
@@ -126,9 +127,13 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
 }
 
 /// Logic with its stage; login answers with this process's WebSocket address.
-fn logic_config(a: &StandaloneArgs, secret: &str, ws: std::net::SocketAddr) -> logic::LogicConfig {
-    logic::LogicConfig {
-        api: a.api.config(secret, format!("ws://{ws}/ws")),
+fn logic_config(
+    a: &StandaloneArgs,
+    secret: &str,
+    ws: std::net::SocketAddr,
+) -> Result<logic::LogicConfig, String> {
+    Ok(logic::LogicConfig {
+        api: a.api.config(secret, format!("ws://{ws}/ws"), &a.tokens)?,
         api_listen: a.api.api_listen,
         stage: Some(logic::StageSettings {
             logic_id: "standalone-logic".into(),
@@ -137,7 +142,7 @@ fn logic_config(a: &StandaloneArgs, secret: &str, ws: std::net::SocketAddr) -> l
                 ..Default::default()
             },
         }),
-    }
+    })
 }
 
 /// The database file and the two SQLite keeps beside it (its log and shared memory).

@@ -102,7 +102,9 @@ async fn connection(
     #[allow(clippy::result_large_err)]
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let now = im_shared::unix_ms() / 1000;
-        match token_of(req).map(|t| im_shared::jwt::verify(&secret, t, now)) {
+        match token_of(req)
+            .map(|t| im_shared::jwt::verify(&secret, t, now, im_shared::jwt::LIFETIME_MAX_S))
+        {
             Some(Ok(_)) => Ok(resp),
             _ => {
                 let mut e = ErrorResponse::new(Some("bad token".into()));

@@ -15,6 +15,8 @@ pub struct GatewayConfig {
     pub pin_first_core: Option<usize>,
     /// HS256 secret shared with whoever issues tokens.
     pub jwt_secret: Vec<u8>,
+    /// The longest lifetime (`exp − iat`) a token may claim (`--token-lifetime-max-s`).
+    pub token_lifetime_max_s: u64,
     /// This gateway's id (presence, downstream topic name).
     pub gateway_id: String,
     /// Snowflake worker id base for this process's shards.
@@ -64,6 +66,7 @@ impl Default for GatewayConfig {
                 .unwrap_or(1),
             pin_first_core: Some(0),
             jwt_secret: Vec::new(),
+            token_lifetime_max_s: im_shared::jwt::LIFETIME_MAX_S,
             gateway_id: String::from("gw"),
             worker_id: 0,
             frame_bytes_max: 64 * 1024,

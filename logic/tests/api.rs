@@ -36,6 +36,7 @@ impl Api {
                 ws_url: "ws://127.0.0.1:8090/ws".into(),
                 // The tests' requests name their client in X-Forwarded-For (`Api::login_from`).
                 trusted_proxies: vec![std::net::Ipv4Addr::UNSPECIFIED.into()],
+                token_lifetime_max_s: im_shared::jwt::LIFETIME_MAX_S,
             },
             auth::dummy_hash(cost),
             Arc::new(im_shared::snowflake::WorkerLease::fixed(1)),
@@ -333,12 +334,32 @@ async fn accounts(api: &Api) {
     );
     let mut tampered = token.clone();
     tampered.insert(tampered.len() - 3, 'x');
+    // Signed with the right secret, but claiming too much: a lifetime to the end of time, an
+    // issue time in the future, a user id no user can have.
+    let forever = {
+        let mut c = im_shared::jwt::Claims::new(alice_id.parse().unwrap(), now_s(), 60);
+        c.exp = u64::MAX;
+        im_shared::jwt::sign(SECRET, &c)
+    };
+    let future = {
+        let mut c = im_shared::jwt::Claims::new(alice_id.parse().unwrap(), now_s() + 3600, 60);
+        c.exp = now_s() + 7200;
+        im_shared::jwt::sign(SECRET, &c)
+    };
+    let huge_sub = {
+        let mut c = im_shared::jwt::Claims::new(1, now_s(), 60);
+        c.sub = (1u64 << 63).to_string();
+        im_shared::jwt::sign(SECRET, &c)
+    };
     for bad in [
         None,
         Some("garbage"),
         Some(expired.as_str()),
         Some(forged.as_str()),
         Some(tampered.as_str()),
+        Some(forever.as_str()),
+        Some(future.as_str()),
+        Some(huge_sub.as_str()),
     ] {
         assert_eq!(
             err(&api.call("GET", "/api/v1/users/profile", bad, None).await),

@@ -37,6 +37,7 @@ async fn the_spec_and_the_router_agree() {
             password_cost: cost,
             ws_url: String::new(),
             trusted_proxies: Vec::new(),
+            token_lifetime_max_s: im_shared::jwt::LIFETIME_MAX_S,
         },
         auth::dummy_hash(cost),
         Arc::new(im_shared::snowflake::WorkerLease::fixed(1)),

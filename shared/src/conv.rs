@@ -48,12 +48,14 @@ impl Conv {
     }
 }
 
-/// A strict decimal id: digits only, no sign, no leading `+`, fits in u64, not zero.
+/// A strict decimal id: digits only, no sign, no leading `+`, from 1 to 2^63 − 1.
 pub fn parse_id(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    s.parse().ok().filter(|&v| v != 0)
+    // Ids are positive and fit the databases' signed 64-bit columns: above 2^63 − 1 is no id
+    // (it would be stored as another one).
+    s.parse().ok().filter(|&v| v != 0 && v <= i64::MAX as u64)
 }
 
 /// SplitMix64's finaliser: cheap, and good enough to spread ids over shards.

@@ -14,6 +14,13 @@ use std::fmt;
 
 /// Longest token we look at; a longer one is malformed (it would also not fit a URL well).
 pub const TOKEN_BYTES_MAX: usize = 4096;
+/// The longest lifetime (`exp − iat`) a token may claim by default (`--token-lifetime-max-s`):
+/// a day, which `im token`'s default and the benchmark harness's tokens stay within. A token
+/// that claims more was not minted by our login (whose tokens live `--access-ttl-s`), or was
+/// minted with the secret by hand: it is refused rather than trusted for ever.
+pub const LIFETIME_MAX_S: u64 = 24 * 3600;
+/// How far in the future `iat` may lie: the issuer's clock and ours differ a little.
+pub const IAT_SKEW_S: u64 = 60;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -58,8 +65,11 @@ pub enum JwtError {
     Signature,
     /// `exp` is not in the future.
     Expired,
-    /// `sub` is not a user id.
+    /// `sub` is not a user id (a positive integer up to 2^63 − 1).
     Claims,
+    /// `exp − iat` is above the largest lifetime allowed, `iat` is in the future, or `exp`
+    /// is before `iat`.
+    Lifetime,
 }
 
 impl JwtError {
@@ -71,6 +81,7 @@ impl JwtError {
             JwtError::Signature => "signature",
             JwtError::Expired => "expired",
             JwtError::Claims => "claims",
+            JwtError::Lifetime => "lifetime",
         }
     }
 }
@@ -115,8 +126,14 @@ pub fn unexpired(exp_s: u64, now_s: u64) -> bool {
     exp_s > now_s
 }
 
-/// Checks algorithm, signature, expiry and subject, in that order, at Unix time `now_s`.
-pub fn verify(secret: &[u8], token: &str, now_s: u64) -> Result<Claims, JwtError> {
+/// Checks algorithm, signature, expiry, lifetime and subject, in that order, at Unix time
+/// `now_s`, allowing lifetimes (`exp − iat`) up to `lifetime_max_s`.
+pub fn verify(
+    secret: &[u8],
+    token: &str,
+    now_s: u64,
+    lifetime_max_s: u64,
+) -> Result<Claims, JwtError> {
     if token.len() > TOKEN_BYTES_MAX {
         return Err(JwtError::Malformed);
     }
@@ -148,6 +165,11 @@ pub fn verify(secret: &[u8], token: &str, now_s: u64) -> Result<Claims, JwtError
     let claims: Claims = serde_json::from_slice(&buf[..n]).map_err(|_| JwtError::Malformed)?;
     if !unexpired(claims.exp, now_s) {
         return Err(JwtError::Expired);
+    }
+    let lifetime = claims.exp.checked_sub(claims.iat);
+    if claims.iat > now_s.saturating_add(IAT_SKEW_S) || lifetime.is_none_or(|l| l > lifetime_max_s)
+    {
+        return Err(JwtError::Lifetime);
     }
     if crate::conv::parse_id(&claims.sub).is_none() {
         return Err(JwtError::Claims);
@@ -183,16 +205,19 @@ mod tests {
     #[test]
     fn round_trip() {
         let t = token(60);
-        let c = verify(SECRET, &t, 1_000_000).unwrap();
+        let c = verify(SECRET, &t, 1_000_000, LIFETIME_MAX_S).unwrap();
         assert_eq!(c.user_id(), 42);
         assert_eq!(c.jti.len(), 32);
     }
 
     #[test]
     fn expired_is_refused() {
-        assert_eq!(verify(SECRET, &token(0), 1_000_000), Err(JwtError::Expired));
         assert_eq!(
-            verify(SECRET, &token(-5), 1_000_000),
+            verify(SECRET, &token(0), 1_000_000, LIFETIME_MAX_S),
+            Err(JwtError::Expired)
+        );
+        assert_eq!(
+            verify(SECRET, &token(-5), 1_000_000, LIFETIME_MAX_S),
             Err(JwtError::Expired)
         );
     }
@@ -200,12 +225,15 @@ mod tests {
     #[test]
     fn wrong_secret_and_tampered_payload_are_refused() {
         let t = token(60);
-        assert_eq!(verify(b"other", &t, 1_000_000), Err(JwtError::Signature));
+        assert_eq!(
+            verify(b"other", &t, 1_000_000, LIFETIME_MAX_S),
+            Err(JwtError::Signature)
+        );
         let mut parts: Vec<String> = t.split('.').map(String::from).collect();
         let forged = B64.encode(r#"{"sub":"1","iat":0,"exp":99999999999,"jti":"x"}"#);
         parts[1] = forged;
         assert_eq!(
-            verify(SECRET, &parts.join("."), 1_000_000),
+            verify(SECRET, &parts.join("."), 1_000_000, LIFETIME_MAX_S),
             Err(JwtError::Signature)
         );
     }
@@ -216,7 +244,7 @@ mod tests {
         for alg in ["none", "None", "HS512", "RS256"] {
             let h = B64.encode(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#));
             assert_eq!(
-                verify(SECRET, &format!("{h}.{payload}."), 0),
+                verify(SECRET, &format!("{h}.{payload}."), 0, LIFETIME_MAX_S),
                 Err(JwtError::Algorithm),
                 "{alg}"
             );
@@ -232,19 +260,63 @@ mod tests {
             "!!!.???.***",
             &"a".repeat(TOKEN_BYTES_MAX + 1),
         ] {
-            assert!(verify(SECRET, bad, 0).is_err(), "{bad}");
+            assert!(verify(SECRET, bad, 0, LIFETIME_MAX_S).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn subject_must_be_a_user_id() {
-        let c = Claims {
-            sub: "alice".into(),
-            iat: 0,
-            exp: u64::MAX,
-            jti: "j".into(),
-            dev: None,
+        for sub in ["alice", "0", "9223372036854775808", "18446744073709551615"] {
+            let c = Claims {
+                sub: sub.into(),
+                iat: 0,
+                exp: 60,
+                jti: "j".into(),
+                dev: None,
+            };
+            let t = sign(SECRET, &c);
+            assert_eq!(
+                verify(SECRET, &t, 0, LIFETIME_MAX_S),
+                Err(JwtError::Claims),
+                "{sub}"
+            );
+        }
+    }
+
+    #[test]
+    fn lifetimes_past_the_maximum_and_future_issue_times_are_refused() {
+        let now = 1_000_000u64;
+        let claims = |iat: u64, exp: u64| {
+            let mut c = Claims::new(42, iat, 0);
+            c.exp = exp;
+            sign(SECRET, &c)
         };
-        assert_eq!(verify(SECRET, &sign(SECRET, &c), 0), Err(JwtError::Claims));
+        let ok = claims(now, now + LIFETIME_MAX_S);
+        assert!(verify(SECRET, &ok, now, LIFETIME_MAX_S).is_ok());
+        for (t, why) in [
+            (claims(now, now + LIFETIME_MAX_S + 1), "a second too long"),
+            (claims(now, u64::MAX), "exp = 2^64 - 1"),
+            (
+                claims(now + IAT_SKEW_S + 1, now + 3600),
+                "iat in the future",
+            ),
+            (claims(now + 50, now + 40), "exp before iat"),
+        ] {
+            assert_eq!(
+                verify(SECRET, &t, now, LIFETIME_MAX_S),
+                Err(JwtError::Lifetime),
+                "{why}"
+            );
+        }
+        let skewed = claims(now + IAT_SKEW_S, now + 3600);
+        assert!(
+            verify(SECRET, &skewed, now, LIFETIME_MAX_S).is_ok(),
+            "within the skew"
+        );
+        let long = claims(now, now + 7 * 24 * 3600);
+        assert!(
+            verify(SECRET, &long, now, 7 * 24 * 3600).is_ok(),
+            "configured longer"
+        );
     }
 }

@@ -311,6 +311,40 @@ fn upgrade_with_valid_token_and_refusals_without_one() {
             ),
             "signature",
         ),
+        (
+            // A token that claims to live longer than tokens may (a day by default).
+            format!(
+                "/ws?token={}",
+                jwt::sign(
+                    SECRET,
+                    &jwt::Claims::new(7, NOW_UNIX_MS / 1000, jwt::LIFETIME_MAX_S + 1)
+                )
+            ),
+            "lifetime",
+        ),
+        (
+            // Issued in the future.
+            format!(
+                "/ws?token={}",
+                jwt::sign(
+                    SECRET,
+                    &jwt::Claims::new(7, NOW_UNIX_MS / 1000 + jwt::IAT_SKEW_S + 10, 60)
+                )
+            ),
+            "lifetime",
+        ),
+        (
+            // A user id past i64::MAX: no user has it.
+            format!(
+                "/ws?token={}",
+                jwt::sign(SECRET, &{
+                    let mut c = jwt::Claims::new(7, NOW_UNIX_MS / 1000, 60);
+                    c.sub = u64::MAX.to_string();
+                    c
+                })
+            ),
+            "claims",
+        ),
     ] {
         let key = sim.accept(0);
         sim.recv((0, key), Sim::upgrade_request(&path).as_bytes());

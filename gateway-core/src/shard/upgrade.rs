@@ -44,8 +44,8 @@ impl Shard {
             ));
         };
         let now_s = self.now.unix_ms / 1000;
-        let claims =
-            jwt::verify(&self.secret, t, now_s).map_err(|e| unauthorized(e.to_string()))?;
+        let claims = jwt::verify(&self.secret, t, now_s, self.token_lifetime_max_s)
+            .map_err(|e| unauthorized(e.to_string()))?;
         match self.revoked.as_ref().map(|r| r(&claims.jti, now_s)) {
             None | Some(Some(false)) => Ok(claims),
             Some(Some(true)) => Err(unauthorized("invalid token: revoked".into())),

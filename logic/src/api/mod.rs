@@ -35,6 +35,8 @@ pub struct ApiConfig {
     /// Proxies whose `X-Forwarded-For` names the client (`--trusted-proxy`); from any other
     /// peer the header is ignored and the socket's address is the client's.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// The longest lifetime (`exp − iat`) a token may claim (`--token-lifetime-max-s`).
+    pub token_lifetime_max_s: u64,
 }
 
 pub struct AppState {
@@ -357,8 +359,13 @@ impl FromRequestParts<State> for Caller {
             .strip_prefix("Bearer ")
             .ok_or_else(|| ApiError::unauthorized("expected a Bearer token"))?;
         let now = im_shared::unix_ms() / 1000;
-        let claims = jwt::verify(&state.cfg.jwt_secret, token.trim(), now)
-            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        let claims = jwt::verify(
+            &state.cfg.jwt_secret,
+            token.trim(),
+            now,
+            state.cfg.token_lifetime_max_s,
+        )
+        .map_err(|e| ApiError::unauthorized(e.to_string()))?;
         match state.revocations.is_revoked(&claims.jti, now).await {
             Ok(false) => {}
             Ok(true) => return Err(ApiError::unauthorized("invalid token: revoked")),
