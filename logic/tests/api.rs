@@ -907,6 +907,29 @@ async fn messages(api: &Api) {
             .await),
         (404, 4040)
     );
+    // A conversation with a user that does not exist: 404, and nothing is left behind (the
+    // caller's conversation list does not grow a row for it).
+    let ghost = bi.max(ai) + 1_000;
+    let ghost_pair = format!("p:{}:{}", bi.min(ghost), bi.max(ghost));
+    for body in [
+        json!({"read_seq": 1}),
+        json!({"read_seq": u64::MAX >> 1}),
+        json!({"muted": true}),
+    ] {
+        let r = api
+            .call(
+                "PUT",
+                &format!("/api/v1/conversations/{ghost_pair}"),
+                Some(&b),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(err(&r), (404, 4040), "{body}");
+    }
+    let r = api
+        .call("GET", "/api/v1/conversations", Some(&b), None)
+        .await;
+    assert!(!r.1.to_string().contains(&ghost_pair), "{}", r.1);
     assert_eq!(
         err(&api
             .call(

@@ -37,7 +37,19 @@ fn conv_param(raw: &str) -> Result<Conv, ApiError> {
 /// The caller may read and write `conv`: a party of a two-person one, a member of a group's.
 async fn authorize(st: &State, user: u64, conv: Conv) -> Result<(), ApiError> {
     match conv {
-        Conv::Pair(..) if conv.has_party(user) => Ok(()),
+        Conv::Pair(a, b) if conv.has_party(user) => {
+            // A conversation with a user that does not exist does not exist either (and must
+            // not leave membership rows behind).
+            let peer = if a == user { b } else { a };
+            match st.store.user_by_id(peer).await? {
+                Some(_) => Ok(()),
+                None => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    "no such conversation",
+                )),
+            }
+        }
         // Another pair's conversation does not exist as far as this caller can tell.
         Conv::Pair(..) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -370,6 +382,16 @@ pub struct Update {
 
 /// How long marking a conversation read waits for persist to store the messages it covers.
 const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How far past the stored last seq a read position is waited for: one conversation's
+/// messages delivered live and not yet stored (persist commits every few milliseconds).
+const READ_AHEAD_MAX: u64 = 100;
+
+/// Whether a read position `seq` may be a message persist has not stored yet, with the
+/// conversation stored up to `stored`: then it is worth waiting for. Past `READ_AHEAD_MAX`
+/// it is a client's error or abuse (a huge `read_seq` held each request for the whole wait).
+fn worth_waiting(seq: u64, stored: u64) -> bool {
+    seq > stored && seq - stored <= READ_AHEAD_MAX
+}
 
 pub async fn update(
     S(st): S<State>,
@@ -380,8 +402,19 @@ pub async fn update(
     let conv = conv_param(&conv)?;
     authorize(&st, caller.user_id, conv).await?;
     if let (Some(seq), Some(_)) = (u.read_seq, &st.pipeline) {
-        // The client may have the message live before persist has stored it.
-        im_store::wait_stored(&*st.store, &conv.to_string(), seq, READ_WAIT).await?;
+        // The client may have the message live before persist has stored it: wait for it,
+        // but only for a seq that can be in flight. One far past what is stored is capped
+        // to what is stored at once (`update_membership` caps), not waited for.
+        let conv = conv.to_string();
+        let stored = st
+            .store
+            .max_seqs(std::slice::from_ref(&conv))
+            .await?
+            .first()
+            .map_or(0, |(_, s)| *s);
+        if worth_waiting(seq, stored) {
+            im_store::wait_stored(&*st.store, &conv, seq, READ_WAIT).await?;
+        }
     }
     st.store
         .update_membership(
@@ -393,4 +426,22 @@ pub async fn update(
         )
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_read_position_just_past_what_is_stored_is_waited_for() {
+        assert!(!worth_waiting(5, 7), "stored already");
+        assert!(!worth_waiting(7, 7), "stored already");
+        assert!(worth_waiting(8, 7), "the next message, maybe in flight");
+        assert!(worth_waiting(7 + READ_AHEAD_MAX, 7));
+        assert!(
+            !worth_waiting(8 + READ_AHEAD_MAX, 7),
+            "too far ahead to be in flight"
+        );
+        assert!(!worth_waiting(u64::MAX, 0), "capped at once");
+    }
 }
