@@ -414,6 +414,41 @@ async fn accounts(api: &Api) {
             .await),
         (401, 4010)
     );
+    // Names that hide or reorder text, and avatars other browsers should not fetch.
+    for body in [
+        json!({"nickname": "gnp\u{202E}exe."}),
+        json!({"nickname": "\u{200B}\u{200B}"}),
+        json!({"avatar": "http://x.test/a.png"}),
+        json!({"avatar": "https://me:pw@x.test/a.png"}),
+    ] {
+        let r = api
+            .call(
+                "PUT",
+                "/api/v1/users/profile",
+                Some(&token),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(err(&r), (400, 4003), "{body} -> {r:?}");
+    }
+    let r = api
+        .call(
+            "PUT",
+            "/api/v1/users/profile",
+            Some(&token),
+            Some(json!({"avatar": "HTTPS://X.Test:443/A.png#me"})),
+        )
+        .await;
+    assert_eq!(r.1["avatar"], "https://x.test/A.png", "normalised: {r:?}");
+    let r = api
+        .call(
+            "POST",
+            "/api/v1/groups/create",
+            Some(&token),
+            Some(json!({"name": "\u{202E}quorum"})),
+        )
+        .await;
+    assert_eq!(err(&r), (400, 4003), "{r:?}");
 
     // Refresh rotates: the new token works, the old refresh token does not.
     let r = api

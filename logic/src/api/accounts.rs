@@ -1,6 +1,6 @@
 //! Accounts and tokens: register, login, refresh, logout, profile.
 
-use super::{ApiError, Body, Caller, ClientAddr, State};
+use super::{names, ApiError, Body, Caller, ClientAddr, State};
 use crate::auth;
 use axum::extract::State as S;
 use axum::http::StatusCode;
@@ -13,8 +13,7 @@ use std::sync::atomic::Ordering;
 
 const USERNAME_CHARS: std::ops::RangeInclusive<usize> = 3..=32;
 const PASSWORD_CHARS: std::ops::RangeInclusive<usize> = 8..=128;
-const NICKNAME_CHARS: std::ops::RangeInclusive<usize> = 1..=64;
-const AVATAR_BYTES_MAX: usize = 512;
+const NICKNAME_CHARS_MAX: usize = 64;
 
 /// Usernames are case-insensitive: stored lower-case, letters, digits, `_`, `.`, `-`.
 fn username(raw: &str) -> Result<String, ApiError> {
@@ -45,28 +44,7 @@ fn password(raw: &str) -> Result<&str, ApiError> {
 }
 
 fn nickname(raw: &str) -> Result<&str, ApiError> {
-    let n = raw.trim();
-    if !NICKNAME_CHARS.contains(&n.chars().count()) || n.chars().any(char::is_control) {
-        return Err(ApiError::bad(
-            ErrorCode::InvalidField,
-            "nickname: 1 to 64 characters, no control characters",
-        ));
-    }
-    Ok(n)
-}
-
-fn avatar(raw: &str) -> Result<&str, ApiError> {
-    let ok = raw.is_empty()
-        || ((raw.starts_with("https://") || raw.starts_with("http://"))
-            && raw.len() <= AVATAR_BYTES_MAX
-            && !raw.chars().any(|c| c.is_whitespace() || c.is_control()));
-    if !ok {
-        return Err(ApiError::bad(
-            ErrorCode::InvalidField,
-            "avatar: an http(s) URL of at most 512 bytes, or empty",
-        ));
-    }
-    Ok(raw)
+    names::display_name(raw, NICKNAME_CHARS_MAX, "nickname")
 }
 
 /// How long a password check waits for a free argon2 slot before answering 503.
@@ -319,8 +297,12 @@ pub async fn put_profile(
     Body(p): Body<ProfileUpdate>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let nick = p.nickname.as_deref().map(nickname).transpose()?;
-    let av = p.avatar.as_deref().map(avatar).transpose()?;
-    if !st.store.update_profile(caller.user_id, nick, av).await? {
+    let av = p.avatar.as_deref().map(names::avatar_url).transpose()?;
+    if !st
+        .store
+        .update_profile(caller.user_id, nick, av.as_deref())
+        .await?
+    {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::NotFound,

@@ -12,7 +12,7 @@ use im_store::{GroupRow, Join};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-const NAME_CHARS: std::ops::RangeInclusive<usize> = 1..=64;
+const NAME_CHARS_MAX: usize = 64;
 const DESCRIPTION_CHARS_MAX: usize = 512;
 const MAX_MEMBERS: std::ops::RangeInclusive<u32> = 2..=10_000;
 const MAX_MEMBERS_DEFAULT: u32 = 500;
@@ -70,13 +70,7 @@ pub async fn create(
     caller: Caller,
     Body(c): Body<Create>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let name = c.name.trim();
-    if !NAME_CHARS.contains(&name.chars().count()) || name.chars().any(char::is_control) {
-        return Err(ApiError::bad(
-            ErrorCode::InvalidField,
-            "name: 1 to 64 characters, no control characters",
-        ));
-    }
+    let name = super::names::display_name(&c.name, NAME_CHARS_MAX, "name")?;
     let description = c.description.unwrap_or_default();
     if description.chars().count() > DESCRIPTION_CHARS_MAX {
         return Err(ApiError::bad(

@@ -5,6 +5,7 @@
 mod accounts;
 mod groups;
 mod messages;
+mod names;
 pub mod throttle;
 mod web;
 
