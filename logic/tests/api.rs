@@ -294,6 +294,29 @@ async fn accounts(api: &Api) {
         .await;
     assert_eq!(err(&r), (400, 4000), "missing content type");
 
+    // A body larger than the server reads: 413; a route with the wrong method, or OPTIONS
+    // (no CORS here): 405. Both with the JSON error body.
+    let huge = format!(
+        r#"{{"username":"bob","password":"{}"}}"#,
+        "p".repeat(api::BODY_BYTES_MAX)
+    );
+    let r = api
+        .raw(
+            "POST",
+            "/api/v1/users/register",
+            None,
+            Some("application/json"),
+            huge,
+        )
+        .await;
+    assert_eq!(err(&r), (413, 4004), "{r:?}");
+    for method in ["DELETE", "OPTIONS", "GET"] {
+        let r = api
+            .raw(method, "/api/v1/auth/login", None, None, String::new())
+            .await;
+        assert_eq!(err(&r), (405, 4050), "{method}: {r:?}");
+    }
+
     // Login: right, wrong password, unknown user — the two failures look the same.
     let r = api.login("ALICE", "correct horse").await;
     assert_eq!(r.0, StatusCode::OK, "{r:?}");

@@ -22,6 +22,8 @@ pub enum ErrorCode {
     Forbidden = 4030,
     /// No such user, group or conversation (HTTP 404).
     NotFound = 4040,
+    /// The route exists, but not with this HTTP method (HTTP 405; REST only).
+    MethodNotAllowed = 4050,
     /// The name is taken, or the state does not allow it (HTTP 409).
     Conflict = 4090,
     /// Too many requests; the connection is closed with 1008 if it goes on.
@@ -36,7 +38,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -45,6 +47,7 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
         ErrorCode::Conflict,
         ErrorCode::RateLimited,
         ErrorCode::Busy,

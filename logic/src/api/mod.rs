@@ -129,6 +129,9 @@ impl AppState {
 
 pub type State = Arc<AppState>;
 
+/// The largest REST request body read (axum's default, said here): larger ones get 413.
+pub const BODY_BYTES_MAX: usize = 2 << 20;
+
 pub fn router(state: State) -> Router {
     let api = Router::new()
         .route("/users/register", post(accounts::register))
@@ -173,6 +176,14 @@ pub fn router(state: State) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::MethodNotAllowed,
+                "this route does not take that method",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }
 
@@ -264,6 +275,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::bad(
                 ErrorCode::BadRequest,
                 "expected Content-Type: application/json",
+            )),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+                format!("the request body is larger than {BODY_BYTES_MAX} bytes"),
             )),
             Err(e) => {
                 let text = e.body_text();
