@@ -65,6 +65,10 @@ pub(crate) struct ApiArgs {
         value_delimiter = ','
     )]
     pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
+    /// `POST /messages/send` per user and second, bursts of twice that; past it 429 with
+    /// Retry-After (the WebSocket's budget is --msgs-per-sec-max per connection).
+    #[arg(long, env = "IM_REST_SENDS_PER_SEC_MAX", default_value_t = 100)]
+    pub(crate) rest_sends_per_sec_max: u32,
 }
 
 /// How tokens are judged: one setting for gateways and logic, which must agree.
@@ -310,6 +314,7 @@ impl ApiArgs {
             ws_url,
             trusted_proxies: self.trusted_proxies.clone(),
             token_lifetime_max_s: tokens.token_lifetime_max_s,
+            sends_per_s_max: self.rest_sends_per_sec_max.max(1),
         })
     }
 }

@@ -25,6 +25,10 @@ impl Api {
     }
 
     fn with_cost(store: Arc<dyn Store>, cost: PasswordCost) -> Api {
+        Api::build(store, cost, 100)
+    }
+
+    fn build(store: Arc<dyn Store>, cost: PasswordCost, sends_per_s_max: u32) -> Api {
         let state = AppState::new(
             store,
             Arc::new(RevokedSet::default()),
@@ -37,6 +41,7 @@ impl Api {
                 // The tests' requests name their client in X-Forwarded-For (`Api::login_from`).
                 trusted_proxies: vec![std::net::Ipv4Addr::UNSPECIFIED.into()],
                 token_lifetime_max_s: im_shared::jwt::LIFETIME_MAX_S,
+                sends_per_s_max,
             },
             auth::dummy_hash(cost),
             Arc::new(im_shared::snowflake::WorkerLease::fixed(1)),
@@ -215,6 +220,48 @@ async fn login_throttling_on_sqlite() {
         p: 1,
     };
     login_throttling(&Api::with_cost(Arc::new(fresh_sqlite(&dir).await), cost)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `POST /messages/send` has the WebSocket's budget: per user, bursts of twice the rate,
+/// then 429 with Retry-After; another user is not affected.
+#[tokio::test]
+async fn rest_sends_are_rate_limited_on_sqlite() {
+    let dir = tempdir();
+    let api = Api::build(Arc::new(fresh_sqlite(&dir).await), PasswordCost::test(), 2);
+    let (ann, a) = user(&api, "ann").await;
+    let (ben, b) = user(&api, "ben").await;
+    let send = |tok: &str, to: &str, i: u32| {
+        let (tok, body) = (
+            tok.to_string(),
+            json!({"to": to, "content": format!("m{i}"), "cid": format!("c{i}")}),
+        );
+        let api = &api;
+        async move {
+            api.call("POST", "/api/v1/messages/send", Some(&tok), Some(body))
+                .await
+        }
+    };
+    for i in 0..4 {
+        assert_eq!(send(&a, &ben, i).await.0, StatusCode::OK, "burst send {i}");
+    }
+    let r = send(&a, &ben, 4).await;
+    assert_eq!(err(&r), (429, 4290), "{r:?}");
+    assert_eq!(
+        send(&b, &ann, 0).await.0,
+        StatusCode::OK,
+        "ben has his own budget"
+    );
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/messages/send")
+        .header("authorization", format!("Bearer {a}"))
+        .header("content-type", "application/json")
+        .body(Body::from(json!({"to": ben, "content": "x"}).to_string()))
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "1");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -111,6 +111,22 @@ pub async fn send(
     caller: Caller,
     Body(s): Body<Send>,
 ) -> Result<Json<Value>, ApiError> {
+    let over = st
+        .sends
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take(caller.user_id, im_shared::unix_ms());
+    if let Some(ms) = over {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} sends a second: slow down",
+                st.cfg.sends_per_s_max
+            ),
+        )
+        .retry_after(ms.div_ceil(1000)));
+    }
     let content = s
         .content
         .ok_or_else(|| ApiError::bad(ErrorCode::MissingField, "missing field `content`"))?;

@@ -38,6 +38,9 @@ pub struct ApiConfig {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// The longest lifetime (`exp − iat`) a token may claim (`--token-lifetime-max-s`).
     pub token_lifetime_max_s: u64,
+    /// `POST /messages/send` per user and second, bursts of twice that (`--msgs-per-sec-max`,
+    /// the WebSocket's per-connection budget).
+    pub sends_per_s_max: u32,
 }
 
 pub struct AppState {
@@ -55,6 +58,8 @@ pub struct AppState {
     pub pipeline: Option<Pipeline>,
     /// Failed logins per (account, address) and per address (`throttle.rs`).
     pub logins: std::sync::Mutex<throttle::LoginThrottle>,
+    /// REST sends per user (`throttle.rs`).
+    pub sends: std::sync::Mutex<throttle::SendBudget>,
     /// argon2 runs at once, at most: each holds `PasswordCost::m_kib` of memory, so a burst
     /// of logins waits here instead of taking a buffer each (`accounts::hashing`).
     pub hashing: tokio::sync::Semaphore,
@@ -105,6 +110,7 @@ impl AppState {
         pipeline: Option<Pipeline>,
     ) -> AppState {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let sends = throttle::SendBudget::new(cfg.sends_per_s_max);
         AppState {
             store,
             revocations,
@@ -113,6 +119,7 @@ impl AppState {
             snowflake: std::sync::Mutex::new(im_shared::snowflake::Leased::new(lease)),
             pipeline,
             logins: Default::default(),
+            sends: std::sync::Mutex::new(sends),
             hashing: tokio::sync::Semaphore::new(cores),
             hashing_now: Default::default(),
             hashing_peak: Default::default(),

@@ -1,4 +1,7 @@
-//! Login throttling (docs/PROTOCOL.md, "Login throttling"): failed logins are counted per
+//! Login throttling (docs/PROTOCOL.md, "Login throttling") and REST send budgets (at the
+//! end).
+//!
+//! Login throttling: failed logins are counted per
 //! (account, client address) and per client address. Past a key's free failures, each further
 //! failure makes the key wait before its next attempt, twice as long each time, up to
 //! `WAIT_MAX_MS`; an attempt during a wait is answered 429 with `Retry-After`, without
@@ -161,9 +164,116 @@ impl LoginThrottle {
     }
 }
 
+/// REST sends per user: a token bucket like the gateway's per-connection limit (the rate
+/// per second, bursts of twice that), kept per logic instance. Bounded: a full bucket says
+/// nothing a missing one does not, so when the map is full, full buckets go first.
+pub struct SendBudget {
+    per_s: u32,
+    buckets: HashMap<u64, Bucket>,
+    max: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    /// Tokens in thousandths (integer arithmetic, no drift).
+    milli: u64,
+    at_ms: u64,
+}
+
+impl SendBudget {
+    pub fn new(per_s: u32) -> SendBudget {
+        SendBudget::with_capacity(per_s, KEYS_MAX)
+    }
+
+    pub fn with_capacity(per_s: u32, max: usize) -> SendBudget {
+        SendBudget {
+            per_s: per_s.max(1),
+            buckets: HashMap::new(),
+            max,
+        }
+    }
+
+    fn burst_milli(&self) -> u64 {
+        2 * u64::from(self.per_s) * 1000
+    }
+
+    fn refilled(&self, b: Bucket, now_ms: u64) -> u64 {
+        // per_s tokens a second = per_s thousandths a millisecond.
+        let gained = now_ms.saturating_sub(b.at_ms) * u64::from(self.per_s);
+        (b.milli + gained).min(self.burst_milli())
+    }
+
+    /// Takes one send from `user`'s budget: `None` if allowed, else milliseconds until one is.
+    pub fn take(&mut self, user: u64, now_ms: u64) -> Option<u64> {
+        let full = self.burst_milli();
+        if !self.buckets.contains_key(&user) && self.buckets.len() >= self.max {
+            let per_s = u64::from(self.per_s);
+            self.buckets
+                .retain(|_, b| b.milli + now_ms.saturating_sub(b.at_ms) * per_s < full);
+            if self.buckets.len() >= self.max {
+                // Every bucket is draining: someone floods with many users' tokens. Dropping
+                // one gives it a full bucket back, which is the most a user ever has.
+                if let Some(&k) = self.buckets.keys().next() {
+                    self.buckets.remove(&k);
+                }
+            }
+        }
+        let b = self.buckets.get(&user).copied().unwrap_or(Bucket {
+            milli: full,
+            at_ms: now_ms,
+        });
+        let milli = self.refilled(b, now_ms);
+        if milli < 1000 {
+            let wait = (1000 - milli).div_ceil(u64::from(self.per_s));
+            self.buckets.insert(
+                user,
+                Bucket {
+                    milli,
+                    at_ms: now_ms,
+                },
+            );
+            return Some(wait.max(1));
+        }
+        self.buckets.insert(
+            user,
+            Bucket {
+                milli: milli - 1000,
+                at_ms: now_ms,
+            },
+        );
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sends_take_a_burst_then_the_rate() {
+        let mut b = SendBudget::new(100);
+        for i in 0..200 {
+            assert_eq!(b.take(7, 1_000), None, "send {i} of the burst");
+        }
+        assert_eq!(b.take(7, 1_000), Some(10), "one send every 10 ms at 100/s");
+        assert_eq!(b.take(8, 1_000), None, "another user has their own budget");
+        assert_eq!(b.take(7, 1_010), None);
+        assert_eq!(b.take(7, 1_010), Some(10));
+        // A second later the burst is back, not more.
+        for _ in 0..200 {
+            assert_eq!(b.take(7, 10_000), None);
+        }
+        assert!(b.take(7, 10_000).is_some());
+    }
+
+    #[test]
+    fn the_send_budgets_stay_bounded() {
+        let mut b = SendBudget::with_capacity(10, 50);
+        for u in 0..1_000 {
+            b.take(u, 0);
+        }
+        assert!(b.buckets.len() <= 50);
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
