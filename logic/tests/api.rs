@@ -437,6 +437,27 @@ async fn accounts(api: &Api) {
             "{bad:?}"
         );
     }
+    // A well-signed token for a user that does not exist opens nothing: no groups, no sends.
+    let ghost = im_shared::jwt::sign(
+        SECRET,
+        &im_shared::jwt::Claims::new(alice_id.parse::<u64>().unwrap() + 100_000, now_s(), 60),
+    );
+    for (method, path, body) in [
+        ("GET", "/api/v1/users/profile", None),
+        (
+            "POST",
+            "/api/v1/groups/create",
+            Some(json!({"name": "ghosts"})),
+        ),
+        (
+            "POST",
+            "/api/v1/messages/send",
+            Some(json!({"to": alice_id, "content": "boo"})),
+        ),
+    ] {
+        let r = api.call(method, path, Some(&ghost), body).await;
+        assert_eq!(err(&r), (401, 4010), "{method} {path}: {r:?}");
+    }
     let tricky = "Robert'); DROP TABLE users;--";
     let r = api
         .call(

@@ -60,6 +60,9 @@ pub struct AppState {
     pub logins: std::sync::Mutex<throttle::LoginThrottle>,
     /// REST sends per user (`throttle.rs`).
     pub sends: std::sync::Mutex<throttle::SendBudget>,
+    /// Users known to exist (accounts are never deleted), so that checking a token's user
+    /// costs no query after its first request; cleared when full.
+    pub known_users: std::sync::Mutex<std::collections::HashSet<u64>>,
     /// argon2 runs at once, at most: each holds `PasswordCost::m_kib` of memory, so a burst
     /// of logins waits here instead of taking a buffer each (`accounts::hashing`).
     pub hashing: tokio::sync::Semaphore,
@@ -120,6 +123,7 @@ impl AppState {
             pipeline,
             logins: Default::default(),
             sends: std::sync::Mutex::new(sends),
+            known_users: Default::default(),
             hashing: tokio::sync::Semaphore::new(cores),
             hashing_now: Default::default(),
             hashing_peak: Default::default(),
@@ -363,6 +367,34 @@ fn client_addr(
     peer
 }
 
+/// Users known to exist, at most (8 bytes and the set's overhead each).
+const KNOWN_USERS_MAX: usize = 1 << 20;
+
+/// Whether `user` has an account: from the cache, or the database once.
+async fn user_exists(state: &State, user: u64) -> Result<bool, ApiError> {
+    let known = |s: &AppState| {
+        s.known_users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&user)
+    };
+    if known(state) {
+        return Ok(true);
+    }
+    if state.store.user_by_id(user).await?.is_none() {
+        return Ok(false);
+    }
+    let mut set = state
+        .known_users
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if set.len() >= KNOWN_USERS_MAX {
+        set.clear();
+    }
+    set.insert(user);
+    Ok(true)
+}
+
 /// The caller, from `Authorization: Bearer <JWT>`: signature, expiry and revocation checked.
 pub struct Caller {
     pub user_id: u64,
@@ -403,8 +435,14 @@ impl FromRequestParts<State> for Caller {
                 ));
             }
         }
+        let user_id = claims.user_id();
+        if !user_exists(state, user_id).await? {
+            return Err(ApiError::unauthorized(
+                "invalid token: its user does not exist",
+            ));
+        }
         Ok(Caller {
-            user_id: claims.user_id(),
+            user_id,
             jti: claims.jti,
             exp: claims.exp,
         })

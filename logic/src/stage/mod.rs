@@ -474,7 +474,7 @@ impl Stage {
                 Check::Ready(conv) => return Ok(conv),
                 Check::Refused(code, msg) => return Err((code, msg)),
                 Check::NeedsUser(to) => match self.store.user_by_id(to).await {
-                    Ok(found) => self.seq.user_exists(sender, to, found.is_some()),
+                    Ok(found) => self.seq.user_exists(sender, send, to, found.is_some()),
                     Err(_) => return Err(DB_DOWN),
                 },
                 Check::NeedsMembers(g) => match self.members.of(g).await {

@@ -4,8 +4,9 @@
 //!
 //! For one batch of `send`s (in partition order):
 //! 1. `check` — may the sender write to the target? `Ready(conv)`, `Refused`, or a lookup it
-//!    needs first (`NeedsUser`: does the recipient exist; `NeedsMembers`: the group's
-//!    members), answered with `user_exists` or `group_access`.
+//!    needs first (`NeedsUser`: does the sender, then the recipient, exist — a token can
+//!    name a user that does not; `NeedsMembers`: the group's members), answered with
+//!    `user_exists` or `group_access`.
 //! 2. `lookups` — what the database must tell before sequencing: the retries older than the
 //!    in-memory window, and the last seq of conversations not seen since recovery.
 //! 3. `decide` — for each admitted send, `RetryOf(ack)` (seen before: the same ack again) or
@@ -115,6 +116,9 @@ impl Sequencer {
 
     /// May `sender` send `s`?
     pub fn check(&self, sender: u64, s: &records::Send) -> Check {
+        if !self.known_users.contains(&sender) {
+            return Check::NeedsUser(sender);
+        }
         match (s.to_user, s.to_group) {
             (to, 0) if to != 0 => match Conv::pair(sender, to) {
                 None => {
@@ -128,19 +132,29 @@ impl Sequencer {
         }
     }
 
-    /// The answer to `NeedsUser(to)`.
-    pub fn user_exists(&mut self, sender: u64, to: u64, exists: bool) -> Check {
-        if !exists {
-            return Check::Refused(ErrorCode::NotFound, "no such user");
+    /// The answer to `NeedsUser(user)` for `sender`'s `s`: the next step of its check.
+    pub fn user_exists(
+        &mut self,
+        sender: u64,
+        s: &records::Send,
+        user: u64,
+        exists: bool,
+    ) -> Check {
+        match (exists, user == sender) {
+            (false, true) => {
+                return Check::Refused(
+                    ErrorCode::Unauthorized,
+                    "the token's user does not exist: log in again",
+                )
+            }
+            (false, false) => return Check::Refused(ErrorCode::NotFound, "no such user"),
+            (true, _) => {}
         }
         if self.known_users.len() >= KNOWN_USERS_MAX {
             self.known_users.clear();
         }
-        self.known_users.insert(to);
-        match Conv::pair(sender, to) {
-            Some(conv) => Check::Ready(conv),
-            None => Check::Refused(ErrorCode::InvalidField, "cannot send a message to yourself"),
-        }
+        self.known_users.insert(user);
+        self.check(sender, s)
     }
 
     /// What the database must answer for `sends`.
@@ -281,9 +295,15 @@ pub(super) mod tests {
             to_group: g,
             ..Default::default()
         };
-        assert_eq!(s.check(1, &to(2, 0)), Check::NeedsUser(2));
+        // The sender first: a token may name a user that does not exist.
+        assert_eq!(s.check(1, &to(2, 0)), Check::NeedsUser(1));
+        assert!(matches!(
+            s.user_exists(1, &to(2, 0), 1, false),
+            Check::Refused(ErrorCode::Unauthorized, _)
+        ));
+        assert_eq!(s.user_exists(1, &to(2, 0), 1, true), Check::NeedsUser(2));
         assert_eq!(
-            s.user_exists(1, 2, true),
+            s.user_exists(1, &to(2, 0), 2, true),
             Check::Ready(Conv::pair(1, 2).unwrap())
         );
         assert_eq!(
@@ -291,7 +311,7 @@ pub(super) mod tests {
             Check::Ready(Conv::pair(1, 2).unwrap())
         );
         assert!(matches!(
-            s.user_exists(1, 3, false),
+            s.user_exists(1, &to(3, 0), 3, false),
             Check::Refused(ErrorCode::NotFound, _)
         ));
         assert!(matches!(
