@@ -541,29 +541,48 @@ async fn accounts(api: &Api) {
         .await;
     assert_eq!(err(&r), (400, 4003), "{r:?}");
 
-    // Refresh rotates: the new token works, the old refresh token does not.
-    let r = api
-        .call(
-            "POST",
-            "/api/v1/auth/refresh",
-            None,
-            Some(json!({"refresh_token": refresh})),
+    // Refresh rotates within the login's family: the new pair works.
+    let refresh_with = |t: &str| {
+        let body = json!({"refresh_token": t});
+        async move {
+            api.call("POST", "/api/v1/auth/refresh", None, Some(body))
+                .await
+        }
+    };
+    let profile = |t: &str| {
+        let t = t.to_string();
+        async move {
+            api.call("GET", "/api/v1/users/profile", Some(&t), None)
+                .await
+                .0
+        }
+    };
+    let pair = |r: &(StatusCode, Value)| {
+        assert_eq!(r.0, StatusCode::OK, "{r:?}");
+        (
+            r.1["token"].as_str().unwrap().to_string(),
+            r.1["refresh_token"].as_str().unwrap().to_string(),
         )
-        .await;
-    assert_eq!(r.0, StatusCode::OK, "{r:?}");
-    let token2 = r.1["token"].as_str().unwrap().to_string();
-    let refresh2 = r.1["refresh_token"].as_str().unwrap().to_string();
+    };
+    let (token2, refresh2) = pair(&refresh_with(&refresh).await);
+    assert_eq!(profile(&token2).await, StatusCode::OK);
+    // Another login is another session.
+    let (token_b, refresh_b) = pair(&api.login("alice", "correct horse").await);
+
+    // A rotated refresh token used again was copied: its whole family ends, the access
+    // tokens it issued included, whoever holds them.
+    assert_eq!(err(&refresh_with(&refresh).await), (401, 4010), "reuse");
+    for t in [&token, &token2] {
+        assert_eq!(profile(t).await, StatusCode::UNAUTHORIZED, "revoked");
+    }
     assert_eq!(
-        err(&api
-            .call(
-                "POST",
-                "/api/v1/auth/refresh",
-                None,
-                Some(json!({"refresh_token": refresh}))
-            )
-            .await),
-        (401, 4010)
+        err(&refresh_with(&refresh2).await),
+        (401, 4010),
+        "the family's current refresh token ends too"
     );
+    // The other session lives on.
+    assert_eq!(profile(&token_b).await, StatusCode::OK);
+    let (token_b2, refresh_b2) = pair(&refresh_with(&refresh_b).await);
     assert_eq!(
         err(&api
             .call("POST", "/api/v1/auth/refresh", None, Some(json!({})))
@@ -571,35 +590,35 @@ async fn accounts(api: &Api) {
         (400, 4002)
     );
 
-    // Logout revokes the token and every refresh token.
+    // Logout ends this session: its access and refresh tokens. Other sessions go on.
+    let (token_c, refresh_c) = pair(&api.login("alice", "correct horse").await);
     let r = api
-        .call("POST", "/api/v1/auth/logout", Some(&token2), None)
+        .call("POST", "/api/v1/auth/logout", Some(&token_b2), None)
         .await;
-    assert_eq!(r.0, StatusCode::NO_CONTENT);
+    assert_eq!(r.0, StatusCode::NO_CONTENT, "{r:?}");
+    assert_eq!(profile(&token_b2).await, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        err(&api
-            .call("GET", "/api/v1/users/profile", Some(&token2), None)
-            .await),
-        (401, 4010)
+        profile(&token_b).await,
+        StatusCode::UNAUTHORIZED,
+        "its earlier token too"
     );
+    assert_eq!(err(&refresh_with(&refresh_b2).await), (401, 4010));
     assert_eq!(
-        err(&api
-            .call(
-                "POST",
-                "/api/v1/auth/refresh",
-                None,
-                Some(json!({"refresh_token": refresh2}))
-            )
-            .await),
-        (401, 4010)
-    );
-    assert_eq!(
-        api.call("GET", "/api/v1/users/profile", Some(&token), None)
-            .await
-            .0,
+        profile(&token_c).await,
         StatusCode::OK,
         "other sessions live on"
     );
+
+    // Logout everywhere ends every session of the user.
+    let (token_d, _) = pair(&api.login("alice", "correct horse").await);
+    let r = api
+        .call("POST", "/api/v1/auth/logout-all", Some(&token_c), None)
+        .await;
+    assert_eq!(r.0, StatusCode::NO_CONTENT, "{r:?}");
+    for t in [&token_c, &token_d] {
+        assert_eq!(profile(t).await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(err(&refresh_with(&refresh_c).await), (401, 4010));
 
     assert_eq!(
         err(&api.call("GET", "/api/v1/nope", None, None).await),

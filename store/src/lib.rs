@@ -32,6 +32,30 @@ pub async fn wait_stored(store: &dyn Store, conv: &str, seq: u64, wait: Duration
     }
 }
 
+/// A refresh token to store: its hash, whose it is, and its session.
+#[derive(Clone, Debug)]
+pub struct NewRefresh<'a> {
+    pub token_hash: &'a str,
+    pub user_id: u64,
+    pub expires_ms: u64,
+    /// One per login; every rotation of that login's refresh token keeps it.
+    pub family: &'a str,
+    /// The access token issued with this refresh token.
+    pub access_jti: &'a str,
+    pub access_exp_s: u64,
+}
+
+/// What using a refresh token found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Valid and now used: a new pair may be issued in its family.
+    Fresh { user_id: u64, family: String },
+    /// Used before: someone holds a copy. The family must end.
+    Reused { user_id: u64, family: String },
+    /// Unknown or expired.
+    Unknown,
+}
+
 /// A stored account.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UserRow {
@@ -167,11 +191,21 @@ pub trait Store: Send + Sync + 'static {
         avatar: Option<&str>,
     ) -> Result<bool>;
 
-    /// Stores a refresh token's hash.
-    async fn put_refresh(&self, token_hash: &str, user_id: u64, expires_ms: u64) -> Result<()>;
-    /// Consumes a refresh token (rotation: it works once); its user when it was valid.
-    async fn take_refresh(&self, token_hash: &str, now_ms: u64) -> Result<Option<u64>>;
-    /// Forgets every refresh token of a user (logout).
+    /// Stores a refresh token's hash, with its family and the access token issued with it.
+    async fn put_refresh(&self, r: &NewRefresh<'_>) -> Result<()>;
+    /// Uses a refresh token (rotation: it works once). A used one is kept, marked, until it
+    /// expires, so that its reuse is told from an unknown token.
+    async fn take_refresh(&self, token_hash: &str, now_ms: u64) -> Result<Taken>;
+    /// The access tokens (jti, exp in Unix seconds) issued in `family` that expire after
+    /// `now_s`: what revoking the family must revoke.
+    async fn family_access(&self, family: &str, now_s: u64) -> Result<Vec<(String, u64)>>;
+    /// The family the access token `jti` was issued in, if any.
+    async fn family_of_access(&self, jti: &str) -> Result<Option<String>>;
+    /// Forgets every refresh token of a family (its session has ended).
+    async fn drop_refresh_family(&self, family: &str) -> Result<()>;
+    /// Every family of a user (for logging out everywhere).
+    async fn refresh_families(&self, user_id: u64) -> Result<Vec<String>>;
+    /// Forgets every refresh token of a user.
     async fn drop_refresh_tokens(&self, user_id: u64) -> Result<()>;
 
     /// A new group with its owner as the first member.

@@ -3,7 +3,7 @@
 
 use im_shared::records::Stored;
 use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
-use im_store::{Join, MessageRow, NewMessage, Store, StoreError};
+use im_store::{Join, MessageRow, NewMessage, NewRefresh, Store, StoreError, Taken};
 
 async fn accounts_and_refresh_tokens(s: &dyn Store) {
     let id = s.create_user("alice", "hash", "Alice", 1).await.unwrap();
@@ -30,21 +30,70 @@ async fn accounts_and_refresh_tokens(s: &dyn Store) {
     assert!(!s.update_profile(id + 1000, Some("x"), None).await.unwrap());
     assert_eq!(s.user_by_id(id).await.unwrap().unwrap().nickname, "Al");
 
-    s.put_refresh("h1", id, 1_000).await.unwrap();
-    assert_eq!(s.take_refresh("h1", 500).await.unwrap(), Some(id));
+    // Far-future expiries: `put_refresh` forgets this user's rows that expired by the clock.
+    let far = im_shared::unix_ms() + 3_600_000;
+    let refresh =
+        |hash: &'static str, family: &'static str, jti: &'static str, exp_s: u64| NewRefresh {
+            token_hash: hash,
+            user_id: id,
+            expires_ms: far,
+            family,
+            access_jti: jti,
+            access_exp_s: exp_s,
+        };
+    s.put_refresh(&refresh("h1", "fa", "j1", 100))
+        .await
+        .unwrap();
+    let fresh = Taken::Fresh {
+        user_id: id,
+        family: "fa".into(),
+    };
+    assert_eq!(s.take_refresh("h1", 500).await.unwrap(), fresh);
     assert_eq!(
         s.take_refresh("h1", 500).await.unwrap(),
-        None,
-        "a refresh token works once"
+        Taken::Reused {
+            user_id: id,
+            family: "fa".into()
+        },
+        "a refresh token works once; the second use is a reuse"
     );
-    s.put_refresh("h2", id, 1_000).await.unwrap();
-    assert_eq!(s.take_refresh("h2", 1_000).await.unwrap(), None, "expired");
-    s.put_refresh("h3", id, 9_000).await.unwrap();
+    assert_eq!(s.take_refresh("nope", 500).await.unwrap(), Taken::Unknown);
+    assert_eq!(
+        s.take_refresh("h1", far).await.unwrap(),
+        Taken::Unknown,
+        "expired"
+    );
+    s.put_refresh(&refresh("h2", "fa", "j2", 200))
+        .await
+        .unwrap();
+    s.put_refresh(&refresh("h3", "fb", "j3", 300))
+        .await
+        .unwrap();
+    let mut access = s.family_access("fa", 150).await.unwrap();
+    access.sort();
+    assert_eq!(access, [("j2".to_string(), 200)], "j1 expired at 100");
+    assert_eq!(
+        s.family_of_access("j3").await.unwrap().as_deref(),
+        Some("fb")
+    );
+    assert_eq!(s.family_of_access("j9").await.unwrap(), None);
+    let mut families = s.refresh_families(id).await.unwrap();
+    families.sort();
+    assert_eq!(families, ["fa", "fb"]);
+    s.drop_refresh_family("fa").await.unwrap();
+    assert_eq!(s.take_refresh("h2", 1).await.unwrap(), Taken::Unknown);
+    assert!(matches!(
+        s.take_refresh("h3", 1).await.unwrap(),
+        Taken::Fresh { .. }
+    ));
+    s.put_refresh(&refresh("h4", "fc", "j4", 400))
+        .await
+        .unwrap();
     s.drop_refresh_tokens(id).await.unwrap();
     assert_eq!(
-        s.take_refresh("h3", 1).await.unwrap(),
-        None,
-        "logout forgets them"
+        s.take_refresh("h4", 1).await.unwrap(),
+        Taken::Unknown,
+        "logging out everywhere forgets them"
     );
     // Migrations are idempotent.
     s.migrate().await.unwrap();

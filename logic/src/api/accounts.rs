@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use im_shared::{jwt, ErrorCode};
+use im_store::Taken;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::atomic::Ordering;
@@ -133,13 +134,21 @@ pub struct Tokens {
     ws_url: String,
 }
 
-async fn issue_tokens(st: &State, user_id: u64) -> Result<Json<Tokens>, ApiError> {
+/// A new access token and refresh token in `family` (one per login, kept by each refresh).
+async fn issue_tokens(st: &State, user_id: u64, family: &str) -> Result<Json<Tokens>, ApiError> {
     let now_ms = im_shared::unix_ms();
     let claims = jwt::Claims::new(user_id, now_ms / 1000, st.cfg.access_ttl_s);
     let token = jwt::sign(&st.cfg.jwt_secret, &claims);
     let (refresh_token, hash) = auth::new_refresh_token();
     st.store
-        .put_refresh(&hash, user_id, now_ms + st.cfg.refresh_ttl_s * 1000)
+        .put_refresh(&im_store::NewRefresh {
+            token_hash: &hash,
+            user_id,
+            expires_ms: now_ms + st.cfg.refresh_ttl_s * 1000,
+            family,
+            access_jti: &claims.jti,
+            access_exp_s: claims.exp,
+        })
         .await?;
     Ok(Json(Tokens {
         token,
@@ -182,7 +191,7 @@ pub async fn login(
     match id {
         Some(id) if ok => {
             lock(&st.logins).succeeded(&l.username, addr);
-            issue_tokens(&st, id).await
+            issue_tokens(&st, id, &jwt::random_hex(16)).await
         }
         _ => {
             lock(&st.logins).failed(&l.username, addr, im_shared::unix_ms());
@@ -204,41 +213,109 @@ pub struct Refresh {
     refresh_token: String,
 }
 
+/// `POST /auth/refresh`: a used refresh token for a new pair in the same family. A refresh
+/// token presented a second time was copied (OAuth 2.0 Security BCP, "refresh token
+/// rotation"): its whole family ends, access tokens included, whoever holds them.
 pub async fn refresh(S(st): S<State>, Body(r): Body<Refresh>) -> Result<Json<Tokens>, ApiError> {
     let hash = auth::refresh_hash(&r.refresh_token);
     match st.store.take_refresh(&hash, im_shared::unix_ms()).await? {
-        Some(id) if st.store.user_by_id(id).await?.is_some() => issue_tokens(&st, id).await,
+        Taken::Fresh { user_id, family } if st.store.user_by_id(user_id).await?.is_some() => {
+            // Tokens from before families existed start one.
+            let family = if family.is_empty() {
+                jwt::random_hex(16)
+            } else {
+                family
+            };
+            issue_tokens(&st, user_id, &family).await
+        }
+        Taken::Reused { user_id, family } if !family.is_empty() => {
+            log::warn!("refresh token reused for user {user_id}: ending its session");
+            end_family(&st, user_id, &family).await?;
+            Err(ApiError::unauthorized(
+                "refresh token already used: this session has ended everywhere; log in again",
+            ))
+        }
         _ => Err(ApiError::unauthorized("invalid or expired refresh token")),
     }
 }
 
+fn session_store_down(why: String) -> ApiError {
+    log::warn!("revocations: {why}");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::DependencyDown,
+        "the session store is unavailable; retry later",
+    )
+}
+
+/// Ends a login's session: its access tokens revoked (and their WebSockets closed), its
+/// refresh tokens forgotten. Revocations first: if they fail, nothing is forgotten and the
+/// caller may retry.
+async fn end_family(st: &State, user_id: u64, family: &str) -> Result<(), ApiError> {
+    let now_s = im_shared::unix_ms() / 1000;
+    let access = st.store.family_access(family, now_s).await?;
+    for (jti, exp) in &access {
+        st.revocations
+            .revoke(jti, *exp)
+            .await
+            .map_err(session_store_down)?;
+    }
+    st.store.drop_refresh_family(family).await?;
+    let jtis: Vec<&str> = access.iter().map(|(j, _)| j.as_str()).collect();
+    close_connections(st, user_id, |jti| jtis.contains(&jti)).await;
+    Ok(())
+}
+
+/// Closes `user`'s WebSockets whose token `which` names, with 1008 (docs/PROTOCOL.md,
+/// "Tokens"); the gateways also refuse revoked tokens at the next upgrade. Best effort:
+/// presence may be a moment old.
+async fn close_connections(st: &State, user_id: u64, which: impl Fn(&str) -> bool) {
+    let Some(p) = &st.pipeline else { return };
+    match p.presence.connections(user_id).await {
+        Ok(conns) => {
+            for c in conns.iter().filter(|c| which(&c.jti)) {
+                if let Err(e) = p.client.close(&c.gateway, c.conn, "token revoked") {
+                    log::warn!("logout: {e}");
+                }
+            }
+        }
+        Err(e) => log::warn!("logout: open connections not closed: {e}"),
+    }
+}
+
+/// `POST /auth/logout`: ends this session (the login this access token belongs to) on every
+/// device that shares it; the user's other logins go on.
 pub async fn logout(S(st): S<State>, caller: Caller) -> Result<StatusCode, ApiError> {
     st.revocations
         .revoke(&caller.jti, caller.exp)
         .await
-        .map_err(|why| {
-            log::warn!("revocations: {why}");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::DependencyDown,
-                "the session store is unavailable; retry later",
-            )
-        })?;
-    st.store.drop_refresh_tokens(caller.user_id).await?;
-    // The connections this token opened are closed with 1008 (docs/PROTOCOL.md, "Tokens"); the
-    // gateways also refuse it at the next upgrade. Best effort: presence may be a moment old.
-    if let Some(p) = &st.pipeline {
-        match p.presence.connections(caller.user_id).await {
-            Ok(conns) => {
-                for c in conns.iter().filter(|c| c.jti == caller.jti) {
-                    if let Err(e) = p.client.close(&c.gateway, c.conn, "token revoked") {
-                        log::warn!("logout: {e}");
-                    }
-                }
-            }
-            Err(e) => log::warn!("logout: open connections not closed: {e}"),
+        .map_err(session_store_down)?;
+    match st.store.family_of_access(&caller.jti).await? {
+        Some(family) => end_family(&st, caller.user_id, &family).await?,
+        // A token no login issued (`im token`): it alone is revoked.
+        None => close_connections(&st, caller.user_id, |jti| jti == caller.jti).await,
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /auth/logout-all`: ends every session of the user: all access tokens its logins
+/// issued are revoked, all refresh tokens forgotten, all its WebSockets closed.
+pub async fn logout_all(S(st): S<State>, caller: Caller) -> Result<StatusCode, ApiError> {
+    st.revocations
+        .revoke(&caller.jti, caller.exp)
+        .await
+        .map_err(session_store_down)?;
+    let now_s = im_shared::unix_ms() / 1000;
+    for family in st.store.refresh_families(caller.user_id).await? {
+        for (jti, exp) in st.store.family_access(&family, now_s).await? {
+            st.revocations
+                .revoke(&jti, exp)
+                .await
+                .map_err(session_store_down)?;
         }
     }
+    st.store.drop_refresh_tokens(caller.user_id).await?;
+    close_connections(&st, caller.user_id, |_| true).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

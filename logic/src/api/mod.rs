@@ -149,6 +149,7 @@ pub fn router(state: State) -> Router {
         .route("/auth/login", post(accounts::login))
         .route("/auth/refresh", post(accounts::refresh))
         .route("/auth/logout", post(accounts::logout))
+        .route("/auth/logout-all", post(accounts::logout_all))
         .route(
             "/users/profile",
             get(accounts::get_profile).put(accounts::put_profile),

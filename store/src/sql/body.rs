@@ -106,31 +106,85 @@ macro_rules! impl_store {
                 Ok(self.user_by_id(id).await?.is_some())
             }
 
-            async fn put_refresh(&self, token_hash: &str, user_id: u64, expires_ms: u64) -> Result<()> {
-                sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, expires_ms) VALUES (?, ?, ?)")
-                    .bind(token_hash)
-                    .bind(to_i64(user_id))
-                    .bind(to_i64(expires_ms))
+            async fn put_refresh(&self, r: &NewRefresh<'_>) -> Result<()> {
+                let now = to_i64(im_shared::unix_ms());
+                // Expired rows of this user go as new ones come: the table holds live sessions
+                // and, until they expire, the used tokens that tell reuse.
+                sqlx::query("DELETE FROM refresh_tokens WHERE user_id = ? AND expires_ms <= ?")
+                    .bind(to_i64(r.user_id))
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, expires_ms, family, access_jti, access_exp) VALUES (?, ?, ?, ?, ?, ?)")
+                    .bind(r.token_hash)
+                    .bind(to_i64(r.user_id))
+                    .bind(to_i64(r.expires_ms))
+                    .bind(r.family)
+                    .bind(r.access_jti)
+                    .bind(to_i64(r.access_exp_s))
                     .execute(&self.pool)
                     .await?;
                 Ok(())
             }
 
-            async fn take_refresh(&self, token_hash: &str, now_ms: u64) -> Result<Option<u64>> {
-                let row = sqlx::query("SELECT user_id, expires_ms FROM refresh_tokens WHERE token_hash = ?")
+            async fn take_refresh(&self, token_hash: &str, now_ms: u64) -> Result<Taken> {
+                let row = sqlx::query("SELECT user_id, expires_ms, family FROM refresh_tokens WHERE token_hash = ?")
                     .bind(token_hash)
                     .fetch_optional(&self.pool)
                     .await?;
-                let Some(row) = row else { return Ok(None) };
-                // The DELETE decides: of two concurrent uses of one token, only one removes it.
-                let deleted = sqlx::query("DELETE FROM refresh_tokens WHERE token_hash = ?")
+                let Some(row) = row else { return Ok(Taken::Unknown) };
+                let expires: i64 = row.try_get("expires_ms")?;
+                let user_id = row.try_get::<i64, _>("user_id")? as u64;
+                let family: String = row.try_get("family")?;
+                if expires <= to_i64(now_ms) {
+                    return Ok(Taken::Unknown);
+                }
+                // The UPDATE decides: of two concurrent uses of one token, one marks it used
+                // and the other is a reuse.
+                let marked = sqlx::query("UPDATE refresh_tokens SET used_ms = ? WHERE token_hash = ? AND used_ms = 0")
+                    .bind(to_i64(now_ms).max(1))
                     .bind(token_hash)
                     .execute(&self.pool)
                     .await?
                     .rows_affected();
-                let expires: i64 = row.try_get("expires_ms")?;
-                let user: i64 = row.try_get("user_id")?;
-                Ok((deleted == 1 && expires > to_i64(now_ms)).then_some(user as u64))
+                Ok(if marked == 1 {
+                    Taken::Fresh { user_id, family }
+                } else {
+                    Taken::Reused { user_id, family }
+                })
+            }
+
+            async fn family_access(&self, family: &str, now_s: u64) -> Result<Vec<(String, u64)>> {
+                let rows = sqlx::query("SELECT access_jti, access_exp FROM refresh_tokens WHERE family = ? AND access_exp > ?")
+                    .bind(family)
+                    .bind(to_i64(now_s))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get::<String, _>("access_jti")?, r.try_get::<i64, _>("access_exp")? as u64)))
+                    .filter(|r: &Result<(String, u64)>| r.as_ref().map_or(true, |(j, _)| !j.is_empty()))
+                    .collect()
+            }
+
+            async fn family_of_access(&self, jti: &str) -> Result<Option<String>> {
+                let f: Option<String> = sqlx::query_scalar("SELECT family FROM refresh_tokens WHERE access_jti = ? LIMIT 1")
+                    .bind(jti)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(f.filter(|f| !f.is_empty()))
+            }
+
+            async fn drop_refresh_family(&self, family: &str) -> Result<()> {
+                sqlx::query("DELETE FROM refresh_tokens WHERE family = ?").bind(family).execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn refresh_families(&self, user_id: u64) -> Result<Vec<String>> {
+                let f: Vec<String> = sqlx::query_scalar("SELECT DISTINCT family FROM refresh_tokens WHERE user_id = ? AND family <> ''")
+                    .bind(to_i64(user_id))
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(f)
             }
 
             async fn drop_refresh_tokens(&self, user_id: u64) -> Result<()> {
