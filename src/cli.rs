@@ -71,6 +71,16 @@ pub(crate) struct ApiArgs {
     pub(crate) rest_sends_per_sec_max: u32,
 }
 
+/// Where a process serves `/metrics`.
+#[derive(Args, Clone)]
+pub(crate) struct MetricsArgs {
+    /// Serve /metrics (and /healthz) on this address instead of the public ports (the
+    /// WebSocket port, the REST port), which then answer 404 for it. With --processes N,
+    /// gateway process i takes this port + i.
+    #[arg(long, env = "IM_METRICS_LISTEN")]
+    pub(crate) metrics_listen: Option<SocketAddr>,
+}
+
 /// How tokens are judged: one setting for gateways and logic, which must agree.
 #[derive(Args, Clone)]
 pub(crate) struct TokenPolicyArgs {
@@ -127,6 +137,8 @@ pub(crate) struct LogicArgs {
     pub(crate) api: ApiArgs,
     #[command(flatten)]
     pub(crate) tokens: TokenPolicyArgs,
+    #[command(flatten)]
+    pub(crate) metrics: MetricsArgs,
     #[command(flatten)]
     pub(crate) kafka: KafkaArgs,
     /// Serve the REST API only, without the Kafka pipeline stage (messages/send then stores
@@ -237,6 +249,8 @@ pub(crate) struct StandaloneArgs {
     pub(crate) api: ApiArgs,
     #[command(flatten)]
     pub(crate) tokens: TokenPolicyArgs,
+    #[command(flatten)]
+    pub(crate) metrics: MetricsArgs,
     /// Where standalone keeps its state: the generated JWT secret and the SQLite database.
     #[arg(long, env = "IM_DATA_DIR", default_value = "./data")]
     pub(crate) data_dir: PathBuf,
@@ -263,6 +277,8 @@ pub(crate) struct GatewayCmdArgs {
     pub(crate) gateway: GatewayArgs,
     #[command(flatten)]
     pub(crate) tokens: TokenPolicyArgs,
+    #[command(flatten)]
+    pub(crate) metrics: MetricsArgs,
     #[command(flatten)]
     pub(crate) pipeline: PipelineArgs,
     /// Run this many gateway processes sharing the port with SO_REUSEPORT, each with its own
@@ -315,6 +331,7 @@ impl ApiArgs {
             trusted_proxies: self.trusted_proxies.clone(),
             token_lifetime_max_s: tokens.token_lifetime_max_s,
             sends_per_s_max: self.rest_sends_per_sec_max.max(1),
+            metrics: Default::default(),
         })
     }
 }
@@ -416,13 +433,20 @@ impl LogicArgs {
             logic::StageSettings {
                 logic_id: logic_id.clone(),
                 stage: logic::stage::StageConfig::default(),
+                stats: Default::default(),
             }
         });
         Ok(logic::Config {
             logic: logic::LogicConfig {
-                api: self
-                    .api
-                    .config(&secret, self.ws_url.clone(), &self.tokens)?,
+                api: logic::api::ApiConfig {
+                    metrics: match self.metrics.metrics_listen {
+                        Some(at) => logic::api::MetricsAt::Own(at),
+                        None => logic::api::MetricsAt::Api,
+                    },
+                    ..self
+                        .api
+                        .config(&secret, self.ws_url.clone(), &self.tokens)?
+                },
                 api_listen: self.api.api_listen,
                 stage,
             },

@@ -51,8 +51,13 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     let mut gw = a.gateway.config(secret.clone().into_bytes(), None, 1);
     gw.presence_refresh_ms = PRESENCE_REFRESH_MS;
     gw.token_lifetime_max_s = a.tokens.token_lifetime_max_s;
+    // One address for the whole process's metrics: the gateway's listener renders logic's
+    // and persist's counters too (the hook below), and the REST port serves none.
+    gw.metrics_listen = a.metrics.metrics_listen;
+    let elsewhere = gw.metrics_listen.is_some();
+    let stage_stats: Arc<logic::stage::StageStats> = Default::default();
     let (ws, api) = (gw.ws_listen, a.api.api_listen);
-    let logic_cfg = logic_config(&a, &secret, ws)?;
+    let logic_cfg = logic_config(&a, &secret, ws, stage_stats.clone())?;
 
     // Logic and persist run on a small tokio runtime beside the gateway's pinned shards.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -99,6 +104,9 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
     });
     let metrics: gateway_core::shard::MetricsHook = Arc::new(move |out: &mut String| {
         out.push_str(&persist::render_metrics(&persist_stats));
+        if elsewhere {
+            stage_stats.render(out);
+        }
     });
     let gateway = match im_gateway::start(gw, routing, Some(metrics)) {
         Ok(g) => g,
@@ -131,9 +139,14 @@ fn logic_config(
     a: &StandaloneArgs,
     secret: &str,
     ws: std::net::SocketAddr,
+    stats: Arc<logic::stage::StageStats>,
 ) -> Result<logic::LogicConfig, String> {
+    let mut api = a.api.config(secret, format!("ws://{ws}/ws"), &a.tokens)?;
+    if a.metrics.metrics_listen.is_some() {
+        api.metrics = logic::api::MetricsAt::Elsewhere;
+    }
     Ok(logic::LogicConfig {
-        api: a.api.config(secret, format!("ws://{ws}/ws"), &a.tokens)?,
+        api,
         api_listen: a.api.api_listen,
         stage: Some(logic::StageSettings {
             logic_id: "standalone-logic".into(),
@@ -141,6 +154,7 @@ fn logic_config(
                 batch_wait_ms: a.stage_wait_ms,
                 ..Default::default()
             },
+            stats,
         }),
     })
 }

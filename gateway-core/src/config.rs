@@ -55,6 +55,9 @@ pub struct GatewayConfig {
     pub presence_refresh_ms: u64,
     /// Force the epoll driver even where io_uring works (for comparison and tests).
     pub force_epoll: bool,
+    /// Serve `/metrics` (and `/healthz`) here instead of on the WebSocket port
+    /// (`--metrics-listen`); `None`: on the WebSocket port, as by default.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for GatewayConfig {
@@ -84,6 +87,7 @@ impl Default for GatewayConfig {
             fanout_merge_ms: 0,
             presence_refresh_ms: 60_000,
             force_epoll: false,
+            metrics_listen: None,
         }
     }
 }

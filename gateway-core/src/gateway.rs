@@ -41,6 +41,7 @@ const LISTEN_BACKLOG: i32 = 65535;
 
 pub struct GatewayHandle {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     wakers: Arc<[Waker]>,
     stats: Arc<[ShardStats]>,
@@ -255,6 +256,22 @@ fn start(
         Routing::LocalRouter => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let metrics_addr = match cfg.metrics_listen {
+        None => None,
+        Some(at) => Some(
+            crate::metrics_listener::start(
+                at,
+                crate::metrics_listener::Source {
+                    gateway_id: cfg.gateway_id.clone(),
+                    stats: stats.clone(),
+                    driver: driver.name(),
+                    hook: opts.metrics.clone(),
+                    stop: stop.clone(),
+                },
+            )
+            .map_err(|e| io::Error::new(e.kind(), format!("--metrics-listen {at}: {e}")))?,
+        ),
+    };
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let cfg = Arc::new(cfg);
     let mut threads = Vec::with_capacity(n);
@@ -281,6 +298,7 @@ fn start(
     );
     let handle = GatewayHandle {
         addr,
+        metrics_addr,
         stop,
         wakers,
         stats,
@@ -331,6 +349,11 @@ impl ShardThread {
 impl GatewayHandle {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics` is served when not on the WebSocket port (`--metrics-listen`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn driver(&self) -> Driver {

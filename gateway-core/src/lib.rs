@@ -27,6 +27,7 @@ pub mod handshake;
 pub mod idmap;
 pub mod mesh;
 pub mod metrics;
+pub mod metrics_listener;
 pub mod msg;
 pub mod ring;
 pub mod shard;

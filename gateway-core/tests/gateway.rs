@@ -386,6 +386,39 @@ fn health_and_metrics_on_the_gateway_port() {
     );
 }
 
+/// `--metrics-listen`: the counters move to their own address, and the WebSocket port no
+/// longer shows them (404, JSON body).
+#[test]
+fn metrics_on_their_own_address_leave_the_public_port() {
+    let gw = start(GatewayConfig {
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..config(false)
+    });
+    let (addr, at) = (gw.local_addr(), gw.metrics_addr().expect("bound"));
+    let _held = connect(addr, 9);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(metric(at, "im_gateway_handshakes_total") >= 1);
+    let get = |to: SocketAddr, path: &str| {
+        let mut s = TcpStream::connect(to).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let public = get(addr, "/metrics");
+    assert!(
+        public.starts_with("HTTP/1.1 404") && public.contains("\"code\":4040"),
+        "{public}"
+    );
+    assert!(get(at, "/healthz").ends_with("ok\n"));
+    assert!(get(at, "/ws").starts_with("HTTP/1.1 404"));
+    assert!(
+        get(addr, "/healthz").ends_with("ok\n"),
+        "health stays public"
+    );
+}
+
 #[test]
 fn close_code_from_client_is_echoed() {
     let gw = start(config(false));

@@ -45,6 +45,9 @@ pub struct StageSettings {
     /// Topic-safe, unique among logic instances: the REST API's reply topic is named after it.
     pub logic_id: String,
     pub stage: StageConfig,
+    /// The stage's counters: the caller's, so that a process serving its metrics elsewhere
+    /// (standalone's `--metrics-listen`) can render them.
+    pub stats: Arc<StageStats>,
 }
 
 /// What the service runs on: MySQL, Redis and Kafka (`run`), or SQLite, memory and the
@@ -226,7 +229,7 @@ async fn start_stage(
     let client = PipelineClient::start(b.bus.clone(), &s.logic_id)
         .await
         .map_err(|e| format!("the {}: {e}", b.bus.describe()))?;
-    let stats = Arc::new(StageStats::default());
+    let stats = s.stats.clone();
     let task = tokio::spawn(stage::run(
         b.bus.clone(),
         b.store.clone(),
@@ -267,12 +270,34 @@ pub async fn serve(
     let dummy_hash = tokio::task::spawn_blocking(move || auth::dummy_hash(cost))
         .await
         .map_err(std::io::Error::other)?;
-    let state = api::AppState::new(store, revocations, cfg, dummy_hash, lease, pipeline);
+    let state = Arc::new(api::AppState::new(
+        store,
+        revocations,
+        cfg,
+        dummy_hash,
+        lease,
+        pipeline,
+    ));
+    let metrics = match state.cfg.metrics {
+        api::MetricsAt::Own(at) => {
+            let l = tokio::net::TcpListener::bind(at).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("--metrics-listen {at}: {e}"))
+            })?;
+            log::info!("logic metrics on http://{}/metrics", l.local_addr()?);
+            let app = api::metrics_router(state.clone());
+            Some(tokio::spawn(async move { axum::serve(l, app).await }))
+        }
+        api::MetricsAt::Api | api::MetricsAt::Elsewhere => None,
+    };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     log::info!("logic REST API on http://{}/api/v1", listener.local_addr()?);
     // With each connection's peer address: login throttling keys on it (api::ClientAddr).
-    let app = api::router(Arc::new(state)).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
+    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    served
 }

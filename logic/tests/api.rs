@@ -25,10 +25,15 @@ impl Api {
     }
 
     fn with_cost(store: Arc<dyn Store>, cost: PasswordCost) -> Api {
-        Api::build(store, cost, 100)
+        Api::build(store, cost, 100, api::MetricsAt::Api)
     }
 
-    fn build(store: Arc<dyn Store>, cost: PasswordCost, sends_per_s_max: u32) -> Api {
+    fn build(
+        store: Arc<dyn Store>,
+        cost: PasswordCost,
+        sends_per_s_max: u32,
+        metrics: api::MetricsAt,
+    ) -> Api {
         let state = AppState::new(
             store,
             Arc::new(RevokedSet::default()),
@@ -42,6 +47,7 @@ impl Api {
                 trusted_proxies: vec![std::net::Ipv4Addr::UNSPECIFIED.into()],
                 token_lifetime_max_s: im_shared::jwt::LIFETIME_MAX_S,
                 sends_per_s_max,
+                metrics,
             },
             auth::dummy_hash(cost),
             Arc::new(im_shared::snowflake::WorkerLease::fixed(1)),
@@ -228,7 +234,12 @@ async fn login_throttling_on_sqlite() {
 #[tokio::test]
 async fn rest_sends_are_rate_limited_on_sqlite() {
     let dir = tempdir();
-    let api = Api::build(Arc::new(fresh_sqlite(&dir).await), PasswordCost::test(), 2);
+    let api = Api::build(
+        Arc::new(fresh_sqlite(&dir).await),
+        PasswordCost::test(),
+        2,
+        api::MetricsAt::Api,
+    );
     let (ann, a) = user(&api, "ann").await;
     let (ben, b) = user(&api, "ben").await;
     let send = |tok: &str, to: &str, i: u32| {
@@ -262,6 +273,38 @@ async fn rest_sends_are_rate_limited_on_sqlite() {
     let resp = api.app.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(resp.headers()["retry-after"], "1");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `/metrics` on the API port by default; with `--metrics-listen`, only on its own router
+/// (the API port answers 404).
+#[tokio::test]
+async fn metrics_can_leave_the_api_port() {
+    let dir = tempdir();
+    let store: Arc<dyn Store> = Arc::new(fresh_sqlite(&dir).await);
+    let get = |app: axum::Router, path: &'static str| async move {
+        let req = Request::builder().uri(path).body(Body::empty()).unwrap();
+        app.oneshot(req).await.unwrap().status()
+    };
+    let here = Api::build(
+        store.clone(),
+        PasswordCost::test(),
+        100,
+        api::MetricsAt::Api,
+    );
+    assert_eq!(get(here.app.clone(), "/metrics").await, StatusCode::OK);
+    let own = api::MetricsAt::Own("127.0.0.1:9".parse().unwrap());
+    let away = Api::build(store, PasswordCost::test(), 100, own);
+    assert_eq!(
+        get(away.app.clone(), "/metrics").await,
+        StatusCode::NOT_FOUND
+    );
+    let metrics = api::metrics_router(away.state.clone());
+    assert_eq!(get(metrics.clone(), "/metrics").await, StatusCode::OK);
+    assert_eq!(
+        get(metrics, "/api/v1/users/profile").await,
+        StatusCode::NOT_FOUND
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

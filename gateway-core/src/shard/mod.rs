@@ -126,6 +126,8 @@ pub struct Shard {
     limits: Limits,
     secret: Arc<[u8]>,
     token_lifetime_max_s: u64,
+    /// `/metrics` is served on the WebSocket port (no `--metrics-listen`).
+    metrics_here: bool,
     revoked: Option<RevokedCheck>,
     extra_metrics: Option<MetricsHook>,
     gateway_id: Arc<str>,
@@ -204,6 +206,7 @@ impl Shard {
             },
             secret: cfg.jwt_secret.clone().into(),
             token_lifetime_max_s: cfg.token_lifetime_max_s,
+            metrics_here: cfg.metrics_listen.is_none(),
             revoked,
             extra_metrics: None,
             gateway_id: cfg.gateway_id.as_str().into(),

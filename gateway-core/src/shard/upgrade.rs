@@ -83,7 +83,7 @@ impl Shard {
                 handshake::response(503, "text/plain", b"shutting down\n")
             }
             "/healthz" => handshake::response(200, "text/plain", b"ok\n"),
-            "/metrics" => {
+            "/metrics" if self.metrics_here => {
                 let mut text = metrics::render(&self.gateway_id, &self.stats, self.driver);
                 if let Some(hook) = &self.extra_metrics {
                     hook(&mut text);

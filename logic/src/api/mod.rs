@@ -41,6 +41,20 @@ pub struct ApiConfig {
     /// `POST /messages/send` per user and second, bursts of twice that (`--msgs-per-sec-max`,
     /// the WebSocket's per-connection budget).
     pub sends_per_s_max: u32,
+    /// Where `/metrics` is served.
+    pub metrics: MetricsAt,
+}
+
+/// Where the API's `/metrics` is served (`--metrics-listen`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MetricsAt {
+    /// On the API's port (the default).
+    #[default]
+    Api,
+    /// On an address of its own; the API's port answers 404 for it.
+    Own(std::net::SocketAddr),
+    /// Not by the API: the process serves them elsewhere (standalone's metrics listener).
+    Elsewhere,
 }
 
 pub struct AppState {
@@ -143,7 +157,23 @@ pub type State = Arc<AppState>;
 /// The largest REST request body read (axum's default, said here): larger ones get 413.
 pub const BODY_BYTES_MAX: usize = 2 << 20;
 
+/// `/metrics` and `/healthz` alone, for `MetricsAt::Own`.
+pub fn metrics_router(state: State) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "this address serves GET /metrics and GET /healthz",
+            )
+        })
+        .with_state(state)
+}
+
 pub fn router(state: State) -> Router {
+    let metrics_here = state.cfg.metrics == MetricsAt::Api;
     let api = Router::new()
         .route("/users/register", post(accounts::register))
         .route("/auth/login", post(accounts::login))
@@ -178,25 +208,29 @@ pub fn router(state: State) -> Router {
             "/groups/{id}/members/{user_id}",
             axum::routing::delete(groups::remove_member),
         );
-    Router::new()
+    let root = Router::new()
         .nest("/api/v1", api)
         .route("/", get(web::index))
         .route("/app.js", get(web::app_js))
         .route("/style.css", get(web::style_css))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
-        })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::MethodNotAllowed,
-                "this route does not take that method",
-            )
-        })
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(state)
+        .route("/healthz", get(|| async { "ok\n" }));
+    let root = if metrics_here {
+        root.route("/metrics", get(metrics))
+    } else {
+        root
+    };
+    root.fallback(|| async {
+        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+    })
+    .method_not_allowed_fallback(|| async {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::MethodNotAllowed,
+            "this route does not take that method",
+        )
+    })
+    .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+    .with_state(state)
 }
 
 /// The OpenAPI 3 description of this API (hand-written; `tests/openapi.rs` holds it to the
