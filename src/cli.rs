@@ -332,6 +332,9 @@ impl ApiArgs {
             token_lifetime_max_s: tokens.token_lifetime_max_s,
             sends_per_s_max: self.rest_sends_per_sec_max.max(1),
             metrics: Default::default(),
+            // A client retrying a refresh whose answer it lost does so within seconds (OAuth
+            // 2.0 Security BCP allows such a grace period).
+            refresh_reuse_grace_ms: 10_000,
         })
     }
 }

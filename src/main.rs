@@ -96,10 +96,13 @@ fn gateway(a: GatewayCmdArgs) -> Result<(), String> {
     core.token_lifetime_max_s = a.tokens.token_lifetime_max_s;
     // Each process of a multi-process gateway on its own port: this one + its index.
     core.metrics_listen = a.metrics.metrics_listen.map(|mut at| {
-        at.set_port(
-            at.port()
-                .saturating_add(a.process_index.unwrap_or(0) as u16),
-        );
+        // Port 0 (any free port) stays 0 for every process.
+        if at.port() != 0 {
+            at.set_port(
+                at.port()
+                    .saturating_add(a.process_index.unwrap_or(0) as u16),
+            );
+        }
         at
     });
     let cfg = im_gateway::Config {

@@ -159,46 +159,47 @@ fn logic_config(
     })
 }
 
-/// The database file and the two SQLite keeps beside it (its log and shared memory).
-const DB_FILES: [&str; 3] = ["im.db", "im.db-wal", "im.db-shm"];
+/// Our files in the data directory.
+const OUR_FILES: [&str; 4] = ["im.db", "im.db-wal", "im.db-shm", "jwt_secret"];
 
 /// The data directory, for this user only: it holds password and refresh-token hashes,
-/// every message and the JWT secret. Created 0700; an existing one that is ours (it holds
-/// `im.db` or `jwt_secret`, or nothing) is made 0700, and its files of ours 0600. A
-/// directory of other things (`--data-dir /tmp`) is left as it is, with a warning.
+/// every message and the JWT secret. Created 0700; an existing one that holds nothing but
+/// our files is made 0700 (when we own it), and our files 0600. A directory that holds other
+/// things too (`--data-dir /tmp`, or `.`) keeps its mode, with a warning: our files are still
+/// made 0600.
 fn private_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
     let err = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(|e| err("creating", dir, e))?;
-    let ours = ["im.db", "jwt_secret"].iter().any(|f| dir.join(f).exists())
-        || std::fs::read_dir(dir)
-            .map_err(|e| err("reading", dir, e))?
-            .next()
-            .is_none();
-    let mode = std::fs::metadata(dir)
-        .map_err(|e| err("reading", dir, e))?
-        .permissions()
-        .mode();
+    let mut only_ours = true;
+    for entry in std::fs::read_dir(dir).map_err(|e| err("reading", dir, e))? {
+        let name = entry.map_err(|e| err("reading", dir, e))?.file_name();
+        only_ours &= OUR_FILES.iter().any(|f| name == *f);
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| err("reading", dir, e))?;
+    let mode = meta.permissions().mode();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let mine = meta.uid() == unsafe { libc::geteuid() };
     if mode & 0o077 != 0 {
-        if !ours {
-            log::warn!(
-                "{} is readable by other users and holds other files: its mode is left at {:o}",
-                dir.display(),
-                mode & 0o777
-            );
-        } else {
+        if only_ours && mine {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| err("making private", dir, e))?;
             log::info!("{}: mode {:o} → 700", dir.display(), mode & 0o777);
+        } else {
+            log::warn!(
+                "{} is open to other users ({:o}) and is not only ours: its mode is left as it is (our files in it are 0600)",
+                dir.display(),
+                mode & 0o777
+            );
         }
     }
     // SQLite gives its log and shared-memory files the database file's mode: so the database
     // is created 0600 here, before SQLite opens it, and existing files are made so.
-    let db = dir.join(DB_FILES[0]);
+    let db = dir.join("im.db");
     if let Err(e) = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -209,7 +210,7 @@ fn private_dir(dir: &Path) -> Result<(), String> {
             return Err(err("creating", &db, e));
         }
     }
-    for f in DB_FILES.iter().chain(&["jwt_secret"]) {
+    for f in OUR_FILES {
         let p = dir.join(f);
         match std::fs::metadata(&p) {
             Ok(m) if m.permissions().mode() & 0o077 != 0 => {

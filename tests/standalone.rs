@@ -258,6 +258,23 @@ fn the_data_directory_and_its_files_are_private() {
         std::fs::write(found.join(f), content).unwrap();
         std::fs::set_permissions(found.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
     }
+    // A directory that holds other things keeps its mode (a warning says so): our files in
+    // it are still private.
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("notes.txt"), "not ours").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Standalone::start(&dir, &shared, "standalone-shared-dir");
+    s.user("private");
+    assert_eq!(
+        mode(&shared),
+        0o755,
+        "a directory of other things is left as it is"
+    );
+    for f in ["im.db", "jwt_secret"] {
+        assert_eq!(mode(&shared.join(f)), 0o600, "{f}");
+    }
+    drop(s);
     for data in [&fresh, &found] {
         let s = Standalone::start(&dir, data, "standalone-private");
         // A registration writes through the log: the log and shared-memory files exist.

@@ -63,11 +63,18 @@ fn serve(listener: TcpListener, source: Source) {
 /// One request, one answer, then the connection closes.
 fn answer(mut stream: TcpStream, source: &Source) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    // One deadline for the whole request: a client trickling a byte at a time must not hold
+    // the (only) thread for longer than that.
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
     let mut buf = [0u8; REQUEST_BYTES_MAX];
     let mut n = 0;
     while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(left))?;
         match stream.read(&mut buf[n..])? {
             0 => break,
             k => n += k,

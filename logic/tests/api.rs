@@ -25,7 +25,7 @@ impl Api {
     }
 
     fn with_cost(store: Arc<dyn Store>, cost: PasswordCost) -> Api {
-        Api::build(store, cost, 100, api::MetricsAt::Api)
+        Api::build(store, cost, 100, api::MetricsAt::Api, 0)
     }
 
     fn build(
@@ -33,6 +33,7 @@ impl Api {
         cost: PasswordCost,
         sends_per_s_max: u32,
         metrics: api::MetricsAt,
+        refresh_reuse_grace_ms: u64,
     ) -> Api {
         let state = AppState::new(
             store,
@@ -48,6 +49,8 @@ impl Api {
                 token_lifetime_max_s: im_shared::jwt::LIFETIME_MAX_S,
                 sends_per_s_max,
                 metrics,
+                // 0 by default here: the tests reuse refresh tokens at once.
+                refresh_reuse_grace_ms,
             },
             auth::dummy_hash(cost),
             Arc::new(im_shared::snowflake::WorkerLease::fixed(1)),
@@ -239,6 +242,7 @@ async fn rest_sends_are_rate_limited_on_sqlite() {
         PasswordCost::test(),
         2,
         api::MetricsAt::Api,
+        0,
     );
     let (ann, a) = user(&api, "ann").await;
     let (ben, b) = user(&api, "ben").await;
@@ -276,6 +280,39 @@ async fn rest_sends_are_rate_limited_on_sqlite() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A refresh token presented again within the grace period is its own client retrying a
+/// refresh whose answer it lost: refused, but the session goes on.
+#[tokio::test]
+async fn a_refresh_retried_at_once_does_not_end_the_session() {
+    let dir = tempdir();
+    let store: Arc<dyn Store> = Arc::new(fresh_sqlite(&dir).await);
+    let api = Api::build(
+        store,
+        PasswordCost::test(),
+        100,
+        api::MetricsAt::Api,
+        60_000,
+    );
+    user(&api, "hal").await;
+    let r = api.login("hal", "correct horse").await;
+    let refresh = r.1["refresh_token"].as_str().unwrap().to_string();
+    let body = json!({"refresh_token": refresh});
+    let first = api
+        .call("POST", "/api/v1/auth/refresh", None, Some(body.clone()))
+        .await;
+    assert_eq!(first.0, StatusCode::OK, "{first:?}");
+    let again = api
+        .call("POST", "/api/v1/auth/refresh", None, Some(body))
+        .await;
+    assert_eq!(err(&again), (401, 4010));
+    let token = first.1["token"].as_str().unwrap();
+    let r = api
+        .call("GET", "/api/v1/users/profile", Some(token), None)
+        .await;
+    assert_eq!(r.0, StatusCode::OK, "the session goes on: {r:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `/metrics` on the API port by default; with `--metrics-listen`, only on its own router
 /// (the API port answers 404).
 #[tokio::test]
@@ -291,10 +328,11 @@ async fn metrics_can_leave_the_api_port() {
         PasswordCost::test(),
         100,
         api::MetricsAt::Api,
+        0,
     );
     assert_eq!(get(here.app.clone(), "/metrics").await, StatusCode::OK);
     let own = api::MetricsAt::Own("127.0.0.1:9".parse().unwrap());
-    let away = Api::build(store, PasswordCost::test(), 100, own);
+    let away = Api::build(store, PasswordCost::test(), 100, own, 0);
     assert_eq!(
         get(away.app.clone(), "/metrics").await,
         StatusCode::NOT_FOUND

@@ -40,6 +40,7 @@ async fn the_spec_and_the_router_agree() {
             token_lifetime_max_s: im_shared::jwt::LIFETIME_MAX_S,
             sends_per_s_max: 100,
             metrics: Default::default(),
+            refresh_reuse_grace_ms: 10_000,
         },
         auth::dummy_hash(cost),
         Arc::new(im_shared::snowflake::WorkerLease::fixed(1)),

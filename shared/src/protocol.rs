@@ -254,7 +254,8 @@ fn de_opt_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
                 .ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
         }
         fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-            (v != 0)
+            // The same range as a decimal string's (`parse_id`): 1 to 2^63 − 1.
+            (v != 0 && v <= i64::MAX as u64)
                 .then_some(Some(v))
                 .ok_or_else(|| E::invalid_value(de::Unexpected::Unsigned(v), &self))
         }

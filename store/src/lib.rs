@@ -50,8 +50,13 @@ pub struct NewRefresh<'a> {
 pub enum Taken {
     /// Valid and now used: a new pair may be issued in its family.
     Fresh { user_id: u64, family: String },
-    /// Used before: someone holds a copy. The family must end.
-    Reused { user_id: u64, family: String },
+    /// Used before (at `used_ms`): someone holds a copy, and the family must end, unless
+    /// it is its own client retrying a refresh whose answer it did not get.
+    Reused {
+        user_id: u64,
+        family: String,
+        used_ms: u64,
+    },
     /// Unknown or expired.
     Unknown,
 }
@@ -207,6 +212,8 @@ pub trait Store: Send + Sync + 'static {
     async fn refresh_families(&self, user_id: u64) -> Result<Vec<String>>;
     /// Forgets every refresh token of a user.
     async fn drop_refresh_tokens(&self, user_id: u64) -> Result<()>;
+    /// Forgets a user's refresh tokens from before families (migration 3).
+    async fn drop_refresh_without_family(&self, user_id: u64) -> Result<()>;
 
     /// A new group with its owner as the first member.
     async fn create_group(

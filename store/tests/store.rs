@@ -53,7 +53,8 @@ async fn accounts_and_refresh_tokens(s: &dyn Store) {
         s.take_refresh("h1", 500).await.unwrap(),
         Taken::Reused {
             user_id: id,
-            family: "fa".into()
+            family: "fa".into(),
+            used_ms: 500,
         },
         "a refresh token works once; the second use is a reuse"
     );

@@ -58,7 +58,7 @@ async fn hashing<T: Send + 'static>(
     st: &State,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    let slot = tokio::time::timeout(HASHING_WAIT, st.hashing.acquire())
+    let slot = tokio::time::timeout(HASHING_WAIT, st.hashing.clone().acquire_owned())
         .await
         .ok()
         .and_then(Result::ok)
@@ -72,9 +72,16 @@ async fn hashing<T: Send + 'static>(
         })?;
     let now = st.hashing_now.fetch_add(1, Ordering::Relaxed) + 1;
     st.hashing_peak.fetch_max(now, Ordering::Relaxed);
-    let r = tokio::task::spawn_blocking(f).await;
-    st.hashing_now.fetch_sub(1, Ordering::Relaxed);
-    drop(slot);
+    // The slot and the count go with the work: a login whose client goes away stops waiting
+    // for it, but the argon2 run (and its buffer) lasts until it ends.
+    let held = st.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let out = f();
+        held.hashing_now.fetch_sub(1, Ordering::Relaxed);
+        drop(slot);
+        out
+    })
+    .await;
     r.map_err(|_| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -168,7 +175,7 @@ pub async fn login(
 ) -> Result<Json<Tokens>, ApiError> {
     // Throttled before anything is looked up: the same answer for names that exist and
     // names that do not, and no argon2 work for an address that must wait.
-    let wait = lock(&st.logins).check(&l.username, addr, im_shared::unix_ms());
+    let wait = lock(&st.logins).attempt(&l.username, addr, im_shared::unix_ms());
     if let Some(ms) = wait {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -193,10 +200,8 @@ pub async fn login(
             lock(&st.logins).succeeded(&l.username, addr);
             issue_tokens(&st, id, &jwt::random_hex(16)).await
         }
-        _ => {
-            lock(&st.logins).failed(&l.username, addr, im_shared::unix_ms());
-            Err(ApiError::unauthorized(BAD_LOGIN))
-        }
+        // Counted as a failure already (`attempt`).
+        _ => Err(ApiError::unauthorized(BAD_LOGIN)),
     }
 }
 
@@ -228,7 +233,18 @@ pub async fn refresh(S(st): S<State>, Body(r): Body<Refresh>) -> Result<Json<Tok
             };
             issue_tokens(&st, user_id, &family).await
         }
-        Taken::Reused { user_id, family } if !family.is_empty() => {
+        // Its own client retrying a refresh whose answer it lost (a timeout, a dropped
+        // connection) is no theft: refused, but the session goes on.
+        Taken::Reused { used_ms, .. }
+            if im_shared::unix_ms().saturating_sub(used_ms) < st.cfg.refresh_reuse_grace_ms =>
+        {
+            Err(ApiError::unauthorized(
+                "refresh token already used: use the one its refresh returned, or log in again",
+            ))
+        }
+        Taken::Reused {
+            user_id, family, ..
+        } if !family.is_empty() => {
             log::warn!("refresh token reused for user {user_id}: ending its session");
             end_family(&st, user_id, &family).await?;
             Err(ApiError::unauthorized(
@@ -292,8 +308,13 @@ pub async fn logout(S(st): S<State>, caller: Caller) -> Result<StatusCode, ApiEr
         .map_err(session_store_down)?;
     match st.store.family_of_access(&caller.jti).await? {
         Some(family) => end_family(&st, caller.user_id, &family).await?,
-        // A token no login issued (`im token`): it alone is revoked.
-        None => close_connections(&st, caller.user_id, |jti| jti == caller.jti).await,
+        // A token from before sessions were kept (its refresh tokens have no family), or one
+        // no login issued (`im token`): it is revoked, and its user's refresh tokens from
+        // before sessions with it (as logout did then).
+        None => {
+            st.store.drop_refresh_without_family(caller.user_id).await?;
+            close_connections(&st, caller.user_id, |jti| jti == caller.jti).await
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -78,6 +78,13 @@ pub async fn create(
             "description: at most 512 characters",
         ));
     }
+    // Shown beside the name: it must not reorder what follows it either.
+    if super::names::has_bidi_control(&description) {
+        return Err(ApiError::bad(
+            ErrorCode::InvalidField,
+            "description: no bidirectional formatting characters",
+        ));
+    }
     let max = c.max_members.unwrap_or(MAX_MEMBERS_DEFAULT);
     if !MAX_MEMBERS.contains(&max) {
         return Err(ApiError::bad(

@@ -23,7 +23,8 @@ fn invalid(msg: &str) -> ApiError {
 fn id_value(v: &Value, what: &str) -> Result<u64, ApiError> {
     match v {
         Value::String(s) => parse_id(s),
-        Value::Number(n) => n.as_u64().filter(|&v| v > 0),
+        // The same range as a string's: 1 to 2^63 − 1 (what the databases can hold).
+        Value::Number(n) => n.as_u64().filter(|&v| v > 0 && v <= i64::MAX as u64),
         _ => None,
     }
     .ok_or_else(|| invalid(&format!("{what} must be a decimal id")))

@@ -43,6 +43,9 @@ pub struct ApiConfig {
     pub sends_per_s_max: u32,
     /// Where `/metrics` is served.
     pub metrics: MetricsAt,
+    /// How long after its use a refresh token presented again is taken for its own
+    /// client's retry (refused, the session goes on) rather than a copy (the session ends).
+    pub refresh_reuse_grace_ms: u64,
 }
 
 /// Where the API's `/metrics` is served (`--metrics-listen`).
@@ -79,7 +82,7 @@ pub struct AppState {
     pub known_users: std::sync::Mutex<std::collections::HashSet<u64>>,
     /// argon2 runs at once, at most: each holds `PasswordCost::m_kib` of memory, so a burst
     /// of logins waits here instead of taking a buffer each (`accounts::hashing`).
-    pub hashing: tokio::sync::Semaphore,
+    pub hashing: Arc<tokio::sync::Semaphore>,
     /// argon2 runs now, and the most there have been at once (tests hold it to the cores).
     pub hashing_now: std::sync::atomic::AtomicUsize,
     pub hashing_peak: std::sync::atomic::AtomicUsize,
@@ -138,7 +141,7 @@ impl AppState {
             logins: Default::default(),
             sends: std::sync::Mutex::new(sends),
             known_users: Default::default(),
-            hashing: tokio::sync::Semaphore::new(cores),
+            hashing: Arc::new(tokio::sync::Semaphore::new(cores)),
             hashing_now: Default::default(),
             hashing_peak: Default::default(),
         }
@@ -381,7 +384,10 @@ fn client_addr(
     headers: &axum::http::HeaderMap,
     trusted: &[std::net::IpAddr],
 ) -> std::net::IpAddr {
-    if !trusted.contains(&peer) {
+    // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|t| t.to_canonical() == ip);
+    let peer = peer.to_canonical();
+    if !is_trusted(peer) {
         return peer;
     }
     let hops: Vec<&str> = headers
@@ -391,15 +397,27 @@ fn client_addr(
         .flat_map(|v| v.split(','))
         .collect();
     for hop in hops.iter().rev() {
-        match hop.trim().parse::<std::net::IpAddr>() {
-            Ok(ip) if trusted.contains(&ip) => continue,
-            Ok(ip) => return ip,
+        match hop_addr(hop) {
+            Some(ip) if is_trusted(ip) => continue,
+            Some(ip) => return ip,
             // Garbage where the client's address should be: the last trusted hop is the
             // nearest address anyone vouches for.
-            Err(_) => break,
+            None => break,
         }
     }
     peer
+}
+
+/// One `X-Forwarded-For` entry: an address, with or without a port (`1.2.3.4:5678`,
+/// `[2001:db8::1]:443`) or brackets.
+fn hop_addr(hop: &str) -> Option<std::net::IpAddr> {
+    let hop = hop.trim();
+    let ip = hop
+        .parse::<std::net::IpAddr>()
+        .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|s| s.ip()))
+        .or_else(|_| hop.trim_start_matches('[').trim_end_matches(']').parse())
+        .ok()?;
+    Some(ip.to_canonical())
 }
 
 /// Users known to exist, at most (8 bytes and the set's overhead each).
@@ -481,5 +499,50 @@ impl FromRequestParts<State> for Caller {
             jti: claims.jti,
             exp: claims.exp,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_address_is_what_a_trusted_proxy_appended() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let proxy = ip("10.0.0.1");
+        let xff = |v: &str| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert("x-forwarded-for", v.parse().unwrap());
+            h
+        };
+        let trusted = [proxy];
+        // Not from the proxy: the header is ignored.
+        assert_eq!(
+            client_addr(ip("203.0.113.9"), &xff("1.1.1.1"), &trusted),
+            ip("203.0.113.9")
+        );
+        // From the proxy (also as a mapped address): the right-most entry that is not it.
+        for peer in ["10.0.0.1", "::ffff:10.0.0.1"] {
+            let h = xff("6.6.6.6, 198.51.100.4");
+            assert_eq!(
+                client_addr(ip(peer), &h, &trusted),
+                ip("198.51.100.4"),
+                "{peer}"
+            );
+        }
+        for (v, want) in [
+            ("198.51.100.4:5678", "198.51.100.4"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("198.51.100.4, 10.0.0.1", "198.51.100.4"),
+            ("nonsense", "10.0.0.1"),
+        ] {
+            assert_eq!(client_addr(proxy, &xff(v), &trusted), ip(want), "{v}");
+        }
+        assert_eq!(
+            client_addr(proxy, &axum::http::HeaderMap::new(), &trusted),
+            proxy,
+            "no header: the proxy itself"
+        );
     }
 }

@@ -16,6 +16,11 @@ fn is_bidi_control(c: char) -> bool {
         '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
+/// Whether `text` holds bidirectional formatting characters.
+pub fn has_bidi_control(text: &str) -> bool {
+    text.chars().any(is_bidi_control)
+}
+
 /// Characters that show nothing by themselves: whitespace, and the format characters and
 /// fillers commonly used to make a name look empty (zero-width space and joiners, word
 /// joiner, BOM, soft hyphen, Hangul fillers, variation selectors, tags).

@@ -93,6 +93,19 @@ impl<K: std::hash::Hash + Eq + Clone> Keys<K> {
         self.map.remove(key);
     }
 
+    /// Takes back one failure counted ahead of an attempt that succeeded.
+    fn undo(&mut self, key: &K) {
+        if let Some(e) = self.map.get_mut(key) {
+            e.failures = e.failures.saturating_sub(1);
+            if e.failures < self.free {
+                e.until_ms = 0;
+            }
+            if e.failures == 0 {
+                self.map.remove(key);
+            }
+        }
+    }
+
     /// Idle keys first; if none, the one whose last failure is oldest. O(n), once per
     /// insertion into a full map: only a flood of distinct keys gets here.
     fn make_room(&mut self, now_ms: u64) {
@@ -122,7 +135,21 @@ impl Default for LoginThrottle {
     }
 }
 
+/// The address a count is kept for: IPv4 as it is (an IPv4-mapped IPv6 address as its IPv4
+/// one), IPv6 by its /64, which one subscriber usually holds whole (keying single IPv6
+/// addresses would give an attacker 2^64 fresh counts).
+fn address_key(addr: IpAddr) -> IpAddr {
+    match addr.to_canonical() {
+        IpAddr::V6(v6) => {
+            let net = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(net.into())
+        }
+        v4 => v4,
+    }
+}
+
 fn account_key(account: &str, addr: IpAddr) -> (Box<str>, IpAddr) {
+    let addr = address_key(addr);
     let mut end = account.len().min(ACCOUNT_BYTES_MAX);
     while !account.is_char_boundary(end) {
         end -= 1;
@@ -141,17 +168,33 @@ impl LoginThrottle {
     /// `None` if `account` may try from `addr` now; else how many milliseconds to wait.
     pub fn check(&self, account: &str, addr: IpAddr, now_ms: u64) -> Option<u64> {
         let a = self.accounts.wait(&account_key(account, addr), now_ms);
-        let b = self.addresses.wait(&addr, now_ms);
+        let b = self.addresses.wait(&address_key(addr), now_ms);
         a.max(b)
     }
 
-    pub fn failed(&mut self, account: &str, addr: IpAddr, now_ms: u64) {
-        self.accounts.fail(&account_key(account, addr), now_ms);
-        self.addresses.fail(&addr, now_ms);
+    /// A login attempt: `Some(ms)` if it must wait (it is not counted), else `None`, and it
+    /// is counted as a failure at once, before its password is checked, so that attempts
+    /// sent together cannot all pass the check before any of them has failed (and one whose
+    /// client goes away stays counted). `succeeded` takes the count back.
+    pub fn attempt(&mut self, account: &str, addr: IpAddr, now_ms: u64) -> Option<u64> {
+        if let Some(wait) = self.check(account, addr, now_ms) {
+            return Some(wait);
+        }
+        self.failed(account, addr, now_ms);
+        None
     }
 
+    /// Counts a failure.
+    pub fn failed(&mut self, account: &str, addr: IpAddr, now_ms: u64) {
+        self.accounts.fail(&account_key(account, addr), now_ms);
+        self.addresses.fail(&address_key(addr), now_ms);
+    }
+
+    /// An attempt succeeded: its (account, address) count is cleared, and the one failure it
+    /// was counted as is taken back from the address's count.
     pub fn succeeded(&mut self, account: &str, addr: IpAddr) {
         self.accounts.clear(&account_key(account, addr));
+        self.addresses.undo(&address_key(addr));
     }
 
     /// Keys held (both maps): for tests and the metrics.
@@ -325,9 +368,10 @@ mod tests {
             t.failed(&format!("user{}", i % 5), a, now);
         }
         assert!(t.check("someone-else", a, now).is_some());
-        t.succeeded("mallory", a);
+        // An attacker's own account cannot reset the address's count: while the address
+        // waits, no attempt from it is even checked.
         assert!(
-            t.check("mallory", a, now).is_some(),
+            t.attempt("mallory", a, now).is_some(),
             "the address still waits"
         );
         let mut t = LoginThrottle::default();
@@ -356,6 +400,41 @@ mod tests {
         assert_eq!(t.check("erin", a, later), None);
         t.failed("erin", a, later);
         assert_eq!(t.check("erin", a, later), None, "one failure is free again");
+    }
+
+    #[test]
+    fn attempts_sent_together_are_counted_before_their_passwords_are_checked() {
+        let mut t = LoginThrottle::default();
+        let (a, now) = (ip("198.51.100.9"), 50_000);
+        // Ten attempts at once: five pass the check, the rest must wait.
+        let passed = (0..10)
+            .filter(|_| t.attempt("frank", a, now).is_none())
+            .count();
+        assert_eq!(passed, ACCOUNT_FREE_FAILURES as usize);
+        // One of them had the right password: the account's count is cleared, and the
+        // address's count loses the attempt that succeeded.
+        t.succeeded("frank", a);
+        assert_eq!(t.check("frank", a, now), None);
+        assert_eq!(t.addresses.map[&a].failures, ACCOUNT_FREE_FAILURES - 1);
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let mut t = LoginThrottle::default();
+        for i in 0..ADDRESS_FREE_FAILURES {
+            let a = IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 0, 7, 0, 0, 0, i as u16,
+            ));
+            t.failed(&format!("u{i}"), a, 0);
+        }
+        let sibling = ip("2001:db8:0:7:ffff::1");
+        assert!(t.check("someone", sibling, 0).is_some(), "the same /64");
+        assert_eq!(t.check("someone", ip("2001:db8:0:8::1"), 0), None);
+        let mut t = LoginThrottle::default();
+        for _ in 0..ACCOUNT_FREE_FAILURES {
+            t.failed("gina", ip("::ffff:192.0.2.5"), 0);
+        }
+        assert!(t.check("gina", ip("192.0.2.5"), 0).is_some());
     }
 
     #[test]

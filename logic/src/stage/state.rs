@@ -226,13 +226,8 @@ mod tests {
         assert!(q.fence() > q.epoch);
     }
 
-    /// The tests that fill a window: one at a time, so the one that measures the heap counts
-    /// only its own allocations.
-    static BIG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
     #[test]
     fn the_retry_window_is_bounded() {
-        let _one = BIG.lock().unwrap_or_else(|e| e.into_inner());
         let mut p = Partition::default();
         for i in 0..(SENT_MAX + 10) as u64 {
             p.remember(
@@ -251,54 +246,10 @@ mod tests {
         assert!(p.ack(1, &(SENT_MAX + 9).to_string()).is_some());
     }
 
-    /// What a full window costs, measured with the test binary's allocator (glibc malloc,
-    /// which `malloc_bytes` reads): one partition's 200,000 answers to 400 senders in 200
-    /// conversations, cids as clients make them.
     #[test]
-    fn a_window_entry_costs_about_110_bytes_and_keeps_it() {
+    fn a_window_entry_is_40_bytes_before_its_keys() {
+        // What it costs in a full window, with the B-tree's nodes: logic/tests/window_cost.rs
+        // (a process of its own, so that no other test's allocations are counted).
         assert_eq!(std::mem::size_of::<Kept>(), 40);
-        let _one = BIG.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((before, _)) = im_shared::metrics::malloc_bytes() else {
-            return; // not glibc: nothing to measure with
-        };
-        let mut p = Partition::new(1, 0);
-        let n = SENT_MAX as u64;
-        // The i-th send: 400 senders in pairs, a new cid each.
-        let send = |p: &mut Partition, i: u64| {
-            let sender = 10_000_000 + i % 400;
-            let conv = format!("p:{}:{}", sender - sender % 2, sender - sender % 2 + 1);
-            let seq = p.next_seq(&conv, None);
-            let ack = Ack {
-                id: i << 22,
-                conv,
-                seq,
-                ts: 1_700_000_000_000 + i,
-            };
-            p.remember(sender, &format!("c-{sender}-{i}"), ack);
-        };
-        for i in 0..n {
-            send(&mut p, i);
-        }
-        let (full, _) = im_shared::metrics::malloc_bytes().unwrap();
-        // Turned over twice more: the same conversations, new cids.
-        for i in n..3 * n {
-            send(&mut p, i);
-        }
-        let (after, _) = im_shared::metrics::malloc_bytes().unwrap();
-        let per = full.saturating_sub(before) as f64 / n as f64;
-        let turned = after.saturating_sub(before) as f64 / n as f64;
-        eprintln!("retry window: {per:.1} bytes per entry full, {turned:.1} after turning over");
-        assert!(per < 120.0, "{per:.1} bytes per entry");
-        assert!(turned < per * 1.1, "{per:.1} → {turned:.1} bytes per entry");
-        let last = format!("c-10000399-{}", 3 * n - 1);
-        assert_eq!(p.ack(10_000_399, &last).map(|a| a.seq), Some(3000));
-        assert!(
-            p.ack(10_000_399, "c-10000399-199999").is_none(),
-            "turned out"
-        );
-        assert_eq!(
-            p.ack(10_000_399, &last).map(|a| a.conv),
-            Some("p:10000398:10000399".to_string())
-        );
     }
 }

@@ -128,7 +128,7 @@ macro_rules! impl_store {
             }
 
             async fn take_refresh(&self, token_hash: &str, now_ms: u64) -> Result<Taken> {
-                let row = sqlx::query("SELECT user_id, expires_ms, family FROM refresh_tokens WHERE token_hash = ?")
+                let row = sqlx::query("SELECT user_id, expires_ms, family, used_ms FROM refresh_tokens WHERE token_hash = ?")
                     .bind(token_hash)
                     .fetch_optional(&self.pool)
                     .await?;
@@ -136,6 +136,7 @@ macro_rules! impl_store {
                 let expires: i64 = row.try_get("expires_ms")?;
                 let user_id = row.try_get::<i64, _>("user_id")? as u64;
                 let family: String = row.try_get("family")?;
+                let used_ms = row.try_get::<i64, _>("used_ms")?.max(0) as u64;
                 if expires <= to_i64(now_ms) {
                     return Ok(Taken::Unknown);
                 }
@@ -150,7 +151,7 @@ macro_rules! impl_store {
                 Ok(if marked == 1 {
                     Taken::Fresh { user_id, family }
                 } else {
-                    Taken::Reused { user_id, family }
+                    Taken::Reused { user_id, family, used_ms }
                 })
             }
 
@@ -185,6 +186,11 @@ macro_rules! impl_store {
                     .fetch_all(&self.pool)
                     .await?;
                 Ok(f)
+            }
+
+            async fn drop_refresh_without_family(&self, user_id: u64) -> Result<()> {
+                sqlx::query("DELETE FROM refresh_tokens WHERE user_id = ? AND family = ''").bind(to_i64(user_id)).execute(&self.pool).await?;
+                Ok(())
             }
 
             async fn drop_refresh_tokens(&self, user_id: u64) -> Result<()> {
