@@ -44,14 +44,20 @@ macro_rules! impl_store {
                         if done.is_some() {
                             continue;
                         }
+                        // One transaction per migration: SQLite's DDL is transactional, so a
+                        // migration cut short leaves nothing half applied (MySQL commits each
+                        // DDL statement by itself: its migrations are single statements where
+                        // that matters).
+                        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                         for stmt in statements(sql) {
-                            sqlx::query(stmt).execute(&mut *conn).await?;
+                            sqlx::query(stmt).execute(&mut *tx).await?;
                         }
                         sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES (?, ?)")
                             .bind(version)
                             .bind(to_i64(im_shared::unix_ms()))
-                            .execute(&mut *conn)
+                            .execute(&mut *tx)
                             .await?;
+                        tx.commit().await?;
                         log::info!("{} schema migration {version} applied", $name);
                     }
                     Ok(())
