@@ -81,6 +81,64 @@ pub struct GroupRow {
     pub max_members: u32,
     pub member_count: u64,
     pub created_ms: u64,
+    /// Anyone may see it and join it; a private group (the default) is joined by invite and
+    /// does not exist for non-members.
+    pub public: bool,
+    /// New members see the history from the start; otherwise from their join (the default).
+    pub history_all: bool,
+}
+
+/// A group to create.
+#[derive(Clone, Debug)]
+pub struct NewGroup<'a> {
+    pub owner: u64,
+    pub name: &'a str,
+    pub description: &'a str,
+    pub max_members: u32,
+    pub public: bool,
+    pub history_all: bool,
+    pub now_ms: u64,
+}
+
+/// What to change of a group (the fields given).
+#[derive(Clone, Debug, Default)]
+pub struct GroupChange<'a> {
+    pub name: Option<&'a str>,
+    pub description: Option<&'a str>,
+    pub public: Option<bool>,
+    pub history_all: Option<bool>,
+}
+
+/// A group's members, as sends and routing check them: sorted ids, and whether the group is
+/// public (a non-member is told it exists only then).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Roster {
+    pub public: bool,
+    pub members: Vec<u64>,
+}
+
+/// An invite link to store: the token's hash, never the token.
+#[derive(Clone, Debug)]
+pub struct NewInvite<'a> {
+    pub group: u64,
+    pub token_hash: &'a str,
+    pub created_by: u64,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// 0: no limit.
+    pub uses_max: u32,
+}
+
+/// A stored invite link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InviteRow {
+    pub id: u64,
+    pub group: u64,
+    pub created_by: u64,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub uses_max: u32,
+    pub uses: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,20 +274,39 @@ pub trait Store: Send + Sync + 'static {
     async fn drop_refresh_without_family(&self, user_id: u64) -> Result<()>;
 
     /// A new group with its owner as the first member.
-    async fn create_group(
-        &self,
-        owner: u64,
-        name: &str,
-        description: &str,
-        max_members: u32,
-        now_ms: u64,
-    ) -> Result<u64>;
+    async fn create_group(&self, g: &NewGroup<'_>) -> Result<u64>;
     async fn group(&self, id: u64) -> Result<Option<GroupRow>>;
-    /// Adds a member unless the group is full (checked under the group's row lock).
+    /// Changes the given fields; false when there is no such group.
+    async fn update_group(&self, id: u64, change: &GroupChange<'_>) -> Result<bool>;
+    /// Adds a member unless the group is full (checked under the group's row lock). The
+    /// member's view starts at the conversation's last stored seq: their read position, and,
+    /// unless the group shows all its history, the first message they see after it.
     async fn add_member(&self, group: u64, user: u64, now_ms: u64) -> Result<Join>;
     /// False when the user was not a member.
     async fn remove_member(&self, group: u64, user: u64) -> Result<bool>;
     async fn is_member(&self, group: u64, user: u64) -> Result<bool>;
+    /// For a member, the seq after which they see the group's messages (0: all of them);
+    /// `None` for anyone else.
+    async fn visible_after(&self, group: u64, user: u64) -> Result<Option<u64>>;
+
+    /// Stores an invite unless the group has `live_max` unexpired invites already (`None`
+    /// then); its id.
+    async fn create_invite(&self, i: &NewInvite<'_>, live_max: u32) -> Result<Option<u64>>;
+    /// The group's unexpired invites, newest first (expired ones are deleted on the way).
+    async fn invites(&self, group: u64, now_ms: u64) -> Result<Vec<InviteRow>>;
+    /// Deletes an invite of `group`; false when there was none with this id.
+    async fn revoke_invite(&self, group: u64, invite: u64) -> Result<bool>;
+    /// The invite with this token hash, if it is unexpired and not used up.
+    async fn invite(&self, token_hash: &str, now_ms: u64) -> Result<Option<InviteRow>>;
+    /// Joins `user` to the invite's group, counting a use when they were not a member (under
+    /// the invite's and the group's row locks: concurrent uses cannot pass the limit). `None`
+    /// when the invite is unknown, expired or used up.
+    async fn join_by_invite(
+        &self,
+        token_hash: &str,
+        user: u64,
+        now_ms: u64,
+    ) -> Result<Option<(u64, Join)>>;
     /// Members by user id, after `after_user`, at most `limit`.
     async fn members(&self, group: u64, after_user: u64, limit: u32) -> Result<Vec<MemberRow>>;
 
@@ -237,8 +314,14 @@ pub trait Store: Send + Sync + 'static {
     /// conversation lists. A retry (same sender and cid) stores nothing and returns the
     /// message stored the first time.
     async fn append_message(&self, m: &NewMessage<'_>) -> Result<MessageRow>;
-    /// Messages of `conv` with seq < `before_seq`, newest first, at most `limit`.
-    async fn history(&self, conv: &str, before_seq: u64, limit: u32) -> Result<Vec<MessageRow>>;
+    /// Messages of `conv` with `after_seq` < seq < `before_seq`, newest first, at most `limit`.
+    async fn history(
+        &self,
+        conv: &str,
+        after_seq: u64,
+        before_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<MessageRow>>;
 
     /// Writes a batch of sequenced messages (the `im.messages` records, seqs assigned by the
     /// pipeline) in one transaction, a multi-row INSERT per chunk. Idempotent, because the
@@ -264,9 +347,10 @@ pub trait Store: Send + Sync + 'static {
     async fn find_by_cids(&self, keys: &[(u64, String)]) -> Result<Vec<(u64, String, MessageRow)>>;
     /// Messages of `conv` with seq > `after`, oldest first, at most `limit` (for `sync`).
     async fn messages_after(&self, conv: &str, after: u64, limit: u32) -> Result<Vec<MessageRow>>;
-    /// Every member's user id of a group, ascending (empty when there is no such group).
-    async fn member_ids(&self, group: u64) -> Result<Vec<u64>>;
-    /// The user's conversations: two-person ones they are part of, and their groups'.
+    /// A group's members, ascending, and whether it is public (`None`: no such group).
+    async fn roster(&self, group: u64) -> Result<Option<Roster>>;
+    /// The user's conversations: two-person ones they are part of, and their groups' (a
+    /// group's last message only if the user may see it).
     async fn conversations(&self, user: u64) -> Result<Vec<ConversationRow>>;
     /// Puts a two-person conversation in both users' lists (no message needed).
     async fn open_pair(&self, conv: &str, a: u64, b: u64) -> Result<()>;

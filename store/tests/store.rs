@@ -3,7 +3,23 @@
 
 use im_shared::records::Stored;
 use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
-use im_store::{Join, MessageRow, NewMessage, NewRefresh, Store, StoreError, Taken};
+use im_store::{
+    GroupChange, Join, MessageRow, NewGroup, NewInvite, NewMessage, NewRefresh, Roster, Store,
+    StoreError, Taken,
+};
+
+/// A private group of ten seats owned by `owner`, history from each member's join.
+fn group(owner: u64) -> NewGroup<'static> {
+    NewGroup {
+        owner,
+        name: "g",
+        description: "",
+        max_members: 10,
+        public: false,
+        history_all: false,
+        now_ms: 1,
+    }
+}
 
 async fn accounts_and_refresh_tokens(s: &dyn Store) {
     let id = s.create_user("alice", "hash", "Alice", 1).await.unwrap();
@@ -167,11 +183,11 @@ async fn messages_and_conversations(s: &dyn Store) {
         .unwrap();
     assert_eq!(m3.seq, 3, "client ids are case-exact");
 
-    let h = s.history(&conv, u64::MAX, 10).await.unwrap();
+    let h = s.history(&conv, 0, u64::MAX, 10).await.unwrap();
     assert_eq!(h.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 2, 1]);
     assert_eq!(h[2].content, "hello 'there'");
     assert_eq!(h[2].to_user, Some(b));
-    let page = s.history(&conv, 3, 1).await.unwrap();
+    let page = s.history(&conv, 0, 3, 1).await.unwrap();
     assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2]);
 
     let list = s.conversations(b).await.unwrap();
@@ -203,7 +219,7 @@ async fn messages_and_conversations(s: &dyn Store) {
     );
 
     // Groups: members see the group's conversation before any read position exists.
-    let g = s.create_group(a, "g", "", 10, 1).await.unwrap();
+    let g = s.create_group(&group(a)).await.unwrap();
     s.add_member(g, b, 1).await.unwrap();
     let gconv = format!("g:{g}");
     assert!(s
@@ -253,6 +269,183 @@ async fn messages_and_conversations_on_sqlite() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Private groups: what a new member sees (from their join, or everything), settings, and
+/// invite links (expiry, use count, revocation, the limit of live invites).
+async fn group_privacy_and_invites(s: &dyn Store) {
+    let a = s.create_user("ann", "h", "Ann", 1).await.unwrap();
+    let b = s.create_user("ben", "h", "Ben", 1).await.unwrap();
+    let c = s.create_user("cat", "h", "Cat", 1).await.unwrap();
+    let d = s.create_user("dan", "h", "Dan", 1).await.unwrap();
+    let g = s.create_group(&group(a)).await.unwrap();
+    let gc = format!("g:{g}");
+    let row = s.group(g).await.unwrap().unwrap();
+    assert_eq!((row.public, row.history_all), (false, false));
+    for (i, cid) in ["x1", "x2", "x3"].into_iter().enumerate() {
+        s.append_message(&msg(300 + i as u64, &gc, a, cid, None, Some(g)))
+            .await
+            .unwrap();
+    }
+
+    // Joining after three messages: b sees from seq 4, reads from 3, nothing unread.
+    assert_eq!(s.add_member(g, b, 5).await.unwrap(), Join::Added);
+    assert_eq!(s.visible_after(g, b).await.unwrap(), Some(3));
+    assert_eq!(s.visible_after(g, a).await.unwrap(), Some(0), "the owner");
+    assert_eq!(s.visible_after(g, c).await.unwrap(), None);
+    let view = |rows: Vec<im_store::ConversationRow>| {
+        let c = rows.into_iter().find(|c| c.conv == gc).unwrap();
+        (c.max_seq, c.read_seq, c.last_message.map(|m| m.seq))
+    };
+    assert_eq!(
+        view(s.conversations(b).await.unwrap()),
+        (3, 3, None),
+        "the last message is from before the join"
+    );
+    assert_eq!(view(s.conversations(a).await.unwrap()), (3, 0, Some(3)));
+    assert!(s.history(&gc, 3, u64::MAX, 10).await.unwrap().is_empty());
+    s.append_message(&msg(310, &gc, a, "x4", None, Some(g)))
+        .await
+        .unwrap();
+    assert_eq!(view(s.conversations(b).await.unwrap()), (4, 3, Some(4)));
+    assert_eq!(seqs(&s.history(&gc, 3, u64::MAX, 10).await.unwrap()), [4]);
+
+    // Settings: all history, public, a new name; an unknown group changes nothing.
+    let all = GroupChange {
+        history_all: Some(true),
+        ..Default::default()
+    };
+    assert!(s.update_group(g, &all).await.unwrap());
+    assert_eq!(s.visible_after(g, b).await.unwrap(), Some(0));
+    assert!(!s.update_group(g + 1000, &all).await.unwrap());
+    let public = GroupChange {
+        public: Some(true),
+        name: Some("renamed"),
+        ..Default::default()
+    };
+    assert!(s.update_group(g, &public).await.unwrap());
+    let row = s.group(g).await.unwrap().unwrap();
+    assert_eq!(
+        (row.public, row.history_all, row.name.as_str()),
+        (true, true, "renamed")
+    );
+    assert!(s.roster(g).await.unwrap().unwrap().public);
+    assert!(s
+        .update_group(
+            g,
+            &GroupChange {
+                history_all: Some(false),
+                ..Default::default()
+            }
+        )
+        .await
+        .unwrap());
+
+    // A member who leaves and comes back starts again at that moment.
+    assert!(s.remove_member(g, b).await.unwrap());
+    s.append_message(&msg(311, &gc, a, "x5", None, Some(g)))
+        .await
+        .unwrap();
+    assert_eq!(s.add_member(g, b, 6).await.unwrap(), Join::Added);
+    assert_eq!(s.visible_after(g, b).await.unwrap(), Some(5));
+    assert_eq!(view(s.conversations(b).await.unwrap()), (5, 5, None));
+
+    // Invites.
+    let invite = |hash, expires_ms, uses_max| NewInvite {
+        group: g,
+        token_hash: hash,
+        created_by: a,
+        created_ms: 10,
+        expires_ms,
+        uses_max,
+    };
+    let once = s.create_invite(&invite("t1", 1_000, 1), 2).await.unwrap();
+    let once = once.expect("first invite");
+    let short = s.create_invite(&invite("t2", 20, 0), 2).await.unwrap();
+    assert!(short.is_some());
+    assert_eq!(
+        s.create_invite(&invite("t3", 1_000, 0), 2).await.unwrap(),
+        None,
+        "two live invites at most"
+    );
+    let nowhere = NewInvite {
+        group: g + 1000,
+        ..invite("t4", 1_000, 0)
+    };
+    assert_eq!(s.create_invite(&nowhere, 2).await.unwrap(), None);
+    assert_eq!(s.invite("t1", 15).await.unwrap().unwrap().id, once);
+    assert_eq!(s.invite("nope", 15).await.unwrap(), None);
+    assert_eq!(
+        s.join_by_invite("t1", c, 15).await.unwrap(),
+        Some((g, Join::Added))
+    );
+    assert!(s.is_member(g, c).await.unwrap());
+    assert_eq!(s.invite("t1", 15).await.unwrap(), None, "used up");
+    assert_eq!(s.join_by_invite("t1", d, 15).await.unwrap(), None);
+    assert!(!s.is_member(g, d).await.unwrap());
+    assert_eq!(
+        s.join_by_invite("t2", c, 15).await.unwrap(),
+        Some((g, Join::AlreadyMember)),
+        "a member's use counts for nothing"
+    );
+    let listed = s.invites(g, 15).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|i| (i.id, i.uses)).collect::<Vec<_>>(),
+        [(short.unwrap(), 0), (once, 1)],
+        "newest first"
+    );
+    assert_eq!(s.join_by_invite("t2", d, 25).await.unwrap(), None, "expired");
+    assert_eq!(s.invite("t2", 25).await.unwrap(), None);
+    assert_eq!(
+        s.invites(g, 25).await.unwrap().len(),
+        1,
+        "the expired one is gone"
+    );
+    assert!(s
+        .create_invite(&invite("t3", 1_000, 0), 2)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(!s.revoke_invite(g + 1000, once).await.unwrap());
+    assert!(s.revoke_invite(g, once).await.unwrap());
+    assert!(!s.revoke_invite(g, once).await.unwrap());
+
+    // A full group takes no one by invite, and counts no use.
+    let small = s
+        .create_group(&NewGroup {
+            max_members: 2,
+            ..group(a)
+        })
+        .await
+        .unwrap();
+    let to_small = NewInvite {
+        group: small,
+        ..invite("s1", 1_000, 5)
+    };
+    s.create_invite(&to_small, 2).await.unwrap().unwrap();
+    assert_eq!(
+        s.join_by_invite("s1", b, 15).await.unwrap(),
+        Some((small, Join::Added))
+    );
+    assert_eq!(
+        s.join_by_invite("s1", c, 15).await.unwrap(),
+        Some((small, Join::Full))
+    );
+    assert_eq!(s.invites(small, 15).await.unwrap()[0].uses, 1);
+}
+
+#[tokio::test]
+async fn group_privacy_and_invites_on_mysql() {
+    let store = fresh_mysql().await;
+    group_privacy_and_invites(&store).await;
+    drop_mysql(store).await;
+}
+
+#[tokio::test]
+async fn group_privacy_and_invites_on_sqlite() {
+    let dir = tempdir();
+    group_privacy_and_invites(&fresh_sqlite(&dir).await).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn rec(id: u64, conv: &str, seq: u64, from: u64, to_user: u64, to_group: u64, cid: &str) -> Stored {
     Stored {
         version: im_shared::records::VERSION,
@@ -285,7 +478,7 @@ async fn message_batches(s: &dyn Store) {
     let a = s.create_user("ann", "h", "Ann", 1).await.unwrap();
     let b = s.create_user("ben", "h", "Ben", 1).await.unwrap();
     let c = s.create_user("cat", "h", "Cat", 1).await.unwrap();
-    let g = s.create_group(a, "g", "", 10, 1).await.unwrap();
+    let g = s.create_group(&group(a)).await.unwrap();
     assert_eq!(s.add_member(g, b, 1).await.unwrap(), Join::Added);
     let ab = format!("p:{}:{}", a.min(b), a.max(b));
     let ac = format!("p:{}:{}", a.min(c), a.max(c));
@@ -315,11 +508,11 @@ async fn message_batches(s: &dyn Store) {
     assert_eq!(s.insert_messages(&batch, &[]).await.unwrap(), 1500);
 
     for conv in [&ab, &ac, &gc] {
-        let h = s.history(conv, u64::MAX, 1000).await.unwrap();
+        let h = s.history(conv, 0, u64::MAX, 1000).await.unwrap();
         assert_eq!(seqs(&h), (1..=500).rev().collect::<Vec<u64>>(), "{conv}");
     }
     // Every field survives, 0 becomes NULL (None).
-    let first_group = s.history(&gc, 2, 1).await.unwrap();
+    let first_group = s.history(&gc, 0, 2, 1).await.unwrap();
     assert_eq!(
         first_group,
         vec![MessageRow {
@@ -334,7 +527,7 @@ async fn message_batches(s: &dyn Store) {
             ts_ms: 1_700_000_010_002,
         }]
     );
-    let first_pair = &s.history(&ab, 2, 1).await.unwrap()[0];
+    let first_pair = &s.history(&ab, 0, 2, 1).await.unwrap()[0];
     assert_eq!(
         (
             first_pair.id,
@@ -395,7 +588,7 @@ async fn message_batches(s: &dyn Store) {
 
     // A replay of the whole batch stores nothing and changes nothing.
     assert_eq!(s.insert_messages(&batch, &[]).await.unwrap(), 0);
-    assert_eq!(s.history(&ab, u64::MAX, 1000).await.unwrap().len(), 500);
+    assert_eq!(s.history(&ab, 0, u64::MAX, 1000).await.unwrap().len(), 500);
     assert_eq!(sorted_max_seqs(s, &all).await, expected);
     assert_eq!(convs_of(b).await, want_b);
 
@@ -403,7 +596,7 @@ async fn message_batches(s: &dyn Store) {
     let mut mixed: Vec<Stored> = batch[1400..].to_vec();
     mixed.extend((0..50u64).map(|i| rec(20_000 + i, &ab, 501 + i, a, b, 0, &format!("n{i}"))));
     assert_eq!(s.insert_messages(&mixed, &[]).await.unwrap(), 50);
-    assert_eq!(s.history(&ab, u64::MAX, 1000).await.unwrap().len(), 550);
+    assert_eq!(s.history(&ab, 0, u64::MAX, 1000).await.unwrap().len(), 550);
     assert_eq!(
         s.max_seqs(std::slice::from_ref(&ab)).await.unwrap(),
         vec![(ab.clone(), 550)]
@@ -518,10 +711,14 @@ async fn message_batches(s: &dyn Store) {
 
     let mut ab_ids = vec![a, b];
     ab_ids.sort();
-    assert_eq!(s.member_ids(g).await.unwrap(), ab_ids);
-    assert!(s.member_ids(g + 1000).await.unwrap().is_empty());
+    let roster = |members| Some(Roster {
+        public: false,
+        members,
+    });
+    assert_eq!(s.roster(g).await.unwrap(), roster(ab_ids));
+    assert_eq!(s.roster(g + 1000).await.unwrap(), None);
     assert!(s.remove_member(g, b).await.unwrap());
-    assert_eq!(s.member_ids(g).await.unwrap(), vec![a]);
+    assert_eq!(s.roster(g).await.unwrap(), roster(vec![a]));
 }
 
 #[tokio::test]

@@ -204,22 +204,27 @@ macro_rules! impl_store {
                 Ok(())
             }
 
-            async fn create_group(&self, owner: u64, name: &str, description: &str, max_members: u32, now_ms: u64) -> Result<u64> {
+            async fn create_group(&self, g: &NewGroup<'_>) -> Result<u64> {
                 let mut tx = self.pool.begin().await?;
-                sqlx::query("INSERT INTO chat_groups (name, description, owner_id, max_members, created_ms) VALUES (?, ?, ?, ?, ?)")
-                    .bind(name)
-                    .bind(description)
-                    .bind(to_i64(owner))
-                    .bind(max_members as i64)
-                    .bind(to_i64(now_ms))
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "INSERT INTO chat_groups (name, description, owner_id, max_members, created_ms, is_public, history_all) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(g.name)
+                .bind(g.description)
+                .bind(to_i64(g.owner))
+                .bind(g.max_members as i64)
+                .bind(to_i64(g.now_ms))
+                .bind(g.public)
+                .bind(g.history_all)
+                .execute(&mut *tx)
+                .await?;
                 // Same connection, same transaction: the id just inserted.
                 let id: i64 = sqlx::query_scalar($last_id).fetch_one(&mut *tx).await?;
                 sqlx::query("INSERT INTO group_members (group_id, user_id, joined_ms) VALUES (?, ?, ?)")
                     .bind(id)
-                    .bind(to_i64(owner))
-                    .bind(to_i64(now_ms))
+                    .bind(to_i64(g.owner))
+                    .bind(to_i64(g.now_ms))
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
@@ -228,7 +233,7 @@ macro_rules! impl_store {
 
             async fn group(&self, id: u64) -> Result<Option<GroupRow>> {
                 let row = sqlx::query(
-                    "SELECT g.id, g.name, g.description, g.owner_id, g.max_members, g.created_ms, \
+                    "SELECT g.id, g.name, g.description, g.owner_id, g.max_members, g.created_ms, g.is_public, g.history_all, \
                      (SELECT COUNT(*) FROM group_members m WHERE m.group_id = g.id) AS member_count \
                      FROM chat_groups g WHERE g.id = ?",
                 )
@@ -244,40 +249,40 @@ macro_rules! impl_store {
                     max_members: r.try_get::<i64, _>("max_members")? as u32,
                     member_count: r.try_get::<i64, _>("member_count")? as u64,
                     created_ms: r.try_get::<i64, _>("created_ms")? as u64,
+                    public: r.try_get::<bool, _>("is_public")?,
+                    history_all: r.try_get::<bool, _>("history_all")?,
                 }))
+            }
+
+            async fn update_group(&self, id: u64, c: &GroupChange<'_>) -> Result<bool> {
+                let mut tx = self.pool.begin().await?;
+                let found: Option<i64> = sqlx::query_scalar(concat!("SELECT id FROM chat_groups WHERE id = ?", $for_update))
+                    .bind(to_i64(id))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if found.is_none() {
+                    return Ok(false);
+                }
+                sqlx::query(
+                    "UPDATE chat_groups SET name = COALESCE(?, name), description = COALESCE(?, description), \
+                     is_public = COALESCE(?, is_public), history_all = COALESCE(?, history_all) WHERE id = ?",
+                )
+                .bind(c.name)
+                .bind(c.description)
+                .bind(c.public)
+                .bind(c.history_all)
+                .bind(to_i64(id))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(true)
             }
 
             async fn add_member(&self, group: u64, user: u64, now_ms: u64) -> Result<Join> {
                 let mut tx = self.pool.begin().await?;
-                // The group row's lock serialises joins, so two cannot both take the last seat.
-                let max: Option<i64> = sqlx::query_scalar(concat!("SELECT max_members FROM chat_groups WHERE id = ?", $for_update))
-                    .bind(to_i64(group))
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(max) = max else { return Ok(Join::NoSuchGroup) };
-                let already: Option<i64> = sqlx::query_scalar("SELECT user_id FROM group_members WHERE group_id = ? AND user_id = ?")
-                    .bind(to_i64(group))
-                    .bind(to_i64(user))
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if already.is_some() {
-                    return Ok(Join::AlreadyMember);
-                }
-                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM group_members WHERE group_id = ?")
-                    .bind(to_i64(group))
-                    .fetch_one(&mut *tx)
-                    .await?;
-                if count >= max {
-                    return Ok(Join::Full);
-                }
-                sqlx::query("INSERT INTO group_members (group_id, user_id, joined_ms) VALUES (?, ?, ?)")
-                    .bind(to_i64(group))
-                    .bind(to_i64(user))
-                    .bind(to_i64(now_ms))
-                    .execute(&mut *tx)
-                    .await?;
+                let join = Self::join_in(&mut tx, group, user, now_ms).await?;
                 tx.commit().await?;
-                Ok(Join::Added)
+                Ok(join)
             }
 
             async fn remove_member(&self, group: u64, user: u64) -> Result<bool> {
@@ -296,6 +301,117 @@ macro_rules! impl_store {
                     .fetch_optional(&self.pool)
                     .await?;
                 Ok(r.is_some())
+            }
+
+            async fn visible_after(&self, group: u64, user: u64) -> Result<Option<u64>> {
+                let row = sqlx::query(
+                    "SELECT g.history_all AS history_all, m.joined_seq AS joined_seq FROM group_members m \
+                     JOIN chat_groups g ON g.id = m.group_id WHERE m.group_id = ? AND m.user_id = ?",
+                )
+                .bind(to_i64(group))
+                .bind(to_i64(user))
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some(r) = row else { return Ok(None) };
+                if r.try_get::<bool, _>("history_all")? {
+                    return Ok(Some(0));
+                }
+                Ok(Some(r.try_get::<i64, _>("joined_seq")? as u64))
+            }
+
+            async fn create_invite(&self, i: &NewInvite<'_>, live_max: u32) -> Result<Option<u64>> {
+                let mut tx = self.pool.begin().await?;
+                // The group row's lock serialises creations, so two cannot both pass the count.
+                let found: Option<i64> = sqlx::query_scalar(concat!("SELECT id FROM chat_groups WHERE id = ?", $for_update))
+                    .bind(to_i64(i.group))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if found.is_none() {
+                    return Ok(None);
+                }
+                let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM group_invites WHERE group_id = ? AND expires_ms > ?")
+                    .bind(to_i64(i.group))
+                    .bind(to_i64(i.created_ms))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if live >= live_max as i64 {
+                    return Ok(None);
+                }
+                sqlx::query(
+                    "INSERT INTO group_invites (group_id, token_hash, created_by, created_ms, expires_ms, uses_max) \
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(to_i64(i.group))
+                .bind(i.token_hash)
+                .bind(to_i64(i.created_by))
+                .bind(to_i64(i.created_ms))
+                .bind(to_i64(i.expires_ms))
+                .bind(i.uses_max as i64)
+                .execute(&mut *tx)
+                .await?;
+                let id: i64 = sqlx::query_scalar($last_id).fetch_one(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(Some(id as u64))
+            }
+
+            async fn invites(&self, group: u64, now_ms: u64) -> Result<Vec<InviteRow>> {
+                sqlx::query("DELETE FROM group_invites WHERE group_id = ? AND expires_ms <= ?")
+                    .bind(to_i64(group))
+                    .bind(to_i64(now_ms))
+                    .execute(&self.pool)
+                    .await?;
+                let rows = sqlx::query(concat!("SELECT ", invite_columns!(), " FROM group_invites WHERE group_id = ? ORDER BY id DESC"))
+                    .bind(to_i64(group))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(invite_row).collect()
+            }
+
+            async fn revoke_invite(&self, group: u64, invite: u64) -> Result<bool> {
+                let r = sqlx::query("DELETE FROM group_invites WHERE id = ? AND group_id = ?")
+                    .bind(to_i64(invite))
+                    .bind(to_i64(group))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(r.rows_affected() > 0)
+            }
+
+            async fn invite(&self, token_hash: &str, now_ms: u64) -> Result<Option<InviteRow>> {
+                let row = sqlx::query(concat!(
+                    "SELECT ",
+                    invite_columns!(),
+                    " FROM group_invites WHERE token_hash = ? AND expires_ms > ? AND (uses_max = 0 OR uses < uses_max)"
+                ))
+                .bind(token_hash)
+                .bind(to_i64(now_ms))
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(invite_row).transpose()
+            }
+
+            async fn join_by_invite(&self, token_hash: &str, user: u64, now_ms: u64) -> Result<Option<(u64, Join)>> {
+                let mut tx = self.pool.begin().await?;
+                // The invite's row lock: two uses of its last seat cannot both pass.
+                let row = sqlx::query(concat!("SELECT ", invite_columns!(), " FROM group_invites WHERE token_hash = ?", $for_update))
+                    .bind(token_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(invite) = row.as_ref().map(invite_row).transpose()? else {
+                    return Ok(None);
+                };
+                let used_up = invite.uses_max != 0 && invite.uses >= invite.uses_max;
+                if invite.expires_ms <= now_ms || used_up {
+                    return Ok(None);
+                }
+                let join = Self::join_in(&mut tx, invite.group, user, now_ms).await?;
+                if join == Join::Added {
+                    sqlx::query("UPDATE group_invites SET uses = uses + 1 WHERE id = ?")
+                        .bind(to_i64(invite.id))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(Some((invite.group, join)))
             }
 
             async fn append_message(&self, m: &NewMessage<'_>) -> Result<MessageRow> {
@@ -353,13 +469,14 @@ macro_rules! impl_store {
                 })
             }
 
-            async fn history(&self, conv: &str, before_seq: u64, limit: u32) -> Result<Vec<MessageRow>> {
+            async fn history(&self, conv: &str, after_seq: u64, before_seq: u64, limit: u32) -> Result<Vec<MessageRow>> {
                 let rows = sqlx::query(concat!(
                     "SELECT ",
                     message_columns!(),
-                    " FROM messages WHERE conv = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+                    " FROM messages WHERE conv = ? AND seq > ? AND seq < ? ORDER BY seq DESC LIMIT ?"
                 ))
                 .bind(conv)
+                .bind(to_i64(after_seq))
                 .bind(to_i64(before_seq))
                 .bind(limit as i64)
                 .fetch_all(&self.pool)
@@ -505,12 +622,22 @@ macro_rules! impl_store {
                 rows.iter().map(message_row).collect()
             }
 
-            async fn member_ids(&self, group: u64) -> Result<Vec<u64>> {
-                let ids: Vec<i64> = sqlx::query_scalar("SELECT user_id FROM group_members WHERE group_id = ? ORDER BY user_id")
-                    .bind(to_i64(group))
-                    .fetch_all(&self.pool)
-                    .await?;
-                Ok(ids.into_iter().map(|id| id as u64).collect())
+            async fn roster(&self, group: u64) -> Result<Option<Roster>> {
+                let rows = sqlx::query(
+                    "SELECT g.is_public AS is_public, m.user_id AS user_id FROM chat_groups g \
+                     LEFT JOIN group_members m ON m.group_id = g.id WHERE g.id = ? ORDER BY m.user_id",
+                )
+                .bind(to_i64(group))
+                .fetch_all(&self.pool)
+                .await?;
+                let Some(first) = rows.first() else { return Ok(None) };
+                let mut members = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    if let Some(id) = r.try_get::<Option<i64>, _>("user_id")? {
+                        members.push(id as u64);
+                    }
+                }
+                Ok(Some(Roster { public: first.try_get::<bool, _>("is_public")?, members }))
             }
 
             async fn conversations(&self, user: u64) -> Result<Vec<ConversationRow>> {
@@ -522,17 +649,20 @@ macro_rules! impl_store {
                      m.id AS id, m.seq AS seq, m.sender_id AS sender_id, m.to_user_id AS to_user_id, \
                      m.to_group_id AS to_group_id, m.content AS content, m.content_type AS content_type, m.ts_ms AS ts_ms \
                      FROM (\
-                     SELECT cm.conv AS conv, c.max_seq AS max_seq, cm.read_seq AS read_seq, cm.muted AS muted, cm.pinned AS pinned \
+                     SELECT cm.conv AS conv, c.max_seq AS max_seq, cm.read_seq AS read_seq, cm.muted AS muted, cm.pinned AS pinned, \
+                     0 AS visible_after \
                      FROM conversation_members cm JOIN conversations c ON c.conv = cm.conv \
                      WHERE cm.user_id = ? AND cm.conv LIKE 'p:%' \
                      UNION ALL \
                      SELECT ", $group_conv, " AS conv, COALESCE(c.max_seq, 0) AS max_seq, COALESCE(cm.read_seq, 0) AS read_seq, \
-                     COALESCE(cm.muted, FALSE) AS muted, COALESCE(cm.pinned, FALSE) AS pinned \
+                     COALESCE(cm.muted, FALSE) AS muted, COALESCE(cm.pinned, FALSE) AS pinned, \
+                     CASE WHEN g.history_all THEN 0 ELSE gm.joined_seq END AS visible_after \
                      FROM group_members gm \
+                     JOIN chat_groups g ON g.id = gm.group_id \
                      LEFT JOIN conversations c ON c.conv = ", $group_conv, " \
                      LEFT JOIN conversation_members cm ON cm.user_id = gm.user_id AND cm.conv = ", $group_conv, " \
                      WHERE gm.user_id = ?\
-                     ) v LEFT JOIN messages m ON m.conv = v.conv AND m.seq = v.max_seq"
+                     ) v LEFT JOIN messages m ON m.conv = v.conv AND m.seq = v.max_seq AND m.seq > v.visible_after"
                 ))
                 .bind(to_i64(user))
                 .bind(to_i64(user))
@@ -622,6 +752,64 @@ macro_rules! impl_store {
                         })
                     })
                     .collect()
+            }
+        }
+
+        impl SqlStore<$db> {
+            /// `add_member`'s work, inside a caller's transaction.
+            async fn join_in(conn: &mut <$db as sqlx::Database>::Connection, group: u64, user: u64, now_ms: u64) -> Result<Join> {
+                // The group row's lock serialises joins, so two cannot both take the last seat.
+                let max: Option<i64> = sqlx::query_scalar(concat!("SELECT max_members FROM chat_groups WHERE id = ?", $for_update))
+                    .bind(to_i64(group))
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let Some(max) = max else { return Ok(Join::NoSuchGroup) };
+                let already: Option<i64> = sqlx::query_scalar("SELECT user_id FROM group_members WHERE group_id = ? AND user_id = ?")
+                    .bind(to_i64(group))
+                    .bind(to_i64(user))
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if already.is_some() {
+                    return Ok(Join::AlreadyMember);
+                }
+                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM group_members WHERE group_id = ?")
+                    .bind(to_i64(group))
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if count >= max {
+                    return Ok(Join::Full);
+                }
+                // The member's view starts at the last stored seq. In the distributed mode the
+                // pipeline may have sequenced a few more that persist has not written yet
+                // (tens of milliseconds' worth): those are the first the member sees.
+                let conv = format!("g:{group}");
+                let seq: Option<i64> = sqlx::query_scalar("SELECT max_seq FROM conversations WHERE conv = ?")
+                    .bind(&conv)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let seq = seq.unwrap_or(0);
+                sqlx::query("INSERT INTO group_members (group_id, user_id, joined_ms, joined_seq) VALUES (?, ?, ?, ?)")
+                    .bind(to_i64(group))
+                    .bind(to_i64(user))
+                    .bind(to_i64(now_ms))
+                    .bind(seq)
+                    .execute(&mut *conn)
+                    .await?;
+                // Unread counts start at the join too (a member who left and came back keeps
+                // a later position).
+                sqlx::query(concat!($insert_ignore, " INTO conversation_members (user_id, conv) VALUES (?, ?)"))
+                    .bind(to_i64(user))
+                    .bind(&conv)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("UPDATE conversation_members SET read_seq = ? WHERE user_id = ? AND conv = ? AND read_seq < ?")
+                    .bind(seq)
+                    .bind(to_i64(user))
+                    .bind(&conv)
+                    .bind(seq)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(Join::Added)
             }
         }
     };

@@ -3,8 +3,8 @@
 //! INSERT/SELECT/UPDATE); the schema lives in `migrations/<dialect>/`.
 
 use crate::{
-    ConversationRow, GroupRow, Join, MemberRow, MessageRow, NewMessage, NewRefresh, Result, Store,
-    StoreError, Taken, UserRow,
+    ConversationRow, GroupChange, GroupRow, InviteRow, Join, MemberRow, MessageRow, NewGroup,
+    NewInvite, NewMessage, NewRefresh, Result, Roster, Store, StoreError, Taken, UserRow,
 };
 use async_trait::async_trait;
 use im_shared::records::Stored;
@@ -260,6 +260,12 @@ const MYSQL_MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../migrations/mysql/0003_refresh_families.sql"),
     ),
+    (
+        4,
+        include_str!("../../migrations/mysql/0004_group_privacy.sql"),
+    ),
+    (5, include_str!("../../migrations/mysql/0005_member_since.sql")),
+    (6, include_str!("../../migrations/mysql/0006_group_invites.sql")),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -268,6 +274,12 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../migrations/sqlite/0003_refresh_families.sql"),
     ),
+    (
+        4,
+        include_str!("../../migrations/sqlite/0004_group_privacy.sql"),
+    ),
+    (5, include_str!("../../migrations/sqlite/0005_member_since.sql")),
+    (6, include_str!("../../migrations/sqlite/0006_group_invites.sql")),
 ];
 
 /// The statements of a migration file: split at `;` line ends, comment-only chunks dropped.
@@ -422,6 +434,30 @@ where
         content: r.try_get("content")?,
         content_type: r.try_get("content_type")?,
         ts_ms: r.try_get::<i64, _>("ts_ms")? as u64,
+    })
+}
+
+/// The columns `invite_row` reads, in one place.
+macro_rules! invite_columns {
+    () => {
+        "id, group_id, created_by, created_ms, expires_ms, uses_max, uses"
+    };
+}
+use invite_columns;
+
+fn invite_row<R: Row>(r: &R) -> Result<InviteRow>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(InviteRow {
+        id: r.try_get::<i64, _>("id")? as u64,
+        group: r.try_get::<i64, _>("group_id")? as u64,
+        created_by: r.try_get::<i64, _>("created_by")? as u64,
+        created_ms: r.try_get::<i64, _>("created_ms")? as u64,
+        expires_ms: r.try_get::<i64, _>("expires_ms")? as u64,
+        uses_max: r.try_get::<i64, _>("uses_max")? as u32,
+        uses: r.try_get::<i64, _>("uses")? as u32,
     })
 }
 

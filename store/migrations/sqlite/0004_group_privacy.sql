@@ -1,0 +1,7 @@
+-- The same as migrations/mysql/0004_group_privacy.sql, in SQLite's dialect.
+-- Private groups (docs/PROTOCOL.md, "Groups"): a group is private unless its owner makes it
+-- public, and what a new member sees of the history is a setting, from their join by default.
+-- Groups made before this migration become private too: anyone could join them until now, and
+-- their owners decide whether that goes on. Their members keep what they see (joined_seq 0).
+ALTER TABLE chat_groups ADD COLUMN is_public BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE chat_groups ADD COLUMN history_all BOOLEAN NOT NULL DEFAULT FALSE;
