@@ -224,7 +224,8 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
     let e = d.until(T, &mut Vec::new(), |v| v["type"] == "error");
     assert_eq!(
         (e["code"].as_u64(), e["cid"].as_str()),
-        (Some(4030), Some("x1"))
+        (Some(4040), Some("x1")),
+        "a private group does not exist for an outsider"
     );
     d.send(json!({"type": "send", "cid": "x2", "to": "999999", "content": "anyone?"}));
     let e = d.until(T, &mut Vec::new(), |v| v["type"] == "error");
@@ -280,6 +281,34 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         metric(&text, "im_logic_refused_total").is_some_and(|n| n >= 2),
         "{text}"
     );
+
+    // Dave joins by an invite after six group messages: sync shows him none of them, and the
+    // next one arrives live (the group shows history from each member's join).
+    let (st, v) = http(
+        c.api,
+        "POST",
+        &format!("/api/v1/groups/{gid}/invites"),
+        Some(&ta),
+        &json!({"max_uses": 1}),
+    );
+    assert_eq!(st, 201, "{v}");
+    let join = format!("/api/v1/invites/{}/join", v["token"].as_str().unwrap());
+    let (st, v) = http(c.api, "POST", &join, Some(&outsider), &Value::Null);
+    assert_eq!(st, 200, "{v}");
+    let gconv = format!("g:{gid}");
+    d.send(json!({"type": "sync", "conv": gconv, "after": 0, "limit": 10}));
+    let sync = d.until(T, &mut Vec::new(), |v| v["type"] == "sync");
+    assert_eq!(sync["messages"], json!([]), "{sync}");
+    a0.send(json!({"type": "send", "cid": "g6", "group": gid.to_string(), "content": "welcome"}));
+    let live = d.until(T, &mut Vec::new(), |v| v["type"] == "msg");
+    assert_eq!(
+        (live["seq"].as_u64(), live["content"].as_str()),
+        (Some(7), Some("welcome"))
+    );
+    d.send(json!({"type": "sync", "conv": gconv, "after": 0, "limit": 10}));
+    let sync = d.until(T, &mut Vec::new(), |v| v["type"] == "sync");
+    assert_eq!(sync["messages"].as_array().map(Vec::len), Some(1), "{sync}");
+    assert_eq!(sync["messages"][0]["seq"], 7);
 
     // Logout closes the connections its token opened with 1008, and only those; the token
     // cannot open new ones, on any gateway.

@@ -135,23 +135,7 @@ fn acknowledged_messages_survive_a_stop_and_a_crash_once_each() {
     let s = Standalone::start(&dir, &data, "standalone-1");
     let (alice, ta) = s.user("alice");
     let (bob, tb) = s.user("bob");
-    let (st, g) = http(
-        s.api,
-        "POST",
-        "/api/v1/groups/create",
-        Some(&ta),
-        &json!({"name": "team"}),
-    );
-    assert_eq!(st, 201, "{g}");
-    let group = g["group_id"].as_str().unwrap().to_string();
-    let (st, v) = http(
-        s.api,
-        "POST",
-        &format!("/api/v1/groups/{group}/join"),
-        Some(&tb),
-        &Value::Null,
-    );
-    assert!(st < 300, "join: {st} {v}");
+    let group = support::group(s.api, &ta, "team", &[&tb]).to_string();
     let pair = format!("p:{}:{}", alice.min(bob), alice.max(bob));
     let gconv = format!("g:{group}");
 

@@ -67,7 +67,15 @@ fn seed_sqlite(path: &std::path::Path, count: u64) -> Result<Seeded, String> {
         }
         let max = u32::try_from(count).map_err(|_| "--count: too many for one group")?;
         let group = store
-            .create_group(ids[0], "bench", "", max, now)
+            .create_group(&im_store::NewGroup {
+                owner: ids[0],
+                name: "bench",
+                description: "",
+                max_members: max,
+                public: false,
+                history_all: false,
+                now_ms: now,
+            })
             .await
             .map_err(err)?;
         for &u in &ids[1..] {

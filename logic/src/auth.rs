@@ -79,6 +79,15 @@ pub fn new_refresh_token() -> (String, String) {
     (token, hash)
 }
 
+/// A new group invite token (128 random bits, 32 hex digits: unguessable, and short enough
+/// for a link) and the hash to store for it.
+pub fn new_invite_token() -> (String, String) {
+    let token = im_shared::jwt::random_hex(16);
+    let hash = refresh_hash(&token);
+    (token, hash)
+}
+
+/// The SHA-256 (hex) a refresh or invite token is stored as.
 pub fn refresh_hash(token: &str) -> String {
     Sha256::digest(token.as_bytes())
         .iter()

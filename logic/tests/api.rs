@@ -731,7 +731,7 @@ async fn groups(api: &Api) {
     };
 
     let r = create(
-        json!({"name": "rustaceans", "description": "<b>hi</b>", "max_members": 3}),
+        json!({"name": "rustaceans", "description": "<b>hi</b>", "max_members": 3, "visibility": "public"}),
         Some(a.clone()),
     )
     .await;
@@ -919,6 +919,276 @@ async fn groups_on_sqlite() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Private groups (the default): invisible to outsiders, joined by invite links the owner
+/// makes and revokes; new members see the history from their join unless the group shows it
+/// all. The security review's row "anyone can join any group and read its whole history".
+async fn private_groups(api: &Api) {
+    let (ann, a) = user(api, "ann").await;
+    let (_, b) = user(api, "ben").await;
+    let (_, c) = user(api, "cat").await;
+    let (_, d) = user(api, "dan").await;
+    let call = |method: &'static str, path: String, tok: &str, body: Option<Value>| {
+        let tok = tok.to_string();
+        async move { api.call(method, &path, Some(&tok), body).await }
+    };
+    let r = call(
+        "POST",
+        "/api/v1/groups/create".into(),
+        &a,
+        Some(json!({"name": "secret"})),
+    )
+    .await;
+    assert_eq!(r.0, StatusCode::CREATED, "{r:?}");
+    let g = r.1["group_id"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/groups/{g}");
+    let r = call("GET", path.clone(), &a, None).await;
+    assert_eq!(
+        (&r.1["visibility"], &r.1["history"], &r.1["member"]),
+        (&json!("private"), &json!("since_join"), &json!(true))
+    );
+    let send = |tok: &str, content: &str| {
+        call(
+            "POST",
+            "/api/v1/messages/send".into(),
+            tok,
+            Some(json!({"group": g, "content": content})),
+        )
+    };
+    for i in 1..=3 {
+        assert_eq!(send(&a, &format!("before {i}")).await.0, StatusCode::OK);
+    }
+
+    // An outsider learns nothing: every route is 404, as for an id never used.
+    let unknown = "/api/v1/groups/999999";
+    for p in [path.as_str(), unknown] {
+        for (method, route, body) in [
+            ("GET", String::new(), None),
+            ("POST", "/join".into(), None),
+            ("POST", "/leave".into(), None),
+            ("GET", "/members".into(), None),
+            ("GET", "/invites".into(), None),
+            ("POST", "/invites".into(), Some(json!({}))),
+            ("PATCH", String::new(), Some(json!({"name": "mine"}))),
+        ] {
+            assert_eq!(
+                err(&call(method, format!("{p}{route}"), &c, body).await),
+                (404, 4040),
+                "{method} {p}{route}"
+            );
+        }
+    }
+    assert_eq!(
+        err(&call(
+            "GET",
+            format!("/api/v1/messages/history?conv=g:{g}"),
+            &c,
+            None
+        )
+        .await),
+        (404, 4040)
+    );
+    assert_eq!(err(&send(&c, "let me in").await), (404, 4040));
+
+    // Invites: the owner makes them; members who are not the owner may not.
+    let invite = |tok: &str, body: Value| call("POST", format!("{path}/invites"), tok, Some(body));
+    for (body, why) in [
+        (json!({"expires_in_s": 59}), "too short"),
+        (json!({"expires_in_s": 30 * 86_400 + 1}), "too long"),
+        (json!({"max_uses": 10_001}), "too many uses"),
+    ] {
+        assert_eq!(err(&invite(&a, body).await), (400, 4003), "{why}");
+    }
+    let r = invite(&a, json!({"max_uses": 1, "expires_in_s": 3600})).await;
+    assert_eq!(r.0, StatusCode::CREATED, "{r:?}");
+    let once = r.1["token"].as_str().unwrap().to_string();
+    assert_eq!(once.len(), 32);
+    assert_eq!((&r.1["max_uses"], &r.1["uses"]), (&json!(1), &json!(0)));
+    let expires = r.1["expires_ms"].as_u64().unwrap();
+    let now = im_shared::unix_ms();
+    assert!((now + 3_590_000..=now + 3_600_000).contains(&expires));
+    let r = call("GET", format!("/api/v1/invites/{once}"), &b, None).await;
+    assert_eq!(
+        (&r.1["group"]["name"], &r.1["group"]["member_count"]),
+        (&json!("secret"), &json!(1)),
+        "{r:?}"
+    );
+    for bad in ["0123", "zz".repeat(16).as_str(), &once.to_uppercase()] {
+        assert_eq!(
+            err(&call("POST", format!("/api/v1/invites/{bad}/join"), &b, None).await),
+            (404, 4040),
+            "{bad}"
+        );
+    }
+    let r = call("POST", format!("/api/v1/invites/{once}/join"), &b, None).await;
+    assert_eq!((r.0, &r.1["group_id"]), (StatusCode::OK, &json!(g)));
+    assert_eq!(
+        err(&call("POST", format!("/api/v1/invites/{once}/join"), &c, None).await),
+        (404, 4040),
+        "used up"
+    );
+    assert_eq!(
+        err(&call("GET", format!("/api/v1/invites/{once}"), &c, None).await),
+        (404, 4040)
+    );
+    assert_eq!(err(&invite(&b, json!({})).await), (403, 4030));
+    assert_eq!(
+        err(&call("GET", format!("{path}/invites"), &b, None).await),
+        (403, 4030)
+    );
+    assert_eq!(
+        err(&call(
+            "PATCH",
+            path.clone(),
+            &b,
+            Some(json!({"visibility": "public"}))
+        )
+        .await),
+        (403, 4030)
+    );
+
+    // Ben joined after three messages: he sees none of them, and nothing is unread.
+    let hist = |tok: &str| {
+        call(
+            "GET",
+            format!("/api/v1/messages/history?conv=g:{g}"),
+            tok,
+            None,
+        )
+    };
+    let seqs = |v: &Value| -> Vec<u64> {
+        v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect()
+    };
+    assert!(seqs(&hist(&b).await.1).is_empty());
+    assert_eq!(seqs(&hist(&a).await.1), [3, 2, 1]);
+    let listed = |tok: &str| {
+        let tok = tok.to_string();
+        let conv = format!("g:{g}");
+        async move {
+            let r = api
+                .call("GET", "/api/v1/conversations", Some(&tok), None)
+                .await;
+            r.1.as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["conv"] == conv.as_str())
+                .cloned()
+                .unwrap()
+        }
+    };
+    let mine = listed(&b).await;
+    assert_eq!(
+        (&mine["unread"], &mine["last_message"]),
+        (&json!(0), &Value::Null)
+    );
+    assert_eq!(send(&b, "hello, I am new").await.0, StatusCode::OK);
+    assert_eq!(seqs(&hist(&b).await.1), [4]);
+
+    // A second invite, with no limit: Cat joins; revoked, it lets no one else in.
+    let r = invite(&a, json!({})).await;
+    let open = r.1["token"].as_str().unwrap().to_string();
+    let open_id = r.1["invite_id"].as_str().unwrap().to_string();
+    assert!(r.1["expires_ms"].as_u64().unwrap() >= now + 7 * 86_400_000 - 60_000);
+    assert_eq!(
+        call("POST", format!("/api/v1/invites/{open}/join"), &c, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let r = call("GET", format!("{path}/invites"), &a, None).await;
+    let uses: Vec<(&Value, &Value)> = r.1["invites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (&i["invite_id"], &i["uses"]))
+        .collect();
+    assert_eq!(uses[0], (&json!(open_id), &json!(1)), "{r:?}");
+    assert!(
+        r.1["invites"][0].get("token").is_none(),
+        "tokens are shown once"
+    );
+    let revoke = format!("{path}/invites/{open_id}");
+    assert_eq!(
+        err(&call("DELETE", revoke.clone(), &b, None).await),
+        (403, 4030)
+    );
+    assert_eq!(
+        call("DELETE", revoke.clone(), &a, None).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(err(&call("DELETE", revoke, &a, None).await), (404, 4040));
+    assert_eq!(
+        err(&call("POST", format!("/api/v1/invites/{open}/join"), &d, None).await),
+        (404, 4040),
+        "revoked"
+    );
+
+    // Settings: bad values; all history; public (then anyone may look and join by id).
+    for body in [
+        json!({"visibility": "secret"}),
+        json!({"history": "some"}),
+        json!({"name": ""}),
+        json!({"name": "a\u{202e}b"}),
+    ] {
+        assert_eq!(
+            err(&call("PATCH", path.clone(), &a, Some(body.clone())).await),
+            (400, 4003),
+            "{body}"
+        );
+    }
+    let r = call("PATCH", path.clone(), &a, Some(json!({"history": "all"}))).await;
+    assert_eq!((r.0, &r.1["history"]), (StatusCode::OK, &json!("all")));
+    assert_eq!(seqs(&hist(&b).await.1), [4, 3, 2, 1]);
+    assert_eq!(
+        err(&call("POST", format!("{path}/join"), &d, None).await),
+        (404, 4040)
+    );
+    let r = call(
+        "PATCH",
+        path.clone(),
+        &a,
+        Some(json!({"visibility": "public", "name": "open now"})),
+    )
+    .await;
+    assert_eq!(
+        (&r.1["visibility"], &r.1["name"], &r.1["owner_id"]),
+        (&json!("public"), &json!("open now"), &json!(ann))
+    );
+    let r = call("GET", path.clone(), &d, None).await;
+    assert_eq!(
+        (&r.1["member"], &r.1["member_count"]),
+        (&json!(false), &json!(3))
+    );
+    assert_eq!(
+        err(&send(&d, "hi").await),
+        (403, 4030),
+        "public: not a member"
+    );
+    assert_eq!(
+        call("POST", format!("{path}/join"), &d, None).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(seqs(&hist(&d).await.1), [4, 3, 2, 1], "history: all");
+}
+
+#[tokio::test]
+async fn private_groups_on_mysql() {
+    let store = Arc::new(fresh_mysql().await);
+    private_groups(&Api::new(store.clone())).await;
+    drop_mysql(Arc::into_inner(store).expect("the api is gone")).await;
+}
+
+#[tokio::test]
+async fn private_groups_on_sqlite() {
+    let dir = tempdir();
+    private_groups(&Api::new(Arc::new(fresh_sqlite(&dir).await))).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 async fn messages(api: &Api) {
     let (ann, a) = user(api, "ann").await;
     let (ben, b) = user(api, "ben").await;
@@ -990,7 +1260,7 @@ async fn messages(api: &Api) {
             "POST",
             "/api/v1/groups/create",
             Some(&a),
-            Some(json!({"name": "g"})),
+            Some(json!({"name": "g", "visibility": "public"})),
         )
         .await
         .1["group_id"]

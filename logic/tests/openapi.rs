@@ -12,13 +12,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use tower::ServiceExt;
 
-const METHODS: [&str; 4] = ["get", "post", "put", "delete"];
+const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 
 fn concrete(path: &str) -> String {
     path.replace("{id}", "1")
         .replace("{user_id}", "2")
         .replace("{conv}", "p:1:2")
         .replace("{username}", "alice")
+        .replace("{invite_id}", "3")
+        .replace("{token}", "0123456789abcdef0123456789abcdef")
 }
 
 #[tokio::test]

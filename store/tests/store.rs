@@ -392,7 +392,11 @@ async fn group_privacy_and_invites(s: &dyn Store) {
         [(short.unwrap(), 0), (once, 1)],
         "newest first"
     );
-    assert_eq!(s.join_by_invite("t2", d, 25).await.unwrap(), None, "expired");
+    assert_eq!(
+        s.join_by_invite("t2", d, 25).await.unwrap(),
+        None,
+        "expired"
+    );
     assert_eq!(s.invite("t2", 25).await.unwrap(), None);
     assert_eq!(
         s.invites(g, 25).await.unwrap().len(),
@@ -711,10 +715,12 @@ async fn message_batches(s: &dyn Store) {
 
     let mut ab_ids = vec![a, b];
     ab_ids.sort();
-    let roster = |members| Some(Roster {
-        public: false,
-        members,
-    });
+    let roster = |members| {
+        Some(Roster {
+            public: false,
+            members,
+        })
+    };
     assert_eq!(s.roster(g).await.unwrap(), roster(ab_ids));
     assert_eq!(s.roster(g + 1000).await.unwrap(), None);
     assert!(s.remove_member(g, b).await.unwrap());

@@ -742,33 +742,49 @@ impl Cluster {
         )
     }
 
-    /// Creates a group over REST as `owner` and joins each of `members` to it; its id.
+    /// Creates a (private) group over REST as `owner` and joins each of `members` to it by
+    /// an invite link; its id.
     pub fn group(&self, owner: &str, name: &str, members: &[&str]) -> u64 {
-        let (st, v) = http(
-            self.api,
-            "POST",
-            "/api/v1/groups/create",
-            Some(owner),
-            &json!({ "name": name }),
-        );
-        assert_eq!(st, 201, "{v}");
-        let gid: u64 = v["group_id"].as_str().unwrap().parse().unwrap();
-        for t in members {
-            let (st, v) = http(
-                self.api,
-                "POST",
-                &format!("/api/v1/groups/{gid}/join"),
-                Some(t),
-                &Value::Null,
-            );
-            assert_eq!(st, 204, "{v}");
-        }
-        gid
+        group(self.api, owner, name, members)
     }
 
     pub fn ws(&self, gateway: usize, token: &str) -> Ws {
         Ws::connect(self.gateways[gateway].1, token)
     }
+}
+
+/// Creates a private group over `api` as `owner` and joins each of `members` to it by an
+/// invite link, as people do; its id.
+pub fn group(api: SocketAddr, owner: &str, name: &str, members: &[&str]) -> u64 {
+    let (st, v) = http(
+        api,
+        "POST",
+        "/api/v1/groups/create",
+        Some(owner),
+        &json!({ "name": name }),
+    );
+    assert_eq!(st, 201, "{v}");
+    let gid: u64 = v["group_id"].as_str().unwrap().parse().unwrap();
+    let (st, v) = http(
+        api,
+        "POST",
+        &format!("/api/v1/groups/{gid}/invites"),
+        Some(owner),
+        &json!({}),
+    );
+    assert_eq!(st, 201, "{v}");
+    let token = v["token"].as_str().unwrap();
+    for t in members {
+        let (st, v) = http(
+            api,
+            "POST",
+            &format!("/api/v1/invites/{token}/join"),
+            Some(t),
+            &Value::Null,
+        );
+        assert_eq!(st, 200, "{v}");
+    }
+    gid
 }
 
 /// A minimal HTTP/1.1 client (one request per connection).

@@ -20,7 +20,7 @@ fn invalid(msg: &str) -> ApiError {
 }
 
 /// An id given as a decimal string (the protocol's form) or a JSON number.
-fn id_value(v: &Value, what: &str) -> Result<u64, ApiError> {
+pub(super) fn id_value(v: &Value, what: &str) -> Result<u64, ApiError> {
     match v {
         Value::String(s) => parse_id(s),
         // The same range as a string's: 1 to 2^63 − 1 (what the databases can hold).
@@ -36,43 +36,45 @@ fn conv_param(raw: &str) -> Result<Conv, ApiError> {
 }
 
 /// The caller may read and write `conv`: a party of a two-person one, a member of a group's.
-async fn authorize(st: &State, user: u64, conv: Conv) -> Result<(), ApiError> {
+/// What they see of it: the messages after the returned seq (a group member's join, unless
+/// the group shows all its history; 0 otherwise).
+async fn authorize(st: &State, user: u64, conv: Conv) -> Result<u64, ApiError> {
+    let no_conv = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such conversation",
+        )
+    };
     match conv {
         Conv::Pair(a, b) if conv.has_party(user) => {
             // A conversation with a user that does not exist does not exist either (and must
             // not leave membership rows behind).
             let peer = if a == user { b } else { a };
             match st.store.user_by_id(peer).await? {
-                Some(_) => Ok(()),
-                None => Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    ErrorCode::NotFound,
-                    "no such conversation",
-                )),
+                Some(_) => Ok(0),
+                None => Err(no_conv()),
             }
         }
         // Another pair's conversation does not exist as far as this caller can tell.
-        Conv::Pair(..) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            "no such conversation",
-        )),
+        Conv::Pair(..) => Err(no_conv()),
         Conv::Group(g) => {
-            if st.store.group(g).await?.is_none() {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    ErrorCode::NotFound,
-                    "no such group",
-                ));
+            if let Some(after) = st.store.visible_after(g, user).await? {
+                return Ok(after);
             }
-            if !st.store.is_member(g, user).await? {
-                return Err(ApiError::new(
+            // A private group does not exist for a non-member either.
+            match st.store.group(g).await? {
+                Some(group) if group.public => Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     ErrorCode::Forbidden,
                     "not a member of this group",
-                ));
+                )),
+                _ => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    "no such group",
+                )),
             }
-            Ok(())
         }
     }
 }
@@ -302,12 +304,12 @@ pub async fn history(
     if !(1..=HISTORY_PAGE_MAX).contains(&limit) {
         return Err(invalid("limit: 1 to 500"));
     }
-    authorize(&st, caller.user_id, conv).await?;
+    let after = authorize(&st, caller.user_id, conv).await?;
     let before = q.before_seq.unwrap_or(u64::MAX).min(i64::MAX as u64);
     // One extra row tells whether there is more.
     let mut rows = st
         .store
-        .history(&conv.to_string(), before, limit + 1)
+        .history(&conv.to_string(), after, before, limit + 1)
         .await?;
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);

@@ -200,7 +200,7 @@ pub fn router(state: State) -> Router {
             axum::routing::put(messages::update),
         )
         .route("/groups/create", post(groups::create))
-        .route("/groups/{id}", get(groups::get))
+        .route("/groups/{id}", get(groups::get).patch(groups::change))
         .route("/groups/{id}/join", post(groups::join))
         .route("/groups/{id}/leave", post(groups::leave))
         .route(
@@ -210,7 +210,17 @@ pub fn router(state: State) -> Router {
         .route(
             "/groups/{id}/members/{user_id}",
             axum::routing::delete(groups::remove_member),
-        );
+        )
+        .route(
+            "/groups/{id}/invites",
+            get(groups::invites).post(groups::create_invite),
+        )
+        .route(
+            "/groups/{id}/invites/{invite_id}",
+            axum::routing::delete(groups::revoke_invite),
+        )
+        .route("/invites/{token}", get(groups::invite_preview))
+        .route("/invites/{token}/join", post(groups::invite_join));
     let root = Router::new()
         .nest("/api/v1", api)
         .route("/", get(web::index))

@@ -5,6 +5,7 @@
 
 use super::downstream::Downstream;
 use super::members::Members;
+use super::sequencer::{self, Check};
 use super::StageStats;
 use im_shared::protocol::{self, Message, Target};
 use im_shared::records;
@@ -120,13 +121,10 @@ impl Answers {
             Conv::Pair(..) if conv.has_party(user) => Ok(()),
             Conv::Pair(..) => Err((ErrorCode::NotFound, "no such conversation".into())),
             Conv::Group(g) => {
-                let m = self.members.of(g).await.map_err(|_| db_down())?;
-                if m.binary_search(&user).is_ok() {
-                    Ok(())
-                } else if m.is_empty() && self.store.group(g).await.ok().flatten().is_none() {
-                    Err((ErrorCode::NotFound, "no such group".into()))
-                } else {
-                    Err((ErrorCode::Forbidden, "not a member of this group".into()))
+                let roster = self.members.of(g).await.map_err(|_| db_down())?;
+                match sequencer::group_access(&roster, user, g) {
+                    Check::Refused(code, msg) => Err((code, msg.into())),
+                    _ => Ok(()),
                 }
             }
         }
@@ -143,6 +141,21 @@ impl Answers {
         want: u64,
     ) -> Result<Vec<u8>, Refusal> {
         self.allowed(user, conv).await?;
+        // A member sees a group's messages after their join unless the group shows all.
+        let after = match conv {
+            Conv::Group(g) => {
+                let from = self.store.visible_after(g, user).await;
+                let from = from.map_err(|_| db_down())?.ok_or_else(|| {
+                    // Left since the (cached) member list was read.
+                    (
+                        ErrorCode::Forbidden,
+                        "not a member of this group".to_string(),
+                    )
+                })?;
+                after.max(from)
+            }
+            Conv::Pair(..) => after,
+        };
         let conv_s = conv.to_string();
         let deadline = tokio::time::Instant::now() + self.wait;
         loop {

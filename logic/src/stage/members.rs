@@ -1,6 +1,6 @@
 //! Group member lists as the stage needs them (checks and routing), cached.
 
-use im_store::Store;
+use im_store::{Roster, Store};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ pub struct Members {
 }
 
 /// When a member list was read, and the list.
-type Cached = (Instant, Arc<Vec<u64>>);
+type Cached = (Instant, Arc<Roster>);
 
 const TTL: Duration = Duration::from_secs(1);
 const CACHED_GROUPS_MAX: usize = 100_000;
@@ -28,20 +28,22 @@ impl Members {
         }
     }
 
-    /// Sorted member ids (empty: no such group, or no members).
-    pub async fn of(&self, group: u64) -> Result<Arc<Vec<u64>>, String> {
+    /// Sorted member ids and whether the group is public (no such group: a private group
+    /// with no members, which is what a non-member is told of a private group too).
+    pub async fn of(&self, group: u64) -> Result<Arc<Roster>, String> {
         if let Some((at, m)) = self.cache.lock().expect("not poisoned").get(&group) {
             if at.elapsed() < TTL {
                 return Ok(m.clone());
             }
         }
-        let mut ids = self
+        let mut roster = self
             .store
-            .member_ids(group)
+            .roster(group)
             .await
-            .map_err(|e| e.to_string())?;
-        ids.sort_unstable();
-        let ids = Arc::new(ids);
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        roster.members.sort_unstable();
+        let ids = Arc::new(roster);
         let mut cache = self.cache.lock().expect("not poisoned");
         if cache.len() >= CACHED_GROUPS_MAX {
             cache.clear();

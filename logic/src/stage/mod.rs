@@ -592,7 +592,7 @@ impl Stage {
                     .members
                     .of(g)
                     .await
-                    .map(|m| m.to_vec())
+                    .map(|r| r.members.clone())
                     .unwrap_or_default(),
             };
             all.extend_from_slice(&users);

@@ -19,6 +19,7 @@ use super::state::{Ack, Partition};
 use im_shared::records::{self, Stored};
 use im_shared::snowflake::{Leased, WorkerLease};
 use im_shared::{Conv, ErrorCode};
+use im_store::Roster;
 use std::collections::{HashMap, HashSet};
 
 /// Users known to exist (accounts are never deleted), so a 1:1 send costs no query; cleared
@@ -235,15 +236,15 @@ impl Sequencer {
     }
 }
 
-/// The answer to `NeedsMembers(group)`, given its sorted member list (empty: no such group,
-/// or nobody in it).
-pub fn group_access(members: &[u64], sender: u64, group: u64) -> Check {
-    if members.binary_search(&sender).is_ok() {
+/// The answer to `NeedsMembers(group)`, given its roster (members sorted). A non-member is
+/// told a private group does not exist, as if there were none: its id reveals nothing.
+pub fn group_access(roster: &Roster, sender: u64, group: u64) -> Check {
+    if roster.members.binary_search(&sender).is_ok() {
         Check::Ready(Conv::Group(group))
-    } else if members.is_empty() {
-        Check::Refused(ErrorCode::NotFound, "no such group")
-    } else {
+    } else if roster.public {
         Check::Refused(ErrorCode::Forbidden, "not a member of this group")
+    } else {
+        Check::Refused(ErrorCode::NotFound, "no such group")
     }
 }
 
@@ -323,13 +324,29 @@ pub(super) mod tests {
             Check::Refused(ErrorCode::InvalidField, _)
         ));
         assert_eq!(s.check(1, &to(0, 9)), Check::NeedsMembers(9));
-        assert_eq!(group_access(&[1, 5], 1, 9), Check::Ready(Conv::Group(9)));
+        let roster = |public, members: &[u64]| Roster {
+            public,
+            members: members.to_vec(),
+        };
+        for public in [false, true] {
+            assert_eq!(
+                group_access(&roster(public, &[1, 5]), 1, 9),
+                Check::Ready(Conv::Group(9))
+            );
+        }
         assert!(matches!(
-            group_access(&[2, 5], 1, 9),
+            group_access(&roster(true, &[2, 5]), 1, 9),
             Check::Refused(ErrorCode::Forbidden, _)
         ));
+        assert!(
+            matches!(
+                group_access(&roster(false, &[2, 5]), 1, 9),
+                Check::Refused(ErrorCode::NotFound, _)
+            ),
+            "a private group does not exist for a non-member"
+        );
         assert!(matches!(
-            group_access(&[], 1, 9),
+            group_access(&Roster::default(), 1, 9),
             Check::Refused(ErrorCode::NotFound, _)
         ));
     }

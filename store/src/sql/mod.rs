@@ -264,8 +264,14 @@ const MYSQL_MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../migrations/mysql/0004_group_privacy.sql"),
     ),
-    (5, include_str!("../../migrations/mysql/0005_member_since.sql")),
-    (6, include_str!("../../migrations/mysql/0006_group_invites.sql")),
+    (
+        5,
+        include_str!("../../migrations/mysql/0005_member_since.sql"),
+    ),
+    (
+        6,
+        include_str!("../../migrations/mysql/0006_group_invites.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -278,8 +284,14 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../migrations/sqlite/0004_group_privacy.sql"),
     ),
-    (5, include_str!("../../migrations/sqlite/0005_member_since.sql")),
-    (6, include_str!("../../migrations/sqlite/0006_group_invites.sql")),
+    (
+        5,
+        include_str!("../../migrations/sqlite/0005_member_since.sql"),
+    ),
+    (
+        6,
+        include_str!("../../migrations/sqlite/0006_group_invites.sql"),
+    ),
 ];
 
 /// The statements of a migration file: split at `;` line ends, comment-only chunks dropped.
