@@ -758,14 +758,94 @@ async function openUserByName(name) {
 }
 
 async function createGroup(name) {
+  // Private (the server's default): people join by an invite link from the header.
   const { group_id: groupId } = await api('POST', '/groups/create', { name });
-  state.groups.set(groupId, { group_id: groupId, name });
+  state.groups.set(groupId, {
+    group_id: groupId, name, owner_id: me(), visibility: 'private', member: true,
+  });
   await reloadAndOpen(`g:${groupId}`);
+}
+
+/// What the join box holds: an invite link (or its bare token), or a public group's id.
+function parseJoinInput(text) {
+  const invite = text.match(/(?:^|[#&?]invite=)([0-9a-f]{32})$/);
+  if (invite) return { token: invite[1] };
+  if (/^[0-9]+$/.test(text)) return { groupId: text };
+  return null;
 }
 
 async function joinGroup(groupId) {
   await api('POST', `/groups/${enc(groupId)}/join`);
   await reloadAndOpen(`g:${groupId}`);
+}
+
+async function joinByInvite(token) {
+  const { group_id: groupId } = await api('POST', `/invites/${enc(token)}/join`);
+  state.lookups.delete(`g:${groupId}`);
+  state.groups.delete(groupId);
+  await reloadAndOpen(`g:${groupId}`);
+}
+
+/// The owner's "Make an invite link": a week, any number of uses. The token is shown once
+/// by the server, so the link lives in this box until another conversation is opened.
+async function createInvite(groupId) {
+  const inv = await api('POST', `/groups/${enc(groupId)}/invites`, {});
+  if (!state.open || state.open.group !== groupId) return;
+  el.inviteLink.value = `${location.origin}${location.pathname}#invite=${inv.token}`;
+  el.inviteNote.textContent = `valid until ${new Date(inv.expires_ms).toLocaleString()}`;
+  el.inviteLine.hidden = false;
+  el.inviteLink.select();
+}
+
+async function copyInvite() {
+  const link = el.inviteLink.value;
+  try {
+    await navigator.clipboard.writeText(link);
+  } catch {
+    // No clipboard permission (plain http, an old browser): select it for Ctrl+C.
+    el.inviteLink.select();
+    if (!document.execCommand('copy')) {
+      el.inviteNote.textContent = 'Press Ctrl+C to copy';
+      return;
+    }
+  }
+  el.inviteNote.textContent = 'Copied';
+}
+
+// An invite link opened in the browser (`#invite=<token>`): once logged in, say where it
+// leads and ask. The token stays in the address bar through the login form.
+let pendingInvite = null;
+
+function inviteInLocation() {
+  const m = location.hash.match(/^#invite=([0-9a-f]{32})$/);
+  return m ? m[1] : null;
+}
+
+function forgetInviteInLocation() {
+  if (location.hash) history.replaceState(null, '', location.pathname + location.search);
+}
+
+async function offerInvite() {
+  const token = inviteInLocation();
+  if (!token || !state.session || pendingInvite === token) return;
+  pendingInvite = token;
+  try {
+    const { group } = await api('GET', `/invites/${enc(token)}`);
+    if (pendingInvite !== token) return;
+    const n = group.member_count === 1 ? '1 member' : `${group.member_count} members`;
+    el.inviteText.textContent = `You are invited to join “${group.name}” (${n}).`;
+    el.inviteBanner.hidden = false;
+  } catch (e) {
+    pendingInvite = null;
+    forgetInviteInLocation();
+    showError(`Invite: ${e.message}`);
+  }
+}
+
+function closeInviteBanner() {
+  pendingInvite = null;
+  el.inviteBanner.hidden = true;
+  forgetInviteInLocation();
 }
 
 async function reloadAndOpen(conv) {
@@ -875,6 +955,9 @@ function renderChat() {
   el.placeholder.hidden = Boolean(open);
   el.composeInput.disabled = !open;
   el.composeSend.disabled = !open;
+  el.inviteLine.hidden = true;
+  el.inviteLink.value = '';
+  el.inviteNote.textContent = '';
   renderChatHeader();
   renderOlderButton();
   renderOpenPending();
@@ -885,12 +968,25 @@ function renderChatHeader() {
   if (!open) {
     el.convTitle.textContent = 'No conversation open';
     el.groupLine.hidden = true;
+    el.inviteLine.hidden = true;
     return;
   }
   const entry = state.convs.get(open.conv) || ensureConv(open.conv);
   el.convTitle.textContent = convLabel(entry);
   el.groupLine.hidden = open.kind !== 'group';
-  el.groupId.textContent = open.kind === 'group' ? open.group : '';
+  if (open.kind !== 'group') {
+    el.inviteLine.hidden = true;
+    return;
+  }
+  el.groupId.textContent = open.group;
+  const g = state.groups.get(open.group);
+  const owner = Boolean(g && g.owner_id === me());
+  const isPublic = Boolean(g && g.visibility === 'public');
+  el.groupKind.textContent = g ? (isPublic ? 'Public' : 'Private') : '';
+  el.groupHint.textContent = !g ? ''
+    : isPublic ? '— anyone can join it by this id.'
+      : owner ? '— people join by an invite link.' : '— its owner can invite people.';
+  el.inviteCreate.hidden = !owner;
 }
 
 function renderOlderButton() {
@@ -1013,6 +1109,7 @@ function startApp() {
   renderConvList();
   loadConversations().catch((e) => showError(`Conversations: ${e.message}`));
   connect();
+  offerInvite();
 }
 
 /// Back to the login form, forgetting everything of this session.
@@ -1027,6 +1124,8 @@ function endSession(reason) {
   state.users = new Map();
   state.groups = new Map();
   state.lookups = new Map();
+  pendingInvite = null;
+  el.inviteBanner.hidden = true;
   renderConnState('offline');
   showView(false);
   renderChat();
@@ -1100,6 +1199,10 @@ function wire() {
     groupCreateForm: 'group-create-form', groupCreateName: 'group-create-name',
     groupJoinForm: 'group-join-form', groupJoinId: 'group-join-id',
     convList: 'conv-list', convTitle: 'conv-title', groupLine: 'group-line', groupId: 'group-id',
+    groupKind: 'group-kind', groupHint: 'group-hint', inviteCreate: 'invite-create',
+    inviteLine: 'invite-line', inviteLink: 'invite-link', inviteCopy: 'invite-copy',
+    inviteNote: 'invite-note', inviteBanner: 'invite-banner', inviteText: 'invite-text',
+    inviteAccept: 'invite-accept', inviteDismiss: 'invite-dismiss',
     messages: 'messages', loadOlder: 'load-older', placeholder: 'messages-placeholder',
     messageList: 'message-list', composeForm: 'compose-form', composeInput: 'compose-input',
     composeSend: 'compose-send',
@@ -1153,15 +1256,38 @@ function wire() {
 
   el.groupJoinForm.addEventListener('submit', (ev) => {
     ev.preventDefault();
-    const id = el.groupJoinId.value.trim();
-    if (!/^[0-9]+$/.test(id)) {
-      showError('A group id is a number.');
+    const what = parseJoinInput(el.groupJoinId.value.trim());
+    if (!what) {
+      showError('Paste an invite link, or type the id (a number) of a public group.');
       return;
     }
-    busy(el.groupJoinForm, () => joinGroup(id)).then((ok) => {
+    const join = what.token ? () => joinByInvite(what.token) : () => joinGroup(what.groupId);
+    busy(el.groupJoinForm, join).then((ok) => {
       if (ok) el.groupJoinId.value = '';
     });
   });
+
+  el.inviteCreate.addEventListener('click', () => {
+    const open = state.open;
+    if (!open || open.kind !== 'group') return;
+    el.inviteCreate.disabled = true;
+    createInvite(open.group)
+      .catch((e) => showError(`Invite: ${e.message}`))
+      .finally(() => { el.inviteCreate.disabled = false; });
+  });
+  el.inviteCopy.addEventListener('click', copyInvite);
+
+  el.inviteAccept.addEventListener('click', () => {
+    const token = pendingInvite;
+    if (!token) return;
+    el.inviteAccept.disabled = true;
+    joinByInvite(token)
+      .then(closeInviteBanner, (e) => showError(`Invite: ${e.message}`))
+      .finally(() => { el.inviteAccept.disabled = false; });
+  });
+  el.inviteDismiss.addEventListener('click', closeInviteBanner);
+  // A link pasted into the address bar of an open tab.
+  window.addEventListener('hashchange', offerInvite);
 
   el.convList.addEventListener('click', (ev) => {
     const item = ev.target.closest('[data-testid="conv-item"]');

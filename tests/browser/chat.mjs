@@ -1,12 +1,14 @@
 // End-to-end test of the browser chat client (logic/web) in headless Chromium: two users in
-// two browser contexts register, chat 1:1 and in a group, one goes away and comes back to
+// two browser contexts register, chat 1:1 and in a private group (the owner copies an invite
+// link, the other opens it and joins; the group's id alone lets no one in), one goes away and comes back to
 // unread counts and missed messages, a message that looks like HTML stays text, and a third
 // page's failed logins make its form wait (429, Retry-After) and come back.
 //
 //   IM_BASE_URL=http://127.0.0.1:18080 IM_OUT_DIR=/tmp/shots node tests/browser/chat.mjs
 //
 // IM_BASE_URL serves the page and the REST API; the page finds the WebSocket from the login
-// answer. IM_OUT_DIR receives alice.png and bob.png (failure-*.png when a step fails).
+// answer. IM_OUT_DIR receives alice.png and bob.png, alice-invite.png and bob-invite.png (the
+// invite link made, the invitation seen), and failure-*.png when a step fails.
 // CHROMIUM (default /usr/bin/chromium) is the browser binary: playwright-core downloads none.
 //
 // Prints "browser e2e: ok" and exits 0, or names the failed step and exits 1.
@@ -187,7 +189,8 @@ async function main() {
 
 async function scenario(browser) {
   const viewport = { width: 1100, height: 720 };
-  const aliceCtx = await browser.newContext({ viewport });
+  // Alice copies an invite link: her page may write the clipboard, and the test reads it.
+  const aliceCtx = await browser.newContext({ viewport, permissions: ['clipboard-read', 'clipboard-write'] });
   const bobCtx = await browser.newContext({ viewport });
   const alice = await newUserPage(aliceCtx, 'alice');
   let bob = await newUserPage(bobCtx, 'bob');
@@ -229,14 +232,47 @@ async function scenario(browser) {
   const group = `g:${groupId}`;
   await until('alice to have the group open and listed', async () =>
     ((await openConvId(alice)) === group && (await convItem(alice, group).count()) === 1) || openConvId(alice));
+  check((await text(alice, 'group-kind')) === 'Private', `a new group is "${await text(alice, 'group-kind')}"`);
+  // An outsider cannot join a private group by its id: it does not exist for him.
   await byTestId(bob, 'group-join-id').fill(groupId);
   await byTestId(bob, 'group-join-submit').click();
-  await until('bob to have joined and opened the group', async () => {
+  await until('bob to be told there is no such group', async () => {
+    const t = await text(bob, 'error');
+    return t.includes('no such group') || t;
+  });
+  await byTestId(bob, 'group-join-id').fill('');
+  await byTestId(alice, 'invite-create').click();
+  await until('alice to get an invite link', async () => {
+    const v = await byTestId(alice, 'invite-link').inputValue();
+    return /#invite=[0-9a-f]{32}$/.test(v) || `link: "${v}", error: "${await text(alice, 'error')}"`;
+  });
+  const link = await byTestId(alice, 'invite-link').inputValue();
+  await byTestId(alice, 'invite-copy').click();
+  await until('alice\'s copy to say so', async () => (await text(alice, 'invite-note')) === 'Copied' || text(alice, 'invite-note'));
+  await alice.screenshot({ path: path.join(OUT_DIR, 'alice-invite.png') });
+  const copied = await alice.evaluate(() => navigator.clipboard.readText());
+  check(copied === link, `the clipboard holds "${copied}", not the link "${link}"`);
+  // Bob opens the link in a new tab: the page says where it leads, and he joins.
+  await bob.close();
+  bob = await newUserPage(bobCtx, 'bob');
+  await bob.goto(link, { waitUntil: 'domcontentloaded' });
+  await waitConnected(bob, 'bob (invite link)');
+  await until('bob to see the invitation', async () => {
+    const banner = byTestId(bob, 'invite-banner');
+    const t = await banner.textContent();
+    return ((await banner.isVisible()) && t.includes(`team-${suffix}`) && t.includes('1 member')) || `banner: "${t}", error: "${await text(bob, 'error')}"`;
+  });
+  await bob.screenshot({ path: path.join(OUT_DIR, 'bob-invite.png') });
+  await byTestId(bob, 'invite-accept').click();
+  await until('bob to have joined by the link and opened the group', async () => {
     const open = await openConvId(bob);
     const shown = await text(bob, 'group-id');
     const listed = await convItem(bob, group).count();
-    return (open === group && shown === groupId && listed === 1) || { open, shown, listed, error: await text(bob, 'error') };
+    const banner = await byTestId(bob, 'invite-banner').isVisible();
+    return (open === group && shown === groupId && listed === 1 && !banner) || { open, shown, listed, banner, error: await text(bob, 'error') };
   });
+  check(!(await bob.evaluate(() => location.hash)), 'the invite stays in bob\'s address bar');
+  check(!(await byTestId(bob, 'invite-create').isVisible()), 'bob, not the owner, is offered to make invites');
   await send(alice, 'alice', 'hello group');
   await waitMessage(bob, 'bob', 'hello group');
 
