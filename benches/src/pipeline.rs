@@ -79,7 +79,10 @@ fn seed_sqlite(path: &std::path::Path, count: u64) -> Result<Seeded, String> {
             .await
             .map_err(err)?;
         for &u in &ids[1..] {
-            store.add_member(group, u, now).await.map_err(err)?;
+            store
+                .add_member(group, u, now, im_store::JoinBy::Owner)
+                .await
+                .map_err(err)?;
         }
         Ok(Seeded {
             first_user: ids[0],

@@ -925,7 +925,7 @@ async fn groups_on_sqlite() {
 async fn private_groups(api: &Api) {
     let (ann, a) = user(api, "ann").await;
     let (_, b) = user(api, "ben").await;
-    let (_, c) = user(api, "cat").await;
+    let (cat, c) = user(api, "cat").await;
     let (_, d) = user(api, "dan").await;
     let call = |method: &'static str, path: String, tok: &str, body: Option<Value>| {
         let tok = tok.to_string();
@@ -1110,6 +1110,34 @@ async fn private_groups(api: &Api) {
     assert!(
         r.1["invites"][0].get("token").is_none(),
         "tokens are shown once"
+    );
+    // Removed by the owner, Cat cannot come back by the link; added again, she is in.
+    assert_eq!(
+        call("DELETE", format!("{path}/members/{cat}"), &a, None)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        err(&call("POST", format!("/api/v1/invites/{open}/join"), &c, None).await),
+        (403, 4030),
+        "removed"
+    );
+    assert_eq!(
+        err(&call("GET", path.clone(), &c, None).await),
+        (404, 4040),
+        "a private group is gone for whoever leaves it"
+    );
+    assert_eq!(
+        call(
+            "POST",
+            format!("{path}/members"),
+            &a,
+            Some(json!({"user_id": cat}))
+        )
+        .await
+        .0,
+        StatusCode::NO_CONTENT
     );
     let revoke = format!("{path}/invites/{open_id}");
     assert_eq!(

@@ -836,8 +836,11 @@ async function offerInvite() {
     el.inviteText.textContent = `You are invited to join “${group.name}” (${n}).`;
     el.inviteBanner.hidden = false;
   } catch (e) {
+    if (pendingInvite !== token) return; // another link was opened meanwhile
     pendingInvite = null;
-    forgetInviteInLocation();
+    // Only a dead invite is forgotten; after a network error or a 5xx the link stays in the
+    // address bar, and reloading the page asks again.
+    if (e instanceof ApiError && e.status === 404) forgetInviteInLocation();
     showError(`Invite: ${e.message}`);
   }
 }

@@ -195,8 +195,45 @@ pub enum Join {
     AlreadyMember,
     /// The group has `max_members` members.
     Full,
+    /// No such group, or (`JoinBy::Id`) not a public one.
     NoSuchGroup,
+    /// The owner removed this user: only the owner can add them again.
+    Removed,
 }
+
+/// Who lets a user into a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinBy {
+    /// The owner adds them (and so lifts an earlier removal).
+    Owner,
+    /// They join by the group's id: public groups only.
+    Id,
+}
+
+/// The part of a conversation a user sees: messages with seq > `after_seq` stamped at or after
+/// `from_ms`. A group member with history from their join sees from it; everyone else sees
+/// everything (`View::ALL`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    pub after_seq: u64,
+    pub from_ms: u64,
+}
+
+impl View {
+    pub const ALL: View = View {
+        after_seq: 0,
+        from_ms: 0,
+    };
+
+    pub fn shows(&self, m: &MessageRow) -> bool {
+        m.seq > self.after_seq && m.ts_ms >= self.from_ms
+    }
+}
+
+/// How far before their join a new member's view starts, in message time: the clocks of the
+/// process that admits the member and of the one that stamps messages may differ by this much
+/// (NTP keeps them far closer) without a message sent after the join being hidden.
+pub const JOIN_CLOCK_SKEW_MS: u64 = 1_000;
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -278,16 +315,20 @@ pub trait Store: Send + Sync + 'static {
     async fn group(&self, id: u64) -> Result<Option<GroupRow>>;
     /// Changes the given fields; false when there is no such group.
     async fn update_group(&self, id: u64, change: &GroupChange<'_>) -> Result<bool>;
-    /// Adds a member unless the group is full (checked under the group's row lock). The
-    /// member's view starts at the conversation's last stored seq: their read position, and,
-    /// unless the group shows all its history, the first message they see after it.
-    async fn add_member(&self, group: u64, user: u64, now_ms: u64) -> Result<Join>;
-    /// False when the user was not a member.
+    /// Adds a member unless the group is full, or `by` does not let them in (checked under the
+    /// group's row lock). The member's view starts at the conversation's last stored seq and
+    /// `JOIN_CLOCK_SKEW_MS` before `now_ms`: their read position, and, unless the group shows
+    /// all its history, the first message they see.
+    async fn add_member(&self, group: u64, user: u64, now_ms: u64, by: JoinBy) -> Result<Join>;
+    /// The member leaves; false when the user was not a member.
     async fn remove_member(&self, group: u64, user: u64) -> Result<bool>;
+    /// The owner removes a member, who cannot come back by an invite or the group's id until
+    /// the owner adds them again; false when the user was not a member.
+    async fn expel_member(&self, group: u64, user: u64, now_ms: u64) -> Result<bool>;
     async fn is_member(&self, group: u64, user: u64) -> Result<bool>;
-    /// For a member, the seq after which they see the group's messages (0: all of them);
-    /// `None` for anyone else.
-    async fn visible_after(&self, group: u64, user: u64) -> Result<Option<u64>>;
+    /// What a member sees of the group's messages (`View::ALL` when the group shows its whole
+    /// history); `None` for anyone else.
+    async fn member_view(&self, group: u64, user: u64) -> Result<Option<View>>;
 
     /// Stores an invite unless the group has `live_max` unexpired invites already (`None`
     /// then); its id.
@@ -298,8 +339,8 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_invite(&self, group: u64, invite: u64) -> Result<bool>;
     /// The invite with this token hash, if it is unexpired and not used up.
     async fn invite(&self, token_hash: &str, now_ms: u64) -> Result<Option<InviteRow>>;
-    /// Joins `user` to the invite's group, counting a use when they were not a member (under
-    /// the invite's and the group's row locks: concurrent uses cannot pass the limit). `None`
+    /// Joins `user` to the invite's group, counting a use when they joined (under the
+    /// invite's and the group's row locks: concurrent uses cannot pass the limit). `None`
     /// when the invite is unknown, expired or used up.
     async fn join_by_invite(
         &self,
@@ -314,11 +355,11 @@ pub trait Store: Send + Sync + 'static {
     /// conversation lists. A retry (same sender and cid) stores nothing and returns the
     /// message stored the first time.
     async fn append_message(&self, m: &NewMessage<'_>) -> Result<MessageRow>;
-    /// Messages of `conv` with `after_seq` < seq < `before_seq`, newest first, at most `limit`.
+    /// Messages of `conv` in `view` with seq < `before_seq`, newest first, at most `limit`.
     async fn history(
         &self,
         conv: &str,
-        after_seq: u64,
+        view: View,
         before_seq: u64,
         limit: u32,
     ) -> Result<Vec<MessageRow>>;

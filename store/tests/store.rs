@@ -4,8 +4,8 @@
 use im_shared::records::Stored;
 use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
 use im_store::{
-    GroupChange, Join, MessageRow, NewGroup, NewInvite, NewMessage, NewRefresh, Roster, Store,
-    StoreError, Taken,
+    GroupChange, Join, JoinBy, MessageRow, NewGroup, NewInvite, NewMessage, NewRefresh, Roster,
+    Store, StoreError, Taken, View, JOIN_CLOCK_SKEW_MS,
 };
 
 /// A private group of ten seats owned by `owner`, history from each member's join.
@@ -183,11 +183,11 @@ async fn messages_and_conversations(s: &dyn Store) {
         .unwrap();
     assert_eq!(m3.seq, 3, "client ids are case-exact");
 
-    let h = s.history(&conv, 0, u64::MAX, 10).await.unwrap();
+    let h = s.history(&conv, View::ALL, u64::MAX, 10).await.unwrap();
     assert_eq!(h.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 2, 1]);
     assert_eq!(h[2].content, "hello 'there'");
     assert_eq!(h[2].to_user, Some(b));
-    let page = s.history(&conv, 0, 3, 1).await.unwrap();
+    let page = s.history(&conv, View::ALL, 3, 1).await.unwrap();
     assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2]);
 
     let list = s.conversations(b).await.unwrap();
@@ -220,7 +220,7 @@ async fn messages_and_conversations(s: &dyn Store) {
 
     // Groups: members see the group's conversation before any read position exists.
     let g = s.create_group(&group(a)).await.unwrap();
-    s.add_member(g, b, 1).await.unwrap();
+    s.add_member(g, b, 1, JoinBy::Owner).await.unwrap();
     let gconv = format!("g:{g}");
     assert!(s
         .conversations(b)
@@ -286,11 +286,28 @@ async fn group_privacy_and_invites(s: &dyn Store) {
             .unwrap();
     }
 
-    // Joining after three messages: b sees from seq 4, reads from 3, nothing unread.
-    assert_eq!(s.add_member(g, b, 5).await.unwrap(), Join::Added);
-    assert_eq!(s.visible_after(g, b).await.unwrap(), Some(3));
-    assert_eq!(s.visible_after(g, a).await.unwrap(), Some(0), "the owner");
-    assert_eq!(s.visible_after(g, c).await.unwrap(), None);
+    // Joining after three messages (at 5 s): b sees from seq 4 stamped from 4 s, reads from
+    // 3, nothing unread.
+    assert_eq!(
+        s.add_member(g, b, 5_000, JoinBy::Id).await.unwrap(),
+        Join::NoSuchGroup,
+        "a private group is not joined by id"
+    );
+    assert_eq!(
+        s.add_member(g, b, 5_000, JoinBy::Owner).await.unwrap(),
+        Join::Added
+    );
+    let b_view = View {
+        after_seq: 3,
+        from_ms: 5_000 - JOIN_CLOCK_SKEW_MS,
+    };
+    assert_eq!(s.member_view(g, b).await.unwrap(), Some(b_view));
+    assert_eq!(
+        s.member_view(g, a).await.unwrap(),
+        Some(View::default()),
+        "the owner"
+    );
+    assert_eq!(s.member_view(g, c).await.unwrap(), None);
     let view = |rows: Vec<im_store::ConversationRow>| {
         let c = rows.into_iter().find(|c| c.conv == gc).unwrap();
         (c.max_seq, c.read_seq, c.last_message.map(|m| m.seq))
@@ -301,12 +318,32 @@ async fn group_privacy_and_invites(s: &dyn Store) {
         "the last message is from before the join"
     );
     assert_eq!(view(s.conversations(a).await.unwrap()), (3, 0, Some(3)));
-    assert!(s.history(&gc, 3, u64::MAX, 10).await.unwrap().is_empty());
-    s.append_message(&msg(310, &gc, a, "x4", None, Some(g)))
+    assert!(s
+        .history(&gc, b_view, u64::MAX, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Sequenced before the join, stored after it (persist behind): hidden by its time.
+    fn at(ts_ms: u64, m: NewMessage<'_>) -> NewMessage<'_> {
+        NewMessage { ts_ms, ..m }
+    }
+    s.append_message(&at(3_500, msg(309, &gc, a, "x4", None, Some(g))))
         .await
         .unwrap();
-    assert_eq!(view(s.conversations(b).await.unwrap()), (4, 3, Some(4)));
-    assert_eq!(seqs(&s.history(&gc, 3, u64::MAX, 10).await.unwrap()), [4]);
+    assert_eq!(view(s.conversations(b).await.unwrap()), (4, 3, None));
+    assert!(s
+        .history(&gc, b_view, u64::MAX, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    s.append_message(&at(10_000, msg(310, &gc, a, "x5", None, Some(g))))
+        .await
+        .unwrap();
+    assert_eq!(view(s.conversations(b).await.unwrap()), (5, 3, Some(5)));
+    assert_eq!(
+        seqs(&s.history(&gc, b_view, u64::MAX, 10).await.unwrap()),
+        [5]
+    );
 
     // Settings: all history, public, a new name; an unknown group changes nothing.
     let all = GroupChange {
@@ -314,7 +351,7 @@ async fn group_privacy_and_invites(s: &dyn Store) {
         ..Default::default()
     };
     assert!(s.update_group(g, &all).await.unwrap());
-    assert_eq!(s.visible_after(g, b).await.unwrap(), Some(0));
+    assert_eq!(s.member_view(g, b).await.unwrap(), Some(View::ALL));
     assert!(!s.update_group(g + 1000, &all).await.unwrap());
     let public = GroupChange {
         public: Some(true),
@@ -339,14 +376,18 @@ async fn group_privacy_and_invites(s: &dyn Store) {
         .await
         .unwrap());
 
-    // A member who leaves and comes back starts again at that moment.
+    // A member who leaves and comes back (by id: the group is public now) starts again then.
     assert!(s.remove_member(g, b).await.unwrap());
-    s.append_message(&msg(311, &gc, a, "x5", None, Some(g)))
+    assert!(!s.remove_member(g, b).await.unwrap());
+    s.append_message(&at(20_000, msg(311, &gc, a, "x6", None, Some(g))))
         .await
         .unwrap();
-    assert_eq!(s.add_member(g, b, 6).await.unwrap(), Join::Added);
-    assert_eq!(s.visible_after(g, b).await.unwrap(), Some(5));
-    assert_eq!(view(s.conversations(b).await.unwrap()), (5, 5, None));
+    assert_eq!(
+        s.add_member(g, b, 30_000, JoinBy::Id).await.unwrap(),
+        Join::Added
+    );
+    assert_eq!(s.member_view(g, b).await.unwrap().unwrap().after_seq, 6);
+    assert_eq!(view(s.conversations(b).await.unwrap()), (6, 6, None));
 
     // Invites.
     let invite = |hash, expires_ms, uses_max| NewInvite {
@@ -434,6 +475,36 @@ async fn group_privacy_and_invites(s: &dyn Store) {
         Some((small, Join::Full))
     );
     assert_eq!(s.invites(small, 15).await.unwrap()[0].uses, 1);
+
+    // Removed by the owner: no way back by invite or id, until the owner adds them again.
+    assert!(s.expel_member(g, c, 40).await.unwrap());
+    assert!(!s.expel_member(g, c, 40).await.unwrap());
+    assert!(!s.is_member(g, c).await.unwrap());
+    assert_eq!(
+        s.join_by_invite("t3", c, 50).await.unwrap(),
+        Some((g, Join::Removed))
+    );
+    assert_eq!(
+        s.add_member(g, c, 50, JoinBy::Id).await.unwrap(),
+        Join::Removed
+    );
+    assert_eq!(
+        s.invites(g, 50).await.unwrap()[0].uses,
+        0,
+        "a refused join uses nothing"
+    );
+    assert_eq!(
+        s.add_member(g, c, 60, JoinBy::Owner).await.unwrap(),
+        Join::Added
+    );
+    assert!(
+        s.remove_member(g, c).await.unwrap(),
+        "leaving leaves no mark"
+    );
+    assert_eq!(
+        s.join_by_invite("t3", c, 70).await.unwrap(),
+        Some((g, Join::Added))
+    );
 }
 
 #[tokio::test]
@@ -483,7 +554,10 @@ async fn message_batches(s: &dyn Store) {
     let b = s.create_user("ben", "h", "Ben", 1).await.unwrap();
     let c = s.create_user("cat", "h", "Cat", 1).await.unwrap();
     let g = s.create_group(&group(a)).await.unwrap();
-    assert_eq!(s.add_member(g, b, 1).await.unwrap(), Join::Added);
+    assert_eq!(
+        s.add_member(g, b, 1, JoinBy::Owner).await.unwrap(),
+        Join::Added
+    );
     let ab = format!("p:{}:{}", a.min(b), a.max(b));
     let ac = format!("p:{}:{}", a.min(c), a.max(c));
     let gc = format!("g:{g}");
@@ -512,11 +586,11 @@ async fn message_batches(s: &dyn Store) {
     assert_eq!(s.insert_messages(&batch, &[]).await.unwrap(), 1500);
 
     for conv in [&ab, &ac, &gc] {
-        let h = s.history(conv, 0, u64::MAX, 1000).await.unwrap();
+        let h = s.history(conv, View::ALL, u64::MAX, 1000).await.unwrap();
         assert_eq!(seqs(&h), (1..=500).rev().collect::<Vec<u64>>(), "{conv}");
     }
     // Every field survives, 0 becomes NULL (None).
-    let first_group = s.history(&gc, 0, 2, 1).await.unwrap();
+    let first_group = s.history(&gc, View::ALL, 2, 1).await.unwrap();
     assert_eq!(
         first_group,
         vec![MessageRow {
@@ -531,7 +605,7 @@ async fn message_batches(s: &dyn Store) {
             ts_ms: 1_700_000_010_002,
         }]
     );
-    let first_pair = &s.history(&ab, 0, 2, 1).await.unwrap()[0];
+    let first_pair = &s.history(&ab, View::ALL, 2, 1).await.unwrap()[0];
     assert_eq!(
         (
             first_pair.id,
@@ -592,7 +666,13 @@ async fn message_batches(s: &dyn Store) {
 
     // A replay of the whole batch stores nothing and changes nothing.
     assert_eq!(s.insert_messages(&batch, &[]).await.unwrap(), 0);
-    assert_eq!(s.history(&ab, 0, u64::MAX, 1000).await.unwrap().len(), 500);
+    assert_eq!(
+        s.history(&ab, View::ALL, u64::MAX, 1000)
+            .await
+            .unwrap()
+            .len(),
+        500
+    );
     assert_eq!(sorted_max_seqs(s, &all).await, expected);
     assert_eq!(convs_of(b).await, want_b);
 
@@ -600,7 +680,13 @@ async fn message_batches(s: &dyn Store) {
     let mut mixed: Vec<Stored> = batch[1400..].to_vec();
     mixed.extend((0..50u64).map(|i| rec(20_000 + i, &ab, 501 + i, a, b, 0, &format!("n{i}"))));
     assert_eq!(s.insert_messages(&mixed, &[]).await.unwrap(), 50);
-    assert_eq!(s.history(&ab, 0, u64::MAX, 1000).await.unwrap().len(), 550);
+    assert_eq!(
+        s.history(&ab, View::ALL, u64::MAX, 1000)
+            .await
+            .unwrap()
+            .len(),
+        550
+    );
     assert_eq!(
         s.max_seqs(std::slice::from_ref(&ab)).await.unwrap(),
         vec![(ab.clone(), 550)]

@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use im_shared::conv::parse_id;
 use im_shared::ErrorCode;
-use im_store::{GroupChange, GroupRow, InviteRow, Join, NewGroup, NewInvite};
+use im_store::{GroupChange, GroupRow, InviteRow, Join, JoinBy, NewGroup, NewInvite};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -252,15 +252,17 @@ pub async fn change(
     // Who may send is unchanged, but a non-member's answer (403 or 404) is not.
     st.members_changed(g.id);
     let g = st.store.group(g.id).await?.ok_or_else(not_found)?;
-    Ok(Json(group_json(&g)))
+    let mut v = group_json(&g);
+    v["member"] = json!(true);
+    Ok(Json(v))
 }
 
-async fn add(st: &State, g: u64, user: u64) -> Result<StatusCode, ApiError> {
-    joined(
-        st,
-        g,
-        st.store.add_member(g, user, im_shared::unix_ms()).await?,
-    )
+async fn add(st: &State, g: u64, user: u64, by: JoinBy) -> Result<StatusCode, ApiError> {
+    let join = st
+        .store
+        .add_member(g, user, im_shared::unix_ms(), by)
+        .await?;
+    joined(st, g, join)
 }
 
 fn joined(st: &State, g: u64, join: Join) -> Result<StatusCode, ApiError> {
@@ -271,7 +273,11 @@ fn joined(st: &State, g: u64, join: Join) -> Result<StatusCode, ApiError> {
         }
         Join::AlreadyMember => Ok(StatusCode::NO_CONTENT),
         Join::Full => Err(conflict("the group is full")),
+        // By id: the group became private meanwhile.
         Join::NoSuchGroup => Err(not_found()),
+        Join::Removed => Err(forbidden(
+            "the owner removed you from this group: only the owner can add you again",
+        )),
     }
 }
 
@@ -286,7 +292,7 @@ pub async fn join(
     if seen.member {
         return Ok(StatusCode::NO_CONTENT);
     }
-    add(&st, seen.group.id, caller.user_id).await
+    add(&st, seen.group.id, caller.user_id, JoinBy::Id).await
 }
 
 pub async fn leave(
@@ -360,7 +366,7 @@ pub async fn add_member(
             "no such user",
         ));
     }
-    add(&st, g.id, user).await
+    add(&st, g.id, user, JoinBy::Owner).await
 }
 
 pub async fn remove_member(
@@ -375,7 +381,11 @@ pub async fn remove_member(
     if user == g.owner_id {
         return Err(conflict("the owner cannot be removed"));
     }
-    if !st.store.remove_member(g.id, user).await? {
+    if !st
+        .store
+        .expel_member(g.id, user, im_shared::unix_ms())
+        .await?
+    {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::NotFound,

@@ -8,7 +8,7 @@ use axum::Json;
 use im_shared::conv::{parse_id, Conv};
 use im_shared::protocol::{CID_BYTES_MAX, CONTENT_BYTES_MAX, CONTENT_TYPE_BYTES_MAX};
 use im_shared::ErrorCode;
-use im_store::{MessageRow, NewMessage};
+use im_store::{MessageRow, NewMessage, View};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -36,9 +36,9 @@ fn conv_param(raw: &str) -> Result<Conv, ApiError> {
 }
 
 /// The caller may read and write `conv`: a party of a two-person one, a member of a group's.
-/// What they see of it: the messages after the returned seq (a group member's join, unless
-/// the group shows all its history; 0 otherwise).
-async fn authorize(st: &State, user: u64, conv: Conv) -> Result<u64, ApiError> {
+/// What they see of it (a group member: from their join, unless the group shows all its
+/// history).
+async fn authorize(st: &State, user: u64, conv: Conv) -> Result<View, ApiError> {
     let no_conv = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -52,15 +52,15 @@ async fn authorize(st: &State, user: u64, conv: Conv) -> Result<u64, ApiError> {
             // not leave membership rows behind).
             let peer = if a == user { b } else { a };
             match st.store.user_by_id(peer).await? {
-                Some(_) => Ok(0),
+                Some(_) => Ok(View::ALL),
                 None => Err(no_conv()),
             }
         }
         // Another pair's conversation does not exist as far as this caller can tell.
         Conv::Pair(..) => Err(no_conv()),
         Conv::Group(g) => {
-            if let Some(after) = st.store.visible_after(g, user).await? {
-                return Ok(after);
+            if let Some(view) = st.store.member_view(g, user).await? {
+                return Ok(view);
             }
             // A private group does not exist for a non-member either.
             match st.store.group(g).await? {
@@ -304,12 +304,12 @@ pub async fn history(
     if !(1..=HISTORY_PAGE_MAX).contains(&limit) {
         return Err(invalid("limit: 1 to 500"));
     }
-    let after = authorize(&st, caller.user_id, conv).await?;
+    let view = authorize(&st, caller.user_id, conv).await?;
     let before = q.before_seq.unwrap_or(u64::MAX).min(i64::MAX as u64);
     // One extra row tells whether there is more.
     let mut rows = st
         .store
-        .history(&conv.to_string(), after, before, limit + 1)
+        .history(&conv.to_string(), view, before, limit + 1)
         .await?;
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);

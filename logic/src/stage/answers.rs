@@ -10,7 +10,7 @@ use super::StageStats;
 use im_shared::protocol::{self, Message, Target};
 use im_shared::records;
 use im_shared::{Conv, ErrorCode};
-use im_store::{MessageRow, Store};
+use im_store::{MessageRow, Store, View};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,21 +141,24 @@ impl Answers {
         want: u64,
     ) -> Result<Vec<u8>, Refusal> {
         self.allowed(user, conv).await?;
-        // A member sees a group's messages after their join unless the group shows all.
-        let after = match conv {
-            Conv::Group(g) => {
-                let from = self.store.visible_after(g, user).await;
-                let from = from.map_err(|_| db_down())?.ok_or_else(|| {
-                    // Left since the (cached) member list was read.
-                    (
-                        ErrorCode::Forbidden,
-                        "not a member of this group".to_string(),
-                    )
-                })?;
-                after.max(from)
-            }
-            Conv::Pair(..) => after,
+        // A member sees a group's messages from their join unless the group shows all.
+        let view = match conv {
+            Conv::Group(g) => match self.store.member_view(g, user).await {
+                Ok(Some(view)) => view,
+                Ok(None) => {
+                    // Left since the (cached) member list was read: as for any non-member.
+                    let roster = self.members.of(g).await.map_err(|_| db_down())?;
+                    return Err(if roster.public {
+                        (ErrorCode::Forbidden, "not a member of this group".into())
+                    } else {
+                        (ErrorCode::NotFound, "no such group".into())
+                    });
+                }
+                Err(_) => return Err(db_down()),
+            },
+            Conv::Pair(..) => View::ALL,
         };
+        let after = after.max(view.after_seq);
         let conv_s = conv.to_string();
         let deadline = tokio::time::Instant::now() + self.wait;
         loop {
@@ -168,7 +171,12 @@ impl Answers {
             let have = page.iter().map(|r| r.seq).max().unwrap_or(after);
             if have >= want || tokio::time::Instant::now() >= deadline {
                 let more = rows.len() > limit as usize || have < want;
-                let msgs: Vec<Message> = page.iter().map(|r| message_of_row(r, conv)).collect();
+                // Filtered after `have` is taken: a hidden message still counts as stored.
+                let msgs: Vec<Message> = page
+                    .iter()
+                    .filter(|r| view.shows(r))
+                    .map(|r| message_of_row(r, conv))
+                    .collect();
                 let mut json = Vec::new();
                 protocol::encode_sync(conv, &msgs, more, &mut json);
                 return Ok(json);

@@ -1,4 +1,10 @@
--- The group conversation's last stored seq when a member joined: with `history_all` off, the
--- member sees the messages after it (history, sync, the conversation list), and their read
--- position starts there.
-ALTER TABLE group_members ADD COLUMN joined_seq BIGINT NOT NULL DEFAULT 0;
+-- Where a member's view of a group starts (with `history_all` off, they see the messages after
+-- it: history, sync, the conversation list; their read position starts there too):
+-- `joined_seq`, the conversation's last stored seq when they joined, and `visible_from_ms`,
+-- their join time less a second, because in the distributed mode the stored seq trails the
+-- pipeline while persist catches up: messages stamped before it stay hidden even if they were
+-- stored after the join. 0 and 0 (members from before this migration): everything.
+-- One statement: MySQL commits each DDL statement on its own.
+ALTER TABLE group_members
+    ADD COLUMN joined_seq BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN visible_from_ms BIGINT NOT NULL DEFAULT 0;

@@ -18,7 +18,8 @@ macro_rules! impl_store {
         raise_fence: $raise_fence:literal,
         group_conv: $group_conv:literal,
         restart_log: $restart_log:literal,
-        hold_hot: $hold_hot:literal
+        hold_hot: $hold_hot:literal,
+        begin_write: $begin_write:literal
     ) => {
         #[async_trait]
         impl Store for SqlStore<$db> {
@@ -255,7 +256,7 @@ macro_rules! impl_store {
             }
 
             async fn update_group(&self, id: u64, c: &GroupChange<'_>) -> Result<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin_write).await?;
                 let found: Option<i64> = sqlx::query_scalar(concat!("SELECT id FROM chat_groups WHERE id = ?", $for_update))
                     .bind(to_i64(id))
                     .fetch_optional(&mut *tx)
@@ -278,9 +279,9 @@ macro_rules! impl_store {
                 Ok(true)
             }
 
-            async fn add_member(&self, group: u64, user: u64, now_ms: u64) -> Result<Join> {
-                let mut tx = self.pool.begin().await?;
-                let join = Self::join_in(&mut tx, group, user, now_ms).await?;
+            async fn add_member(&self, group: u64, user: u64, now_ms: u64, by: JoinBy) -> Result<Join> {
+                let mut tx = self.pool.begin_with($begin_write).await?;
+                let join = Self::join_in(&mut tx, group, user, now_ms, by.into()).await?;
                 tx.commit().await?;
                 Ok(join)
             }
@@ -294,6 +295,26 @@ macro_rules! impl_store {
                 Ok(r.rows_affected() > 0)
             }
 
+            async fn expel_member(&self, group: u64, user: u64, now_ms: u64) -> Result<bool> {
+                let mut tx = self.pool.begin_with($begin_write).await?;
+                let r = sqlx::query("DELETE FROM group_members WHERE group_id = ? AND user_id = ?")
+                    .bind(to_i64(group))
+                    .bind(to_i64(user))
+                    .execute(&mut *tx)
+                    .await?;
+                if r.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                sqlx::query(concat!($insert_ignore, " INTO group_removals (group_id, user_id, removed_ms) VALUES (?, ?, ?)"))
+                    .bind(to_i64(group))
+                    .bind(to_i64(user))
+                    .bind(to_i64(now_ms))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
             async fn is_member(&self, group: u64, user: u64) -> Result<bool> {
                 let r: Option<i64> = sqlx::query_scalar("SELECT user_id FROM group_members WHERE group_id = ? AND user_id = ?")
                     .bind(to_i64(group))
@@ -303,10 +324,10 @@ macro_rules! impl_store {
                 Ok(r.is_some())
             }
 
-            async fn visible_after(&self, group: u64, user: u64) -> Result<Option<u64>> {
+            async fn member_view(&self, group: u64, user: u64) -> Result<Option<View>> {
                 let row = sqlx::query(
-                    "SELECT g.history_all AS history_all, m.joined_seq AS joined_seq FROM group_members m \
-                     JOIN chat_groups g ON g.id = m.group_id WHERE m.group_id = ? AND m.user_id = ?",
+                    "SELECT g.history_all AS history_all, m.joined_seq AS joined_seq, m.visible_from_ms AS visible_from_ms \
+                     FROM group_members m JOIN chat_groups g ON g.id = m.group_id WHERE m.group_id = ? AND m.user_id = ?",
                 )
                 .bind(to_i64(group))
                 .bind(to_i64(user))
@@ -314,13 +335,16 @@ macro_rules! impl_store {
                 .await?;
                 let Some(r) = row else { return Ok(None) };
                 if r.try_get::<bool, _>("history_all")? {
-                    return Ok(Some(0));
+                    return Ok(Some(View::ALL));
                 }
-                Ok(Some(r.try_get::<i64, _>("joined_seq")? as u64))
+                Ok(Some(View {
+                    after_seq: r.try_get::<i64, _>("joined_seq")? as u64,
+                    from_ms: r.try_get::<i64, _>("visible_from_ms")? as u64,
+                }))
             }
 
             async fn create_invite(&self, i: &NewInvite<'_>, live_max: u32) -> Result<Option<u64>> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin_write).await?;
                 // The group row's lock serialises creations, so two cannot both pass the count.
                 let found: Option<i64> = sqlx::query_scalar(concat!("SELECT id FROM chat_groups WHERE id = ?", $for_update))
                     .bind(to_i64(i.group))
@@ -329,9 +353,14 @@ macro_rules! impl_store {
                 if found.is_none() {
                     return Ok(None);
                 }
-                let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM group_invites WHERE group_id = ? AND expires_ms > ?")
+                // Expired invites go here too, so that short-lived ones cannot pile up.
+                sqlx::query("DELETE FROM group_invites WHERE group_id = ? AND expires_ms <= ?")
                     .bind(to_i64(i.group))
                     .bind(to_i64(i.created_ms))
+                    .execute(&mut *tx)
+                    .await?;
+                let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM group_invites WHERE group_id = ?")
+                    .bind(to_i64(i.group))
                     .fetch_one(&mut *tx)
                     .await?;
                 if live >= live_max as i64 {
@@ -390,7 +419,7 @@ macro_rules! impl_store {
             }
 
             async fn join_by_invite(&self, token_hash: &str, user: u64, now_ms: u64) -> Result<Option<(u64, Join)>> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin_write).await?;
                 // The invite's row lock: two uses of its last seat cannot both pass.
                 let row = sqlx::query(concat!("SELECT ", invite_columns!(), " FROM group_invites WHERE token_hash = ?", $for_update))
                     .bind(token_hash)
@@ -403,7 +432,7 @@ macro_rules! impl_store {
                 if invite.expires_ms <= now_ms || used_up {
                     return Ok(None);
                 }
-                let join = Self::join_in(&mut tx, invite.group, user, now_ms).await?;
+                let join = Self::join_in(&mut tx, invite.group, user, now_ms, Entry::Invite).await?;
                 if join == Join::Added {
                     sqlx::query("UPDATE group_invites SET uses = uses + 1 WHERE id = ?")
                         .bind(to_i64(invite.id))
@@ -469,14 +498,15 @@ macro_rules! impl_store {
                 })
             }
 
-            async fn history(&self, conv: &str, after_seq: u64, before_seq: u64, limit: u32) -> Result<Vec<MessageRow>> {
+            async fn history(&self, conv: &str, view: View, before_seq: u64, limit: u32) -> Result<Vec<MessageRow>> {
                 let rows = sqlx::query(concat!(
                     "SELECT ",
                     message_columns!(),
-                    " FROM messages WHERE conv = ? AND seq > ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+                    " FROM messages WHERE conv = ? AND seq > ? AND ts_ms >= ? AND seq < ? ORDER BY seq DESC LIMIT ?"
                 ))
                 .bind(conv)
-                .bind(to_i64(after_seq))
+                .bind(to_i64(view.after_seq))
+                .bind(to_i64(view.from_ms))
                 .bind(to_i64(before_seq))
                 .bind(limit as i64)
                 .fetch_all(&self.pool)
@@ -650,19 +680,20 @@ macro_rules! impl_store {
                      m.to_group_id AS to_group_id, m.content AS content, m.content_type AS content_type, m.ts_ms AS ts_ms \
                      FROM (\
                      SELECT cm.conv AS conv, c.max_seq AS max_seq, cm.read_seq AS read_seq, cm.muted AS muted, cm.pinned AS pinned, \
-                     0 AS visible_after \
+                     0 AS visible_after, 0 AS visible_from_ms \
                      FROM conversation_members cm JOIN conversations c ON c.conv = cm.conv \
                      WHERE cm.user_id = ? AND cm.conv LIKE 'p:%' \
                      UNION ALL \
                      SELECT ", $group_conv, " AS conv, COALESCE(c.max_seq, 0) AS max_seq, COALESCE(cm.read_seq, 0) AS read_seq, \
                      COALESCE(cm.muted, FALSE) AS muted, COALESCE(cm.pinned, FALSE) AS pinned, \
-                     CASE WHEN g.history_all THEN 0 ELSE gm.joined_seq END AS visible_after \
+                     CASE WHEN g.history_all THEN 0 ELSE gm.joined_seq END AS visible_after, \
+                     CASE WHEN g.history_all THEN 0 ELSE gm.visible_from_ms END AS visible_from_ms \
                      FROM group_members gm \
                      JOIN chat_groups g ON g.id = gm.group_id \
                      LEFT JOIN conversations c ON c.conv = ", $group_conv, " \
                      LEFT JOIN conversation_members cm ON cm.user_id = gm.user_id AND cm.conv = ", $group_conv, " \
                      WHERE gm.user_id = ?\
-                     ) v LEFT JOIN messages m ON m.conv = v.conv AND m.seq = v.max_seq AND m.seq > v.visible_after"
+                     ) v LEFT JOIN messages m ON m.conv = v.conv AND m.seq = v.max_seq AND m.seq > v.visible_after AND m.ts_ms >= v.visible_from_ms"
                 ))
                 .bind(to_i64(user))
                 .bind(to_i64(user))
@@ -757,13 +788,18 @@ macro_rules! impl_store {
 
         impl SqlStore<$db> {
             /// `add_member`'s work, inside a caller's transaction.
-            async fn join_in(conn: &mut <$db as sqlx::Database>::Connection, group: u64, user: u64, now_ms: u64) -> Result<Join> {
-                // The group row's lock serialises joins, so two cannot both take the last seat.
-                let max: Option<i64> = sqlx::query_scalar(concat!("SELECT max_members FROM chat_groups WHERE id = ?", $for_update))
+            async fn join_in(conn: &mut <$db as sqlx::Database>::Connection, group: u64, user: u64, now_ms: u64, by: Entry) -> Result<Join> {
+                // The group row's lock serialises joins, so two cannot both take the last seat,
+                // and one by id cannot pass a change to private.
+                let row = sqlx::query(concat!("SELECT max_members, is_public FROM chat_groups WHERE id = ?", $for_update))
                     .bind(to_i64(group))
                     .fetch_optional(&mut *conn)
                     .await?;
-                let Some(max) = max else { return Ok(Join::NoSuchGroup) };
+                let Some(row) = row else { return Ok(Join::NoSuchGroup) };
+                let max: i64 = row.try_get("max_members")?;
+                if by == Entry::Id && !row.try_get::<bool, _>("is_public")? {
+                    return Ok(Join::NoSuchGroup);
+                }
                 let already: Option<i64> = sqlx::query_scalar("SELECT user_id FROM group_members WHERE group_id = ? AND user_id = ?")
                     .bind(to_i64(group))
                     .bind(to_i64(user))
@@ -771,6 +807,22 @@ macro_rules! impl_store {
                     .await?;
                 if already.is_some() {
                     return Ok(Join::AlreadyMember);
+                }
+                if by == Entry::Owner {
+                    sqlx::query("DELETE FROM group_removals WHERE group_id = ? AND user_id = ?")
+                        .bind(to_i64(group))
+                        .bind(to_i64(user))
+                        .execute(&mut *conn)
+                        .await?;
+                } else {
+                    let removed: Option<i64> = sqlx::query_scalar("SELECT user_id FROM group_removals WHERE group_id = ? AND user_id = ?")
+                        .bind(to_i64(group))
+                        .bind(to_i64(user))
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    if removed.is_some() {
+                        return Ok(Join::Removed);
+                    }
                 }
                 let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM group_members WHERE group_id = ?")
                     .bind(to_i64(group))
@@ -780,19 +832,21 @@ macro_rules! impl_store {
                     return Ok(Join::Full);
                 }
                 // The member's view starts at the last stored seq. In the distributed mode the
-                // pipeline may have sequenced a few more that persist has not written yet
-                // (tens of milliseconds' worth): those are the first the member sees.
+                // pipeline may have sequenced more that persist has not written yet (tens of
+                // milliseconds' worth, or more while persist catches up): the time bound hides
+                // those stamped before the join.
                 let conv = format!("g:{group}");
                 let seq: Option<i64> = sqlx::query_scalar("SELECT max_seq FROM conversations WHERE conv = ?")
                     .bind(&conv)
                     .fetch_optional(&mut *conn)
                     .await?;
                 let seq = seq.unwrap_or(0);
-                sqlx::query("INSERT INTO group_members (group_id, user_id, joined_ms, joined_seq) VALUES (?, ?, ?, ?)")
+                sqlx::query("INSERT INTO group_members (group_id, user_id, joined_ms, joined_seq, visible_from_ms) VALUES (?, ?, ?, ?, ?)")
                     .bind(to_i64(group))
                     .bind(to_i64(user))
                     .bind(to_i64(now_ms))
                     .bind(seq)
+                    .bind(to_i64(now_ms.saturating_sub(JOIN_CLOCK_SKEW_MS)))
                     .execute(&mut *conn)
                     .await?;
                 // Unread counts start at the join too (a member who left and came back keeps

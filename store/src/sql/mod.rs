@@ -3,8 +3,9 @@
 //! INSERT/SELECT/UPDATE); the schema lives in `migrations/<dialect>/`.
 
 use crate::{
-    ConversationRow, GroupChange, GroupRow, InviteRow, Join, MemberRow, MessageRow, NewGroup,
-    NewInvite, NewMessage, NewRefresh, Result, Roster, Store, StoreError, Taken, UserRow,
+    ConversationRow, GroupChange, GroupRow, InviteRow, Join, JoinBy, MemberRow, MessageRow,
+    NewGroup, NewInvite, NewMessage, NewRefresh, Result, Roster, Store, StoreError, Taken, UserRow,
+    View, JOIN_CLOCK_SKEW_MS,
 };
 use async_trait::async_trait;
 use im_shared::records::Stored;
@@ -272,6 +273,10 @@ const MYSQL_MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../../migrations/mysql/0006_group_invites.sql"),
     ),
+    (
+        7,
+        include_str!("../../migrations/mysql/0007_group_removals.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -291,6 +296,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (
         6,
         include_str!("../../migrations/sqlite/0006_group_invites.sql"),
+    ),
+    (
+        7,
+        include_str!("../../migrations/sqlite/0007_group_removals.sql"),
     ),
 ];
 
@@ -399,7 +408,8 @@ impl_store!(
     // Collation pinned to the tables': compared with conv columns in joins.
     group_conv: "(CONCAT('g:', gm.group_id) COLLATE utf8mb4_unicode_ci)",
     restart_log: "",
-    hold_hot: false
+    hold_hot: false,
+    begin_write: "BEGIN"
 );
 // One SQLite file has one writer at a time: no lock statements, no row locks.
 impl_store!(
@@ -416,8 +426,28 @@ impl_store!(
     raise_fence: "INSERT INTO log_fences (log_partition, epoch) VALUES (?, ?) ON CONFLICT(log_partition) DO UPDATE SET epoch = MAX(epoch, excluded.epoch)",
     group_conv: "('g:' || gm.group_id)",
     restart_log: "PRAGMA wal_checkpoint(PASSIVE)",
-    hold_hot: true
+    hold_hot: true,
+    // Transactions that read, then write: a deferred one would fail with SQLITE_BUSY when
+    // another wrote in between, where an immediate one waits for the write lock.
+    begin_write: "BEGIN IMMEDIATE"
 );
+
+/// How a user comes into a group, as `join_in` checks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Entry {
+    Owner,
+    Id,
+    Invite,
+}
+
+impl From<JoinBy> for Entry {
+    fn from(by: JoinBy) -> Entry {
+        match by {
+            JoinBy::Owner => Entry::Owner,
+            JoinBy::Id => Entry::Id,
+        }
+    }
+}
 
 /// The columns `message_row` reads, in one place.
 macro_rules! message_columns {
