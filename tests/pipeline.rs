@@ -146,10 +146,46 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    a0.until(T, &mut Vec::new(), |v| {
-        v["type"] == "sent" && v["cid"] == "p20"
-    });
-    a1.until(T, &mut Vec::new(), |v| v["type"] == "msg" && v["seq"] == 21);
+    let mut early = Vec::new();
+    a0.until(T, &mut early, |v| v["type"] == "sent" && v["cid"] == "p20");
+    let mut early1 = Vec::new();
+    a1.until(T, &mut early1, |v| v["type"] == "msg" && v["seq"] == 21);
+
+    // Bob's read reached both of Alice's devices as a receipt (✓✓ up to 21).
+    for (ws, early) in [(&mut a0, early), (&mut a1, early1)] {
+        let receipt = |v: &Value| v["type"] == "receipt";
+        let r = match early.into_iter().find(receipt) {
+            Some(r) => r,
+            None => ws.until(T, &mut Vec::new(), receipt),
+        };
+        assert_eq!(
+            (r["conv"].as_str(), r["from"].as_str(), r["seq"].as_u64()),
+            (
+                Some(conv.as_str()),
+                Some(bob.to_string().as_str()),
+                Some(21)
+            ),
+            "{r}"
+        );
+    }
+    // Alice reads on one device (a WebSocket `read`): her other device's unread count follows
+    // (`read`), Bob gets a receipt, and the reading device is not told its own read.
+    a0.send(json!({"type": "read", "conv": conv, "seq": 21}));
+    let r = a1.until(T, &mut Vec::new(), |v| v["type"] == "read");
+    assert_eq!(
+        (r["conv"].as_str(), r["seq"].as_u64()),
+        (Some(conv.as_str()), Some(21))
+    );
+    let r = b.until(T, &mut Vec::new(), |v| v["type"] == "receipt");
+    assert_eq!(
+        (r["from"].as_str(), r["seq"].as_u64()),
+        (Some(alice.to_string().as_str()), Some(21))
+    );
+    let own: Vec<Value> = a0.drain(Duration::from_millis(300));
+    assert!(
+        own.iter().all(|v| v["type"] != "read"),
+        "the reading device was told: {own:?}"
+    );
 
     // A group: created and joined over REST, fanned out to members on both gateways.
     let gid = c.group(&ta, "team", &[&tb, &tc]);

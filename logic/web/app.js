@@ -377,6 +377,12 @@ function onFrame(f) {
     case 'sync':
       onSync(f);
       break;
+    case 'read':
+      onReadEvent(f);
+      break;
+    case 'receipt':
+      onReceipt(f);
+      break;
     case 'error':
       onErrorFrame(f);
       break;
@@ -400,7 +406,7 @@ function convInfo(conv) {
 function ensureConv(conv) {
   let entry = state.convs.get(conv);
   if (!entry) {
-    entry = { conv, ...convInfo(conv), maxSeq: 0, readSeq: 0, unread: 0, last: null };
+    entry = { conv, ...convInfo(conv), maxSeq: 0, readSeq: 0, unread: 0, last: null, peerRead: 0 };
     state.convs.set(conv, entry);
   }
   return entry;
@@ -431,9 +437,11 @@ async function loadConversations() {
       readSeq: c.read_seq || 0,
       unread: c.unread || 0,
       last: c.last_message || null,
+      peerRead: c.peer_read_seq || 0,
     };
     // A live message may have overtaken this answer: keep what is newer.
     const old = state.convs.get(c.conv);
+    if (old) entry.peerRead = Math.max(entry.peerRead, old.peerRead || 0);
     if (old && old.maxSeq > entry.maxSeq) {
       entry.maxSeq = old.maxSeq;
       entry.last = old.last;
@@ -611,6 +619,39 @@ function onMessage(m) {
     entry.unread += 1;
   }
   renderConvList();
+}
+
+/// This user read `conv` up to `seq` on another device: the badge here follows.
+function onReadEvent(f) {
+  if (typeof f.conv !== 'string' || !Number.isFinite(f.seq)) return;
+  const entry = ensureConv(f.conv);
+  if (f.seq <= entry.readSeq) return;
+  entry.readSeq = f.seq;
+  entry.unread = Math.max(0, Math.min(entry.unread, entry.maxSeq - f.seq));
+  renderConvList();
+}
+
+/// The peer of a two-person conversation read it up to `seq`: ✓✓ on what they have read.
+function onReceipt(f) {
+  if (typeof f.conv !== 'string' || !Number.isFinite(f.seq)) return;
+  const entry = ensureConv(f.conv);
+  if (f.seq <= entry.peerRead) return;
+  entry.peerRead = f.seq;
+  if (state.open && state.open.conv === f.conv) renderReceipts();
+}
+
+/// The ticks of the open two-person conversation's own messages: ✓ stored, ✓✓ read.
+function renderReceipts() {
+  const open = state.open;
+  if (!open || open.kind !== 'p2p') return;
+  const read = (state.convs.get(open.conv) || {}).peerRead || 0;
+  for (const node of el.messageList.querySelectorAll('.message.mine[data-state="sent"]')) {
+    const isRead = Number(node.dataset.seq) <= read;
+    const status = node.querySelector('.status');
+    status.textContent = isRead ? '✓✓' : '✓';
+    status.title = isRead ? 'read' : 'delivered to the server';
+    node.dataset.read = isRead ? 'yes' : 'no';
+  }
 }
 
 function newCid() {
@@ -1060,6 +1101,7 @@ function addMessages(open, messages, { scroll = 'auto' } = {}) {
     mineAdded = mineAdded || mine;
     insertBySeq(messageEl(m, { mine, pending: false }), m.seq);
   }
+  renderReceipts();
   if (scroll === 'bottom' || (scroll === 'auto' && (atBottom || mineAdded))) scrollToBottom();
   // A first page too short to scroll cannot be scrolled to the top: fetch older right away.
   if (scroll === 'bottom' && open.more && el.messages.scrollHeight <= el.messages.clientHeight) {

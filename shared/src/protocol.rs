@@ -401,6 +401,53 @@ pub fn encode_error(code: ErrorCode, message: &str, cid: Option<&str>, out: &mut
     .expect("writing to a Vec cannot fail");
 }
 
+/// Appends a `read` event's JSON to `out`: the user read `conv` up to `seq` on another device
+/// (their unread count there is `max_seq − seq`).
+pub fn encode_read_event(conv: Conv, seq: u64, out: &mut Vec<u8>) {
+    #[derive(Serialize)]
+    struct Read {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(serialize_with = "as_display")]
+        conv: Conv,
+        seq: u64,
+    }
+    serde_json::to_writer(
+        out,
+        &Read {
+            kind: "read",
+            conv,
+            seq,
+        },
+    )
+    .expect("writing to a Vec cannot fail");
+}
+
+/// Appends a `receipt`'s JSON to `out`: in a two-person conversation, the peer `from` has read
+/// up to `seq`.
+pub fn encode_receipt(conv: Conv, from: u64, seq: u64, out: &mut Vec<u8>) {
+    #[derive(Serialize)]
+    struct Receipt {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(serialize_with = "as_display")]
+        conv: Conv,
+        #[serde(serialize_with = "as_decimal")]
+        from: u64,
+        seq: u64,
+    }
+    serde_json::to_writer(
+        out,
+        &Receipt {
+            kind: "receipt",
+            conv,
+            from,
+            seq,
+        },
+    )
+    .expect("writing to a Vec cannot fail");
+}
+
 /// Appends a `sync` answer's JSON to `out`.
 pub fn encode_sync(conv: Conv, messages: &[Message], more: bool, out: &mut Vec<u8>) {
     #[derive(Serialize)]
@@ -581,6 +628,18 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"type":"error","code":5030,"message":"later","cid":"c"}"#
+        );
+        out.clear();
+        encode_read_event(Conv::Group(3), 12, &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"type":"read","conv":"g:3","seq":12}"#
+        );
+        out.clear();
+        encode_receipt(Conv::Pair(1, 2), 2, 40, &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"type":"receipt","conv":"p:1:2","from":"2","seq":40}"#
         );
     }
 }

@@ -186,6 +186,8 @@ pub struct ConversationRow {
     pub muted: bool,
     pub pinned: bool,
     pub last_message: Option<MessageRow>,
+    /// In a two-person conversation, how far the other party has read (their receipts).
+    pub peer_read_seq: Option<u64>,
 }
 
 /// What adding a member did.

@@ -217,6 +217,11 @@ async fn messages_and_conversations(s: &dyn Store) {
         3,
         "nor past the end"
     );
+    assert_eq!(
+        s.conversations(a).await.unwrap()[0].peer_read_seq,
+        Some(3),
+        "a's view of b's receipts"
+    );
 
     // Groups: members see the group's conversation before any read position exists.
     let g = s.create_group(&group(a)).await.unwrap();

@@ -1,5 +1,6 @@
 // End-to-end test of the browser chat client (logic/web) in headless Chromium: two users in
-// two browser contexts register, chat 1:1 and in a private group (the owner copies an invite
+// two browser contexts register, chat 1:1 (✓✓ once read; a second device's badge clears when
+// the first reads) and in a private group (the owner copies an invite
 // link, the other opens it and joins; the group's id alone lets no one in), one goes away and comes back to
 // unread counts and missed messages, a message that looks like HTML stays text, and a third
 // page's failed logins make its form wait (429, Retry-After) and come back.
@@ -218,6 +219,14 @@ async function scenario(browser) {
   await waitMessage(bob, 'bob', 'hello bob');
   await until('bob\'s badge to clear once the conversation is open', async () =>
     (await unreadOf(bob, pair)) === 0 || { unread: await unreadOf(bob, pair) });
+  await until('alice to see ✓✓ on "hello bob" once bob has read it', async () => {
+    const mine = await alice.$$eval('[data-testid="message"].mine', (els) => els.map((e) => ({
+      text: e.querySelector('[data-testid="message-content"]').textContent,
+      read: e.dataset.read,
+      status: e.querySelector('[data-testid="message-status"]').textContent,
+    })));
+    return mine.some((m) => m.text === 'hello bob' && m.read === 'yes' && m.status === '✓✓') || mine;
+  });
   await send(bob, 'bob', 'hi alice');
   await waitMessage(alice, 'alice', 'hi alice');
 
@@ -292,7 +301,17 @@ async function scenario(browser) {
     (await unreadOf(bob, pair)) === 2 || { unread: await unreadOf(bob, pair) });
   await until('bob\'s group conversation to show unread 1', async () =>
     (await unreadOf(bob, group)) === 1 || { unread: await unreadOf(bob, group) });
+  // A second device of bob's: reading on the first clears its badge too, live.
+  const bob2 = await newUserPage(bobCtx, 'bob2');
+  await bob2.goto(BASE_URL, { waitUntil: 'domcontentloaded' });
+  await waitConnected(bob2, 'bob2');
+  await until('bob\'s second device to show unread 2', async () =>
+    (await unreadOf(bob2, pair)) === 2 || { unread: await unreadOf(bob2, pair) });
   await openConversation(bob, 'bob', pair);
+  await until('bob\'s second device to clear its badge (a read event)', async () =>
+    (await unreadOf(bob2, pair)) === 0 || { unread: await unreadOf(bob2, pair) });
+  await bob2.close();
+  pages.bob2 = null;
   await until('bob to see the missed messages after the earlier ones, in order', async () => {
     const texts = (await messagesOf(bob)).map((m) => m.text);
     const want = ['hello bob', 'hi alice', 'while you were away 1', 'while you were away 2'];

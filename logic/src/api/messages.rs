@@ -333,6 +333,7 @@ fn conversation_json(caller: u64, c: &im_store::ConversationRow) -> Value {
         Some(Conv::Pair(a, b)) => {
             v["kind"] = json!("p2p");
             v["peer"] = json!(if a == caller { b } else { a }.to_string());
+            v["peer_read_seq"] = json!(c.peer_read_seq.unwrap_or(0));
         }
         Some(Conv::Group(g)) => {
             v["kind"] = json!("group");
@@ -435,15 +436,23 @@ pub async fn update(
             im_store::wait_stored(&*st.store, &conv, seq, READ_WAIT).await?;
         }
     }
+    let conv_s = conv.to_string();
     st.store
-        .update_membership(
-            caller.user_id,
-            &conv.to_string(),
-            u.read_seq,
-            u.muted,
-            u.pinned,
-        )
+        .update_membership(caller.user_id, &conv_s, u.read_seq, u.muted, u.pinned)
         .await?;
+    if let (Some(seq), Some(p)) = (u.read_seq, &st.pipeline) {
+        // Every device of the caller's (a REST call is none of them) and the peer; the
+        // position as stored, which is capped at the conversation's end.
+        let stored = st.store.max_seqs(std::slice::from_ref(&conv_s)).await?;
+        let seq = seq.min(stored.first().map_or(0, |(_, s)| *s));
+        let send = |gw: &str, key: &str, body| {
+            if let Err(e) = p.client.downstream(gw, key, body) {
+                log::debug!("logic: a read event was not queued: {e}");
+            }
+        };
+        let user = caller.user_id;
+        crate::stage::receipts::tell_read(&*p.presence, send, user, None, conv, seq).await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,12 +1,15 @@
 //! `sync` and `read`, answered from the database off the batch loop: each takes one of a
 //! bounded number of slots first (a slow database gets `error` 5030, not an unbounded pile of
 //! waiting tasks). Both go through the conversation's partition, so the stage knows the
-//! conversation's last seq and waits (bounded) for persist to have stored it.
+//! conversation's last seq and waits (bounded) for persist to have stored it. A stored read
+//! position is told to the reader's other devices (`read`) and, in a two-person
+//! conversation, to the peer (`receipt`).
 
 use super::downstream::Downstream;
 use super::members::Members;
 use super::sequencer::{self, Check};
 use super::StageStats;
+use im_bus::presence::Presence;
 use im_shared::protocol::{self, Message, Target};
 use im_shared::records;
 use im_shared::{Conv, ErrorCode};
@@ -27,6 +30,7 @@ const STORED_POLL: Duration = Duration::from_millis(20);
 pub(crate) struct Answers {
     pub store: Arc<dyn Store>,
     pub members: Arc<Members>,
+    pub presence: Arc<dyn Presence>,
     pub down: Downstream,
     pub stats: Arc<StageStats>,
     pub slots: Arc<Semaphore>,
@@ -96,9 +100,9 @@ impl Answers {
         let (a, up) = (self.clone(), up.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            let seq = r.seq.min(last);
             let result = match a.allowed(up.user, conv).await {
                 Ok(()) => async {
-                    let seq = r.seq.min(last);
                     im_store::wait_stored(&*a.store, &r.conv, seq, a.wait).await?;
                     let store = &a.store;
                     store
@@ -109,10 +113,21 @@ impl Answers {
                 .map_err(|_| db_down()),
                 Err(e) => Err(e),
             };
-            if let Err((code, msg)) = result {
-                a.down.reply_error(&up, code, &msg, None);
+            match result {
+                Ok(()) => a.tell_read(&up, conv, seq).await,
+                Err((code, msg)) => a.down.reply_error(&up, code, &msg, None),
             }
         });
+    }
+
+    /// Tells the reader's other devices and the peer (`receipts`).
+    async fn tell_read(&self, up: &records::Upstream, conv: Conv, seq: u64) {
+        let reader = super::receipts::Reader {
+            gateway: &up.reply_to,
+            conn: up.conn,
+        };
+        let send = |gw: &str, key: &str, body| self.down.send(gw, key, body);
+        super::receipts::tell_read(&*self.presence, send, up.user, Some(reader), conv, seq).await;
     }
 
     /// May `user` read `conv`?

@@ -113,18 +113,23 @@ impl PipelineClient {
 
     /// Closes one connection on a gateway with 1008 (its token was revoked).
     pub fn close(&self, gateway: &str, conn: u64, reason: &str) -> Result<(), String> {
+        let body = DownstreamBody::Close(records::Close {
+            conn,
+            reason: reason.to_owned(),
+        });
+        self.downstream(gateway, &conn.to_string(), body)
+            .map_err(|e| format!("closing a connection on {gateway}: {e}"))
+    }
+
+    /// Queues one record for `gateway`'s topic.
+    pub fn downstream(&self, gateway: &str, key: &str, body: DownstreamBody) -> Result<(), String> {
         let rec = records::Downstream {
             version: records::VERSION,
-            body: Some(DownstreamBody::Close(records::Close {
-                conn,
-                reason: reason.to_owned(),
-            })),
+            body: Some(body),
         };
-        let payload = rec.to_bytes();
         let topic = topics::downstream(gateway);
-        let key = conn.to_string();
         self.producer
-            .send(&topic, None, &key, &payload, None)
-            .map_err(|e| format!("closing a connection on {gateway}: {e}"))
+            .send(&topic, None, key, &rec.to_bytes(), None)
+            .map_err(|e| e.to_string())
     }
 }

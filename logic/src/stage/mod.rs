@@ -32,6 +32,7 @@ pub mod client;
 mod downstream;
 pub mod members;
 pub mod pipeline;
+pub(crate) mod receipts;
 mod recovery;
 mod release;
 pub mod sequencer;
@@ -286,6 +287,7 @@ impl Stage {
         let answers = Answers {
             store: store.clone(),
             members: members.clone(),
+            presence: presence.clone(),
             down: down.clone(),
             stats: stats.clone(),
             slots: Arc::new(Semaphore::new(answers::DB_TASKS_MAX)),

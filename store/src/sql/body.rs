@@ -676,18 +676,21 @@ macro_rules! impl_store {
                 // message: one query, whatever the number of conversations.
                 let rows = sqlx::query(concat!(
                     "SELECT v.conv AS conv, v.max_seq AS max_seq, v.read_seq AS read_seq, v.muted AS muted, v.pinned AS pinned, \
+                     v.peer_read_seq AS peer_read_seq, \
                      m.id AS id, m.seq AS seq, m.sender_id AS sender_id, m.to_user_id AS to_user_id, \
                      m.to_group_id AS to_group_id, m.content AS content, m.content_type AS content_type, m.ts_ms AS ts_ms \
                      FROM (\
                      SELECT cm.conv AS conv, c.max_seq AS max_seq, cm.read_seq AS read_seq, cm.muted AS muted, cm.pinned AS pinned, \
-                     0 AS visible_after, 0 AS visible_from_ms \
+                     0 AS visible_after, 0 AS visible_from_ms, \
+                     (SELECT pm.read_seq FROM conversation_members pm WHERE pm.conv = cm.conv AND pm.user_id <> cm.user_id) AS peer_read_seq \
                      FROM conversation_members cm JOIN conversations c ON c.conv = cm.conv \
                      WHERE cm.user_id = ? AND cm.conv LIKE 'p:%' \
                      UNION ALL \
                      SELECT ", $group_conv, " AS conv, COALESCE(c.max_seq, 0) AS max_seq, COALESCE(cm.read_seq, 0) AS read_seq, \
                      COALESCE(cm.muted, FALSE) AS muted, COALESCE(cm.pinned, FALSE) AS pinned, \
                      CASE WHEN g.history_all THEN 0 ELSE gm.joined_seq END AS visible_after, \
-                     CASE WHEN g.history_all THEN 0 ELSE gm.visible_from_ms END AS visible_from_ms \
+                     CASE WHEN g.history_all THEN 0 ELSE gm.visible_from_ms END AS visible_from_ms, \
+                     NULL AS peer_read_seq \
                      FROM group_members gm \
                      JOIN chat_groups g ON g.id = gm.group_id \
                      LEFT JOIN conversations c ON c.conv = ", $group_conv, " \
@@ -709,6 +712,7 @@ macro_rules! impl_store {
                             muted: r.try_get::<bool, _>("muted")?,
                             pinned: r.try_get::<bool, _>("pinned")?,
                             last_message: if has_message { Some(message_row(r)?) } else { None },
+                            peer_read_seq: r.try_get::<Option<i64>, _>("peer_read_seq")?.map(|s| s as u64),
                         })
                     })
                     .collect()
