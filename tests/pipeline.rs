@@ -205,6 +205,33 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         assert!(msgs(&got).iter().all(|m| m["group"] == group.as_str()));
     }
 
+    // Typing: relayed to the other members online, once per interval, never to the typist's
+    // own devices, never stored.
+    let gconv = format!("g:{gid}");
+    a0.send(json!({"type": "typing", "conv": gconv}));
+    a0.send(json!({"type": "typing", "conv": gconv}));
+    for ws in [&mut b, &mut cr] {
+        let t = ws.until(T, &mut Vec::new(), |v| v["type"] == "typing");
+        assert_eq!(
+            (t["conv"].as_str(), t["from"].as_str()),
+            (Some(gconv.as_str()), Some(alice.to_string().as_str()))
+        );
+        let more = ws.drain(Duration::from_millis(500));
+        assert!(
+            more.iter().all(|v| v["type"] != "typing"),
+            "the second, within the interval, is dropped: {more:?}"
+        );
+    }
+    assert!(a1
+        .drain(Duration::from_millis(200))
+        .iter()
+        .all(|v| v["type"] != "typing"));
+    b.send(json!({"type": "typing", "conv": conv}));
+    for ws in [&mut a0, &mut a1] {
+        let t = ws.until(T, &mut Vec::new(), |v| v["type"] == "typing");
+        assert_eq!(t["from"].as_str(), Some(bob.to_string().as_str()));
+    }
+
     // Carol goes offline; what she misses comes back by sync after her last seq.
     cr.close();
     wait_presence(&c, carol, 0);
@@ -331,7 +358,6 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
     let join = format!("/api/v1/invites/{}/join", v["token"].as_str().unwrap());
     let (st, v) = http(c.api, "POST", &join, Some(&outsider), &Value::Null);
     assert_eq!(st, 200, "{v}");
-    let gconv = format!("g:{gid}");
     d.send(json!({"type": "sync", "conv": gconv, "after": 0, "limit": 10}));
     let sync = d.until(T, &mut Vec::new(), |v| v["type"] == "sync");
     assert_eq!(sync["messages"], json!([]), "{sync}");

@@ -38,6 +38,8 @@ const CONTENT_BYTES_MAX = 32 * 1024;
 const ERROR_VISIBLE_MS = 10_000;
 const SESSION_EXPIRED = 'Your session has expired; please log in again.';
 const LOOKUP_RETRY_MS = 30_000;       // a failed user/group name lookup is tried again after this
+const TYPING_SEND_EVERY_MS = 3_000;   // while typing, a `typing` frame at most this often
+const TYPING_SHOW_MS = 5_000;         // "typing…" lasts this long after the last frame
 
 const state = {
   session: null,          // {token, refresh_token, user_id, username, ws_url}
@@ -45,6 +47,8 @@ const state = {
   open: null,             // the open conversation, see openConversation()
   pending: new Map(),     // cid → a send not yet acknowledged (Map keeps sending order)
   readSent: new Map(),    // conv id → highest read seq reported to the server
+  typing: new Map(),      // conv id → Map(user id → when their "typing…" ends)
+  typingSent: new Map(),  // conv id → when this device last sent `typing` for it
   users: new Map(),       // user id → profile {user_id, username, nickname, avatar}
   groups: new Map(),      // group id → {group_id, name, ...}
   lookups: new Map(),     // 'u:<id>' or 'g:<id>' → in-flight or finished lookup, so each runs once
@@ -383,6 +387,9 @@ function onFrame(f) {
     case 'receipt':
       onReceipt(f);
       break;
+    case 'typing':
+      onTyping(f);
+      break;
     case 'error':
       onErrorFrame(f);
       break;
@@ -609,6 +616,7 @@ async function catchUpByHistory(open) {
 
 /// A `msg` frame: a message for us, or ours from another device.
 function onMessage(m) {
+  stopTyping(m.conv, m.from);
   const entry = ensureConv(m.conv);
   const isNew = noteLatest(entry, m);
   const open = state.open;
@@ -652,6 +660,52 @@ function renderReceipts() {
     status.title = isRead ? 'read' : 'delivered to the server';
     node.dataset.read = isRead ? 'yes' : 'no';
   }
+}
+
+// Typing indicators: sent while the user types (at most every 3 s), shown for 5 s after the
+// last one heard, or until that user's message arrives. Never stored by the server.
+
+function noteTyping() {
+  const open = state.open;
+  if (!open || !el.composeInput.value) return;
+  const now = Date.now();
+  if (now - (state.typingSent.get(open.conv) || 0) < TYPING_SEND_EVERY_MS) return;
+  if (sendFrame({ type: 'typing', conv: open.conv })) state.typingSent.set(open.conv, now);
+}
+
+function onTyping(f) {
+  if (typeof f.conv !== 'string' || typeof f.from !== 'string' || f.from === me()) return;
+  let who = state.typing.get(f.conv);
+  if (!who) {
+    who = new Map();
+    state.typing.set(f.conv, who);
+  }
+  who.set(f.from, Date.now() + TYPING_SHOW_MS);
+  renderTyping();
+  setTimeout(renderTyping, TYPING_SHOW_MS + 50);
+}
+
+function stopTyping(conv, from) {
+  const who = state.typing.get(conv);
+  if (who && who.delete(from)) renderTyping();
+}
+
+/// "x is typing…" under the open conversation's title.
+function renderTyping() {
+  const open = state.open;
+  const who = open && state.typing.get(open.conv);
+  const now = Date.now();
+  const names = [];
+  if (who) {
+    for (const [user, until] of who) {
+      if (until > now) names.push(userLabel(user));
+      else who.delete(user);
+    }
+  }
+  el.typingLine.hidden = names.length === 0;
+  el.typingLine.textContent = names.length === 0 ? ''
+    : names.length === 1 ? `${names[0]} is typing…`
+      : `${names.slice(0, -1).join(', ')} and ${names[names.length - 1]} are typing…`;
 }
 
 function newCid() {
@@ -1003,6 +1057,7 @@ function renderChat() {
   el.inviteLink.value = '';
   el.inviteNote.textContent = '';
   renderChatHeader();
+  renderTyping();
   renderOlderButton();
   renderOpenPending();
 }
@@ -1169,6 +1224,8 @@ function endSession(reason) {
   state.users = new Map();
   state.groups = new Map();
   state.lookups = new Map();
+  state.typing = new Map();
+  state.typingSent = new Map();
   pendingInvite = null;
   el.inviteBanner.hidden = true;
   renderConnState('offline');
@@ -1247,7 +1304,7 @@ function wire() {
     groupKind: 'group-kind', groupHint: 'group-hint', inviteCreate: 'invite-create',
     inviteLine: 'invite-line', inviteLink: 'invite-link', inviteCopy: 'invite-copy',
     inviteNote: 'invite-note', inviteBanner: 'invite-banner', inviteText: 'invite-text',
-    inviteAccept: 'invite-accept', inviteDismiss: 'invite-dismiss',
+    inviteAccept: 'invite-accept', inviteDismiss: 'invite-dismiss', typingLine: 'typing-line',
     messages: 'messages', loadOlder: 'load-older', placeholder: 'messages-placeholder',
     messageList: 'message-list', composeForm: 'compose-form', composeInput: 'compose-input',
     composeSend: 'compose-send',
@@ -1346,6 +1403,8 @@ function wire() {
     if (sendMessage(el.composeInput.value)) el.composeInput.value = '';
     el.composeInput.focus();
   });
+
+  el.composeInput.addEventListener('input', noteTyping);
 
   el.composeInput.addEventListener('keydown', (ev) => {
     if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {

@@ -47,6 +47,10 @@ pub enum Request<'a> {
         conv: Conv,
         seq: u64,
     },
+    /// The user is typing in `conv`: relayed to its other online members, never stored.
+    Typing {
+        conv: Conv,
+    },
     Ping,
 }
 
@@ -121,6 +125,9 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError> {
             })?;
             Ok(Request::Read { conv, seq })
         }
+        "typing" => Ok(Request::Typing {
+            conv: parse_conv(raw.conv.as_deref())?,
+        }),
         "ping" => Ok(Request::Ping),
         other => Err(RequestError::new(
             ErrorCode::UnknownType,
@@ -423,6 +430,28 @@ pub fn encode_read_event(conv: Conv, seq: u64, out: &mut Vec<u8>) {
     .expect("writing to a Vec cannot fail");
 }
 
+/// Appends a `typing` event's JSON to `out`: `from` is typing in `conv`.
+pub fn encode_typing(conv: Conv, from: u64, out: &mut Vec<u8>) {
+    #[derive(Serialize)]
+    struct Typing {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(serialize_with = "as_display")]
+        conv: Conv,
+        #[serde(serialize_with = "as_decimal")]
+        from: u64,
+    }
+    serde_json::to_writer(
+        out,
+        &Typing {
+            kind: "typing",
+            conv,
+            from,
+        },
+    )
+    .expect("writing to a Vec cannot fail");
+}
+
 /// Appends a `receipt`'s JSON to `out`: in a two-person conversation, the peer `from` has read
 /// up to `seq`.
 pub fn encode_receipt(conv: Conv, from: u64, seq: u64, out: &mut Vec<u8>) {
@@ -595,6 +624,16 @@ mod tests {
             }
         );
         assert_eq!(parse_request(r#"{"type":"ping"}"#).unwrap(), Request::Ping);
+        assert_eq!(
+            parse_request(r#"{"type":"typing","conv":"g:7"}"#).unwrap(),
+            Request::Typing {
+                conv: Conv::Group(7)
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"type":"typing"}"#).unwrap_err().code,
+            ErrorCode::MissingField
+        );
     }
 
     #[test]
@@ -640,6 +679,12 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"type":"receipt","conv":"p:1:2","from":"2","seq":40}"#
+        );
+        out.clear();
+        encode_typing(Conv::Group(3), 2, &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"type":"typing","conv":"g:3","from":"2"}"#
         );
     }
 }

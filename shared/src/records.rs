@@ -54,7 +54,7 @@ pub struct Upstream {
     pub user: u64,
     #[prost(uint64, tag = "5")]
     pub ts: u64,
-    #[prost(oneof = "UpstreamBody", tags = "10, 11, 12")]
+    #[prost(oneof = "UpstreamBody", tags = "10, 11, 12, 13")]
     pub body: Option<UpstreamBody>,
 }
 
@@ -66,6 +66,8 @@ pub enum UpstreamBody {
     Sync(Sync),
     #[prost(message, tag = "12")]
     Read(Read),
+    #[prost(message, tag = "13")]
+    Typing(Typing),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -98,6 +100,12 @@ pub struct Read {
     pub conv: String,
     #[prost(uint64, tag = "2")]
     pub seq: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Typing {
+    #[prost(string, tag = "1")]
+    pub conv: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -351,6 +359,7 @@ mod tests {
             "bytes json = 2;",
             "Reply reply = 11;",
             "Close close = 12;",
+            "Typing typing = 13;",
         ] {
             assert!(proto.contains(line), "im.proto lost `{line}`");
         }

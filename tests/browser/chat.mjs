@@ -1,6 +1,6 @@
 // End-to-end test of the browser chat client (logic/web) in headless Chromium: two users in
 // two browser contexts register, chat 1:1 (✓✓ once read; a second device's badge clears when
-// the first reads) and in a private group (the owner copies an invite
+// the first reads) and in a private group (with "typing…") (the owner copies an invite
 // link, the other opens it and joins; the group's id alone lets no one in), one goes away and comes back to
 // unread counts and missed messages, a message that looks like HTML stays text, and a third
 // page's failed logins make its form wait (429, Retry-After) and come back.
@@ -282,8 +282,16 @@ async function scenario(browser) {
   });
   check(!(await bob.evaluate(() => location.hash)), 'the invite stays in bob\'s address bar');
   check(!(await byTestId(bob, 'invite-create').isVisible()), 'bob, not the owner, is offered to make invites');
+  // Alice types: bob sees it, and it ends when her message arrives.
+  await byTestId(alice, 'compose-input').fill('hello gr');
+  await until('bob to see that alice is typing', async () => {
+    const t = await text(bob, 'typing');
+    return t === `${ALICE} is typing…` || t;
+  });
   await send(alice, 'alice', 'hello group');
   await waitMessage(bob, 'bob', 'hello group');
+  await until('bob\'s "typing…" to end with her message', async () =>
+    !(await byTestId(bob, 'typing').isVisible()) || text(bob, 'typing'));
 
   step = 'd. offline and back';
   await bob.close();

@@ -174,6 +174,8 @@ impl Shard {
                 "group messages need the logic service (`im logic`); this gateway runs its local router",
                 Some(&cid),
             ),
+            // Nobody to tell without logic's member lists: dropped.
+            Ok(Request::Typing { .. }) => {}
             Ok(Request::Sync { .. } | Request::Read { .. }) => self.reply_error(
                 key,
                 ErrorCode::Unavailable,

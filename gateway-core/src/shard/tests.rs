@@ -815,8 +815,9 @@ fn pipeline_mode_hands_requests_and_presence_to_the_bridge() {
     );
     sim.send_text(b, r#"{"type":"sync","conv":"p:1:2","after":3,"limit":10}"#);
     sim.send_text(b, r#"{"type":"read","conv":"p:1:2","seq":4}"#);
+    sim.send_text(b, r#"{"type":"typing","conv":"g:9"}"#);
     let ups = drain_up(&mut end);
-    assert_eq!(ups.len(), 4, "{ups:?} {:?}", sim.json(b));
+    assert_eq!(ups.len(), 5, "{ups:?} {:?}", sim.json(b));
     let (conv, origin, rec) = upstream(&ups[0]);
     assert_eq!(conv, Conv::pair(1, 2).unwrap());
     assert_eq!((origin.shard, origin.key), (0, a.1));
@@ -855,6 +856,12 @@ fn pipeline_mode_hands_requests_and_presence_to_the_bridge() {
             conv: "p:1:2".into(),
             seq: 4
         }))
+    );
+    let (conv, _, rec) = upstream(&ups[4]);
+    assert_eq!(conv, Conv::Group(9), "keyed by its conversation");
+    assert_eq!(
+        rec.body,
+        Some(UpstreamBody::Typing(records::Typing { conv: "g:9".into() }))
     );
     // Nothing went to the local router: no reply, no delivery yet.
     assert!(sim.json(a).is_empty() && sim.json(b).is_empty() && sim.json(a2).is_empty());

@@ -100,6 +100,12 @@ fn upstream_body(sender: u64, req: Request<'_>) -> Result<Option<Body<'_>>, Refu
             });
             (conv, None, body)
         }
+        Request::Typing { conv } => {
+            let body = UpstreamBody::Typing(records::Typing {
+                conv: conv.to_string(),
+            });
+            (conv, None, body)
+        }
         Request::Ping => return Ok(None),
     }))
 }

@@ -38,6 +38,7 @@ mod release;
 pub mod sequencer;
 pub mod state;
 mod stats;
+pub(crate) mod typing;
 
 use answers::Answers;
 use downstream::Downstream;
@@ -105,6 +106,7 @@ struct Stage {
     log: Arc<dyn Producer>,
     down: Downstream,
     answers: Answers,
+    typing: Arc<typing::TypingRelay>,
     seq: Sequencer,
     stats: Arc<StageStats>,
     /// Upstream offsets released and not yet committed.
@@ -293,7 +295,14 @@ impl Stage {
             slots: Arc::new(Semaphore::new(answers::DB_TASKS_MAX)),
             wait: Duration::from_millis(cfg.sync_wait_ms),
         };
+        let typing = Arc::new(typing::TypingRelay::new(
+            members.clone(),
+            presence.clone(),
+            down.clone(),
+            stats.clone(),
+        ));
         Ok(Stage {
+            typing,
             log: bus.producer(LINGER_MS, 0)?,
             bus,
             store,
@@ -371,6 +380,7 @@ impl Stage {
                     let last = self.seq.last_seq(p, &r.conv).unwrap_or(0);
                     self.answers.read(&up, r, last)
                 }
+                Some(UpstreamBody::Typing(t)) => self.typing.relay(&up, t),
                 None => {}
             }
         }

@@ -12,6 +12,10 @@ pub struct StageStats {
     pub deliveries_total: AtomicU64,
     pub bad_records_total: AtomicU64,
     pub syncs_total: AtomicU64,
+    /// `typing` frames relayed, and those dropped (more than one per interval, not a member,
+    /// a group too large to tell).
+    pub typing_relayed_total: AtomicU64,
+    pub typing_dropped_total: AtomicU64,
     /// Batches released, and microseconds they spent being checked and sequenced (first
     /// record taken → last record handed to the producer) and then waiting to be durable
     /// (→ released): their ratio to the batches is where a send's time in logic goes.
@@ -61,6 +65,16 @@ impl StageStats {
                 "im_logic_refused_total",
                 "sends refused (not a member, unknown user)",
                 &self.refused_total,
+            ),
+            (
+                "im_logic_typing_relayed_total",
+                "typing frames relayed to a conversation's online members",
+                &self.typing_relayed_total,
+            ),
+            (
+                "im_logic_typing_dropped_total",
+                "typing frames dropped (too frequent, not a member, a group too large)",
+                &self.typing_dropped_total,
             ),
             (
                 "im_logic_downstream_records_total",
