@@ -232,6 +232,40 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         assert_eq!(t["from"].as_str(), Some(bob.to_string().as_str()));
     }
 
+    // Blocking: Carol blocks Bob. His WebSocket send to her is refused with the reason, and
+    // her typing does not reach him; unblocked, he writes again.
+    let block = format!("/api/v1/users/{bob}/block");
+    let (st, v) = http(c.api, "PUT", &block, Some(&tc), &Value::Null);
+    assert_eq!(st, 204, "{v}");
+    b.send(json!({"type": "send", "cid": "blk1", "to": carol.to_string(), "content": "hello?"}));
+    let e = b.until(T, &mut Vec::new(), |v| {
+        v["type"] == "error" || v["type"] == "sent"
+    });
+    assert_eq!(
+        (e["code"].as_u64(), e["cid"].as_str(), e["message"].as_str()),
+        (
+            Some(4030),
+            Some("blk1"),
+            Some("this user does not accept your messages")
+        )
+    );
+    let pconv = format!("p:{}:{}", bob.min(carol), bob.max(carol));
+    cr.send(json!({"type": "typing", "conv": pconv}));
+    assert!(b
+        .drain(Duration::from_millis(500))
+        .iter()
+        .all(|v| v["type"] != "typing"));
+    let (st, v) = http(c.api, "DELETE", &block, Some(&tc), &Value::Null);
+    assert_eq!(st, 204, "{v}");
+    b.send(json!({"type": "send", "cid": "blk2", "to": carol.to_string(), "content": "hello"}));
+    let ack = b.until(T, &mut Vec::new(), |v| {
+        v["type"] == "error" || v["type"] == "sent"
+    });
+    assert_eq!(ack["type"], "sent", "{ack}");
+    cr.until(T, &mut Vec::new(), |v| {
+        v["type"] == "msg" && v["content"] == "hello"
+    });
+
     // Carol goes offline; what she misses comes back by sync after her last seq.
     cr.close();
     wait_presence(&c, carol, 0);
@@ -303,9 +337,9 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
         "another pair's conversation does not exist for dave"
     );
 
-    // Persist wrote everything once: 22 pair messages and 6 group ones.
+    // Persist wrote everything once: 22 pair messages, 1 between Bob and Carol, 6 group ones.
     let end = Instant::now() + T;
-    while mysql_query(&c.db, "SELECT COUNT(*) FROM messages") != "28" {
+    while mysql_query(&c.db, "SELECT COUNT(*) FROM messages") != "29" {
         assert!(
             Instant::now() < end,
             "rows: {}",
@@ -335,7 +369,7 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
     assert!(metric(&text, "im_malloc_in_use_bytes").is_some_and(|n| n > 0));
     let (st, text) = get_text(c.api, "/metrics");
     assert_eq!(st, 200);
-    assert_eq!(metric(&text, "im_logic_messages_total"), Some(28), "{text}");
+    assert_eq!(metric(&text, "im_logic_messages_total"), Some(29), "{text}");
     assert!(
         metric(&text, "im_logic_retries_total").is_some_and(|n| n >= 1),
         "{text}"

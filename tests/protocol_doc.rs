@@ -132,7 +132,7 @@ fn the_example_client_frames_parse() {
         .lines()
         .filter(|l| l.starts_with("{\"type\""))
         .collect();
-    assert_eq!(examples.len(), 5);
+    assert_eq!(examples.len(), 6);
     for e in examples {
         assert!(parse_request(e).is_ok(), "{e} does not parse");
     }

@@ -226,6 +226,7 @@ async fn start_stage(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(api::Pipeline, StageTask), String> {
     let members = Arc::new(Members::new(b.store.clone()));
+    let blocks = Arc::new(stage::blocks::Blocks::new(b.store.clone()));
     let client = PipelineClient::start(b.bus.clone(), &s.logic_id)
         .await
         .map_err(|e| format!("the {}: {e}", b.bus.describe()))?;
@@ -235,6 +236,7 @@ async fn start_stage(
         b.store.clone(),
         b.presence.clone(),
         members.clone(),
+        blocks.clone(),
         s.stage.clone(),
         b.snowflake.clone(),
         stats.clone(),
@@ -248,6 +250,7 @@ async fn start_stage(
     let pipeline = api::Pipeline {
         client,
         members,
+        blocks,
         stats,
         presence: b.presence.clone(),
     };

@@ -1203,6 +1203,77 @@ async fn private_groups(api: &Api) {
     assert_eq!(seqs(&hist(&d).await.1), [4, 3, 2, 1], "history: all");
 }
 
+/// Blocking: no two-person messages either way, a clear error, listed, lifted.
+async fn blocking(api: &Api) {
+    let (ann, a) = user(api, "ann").await;
+    let (ben, b) = user(api, "ben").await;
+    let call = |method: &'static str, path: String, tok: &str, body: Option<Value>| {
+        let tok = tok.to_string();
+        async move { api.call(method, &path, Some(&tok), body).await }
+    };
+    let send = |tok: &str, to: &str| {
+        call(
+            "POST",
+            "/api/v1/messages/send".into(),
+            tok,
+            Some(json!({"to": to, "content": "hi"})),
+        )
+    };
+    assert_eq!(send(&a, &ben).await.0, StatusCode::OK);
+    let block = format!("/api/v1/users/{ann}/block");
+    assert_eq!(
+        call("PUT", block.clone(), &b, None).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call("PUT", block.clone(), &b, None).await.0,
+        StatusCode::NO_CONTENT,
+        "idempotent"
+    );
+    let r = send(&a, &ben).await;
+    assert_eq!(err(&r), (403, 4030));
+    assert_eq!(r.1["message"], "this user does not accept your messages");
+    let r = send(&b, &ann).await;
+    assert_eq!(err(&r), (403, 4030), "nor the other way");
+    assert!(r.1["message"]
+        .as_str()
+        .unwrap()
+        .contains("you have blocked"));
+    let r = call("GET", "/api/v1/users/blocked".into(), &b, None).await;
+    assert_eq!(r.1["users"], json!([ann]));
+    for (path, code) in [
+        (format!("/api/v1/users/{ben}/block"), (400, 4003)),
+        ("/api/v1/users/999999/block".into(), (404, 4040)),
+        ("/api/v1/users/x/block".into(), (400, 4003)),
+    ] {
+        assert_eq!(
+            err(&call("PUT", path.clone(), &b, None).await),
+            code,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        call("DELETE", block.clone(), &b, None).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(err(&call("DELETE", block, &b, None).await), (404, 4040));
+    assert_eq!(send(&a, &ben).await.0, StatusCode::OK, "lifted at once");
+}
+
+#[tokio::test]
+async fn blocking_on_mysql() {
+    let store = Arc::new(fresh_mysql().await);
+    blocking(&Api::new(store.clone())).await;
+    drop_mysql(Arc::into_inner(store).expect("the api is gone")).await;
+}
+
+#[tokio::test]
+async fn blocking_on_sqlite() {
+    let dir = tempdir();
+    blocking(&Api::new(Arc::new(fresh_sqlite(&dir).await))).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn private_groups_on_mysql() {
     let store = Arc::new(fresh_mysql().await);

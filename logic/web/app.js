@@ -48,6 +48,7 @@ const state = {
   pending: new Map(),     // cid → a send not yet acknowledged (Map keeps sending order)
   readSent: new Map(),    // conv id → highest read seq reported to the server
   typing: new Map(),      // conv id → Map(user id → when their "typing…" ends)
+  blocked: new Set(),     // user ids this user blocks
   typingSent: new Map(),  // conv id → when this device last sent `typing` for it
   users: new Map(),       // user id → profile {user_id, username, nickname, avatar}
   groups: new Map(),      // group id → {group_id, name, ...}
@@ -708,6 +709,22 @@ function renderTyping() {
       : `${names.slice(0, -1).join(', ')} and ${names[names.length - 1]} are typing…`;
 }
 
+// Blocking: no two-person messages, receipts or typing between the two, either way.
+
+async function loadBlocked() {
+  const { users } = await api('GET', '/users/blocked');
+  state.blocked = new Set(Array.isArray(users) ? users : []);
+  renderChatHeader();
+}
+
+async function toggleBlock(peer) {
+  const blocking = !state.blocked.has(peer);
+  await api(blocking ? 'PUT' : 'DELETE', `/users/${enc(peer)}/block`);
+  if (blocking) state.blocked.add(peer);
+  else state.blocked.delete(peer);
+  renderChatHeader();
+}
+
 function newCid() {
   if (crypto.randomUUID) return crypto.randomUUID();
   // randomUUID needs a secure context; getRandomValues does not.
@@ -1067,14 +1084,17 @@ function renderChatHeader() {
   if (!open) {
     el.convTitle.textContent = 'No conversation open';
     el.groupLine.hidden = true;
+    el.peerLine.hidden = true;
     el.inviteLine.hidden = true;
     return;
   }
   const entry = state.convs.get(open.conv) || ensureConv(open.conv);
   el.convTitle.textContent = convLabel(entry);
   el.groupLine.hidden = open.kind !== 'group';
+  el.peerLine.hidden = open.kind !== 'p2p';
   if (open.kind !== 'group') {
     el.inviteLine.hidden = true;
+    el.blockToggle.textContent = state.blocked.has(open.peer) ? 'Unblock' : 'Block';
     return;
   }
   el.groupId.textContent = open.group;
@@ -1210,6 +1230,7 @@ function startApp() {
   loadConversations().catch((e) => showError(`Conversations: ${e.message}`));
   connect();
   offerInvite();
+  loadBlocked().catch((e) => console.warn('im: blocked users not loaded:', e.message));
 }
 
 /// Back to the login form, forgetting everything of this session.
@@ -1226,6 +1247,7 @@ function endSession(reason) {
   state.lookups = new Map();
   state.typing = new Map();
   state.typingSent = new Map();
+  state.blocked = new Set();
   pendingInvite = null;
   el.inviteBanner.hidden = true;
   renderConnState('offline');
@@ -1305,6 +1327,7 @@ function wire() {
     inviteLine: 'invite-line', inviteLink: 'invite-link', inviteCopy: 'invite-copy',
     inviteNote: 'invite-note', inviteBanner: 'invite-banner', inviteText: 'invite-text',
     inviteAccept: 'invite-accept', inviteDismiss: 'invite-dismiss', typingLine: 'typing-line',
+    peerLine: 'peer-line', blockToggle: 'block-toggle',
     messages: 'messages', loadOlder: 'load-older', placeholder: 'messages-placeholder',
     messageList: 'message-list', composeForm: 'compose-form', composeInput: 'compose-input',
     composeSend: 'compose-send',
@@ -1378,6 +1401,14 @@ function wire() {
       .finally(() => { el.inviteCreate.disabled = false; });
   });
   el.inviteCopy.addEventListener('click', copyInvite);
+  el.blockToggle.addEventListener('click', () => {
+    const open = state.open;
+    if (!open || open.kind !== 'p2p') return;
+    el.blockToggle.disabled = true;
+    toggleBlock(open.peer)
+      .catch((e) => showError(`Block: ${e.message}`))
+      .finally(() => { el.blockToggle.disabled = false; });
+  });
 
   el.inviteAccept.addEventListener('click', () => {
     const token = pendingInvite;

@@ -312,6 +312,14 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets a user's refresh tokens from before families (migration 3).
     async fn drop_refresh_without_family(&self, user_id: u64) -> Result<()>;
 
+    /// `user` blocks `other`, unless they block `max` users already (`None` then); whether
+    /// the block is new.
+    async fn block(&self, user: u64, other: u64, max: u32, now_ms: u64) -> Result<Option<bool>>;
+    /// Lifts a block; false when there was none.
+    async fn unblock(&self, user: u64, other: u64) -> Result<bool>;
+    /// Everyone `user` blocks, ascending.
+    async fn blocked_by(&self, user: u64) -> Result<Vec<u64>>;
+
     /// A new group with its owner as the first member.
     async fn create_group(&self, g: &NewGroup<'_>) -> Result<u64>;
     async fn group(&self, id: u64) -> Result<Option<GroupRow>>;

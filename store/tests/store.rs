@@ -44,6 +44,26 @@ async fn accounts_and_refresh_tokens(s: &dyn Store) {
         "an unchanged row still exists"
     );
     assert!(!s.update_profile(id + 1000, Some("x"), None).await.unwrap());
+
+    // Blocks: new once, listed ascending, bounded, lifted.
+    assert_eq!(s.block(id, t, 2, 5).await.unwrap(), Some(true));
+    assert_eq!(s.block(id, t, 2, 5).await.unwrap(), Some(false), "again");
+    assert_eq!(s.block(id, t + 50, 2, 5).await.unwrap(), Some(true));
+    assert_eq!(
+        s.block(id, t + 60, 2, 5).await.unwrap(),
+        None,
+        "two at most"
+    );
+    assert_eq!(
+        s.block(id + 1000, t, 2, 5).await.unwrap(),
+        None,
+        "no such user"
+    );
+    assert_eq!(s.blocked_by(id).await.unwrap(), [t, t + 50]);
+    assert!(s.blocked_by(t).await.unwrap().is_empty(), "one way");
+    assert!(s.unblock(id, t + 50).await.unwrap());
+    assert!(!s.unblock(id, t + 50).await.unwrap());
+    assert_eq!(s.blocked_by(id).await.unwrap(), [t]);
     assert_eq!(s.user_by_id(id).await.unwrap().unwrap().nickname, "Al");
 
     // Far-future expiries: `put_refresh` forgets this user's rows that expired by the clock.

@@ -1,6 +1,6 @@
 // End-to-end test of the browser chat client (logic/web) in headless Chromium: two users in
 // two browser contexts register, chat 1:1 (✓✓ once read; a second device's badge clears when
-// the first reads) and in a private group (with "typing…") (the owner copies an invite
+// the first reads) and in a private group (with "typing…"), one blocks the other (the owner copies an invite
 // link, the other opens it and joins; the group's id alone lets no one in), one goes away and comes back to
 // unread counts and missed messages, a message that looks like HTML stays text, and a third
 // page's failed logins make its form wait (429, Retry-After) and come back.
@@ -359,7 +359,21 @@ async function scenario(browser) {
   }
   await until('the login button to come back after the wait', async () => (await submit.isEnabled()) || 'disabled', 5_000);
 
-  step = 'g. screenshots';
+  step = 'g. blocking';
+  await openConversation(bob, 'bob', pair);
+  await byTestId(bob, 'block-toggle').click();
+  await until('bob\'s button to offer unblocking', async () => (await text(bob, 'block-toggle')) === 'Unblock' || text(bob, 'block-toggle'));
+  await openConversation(alice, 'alice', pair);
+  await byTestId(alice, 'compose-input').fill('are you there?');
+  await byTestId(alice, 'compose-send').click();
+  await until('alice to be told bob does not accept her messages', async () => {
+    const t = await text(alice, 'error');
+    return t.includes('does not accept your messages') || t;
+  });
+  await byTestId(bob, 'block-toggle').click();
+  await until('bob\'s button to offer blocking again', async () => (await text(bob, 'block-toggle')) === 'Block' || text(bob, 'block-toggle'));
+
+  step = 'h. screenshots';
   await alice.screenshot({ path: path.join(OUT_DIR, 'alice.png') });
   await bob.screenshot({ path: path.join(OUT_DIR, 'bob.png') });
   check(pageErrors.length === 0, `uncaught errors in the pages:\n  ${pageErrors.join('\n  ')}`);

@@ -368,6 +368,78 @@ pub async fn get_user(
     profile_of(&st, id).await
 }
 
+/// How many users one may block.
+pub const BLOCKS_MAX: u32 = 10_000;
+
+fn user_in_path(raw: &str) -> Result<u64, ApiError> {
+    im_shared::conv::parse_id(raw)
+        .ok_or_else(|| ApiError::bad(ErrorCode::InvalidField, "user id: a positive integer"))
+}
+
+/// `PUT /users/{id}/block`: no more two-person messages, receipts or typing between the
+/// caller and this user (either way), nor typing from them in shared groups.
+pub async fn block(
+    S(st): S<State>,
+    caller: Caller,
+    axum::extract::Path(raw): axum::extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let other = user_in_path(&raw)?;
+    if other == caller.user_id {
+        return Err(ApiError::bad(
+            ErrorCode::InvalidField,
+            "you cannot block yourself",
+        ));
+    }
+    if st.store.user_by_id(other).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such user",
+        ));
+    }
+    let now = im_shared::unix_ms();
+    if st
+        .store
+        .block(caller.user_id, other, BLOCKS_MAX, now)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Conflict,
+            "you block 10000 users already",
+        ));
+    }
+    st.blocks.invalidate(caller.user_id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /users/{id}/block`.
+pub async fn unblock(
+    S(st): S<State>,
+    caller: Caller,
+    axum::extract::Path(raw): axum::extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let other = user_in_path(&raw)?;
+    if !st.store.unblock(caller.user_id, other).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "you do not block this user",
+        ));
+    }
+    st.blocks.invalidate(caller.user_id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /users/blocked`: the users the caller blocks.
+pub async fn blocked(S(st): S<State>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    let ids = st.store.blocked_by(caller.user_id).await?;
+    Ok(Json(
+        json!({ "users": ids.iter().map(|id| id.to_string()).collect::<Vec<_>>() }),
+    ))
+}
+
 /// `GET /users/by-name/{username}`: find a user to talk to by username (case-insensitive,
 /// as usernames are stored lower-case).
 pub async fn get_user_by_name(

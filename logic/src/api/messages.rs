@@ -15,6 +15,11 @@ use serde_json::{json, Value};
 const HISTORY_PAGE_MAX: u32 = 500;
 const HISTORY_PAGE_DEFAULT: u32 = 50;
 
+/// A lookup that failed on the database, as an answer.
+fn db_error(why: String) -> ApiError {
+    ApiError::from(im_store::StoreError::Unavailable(why))
+}
+
 fn invalid(msg: &str) -> ApiError {
     ApiError::bad(ErrorCode::InvalidField, msg)
 }
@@ -163,6 +168,18 @@ pub async fn send(
                     StatusCode::NOT_FOUND,
                     ErrorCode::NotFound,
                     "no such user",
+                ));
+            }
+            if let Some(why) = st
+                .blocks
+                .refusal(caller.user_id, to)
+                .await
+                .map_err(db_error)?
+            {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden,
+                    why,
                 ));
             }
             (conv, Some(to), None)
@@ -451,7 +468,21 @@ pub async fn update(
             }
         };
         let user = caller.user_id;
-        crate::stage::receipts::tell_read(&*p.presence, send, user, None, conv, seq).await;
+        let peer_told = match conv {
+            Conv::Pair(a, b) => {
+                let peer = if a == user { b } else { a };
+                matches!(st.blocks.refusal(user, peer).await, Ok(None))
+            }
+            Conv::Group(_) => false,
+        };
+        let r = crate::stage::receipts::Reading {
+            user,
+            reader: None,
+            conv,
+            seq,
+            peer_told,
+        };
+        crate::stage::receipts::tell_read(&*p.presence, send, r).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }

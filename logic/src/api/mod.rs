@@ -86,12 +86,15 @@ pub struct AppState {
     /// argon2 runs now, and the most there have been at once (tests hold it to the cores).
     pub hashing_now: std::sync::atomic::AtomicUsize,
     pub hashing_peak: std::sync::atomic::AtomicUsize,
+    /// Who blocks whom (shared with the stage when there is one).
+    pub blocks: Arc<crate::stage::blocks::Blocks>,
 }
 
 #[derive(Clone)]
 pub struct Pipeline {
     pub client: Arc<crate::stage::client::PipelineClient>,
     pub members: Arc<crate::stage::members::Members>,
+    pub blocks: Arc<crate::stage::blocks::Blocks>,
     pub stats: Arc<crate::stage::StageStats>,
     pub presence: Arc<dyn Presence>,
 }
@@ -131,7 +134,12 @@ impl AppState {
     ) -> AppState {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let sends = throttle::SendBudget::new(cfg.sends_per_s_max);
+        let blocks = match &pipeline {
+            Some(p) => p.blocks.clone(),
+            None => Arc::new(crate::stage::blocks::Blocks::new(store.clone())),
+        };
         AppState {
+            blocks,
             store,
             revocations,
             cfg,
@@ -188,6 +196,11 @@ pub fn router(state: State) -> Router {
             get(accounts::get_profile).put(accounts::put_profile),
         )
         .route("/users/by-name/{username}", get(accounts::get_user_by_name))
+        .route("/users/blocked", get(accounts::blocked))
+        .route(
+            "/users/{id}/block",
+            axum::routing::put(accounts::block).delete(accounts::unblock),
+        )
         .route("/users/{id}", get(accounts::get_user))
         .route("/openapi.json", get(openapi))
         .route("/messages/send", post(messages::send))

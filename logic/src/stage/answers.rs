@@ -30,6 +30,7 @@ const STORED_POLL: Duration = Duration::from_millis(20);
 pub(crate) struct Answers {
     pub store: Arc<dyn Store>,
     pub members: Arc<Members>,
+    pub blocks: Arc<super::blocks::Blocks>,
     pub presence: Arc<dyn Presence>,
     pub down: Downstream,
     pub stats: Arc<StageStats>,
@@ -127,7 +128,25 @@ impl Answers {
             conn: up.conn,
         };
         let send = |gw: &str, key: &str, body| self.down.send(gw, key, body);
-        super::receipts::tell_read(&*self.presence, send, up.user, Some(reader), conv, seq).await;
+        let peer_told = !self.blocked_pair(up.user, conv).await;
+        let r = super::receipts::Reading {
+            user: up.user,
+            reader: Some(reader),
+            conv,
+            seq,
+            peer_told,
+        };
+        super::receipts::tell_read(&*self.presence, send, r).await;
+    }
+
+    /// A two-person conversation where either blocks the other (no receipts then); a
+    /// database error counts as blocked (receipts are best effort).
+    async fn blocked_pair(&self, user: u64, conv: Conv) -> bool {
+        let Conv::Pair(a, b) = conv else {
+            return false;
+        };
+        let peer = if a == user { b } else { a };
+        !matches!(self.blocks.refusal(user, peer).await, Ok(None))
     }
 
     /// May `user` read `conv`?

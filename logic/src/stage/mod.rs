@@ -28,6 +28,7 @@
 //! database), `downstream` (records to gateways), `client` (the REST API's way in).
 
 mod answers;
+pub mod blocks;
 pub mod client;
 mod downstream;
 pub mod members;
@@ -107,6 +108,7 @@ struct Stage {
     down: Downstream,
     answers: Answers,
     typing: Arc<typing::TypingRelay>,
+    blocks: Arc<blocks::Blocks>,
     seq: Sequencer,
     stats: Arc<StageStats>,
     /// Upstream offsets released and not yet committed.
@@ -131,6 +133,7 @@ pub async fn run(
     store: Arc<dyn Store>,
     presence: Arc<dyn Presence>,
     members: Arc<Members>,
+    blocks: Arc<blocks::Blocks>,
     cfg: StageConfig,
     lease: Arc<WorkerLease>,
     stats: Arc<StageStats>,
@@ -140,7 +143,8 @@ pub async fn run(
     bus.ensure_topics(&[(topics::UPSTREAM, n), (topics::MESSAGES, n)])
         .await?;
     let mut consumer = bus.group_consumer(groups::LOGIC, topics::UPSTREAM)?;
-    let mut stage = Stage::new(bus.clone(), store, presence, members, cfg, lease, stats)?;
+    let lists = (members, blocks);
+    let mut stage = Stage::new(bus.clone(), store, presence, lists, cfg, lease, stats)?;
     log::info!(
         "logic pipeline: consuming {} in group logic on the {}",
         topics::UPSTREAM,
@@ -277,7 +281,7 @@ impl Stage {
         bus: Arc<dyn Bus>,
         store: Arc<dyn Store>,
         presence: Arc<dyn Presence>,
-        members: Arc<Members>,
+        (members, blocks): (Arc<Members>, Arc<blocks::Blocks>),
         cfg: StageConfig,
         lease: Arc<WorkerLease>,
         stats: Arc<StageStats>,
@@ -289,6 +293,7 @@ impl Stage {
         let answers = Answers {
             store: store.clone(),
             members: members.clone(),
+            blocks: blocks.clone(),
             presence: presence.clone(),
             down: down.clone(),
             stats: stats.clone(),
@@ -297,12 +302,14 @@ impl Stage {
         };
         let typing = Arc::new(typing::TypingRelay::new(
             members.clone(),
+            blocks.clone(),
             presence.clone(),
             down.clone(),
             stats.clone(),
         ));
         Ok(Stage {
             typing,
+            blocks,
             log: bus.producer(LINGER_MS, 0)?,
             bus,
             store,
@@ -483,6 +490,14 @@ impl Stage {
         let mut check = self.seq.check(sender, send);
         loop {
             check = match check {
+                Check::Ready(conv @ Conv::Pair(a, b)) => {
+                    let to = if a == sender { b } else { a };
+                    return match self.blocks.refusal(sender, to).await {
+                        Ok(None) => Ok(conv),
+                        Ok(Some(why)) => Err((ErrorCode::Forbidden, why)),
+                        Err(_) => Err(DB_DOWN),
+                    };
+                }
                 Check::Ready(conv) => return Ok(conv),
                 Check::Refused(code, msg) => return Err((code, msg)),
                 Check::NeedsUser(to) => match self.store.user_by_id(to).await {

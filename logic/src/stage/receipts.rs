@@ -18,16 +18,32 @@ pub(crate) struct Reader<'a> {
     pub conn: u64,
 }
 
-/// Tells `user`'s other devices and the peer that `user` read `conv` up to `seq`; `send`
+/// A stored read position, to tell.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reading<'a> {
+    pub user: u64,
+    pub reader: Option<Reader<'a>>,
+    pub conv: Conv,
+    pub seq: u64,
+    /// Whether a two-person conversation's peer gets a receipt (not when either blocks the
+    /// other).
+    pub peer_told: bool,
+}
+
+/// Tells `r.user`'s other devices and the peer that they read `r.conv` up to `r.seq`; `send`
 /// queues one downstream record (gateway, key, body).
 pub(crate) async fn tell_read(
     presence: &dyn Presence,
     send: impl Fn(&str, &str, DownstreamBody),
-    user: u64,
-    reader: Option<Reader<'_>>,
-    conv: Conv,
-    seq: u64,
+    r: Reading<'_>,
 ) {
+    let Reading {
+        user,
+        reader,
+        conv,
+        seq,
+        peer_told,
+    } = r;
     if seq == 0 {
         return;
     }
@@ -62,6 +78,9 @@ pub(crate) async fn tell_read(
         Err(e) => log::debug!("logic: no read event for user {user}: {e}"),
     }
     let Conv::Pair(a, b) = conv else { return };
+    if !peer_told {
+        return;
+    }
     let peer = if a == user { b } else { a };
     match presence.gateways(&[peer]).await {
         Ok(online) => {
@@ -104,6 +123,13 @@ mod tests {
         seq: u64,
     ) -> Vec<(String, Vec<u64>, String, u64)> {
         let out = Mutex::new(Vec::new());
+        let r = Reading {
+            user,
+            reader,
+            conv,
+            seq,
+            peer_told: true,
+        };
         tell_read(
             p,
             |gw, _key, body| {
@@ -115,10 +141,7 @@ mod tests {
                     .unwrap()
                     .push((gw.to_owned(), d.users, json, d.except_conn));
             },
-            user,
-            reader,
-            conv,
-            seq,
+            r,
         )
         .await;
         out.into_inner().unwrap()

@@ -8,6 +8,7 @@
 //! them); groups of more than `GROUP_MEMBERS_MAX` members get none (a typing frame to 10,000
 //! people is traffic nobody reads); and the table of last relays is cleared when it is full.
 
+use super::blocks::Blocks;
 use super::downstream::Downstream;
 use super::members::Members;
 use super::StageStats;
@@ -27,6 +28,7 @@ const REMEMBERED_MAX: usize = 100_000;
 
 pub(crate) struct TypingRelay {
     members: Arc<Members>,
+    blocks: Arc<Blocks>,
     presence: Arc<dyn Presence>,
     down: Downstream,
     stats: Arc<StageStats>,
@@ -62,12 +64,14 @@ impl Recent {
 impl TypingRelay {
     pub(crate) fn new(
         members: Arc<Members>,
+        blocks: Arc<Blocks>,
         presence: Arc<dyn Presence>,
         down: Downstream,
         stats: Arc<StageStats>,
     ) -> TypingRelay {
         TypingRelay {
             members,
+            blocks,
             presence,
             down,
             stats,
@@ -99,7 +103,7 @@ impl TypingRelay {
     }
 
     async fn tell(&self, user: u64, conv: Conv) {
-        let recipients: Vec<u64> = match conv {
+        let mut recipients: Vec<u64> = match conv {
             Conv::Pair(a, b) if conv.has_party(user) => vec![if a == user { b } else { a }],
             Conv::Pair(..) => Vec::new(),
             Conv::Group(g) => match self.members.of(g).await {
@@ -112,6 +116,24 @@ impl TypingRelay {
                 _ => Vec::new(),
             },
         };
+        // Nobody hears typing from someone they block (nor, in a pair, the other way).
+        match conv {
+            Conv::Pair(..) => match self.blocks.refusal(user, recipients[0]).await {
+                Ok(None) => {}
+                _ => recipients.clear(),
+            },
+            Conv::Group(_) => {
+                let mut kept = Vec::with_capacity(recipients.len());
+                for r in recipients {
+                    if let Ok(b) = self.blocks.of(r).await {
+                        if b.binary_search(&user).is_err() {
+                            kept.push(r);
+                        }
+                    }
+                }
+                recipients = kept;
+            }
+        }
         if recipients.is_empty() {
             self.stats
                 .typing_dropped_total

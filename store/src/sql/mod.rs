@@ -277,6 +277,14 @@ const MYSQL_MIGRATIONS: &[(i64, &str)] = &[
         7,
         include_str!("../../migrations/mysql/0007_group_removals.sql"),
     ),
+    (
+        8,
+        include_str!("../../migrations/mysql/0008_conversation_members_by_conv.sql"),
+    ),
+    (
+        9,
+        include_str!("../../migrations/mysql/0009_user_blocks.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -300,6 +308,14 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (
         7,
         include_str!("../../migrations/sqlite/0007_group_removals.sql"),
+    ),
+    (
+        8,
+        include_str!("../../migrations/sqlite/0008_conversation_members_by_conv.sql"),
+    ),
+    (
+        9,
+        include_str!("../../migrations/sqlite/0009_user_blocks.sql"),
     ),
 ];
 
