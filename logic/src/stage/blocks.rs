@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 
 pub struct Blocks {
     store: Arc<dyn Store>,
-    cache: Mutex<HashMap<u64, (Instant, Arc<[u64]>)>>,
+    cache: Mutex<HashMap<u64, Cached>>,
 }
+
+/// When a user's list was read, and the list.
+type Cached = (Instant, Arc<[u64]>);
 
 const TTL: Duration = Duration::from_secs(5);
 const CACHED_USERS_MAX: usize = 200_000;
@@ -65,7 +68,7 @@ impl Blocks {
         self.lock().remove(&user);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, Arc<[u64]>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Cached>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
