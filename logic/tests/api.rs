@@ -1241,6 +1241,18 @@ async fn blocking(api: &Api) {
         .contains("you have blocked"));
     let r = call("GET", "/api/v1/users/blocked".into(), &b, None).await;
     assert_eq!(r.1["users"], json!([ann]));
+    // Nor can Ann put Ben in a group of hers, where her messages would reach him.
+    let r = call(
+        "POST",
+        "/api/v1/groups/create".into(),
+        &a,
+        Some(json!({"name": "around"})),
+    )
+    .await;
+    let g = r.1["group_id"].as_str().unwrap().to_string();
+    let add = format!("/api/v1/groups/{g}/members");
+    let r = call("POST", add, &a, Some(json!({ "user_id": ben }))).await;
+    assert_eq!(err(&r), (403, 4030));
     for (path, code) in [
         (format!("/api/v1/users/{ben}/block"), (400, 4003)),
         ("/api/v1/users/999999/block".into(), (404, 4040)),

@@ -719,7 +719,12 @@ async function loadBlocked() {
 
 async function toggleBlock(peer) {
   const blocking = !state.blocked.has(peer);
-  await api(blocking ? 'PUT' : 'DELETE', `/users/${enc(peer)}/block`);
+  try {
+    await api(blocking ? 'PUT' : 'DELETE', `/users/${enc(peer)}/block`);
+  } catch (e) {
+    // Lifted on another device already: the same outcome.
+    if (blocking || !(e instanceof ApiError && e.status === 404)) throw e;
+  }
   if (blocking) state.blocked.add(peer);
   else state.blocked.delete(peer);
   renderChatHeader();
@@ -739,6 +744,8 @@ function sendMessage(content) {
     showError(`The message is longer than ${CONTENT_BYTES_MAX / 1024} KiB.`);
     return false;
   }
+  // The message ends "typing…" at the other end; typing on starts it again.
+  state.typingSent.delete(open.conv);
   const p = {
     cid: newCid(),
     conv: open.conv,

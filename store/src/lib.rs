@@ -319,6 +319,8 @@ pub trait Store: Send + Sync + 'static {
     async fn unblock(&self, user: u64, other: u64) -> Result<bool>;
     /// Everyone `user` blocks, ascending.
     async fn blocked_by(&self, user: u64) -> Result<Vec<u64>>;
+    /// Everyone who blocks `user`, ascending.
+    async fn blockers_of(&self, user: u64) -> Result<Vec<u64>>;
 
     /// A new group with its owner as the first member.
     async fn create_group(&self, g: &NewGroup<'_>) -> Result<u64>;
@@ -406,6 +408,7 @@ pub trait Store: Send + Sync + 'static {
     /// Puts a two-person conversation in both users' lists (no message needed).
     async fn open_pair(&self, conv: &str, a: u64, b: u64) -> Result<()>;
     /// Sets what is given; the read position only moves forward, and never past the end.
+    /// Returns the read position as stored now.
     async fn update_membership(
         &self,
         user: u64,
@@ -413,5 +416,5 @@ pub trait Store: Send + Sync + 'static {
         read_seq: Option<u64>,
         muted: Option<bool>,
         pinned: Option<bool>,
-    ) -> Result<()>;
+    ) -> Result<u64>;
 }

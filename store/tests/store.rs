@@ -242,6 +242,23 @@ async fn messages_and_conversations(s: &dyn Store) {
         Some(3),
         "a's view of b's receipts"
     );
+    assert_eq!(
+        s.update_membership(b, &conv, Some(1), None, None)
+            .await
+            .unwrap(),
+        3,
+        "the position as stored"
+    );
+    assert_eq!(s.block(b, a, 10, 1).await.unwrap(), Some(true));
+    assert_eq!(s.blockers_of(a).await.unwrap(), [b]);
+    for (who, _) in [(a, "the blocked"), (b, "the blocker")] {
+        assert_eq!(
+            s.conversations(who).await.unwrap()[0].peer_read_seq,
+            None,
+            "no receipts while either blocks the other"
+        );
+    }
+    assert!(s.unblock(b, a).await.unwrap());
 
     // Groups: members see the group's conversation before any read position exists.
     let g = s.create_group(&group(a)).await.unwrap();

@@ -410,7 +410,7 @@ pub async fn block(
             "you block 10000 users already",
         ));
     }
-    st.blocks.invalidate(caller.user_id);
+    st.blocks.invalidate(caller.user_id, other);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -428,7 +428,7 @@ pub async fn unblock(
             "you do not block this user",
         ));
     }
-    st.blocks.invalidate(caller.user_id);
+    st.blocks.invalidate(caller.user_id, other);
     Ok(StatusCode::NO_CONTENT)
 }
 

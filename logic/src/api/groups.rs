@@ -366,6 +366,16 @@ pub async fn add_member(
             "no such user",
         ));
     }
+    // Someone who blocks the owner is not put in the owner's group (its messages would reach
+    // them); they may still join by an invite of their own choosing.
+    let blocked = st
+        .blocks
+        .of(user)
+        .await
+        .map_err(|e| ApiError::from(im_store::StoreError::Unavailable(e)))?;
+    if blocked.binary_search(&caller.user_id).is_ok() {
+        return Err(forbidden(crate::stage::blocks::BLOCKED_BY_THEM));
+    }
     add(&st, g.id, user, JoinBy::Owner).await
 }
 

@@ -454,14 +454,14 @@ pub async fn update(
         }
     }
     let conv_s = conv.to_string();
-    st.store
+    let stored = st
+        .store
         .update_membership(caller.user_id, &conv_s, u.read_seq, u.muted, u.pinned)
         .await?;
-    if let (Some(seq), Some(p)) = (u.read_seq, &st.pipeline) {
+    if let (Some(_), Some(p)) = (u.read_seq, &st.pipeline) {
         // Every device of the caller's (a REST call is none of them) and the peer; the
         // position as stored, which is capped at the conversation's end.
-        let stored = st.store.max_seqs(std::slice::from_ref(&conv_s)).await?;
-        let seq = seq.min(stored.first().map_or(0, |(_, s)| *s));
+        let seq = stored;
         let send = |gw: &str, key: &str, body| {
             if let Err(e) = p.client.downstream(gw, key, body) {
                 log::debug!("logic: a read event was not queued: {e}");

@@ -101,6 +101,8 @@ impl Answers {
         let (a, up) = (self.clone(), up.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            // `last` is 0 for a conversation this instance has not seen since it took the
+            // partition: then there is nothing in flight to wait for.
             let seq = r.seq.min(last);
             let result = match a.allowed(up.user, conv).await {
                 Ok(()) => async {
@@ -115,7 +117,8 @@ impl Answers {
                 Err(e) => Err(e),
             };
             match result {
-                Ok(()) => a.tell_read(&up, conv, seq).await,
+                // The position as stored: what the other devices and the peer should show.
+                Ok(stored) => a.tell_read(&up, conv, stored).await,
                 Err((code, msg)) => a.down.reply_error(&up, code, &msg, None),
             }
         });

@@ -3,10 +3,11 @@
 //! seconds while its user types; a receiver shows the indicator for 5 s after the last one
 //! (or until a message from that user arrives: docs/PROTOCOL.md).
 //!
-//! Bounded three ways: one relay per (user, conversation) per `INTERVAL_MS` (the rest are
+//! Bounded four ways: one relay per (user, conversation) per `INTERVAL_MS` (the rest are
 //! dropped here, after the gateway's per-connection message budget has already charged for
 //! them); groups of more than `GROUP_MEMBERS_MAX` members get none (a typing frame to 10,000
-//! people is traffic nobody reads); and the table of last relays is cleared when it is full.
+//! people is traffic nobody reads); at most `RELAYS_MAX` relays in progress at once; and the
+//! table of last relays is cleared when it is full.
 
 use super::blocks::Blocks;
 use super::downstream::Downstream;
@@ -33,7 +34,13 @@ pub(crate) struct TypingRelay {
     down: Downstream,
     stats: Arc<StageStats>,
     recent: Mutex<Recent>,
+    /// Relays in progress at once (each may wait on the database or presence); past it,
+    /// typing is dropped.
+    slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Relays in progress at once, at most.
+const RELAYS_MAX: usize = 256;
 
 /// When each (user, conversation) was last relayed, in Unix ms.
 #[derive(Default)]
@@ -76,6 +83,7 @@ impl TypingRelay {
             down,
             stats,
             recent: Mutex::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(RELAYS_MAX)),
         }
     }
 
@@ -98,8 +106,15 @@ impl TypingRelay {
             dropped();
             return;
         }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            dropped();
+            return;
+        };
         let (relay, user) = (self.clone(), up.user);
-        tokio::spawn(async move { relay.tell(user, conv).await });
+        tokio::spawn(async move {
+            let _slot = slot;
+            relay.tell(user, conv).await
+        });
     }
 
     async fn tell(&self, user: u64, conv: Conv) {
@@ -117,22 +132,17 @@ impl TypingRelay {
             },
         };
         // Nobody hears typing from someone they block (nor, in a pair, the other way).
-        match conv {
-            Conv::Pair(..) => match self.blocks.refusal(user, recipients[0]).await {
-                Ok(None) => {}
-                _ => recipients.clear(),
-            },
-            Conv::Group(_) => {
-                let mut kept = Vec::with_capacity(recipients.len());
-                for r in recipients {
-                    if let Ok(b) = self.blocks.of(r).await {
-                        if b.binary_search(&user).is_err() {
-                            kept.push(r);
-                        }
-                    }
+        match (conv, recipients.first()) {
+            (_, None) => {}
+            (Conv::Pair(..), Some(&peer)) => {
+                if !matches!(self.blocks.refusal(user, peer).await, Ok(None)) {
+                    recipients.clear();
                 }
-                recipients = kept;
             }
+            (Conv::Group(_), Some(_)) => match self.blocks.blockers_of(user).await {
+                Ok(b) => recipients.retain(|r| b.binary_search(r).is_err()),
+                Err(_) => recipients.clear(),
+            },
         }
         if recipients.is_empty() {
             self.stats

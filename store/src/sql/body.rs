@@ -249,6 +249,14 @@ macro_rules! impl_store {
                 Ok(r.rows_affected() > 0)
             }
 
+            async fn blockers_of(&self, user: u64) -> Result<Vec<u64>> {
+                let ids: Vec<i64> = sqlx::query_scalar("SELECT user_id FROM user_blocks WHERE blocked_id = ? ORDER BY user_id")
+                    .bind(to_i64(user))
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(ids.into_iter().map(|id| id as u64).collect())
+            }
+
             async fn blocked_by(&self, user: u64) -> Result<Vec<u64>> {
                 let ids: Vec<i64> = sqlx::query_scalar("SELECT blocked_id FROM user_blocks WHERE user_id = ? ORDER BY blocked_id")
                     .bind(to_i64(user))
@@ -734,7 +742,9 @@ macro_rules! impl_store {
                      FROM (\
                      SELECT cm.conv AS conv, c.max_seq AS max_seq, cm.read_seq AS read_seq, cm.muted AS muted, cm.pinned AS pinned, \
                      0 AS visible_after, 0 AS visible_from_ms, \
-                     (SELECT pm.read_seq FROM conversation_members pm WHERE pm.conv = cm.conv AND pm.user_id <> cm.user_id) AS peer_read_seq \
+                     (SELECT MAX(pm.read_seq) FROM conversation_members pm WHERE pm.conv = cm.conv AND pm.user_id <> cm.user_id \
+                     AND NOT EXISTS (SELECT 1 FROM user_blocks ub WHERE (ub.user_id = cm.user_id AND ub.blocked_id = pm.user_id) \
+                     OR (ub.user_id = pm.user_id AND ub.blocked_id = cm.user_id))) AS peer_read_seq \
                      FROM conversation_members cm JOIN conversations c ON c.conv = cm.conv \
                      WHERE cm.user_id = ? AND cm.conv LIKE 'p:%' \
                      UNION ALL \
@@ -787,7 +797,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
-            async fn update_membership(&self, user: u64, conv: &str, read_seq: Option<u64>, muted: Option<bool>, pinned: Option<bool>) -> Result<()> {
+            async fn update_membership(&self, user: u64, conv: &str, read_seq: Option<u64>, muted: Option<bool>, pinned: Option<bool>) -> Result<u64> {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(concat!($insert_ignore, " INTO conversation_members (user_id, conv) VALUES (?, ?)"))
                     .bind(to_i64(user))
@@ -814,8 +824,13 @@ macro_rules! impl_store {
                 .bind(conv)
                 .execute(&mut *tx)
                 .await?;
+                let now: i64 = sqlx::query_scalar("SELECT read_seq FROM conversation_members WHERE user_id = ? AND conv = ?")
+                    .bind(to_i64(user))
+                    .bind(conv)
+                    .fetch_one(&mut *tx)
+                    .await?;
                 tx.commit().await?;
-                Ok(())
+                Ok(now as u64)
             }
 
             async fn members(&self, group: u64, after_user: u64, limit: u32) -> Result<Vec<MemberRow>> {
