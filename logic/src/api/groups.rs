@@ -372,7 +372,7 @@ pub async fn add_member(
         .blocks
         .of(user)
         .await
-        .map_err(super::messages::db_error)?;
+        .map_err(|e| ApiError::from(im_store::StoreError::Unavailable(e)))?;
     if blocked.binary_search(&caller.user_id).is_ok() {
         return Err(forbidden(crate::stage::blocks::BLOCKED_BY_THEM));
     }

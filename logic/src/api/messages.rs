@@ -16,7 +16,7 @@ const HISTORY_PAGE_MAX: u32 = 500;
 const HISTORY_PAGE_DEFAULT: u32 = 50;
 
 /// A lookup that failed on the database, as an answer.
-pub(super) fn db_error(why: String) -> ApiError {
+fn db_error(why: String) -> ApiError {
     ApiError::from(im_store::StoreError::Unavailable(why))
 }
 

@@ -36,7 +36,6 @@ pub mod pipeline;
 pub(crate) mod receipts;
 mod recovery;
 mod release;
-mod route;
 pub mod sequencer;
 pub mod state;
 mod stats;
@@ -46,8 +45,9 @@ use answers::Answers;
 use downstream::Downstream;
 use im_bus::presence::Presence;
 use im_bus::{Bus, Consumer, Producer, Rebalance, Record, SendError};
-use im_shared::protocol::{Message, Target};
-use im_shared::records::{self, groups, topics, Stored, UpstreamBody, Versioned};
+use im_shared::metrics::count_rarely;
+use im_shared::protocol::{self, Message, Target};
+use im_shared::records::{self, groups, topics, DownstreamBody, Stored, UpstreamBody, Versioned};
 use im_shared::snowflake::WorkerLease;
 use im_shared::{Conv, ErrorCode};
 use im_store::Store;
@@ -604,6 +604,62 @@ impl Stage {
                 // The queue is full: the bus is slow or down; wait for room.
                 Err(SendError::QueueFull) => tokio::time::sleep(QUEUE_FULL_PAUSE).await,
                 Err(SendError::Failed(e)) => return Err(format!("producing to {topic}: {e}")),
+            }
+        }
+    }
+
+    /// Live delivery: one downstream record per gateway holding any recipient.
+    async fn route(&self, fresh: &[(&Stored, &Admitted)]) {
+        let mut recipients: Vec<Vec<u64>> = Vec::with_capacity(fresh.len());
+        let mut all: Vec<u64> = Vec::new();
+        for (_, s) in fresh {
+            let users: Vec<u64> = match s.conv {
+                Conv::Pair(a, b) => vec![a, b],
+                Conv::Group(g) => self
+                    .members
+                    .of(g)
+                    .await
+                    .map(|r| r.members.clone())
+                    .unwrap_or_default(),
+            };
+            all.extend_from_slice(&users);
+            recipients.push(users);
+        }
+        all.sort_unstable();
+        all.dedup();
+        let online = match self.presence.gateways(&all).await {
+            Ok(o) => o,
+            Err(e) => {
+                // Not fatal: the messages are durable; clients get them by sync.
+                if let Some(n) = count_rarely(&self.stats.presence_failed_total) {
+                    log::warn!(
+                        "logic: presence lookup failed ({n} times so far), no live delivery for this batch: {e}"
+                    );
+                }
+                return;
+            }
+        };
+        for ((rec, s), users) in fresh.iter().zip(recipients) {
+            let mut by_gw: HashMap<&str, Vec<u64>> = HashMap::new();
+            for u in users {
+                for gw in online.get(&u).into_iter().flatten() {
+                    by_gw.entry(gw.as_str()).or_default().push(u);
+                }
+            }
+            if by_gw.is_empty() {
+                continue;
+            }
+            let mut json = Vec::with_capacity(rec.content.len() + 200);
+            protocol::encode_msg(&message_of(rec, s.conv), &mut json);
+            for (gw, users) in by_gw {
+                // The sender's own connection already has the message: it gets `sent`.
+                let except_conn = if gw == s.up.reply_to { s.up.conn } else { 0 };
+                let d = records::Deliver {
+                    users,
+                    json: json.clone(),
+                    except_conn,
+                };
+                self.down.send(gw, &rec.conv, DownstreamBody::Deliver(d));
             }
         }
     }

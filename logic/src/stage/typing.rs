@@ -154,7 +154,12 @@ impl TypingRelay {
             Ok(o) => o,
             Err(e) => return log::debug!("logic: typing not relayed: {e}"),
         };
-        let by_gateway = super::route::by_gateway(&online, recipients);
+        let mut by_gateway: HashMap<&str, Vec<u64>> = HashMap::new();
+        for u in &recipients {
+            for gw in online.get(u).into_iter().flatten() {
+                by_gateway.entry(gw.as_str()).or_default().push(*u);
+            }
+        }
         let mut json = Vec::with_capacity(64);
         protocol::encode_typing(conv, user, &mut json);
         for (gw, users) in by_gateway {
