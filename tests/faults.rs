@@ -359,18 +359,33 @@ fn a_paused_logic_is_fenced_off_when_it_wakes() {
     let load = Load::new(&c, 1_500);
     let (sent, live, (paused, zombie_writes)) = load.run(&mut c, 1, 200, |c| {
         // Pause the instance that sequenced more of the load so far: it has work in flight.
-        let by_worker = mysql_query(
-            &c.db,
-            "SELECT (id >> 12) & 1023, COUNT(*) FROM messages GROUP BY 1",
-        );
-        let count = |w: &str| -> u64 {
-            by_worker
-                .lines()
-                .filter_map(|l| l.split_once('\t'))
-                .find(|(k, _)| *k == w)
-                .map_or(0, |(_, n)| n.parse().unwrap())
+        // Acknowledged is not yet stored: persist may still be joining its group, so wait
+        // (bounded) until it has stored something.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let counts = loop {
+            let by_worker = mysql_query(
+                &c.db,
+                "SELECT (id >> 12) & 1023, COUNT(*) FROM messages GROUP BY 1",
+            );
+            let count = |w: &str| -> u64 {
+                by_worker
+                    .lines()
+                    .filter_map(|l| l.split_once('\t'))
+                    .find(|(k, _)| *k == w)
+                    .map_or(0, |(_, n)| n.parse().unwrap())
+            };
+            let counts = [count(&workers[0]), count(&workers[1])];
+            if counts != [0, 0] {
+                break counts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing stored by workers {workers:?}: {by_worker:?}\n{}",
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         };
-        let paused = usize::from(count(&workers[1]) > count(&workers[0]));
+        let paused = usize::from(counts[1] > counts[0]);
         let old = generation(&read(paused)).unwrap();
         // SAFETY: signalling our own children by pid.
         unsafe { libc::kill(pids[paused], libc::SIGSTOP) };

@@ -228,6 +228,12 @@ pub struct Deliver {
     pub json: Vec<u8>,
     #[prost(uint64, tag = "3")]
     pub except_conn: u64,
+    /// A `msg`'s conversation and seq (im.proto: the gateway's order check); empty and 0
+    /// for frames that are not messages.
+    #[prost(string, tag = "4")]
+    pub conv: String,
+    #[prost(uint64, tag = "5")]
+    pub seq: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -321,6 +327,8 @@ mod tests {
                 users: vec![1, 2, 3],
                 json: b"{}".to_vec(),
                 except_conn: 9,
+                conv: "g:7".into(),
+                seq: 41,
             })),
         };
         assert_eq!(Downstream::from_bytes(&down.to_bytes()).unwrap(), down);
@@ -360,6 +368,8 @@ mod tests {
             "Reply reply = 11;",
             "Close close = 12;",
             "Typing typing = 13;",
+            "string conv = 4;",
+            "uint64 seq = 5;",
         ] {
             assert!(proto.contains(line), "im.proto lost `{line}`");
         }

@@ -320,9 +320,11 @@ pub fn check_delivered(
         let seq = m["seq"].as_u64().unwrap();
         let id = m["id"].as_str().unwrap();
         let prev = last.insert(conv, seq).unwrap_or(0);
+        let stored_id = stored.get(conv).and_then(|s| s.get(&seq));
         assert!(
             seq > prev,
-            "{conv}: live seq {seq} after {prev} (a duplicate or out of order)"
+            "{conv}: live seq {seq} after {prev} (a duplicate or out of order); its id {id}, \
+             the stored one at that seq {stored_id:?}"
         );
         assert_eq!(
             stored

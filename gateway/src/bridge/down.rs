@@ -1,5 +1,6 @@
 //! The down thread: this gateway's downstream topic → the shard rings.
 
+use super::order::{LiveOrder, CAP};
 use super::{frame, BridgeStats};
 use gateway_core::arena::Frame;
 use gateway_core::bridge::DownEnd;
@@ -26,6 +27,7 @@ pub(super) fn run(
     stop: Arc<AtomicBool>,
     stats: Arc<BridgeStats>,
 ) {
+    let mut order = LiveOrder::new(CAP);
     while !stop.load(Ordering::Acquire) {
         let Ok(next) = rt.block_on(async { tokio::time::timeout(POLL, consumer.recv()).await })
         else {
@@ -47,7 +49,12 @@ pub(super) fn run(
             stats.downstream_age.observe(age);
         }
         match records::Downstream::from_bytes(&m.payload) {
-            Ok(rec) => dispatch(rec, &mut down.lock().expect("not poisoned"), &stats),
+            Ok(rec) => dispatch(
+                rec,
+                &mut down.lock().expect("not poisoned"),
+                &mut order,
+                &stats,
+            ),
             Err(e) => {
                 stats
                     .downstream_bad_records_total
@@ -62,13 +69,23 @@ pub(super) fn run(
 }
 
 /// Puts one downstream record on the shard rings.
-fn dispatch(rec: records::Downstream, d: &mut DownEnd, stats: &BridgeStats) {
+fn dispatch(
+    rec: records::Downstream,
+    d: &mut DownEnd,
+    order: &mut LiveOrder,
+    stats: &BridgeStats,
+) {
     let shards = d.shards();
     // A connection of this process, or none (a record for a shard this process lacks).
     let conn = |token: u64| {
         Some(conn_ref(token)).filter(|c| *c != ConnRef::NONE && (c.shard as usize) < shards)
     };
     match rec.body {
+        Some(DownstreamBody::Deliver(del)) if !order.admit(&del.conv, del.seq) => {
+            stats
+                .downstream_out_of_order_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
         Some(DownstreamBody::Deliver(del)) => {
             // One frame, shared by every recipient on every shard, and one ring entry per
             // home shard listing its users (not one per user: a shard then takes many group

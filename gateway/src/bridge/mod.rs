@@ -12,11 +12,13 @@
 //!   that are gone) and puts each record on the shard rings: a `Deliver` becomes one shared
 //!   frame and, per home shard, one `FanoutMany` listing that shard's users (a group message
 //!   is one ring entry per shard, not one per member); a `Reply` goes to the connection's
-//!   shard. It records how old each record is (`im_bridge_downstream_age_milliseconds`).
+//!   shard. It records how old each record is (`im_bridge_downstream_age_milliseconds`), and
+//!   drops a `msg` that would take its conversation backwards (`order.rs`).
 //! - **presence** (`crate::presence`) — writes the changes in batches to a `Presence` (Redis,
 //!   or the process's memory in standalone).
 
 mod down;
+mod order;
 mod up;
 
 use crate::presence;
@@ -51,6 +53,9 @@ pub struct BridgeStats {
     pub downstream_records_total: AtomicU64,
     pub downstream_bad_records_total: AtomicU64,
     pub downstream_dropped_total: AtomicU64,
+    /// `msg` records dropped because a later one of their conversation went out first
+    /// (`order.rs`).
+    pub downstream_out_of_order_total: AtomicU64,
     /// How old downstream records are when the bridge takes them (logic's produce → here:
     /// the broker's hop), from their CreateTime.
     pub downstream_age: MillisHistogram,
@@ -94,6 +99,11 @@ impl BridgeStats {
                 "im_bridge_downstream_dropped_total",
                 "frames dropped because a shard ring stayed full",
                 &self.downstream_dropped_total,
+            ),
+            (
+                "im_bridge_downstream_out_of_order_total",
+                "msg records dropped because a later one of their conversation went out first (an owner that woke from a pause)",
+                &self.downstream_out_of_order_total,
             ),
         ] {
             let labels = [("gateway", gateway_id)];

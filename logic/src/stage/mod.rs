@@ -658,6 +658,8 @@ impl Stage {
                     users,
                     json: json.clone(),
                     except_conn,
+                    conv: rec.conv.clone(),
+                    seq: rec.seq,
                 };
                 self.down.send(gw, &rec.conv, DownstreamBody::Deliver(d));
             }

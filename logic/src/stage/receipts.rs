@@ -71,6 +71,7 @@ pub(crate) async fn tell_read(
                     users: vec![user],
                     json: json.clone(),
                     except_conn,
+                    ..Default::default()
                 });
                 send(gw, &user.to_string(), body);
             }
@@ -91,6 +92,7 @@ pub(crate) async fn tell_read(
                     users: vec![peer],
                     json: json.clone(),
                     except_conn: 0,
+                    ..Default::default()
                 });
                 send(gw, &peer.to_string(), body);
             }

@@ -167,6 +167,7 @@ impl TypingRelay {
                 users,
                 json: json.clone(),
                 except_conn: 0,
+                ..Default::default()
             });
             self.down.send(gw, &conv.to_string(), body);
         }
