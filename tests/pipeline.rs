@@ -460,6 +460,90 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
 }
 
 /// `redis-cli` on this deployment's database; its output, trimmed.
+/// Presence (docs/PROTOCOL.md, "Presence") across two gateways: a contact's arrival is
+/// told at once and their leaving after the debounce; a reload within it tells nobody;
+/// their own other device gets the device list; someone who is not a contact hears
+/// nothing; hiding one's presence tells contacts "offline" at once.
+#[test]
+fn presence_reaches_contacts_and_own_devices_across_gateways() {
+    let _g = serial();
+    let c = Cluster::start("presence", 1, 2);
+    let (alice, ta) = c.user("alice");
+    let (bob, tb) = c.user("bob");
+    let (carol, tc) = c.user("carol");
+    // Alice and Bob are contacts (a two-person conversation); Carol is nobody to Alice.
+    let (st, v) = http(
+        c.api,
+        "POST",
+        "/api/v1/conversations/create",
+        Some(&ta),
+        &json!({"user_id": bob.to_string()}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let mut b = c.ws(1, &tb).with_presence();
+    let mut cr = c.ws(1, &tc).with_presence();
+    wait_presence(&c, bob, 1);
+    wait_presence(&c, carol, 1);
+    let is_presence = |v: &Value| v["type"] == "presence";
+    let online = |on: bool| json!({"type": "presence", "user": alice.to_string(), "online": on});
+
+    let mut a0 = c.ws(0, &ta).with_presence();
+    assert_eq!(b.until(T, &mut Vec::new(), is_presence), online(true));
+    // A second device (on the other gateway): the first is told the device list; Bob,
+    // for whom nothing changed, is not.
+    let a1 = c.ws(1, &ta).with_presence();
+    let mine = a0.until(T, &mut Vec::new(), is_presence);
+    assert_eq!(mine["user"], alice.to_string());
+    assert_eq!(mine["online"], true);
+    assert_eq!(mine["devices"].as_array().map(Vec::len), Some(2), "{mine}");
+    drop(a1);
+    let mine = a0.until(T, &mut Vec::new(), is_presence);
+    assert_eq!(mine["devices"].as_array().map(Vec::len), Some(1), "{mine}");
+    assert!(b.drain(Duration::from_millis(500)).is_empty());
+
+    // The last device closes: Bob is told after the debounce, not before.
+    let closed = Instant::now();
+    drop(a0);
+    assert_eq!(b.until(T, &mut Vec::new(), is_presence), online(false));
+    let after = closed.elapsed();
+    assert!(
+        after >= Duration::from_millis(1_900),
+        "told after {after:?}"
+    );
+    // Back, then a reload (close and reopen on the same gateway) within the debounce.
+    let a0 = c.ws(0, &ta).with_presence();
+    assert_eq!(b.until(T, &mut Vec::new(), is_presence), online(true));
+    wait_presence(&c, alice, 1);
+    drop(a0);
+    let _a0 = c.ws(0, &ta).with_presence();
+    let heard = b.drain(Duration::from_secs(4));
+    assert!(heard.is_empty(), "a reload is not news: {heard:?}");
+    let heard = cr.drain(Duration::from_millis(200));
+    assert!(heard.is_empty(), "Carol is not Alice's contact: {heard:?}");
+
+    // Hiding her presence: Bob is told at once that she left, and asking says so too.
+    let (st, v) = http(
+        c.api,
+        "PUT",
+        "/api/v1/users/profile",
+        Some(&ta),
+        &json!({"hide_presence": true}),
+    );
+    assert_eq!((st, &v["hide_presence"]), (200, &json!(true)), "{v}");
+    assert_eq!(b.until(T, &mut Vec::new(), is_presence), online(false));
+    let (st, v) = http(
+        c.api,
+        "GET",
+        &format!("/api/v1/users/{alice}/presence"),
+        Some(&tb),
+        &Value::Null,
+    );
+    assert_eq!(
+        (st, v),
+        (200, json!({"user": alice.to_string(), "online": false}))
+    );
+}
+
 fn redis_cli(c: &Cluster, args: &[&str]) -> String {
     let db = c.redis.rsplit('/').next().unwrap().to_string();
     let out = std::process::Command::new("redis-cli")

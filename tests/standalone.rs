@@ -225,6 +225,49 @@ fn acknowledged_messages_survive_a_stop_and_a_crash_once_each() {
     assert_eq!(unread[&gconv], grp.len() as u64, "{convs}");
 }
 
+/// Presence in standalone (docs/PROTOCOL.md, "Presence"): the gateway and logic share the
+/// process and presence lives in its memory; a contact is told of an arrival at once and of
+/// a departure after the debounce, and can ask.
+#[test]
+fn presence_is_told_to_contacts_in_standalone() {
+    let dir = scratch("standalone-presence");
+    let s = Standalone::start(&dir, &dir.join("data"), "standalone-presence");
+    let (alice, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    let (st, v) = http(
+        s.api,
+        "POST",
+        "/api/v1/conversations/create",
+        Some(&ta),
+        &json!({"user_id": bob.to_string()}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let mut b = Ws::connect(s.ws, &tb).with_presence();
+    let is_presence = |v: &Value| v["type"] == "presence";
+    let online = |on: bool| json!({"type": "presence", "user": alice.to_string(), "online": on});
+    let a = Ws::connect(s.ws, &ta);
+    let t = Duration::from_secs(10);
+    assert_eq!(b.until(t, &mut Vec::new(), is_presence), online(true));
+    let ask = || {
+        http(
+            s.api,
+            "GET",
+            &format!("/api/v1/users/{alice}/presence"),
+            Some(&tb),
+            &Value::Null,
+        )
+    };
+    assert_eq!(
+        ask(),
+        (200, json!({"user": alice.to_string(), "online": true}))
+    );
+    let closed = std::time::Instant::now();
+    drop(a);
+    assert_eq!(b.until(t, &mut Vec::new(), is_presence), online(false));
+    assert!(closed.elapsed() >= Duration::from_millis(1_900));
+    assert_eq!(ask().1["online"], false);
+}
+
 /// The data directory holds password hashes, messages and the secret: 0700, its files 0600,
 /// whether standalone creates them or finds them readable by others (a directory made by an
 /// older version, or by hand).

@@ -14,13 +14,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A keep-alive HTTP/1.1 connection that sends one request at a time.
-struct Http {
+pub(crate) struct Http {
     s: TcpStream,
     buf: Vec<u8>,
 }
 
 impl Http {
-    async fn connect(addr: SocketAddr) -> std::io::Result<Http> {
+    pub(crate) async fn connect(addr: SocketAddr) -> std::io::Result<Http> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         Ok(Http {
@@ -30,7 +30,7 @@ impl Http {
     }
 
     /// Sends a request; the status and body.
-    async fn request(
+    pub(crate) async fn request(
         &mut self,
         method: &str,
         path: &str,

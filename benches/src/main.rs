@@ -11,6 +11,7 @@ mod hold;
 mod p2p;
 mod persist_local;
 mod pipeline;
+mod presence;
 mod proc;
 mod raw_fanout;
 mod scrape;
@@ -34,6 +35,8 @@ enum Cmd {
     Heartbeat(hold::HoldArgs),
     /// 1:1 messages between pairs of users: delivered/s and latency percentiles.
     P2p(p2p::P2pArgs),
+    /// How long a user's arrival and departure take to reach a contact, beside a message.
+    Presence(presence::PresenceArgs),
     /// Logins per second against the REST API (argon2id is the cost).
     Logins(api::LoginsArgs),
     /// History page latency (seed the database with `seed-messages` first).
@@ -98,6 +101,12 @@ fn main() {
             let json = a.json.clone();
             let r = p2p::p2p(a);
             p2p::print(&r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::Presence(a) => {
+            let json = a.json.clone();
+            let r = presence::presence(a);
+            presence::print(&r);
             write_json(json.as_deref(), &r);
         }
         Cmd::Logins(a) => {

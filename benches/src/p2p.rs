@@ -37,6 +37,11 @@ pub struct P2pArgs {
     /// First user id (keep clear of other runs' users).
     #[arg(long, default_value_t = 10_000_000)]
     pub user_base: u64,
+    /// Send `typing` frames instead of messages (one per frame slot, to the pair's
+    /// conversation): what a typing frame costs the gateway, beside a message's cost in a
+    /// run without it. Nothing is delivered or acknowledged (logic relays one per 2 s).
+    #[arg(long)]
+    pub typing: bool,
     #[command(flatten)]
     pub gateway: GatewayArgs,
     /// host:port of a service's `/metrics` (repeatable): its millisecond histograms over the
@@ -82,6 +87,10 @@ pub struct P2pResult {
     delivery_latency: Latency,
     ack_latency: Latency,
     gateway_cpu_percent: Option<f64>,
+    /// The gateways' CPU time over the window per frame sent in it (a `send`, or a `typing`
+    /// with --typing).
+    gateway_cpu_us_per_frame: Option<f64>,
+    typing: bool,
     harness_cpu_secs: f64,
     /// The services' histograms over the window (`--metrics`).
     observed: Vec<scrape::Observed>,
@@ -203,6 +212,7 @@ async fn run(a: P2pArgs, pids: Vec<u32>) -> P2pResult {
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let mut next_pair = 0usize;
     let mut measured_from = start;
+    let mut sent_before = 0u64;
     let scrape_at = |addrs: Vec<SocketAddr>| {
         // Off the send loop's thread: a scrape must not pause the senders.
         tokio::task::spawn_blocking(move || scrape::snapshot(&addrs))
@@ -213,6 +223,7 @@ async fn run(a: P2pArgs, pids: Vec<u32>) -> P2pResult {
         if !measuring.get() && start.elapsed() >= warmup {
             measuring.set(true);
             measured_from = Instant::now();
+            sent_before = sent;
             cpu0 = cpu_sum(&pids);
             before = Some(scrape_at(a.metrics.clone()));
         }
@@ -220,10 +231,14 @@ async fn run(a: P2pArgs, pids: Vec<u32>) -> P2pResult {
         let due = (start.elapsed().as_secs_f64() * a.rate as f64) as u64;
         while sent < due {
             let t = now_us();
-            let text = format!(
-                r#"{{"type":"send","cid":"{t:020}","to":"{}","content":"{t:020}{padding}"}}"#,
-                a.user_base + 2 * next_pair as u64 + 1
-            );
+            let to = a.user_base + 2 * next_pair as u64 + 1;
+            let text = if a.typing {
+                format!(r#"{{"type":"typing","conv":"p:{}:{to}"}}"#, to - 1)
+            } else {
+                format!(
+                    r#"{{"type":"send","cid":"{t:020}","to":"{to}","content":"{t:020}{padding}"}}"#
+                )
+            };
             if writers[next_pair]
                 .write_all(&ws::frame(opcode::TEXT, text.as_bytes()))
                 .await
@@ -236,7 +251,10 @@ async fn run(a: P2pArgs, pids: Vec<u32>) -> P2pResult {
         }
     }
     let window = measured_from.elapsed().as_secs_f64();
-    let cpu = (!pids.is_empty()).then(|| (cpu_sum(&pids) - cpu0).as_secs_f64() / window * 100.0);
+    let cpu_secs = (!pids.is_empty()).then(|| (cpu_sum(&pids) - cpu0).as_secs_f64());
+    let cpu = cpu_secs.map(|s| s / window * 100.0);
+    let frames = sent.saturating_sub(sent_before).max(1);
+    let cpu_per_frame = cpu_secs.map(|s| s * 1e6 / frames as f64);
     measuring.set(false);
     let after = scrape_at(a.metrics.clone());
     let observed = match before {
@@ -263,6 +281,8 @@ async fn run(a: P2pArgs, pids: Vec<u32>) -> P2pResult {
         delivery_latency: Latency::of(&delivery),
         ack_latency: Latency::of(&ack),
         gateway_cpu_percent: cpu,
+        gateway_cpu_us_per_frame: cpu_per_frame,
+        typing: a.typing,
         harness_cpu_secs: proc::own_cpu_time().as_secs_f64(),
         observed,
     }
@@ -290,6 +310,10 @@ pub fn print(r: &P2pResult) {
     );
     if let Some(c) = r.gateway_cpu_percent {
         println!("  gateway CPU        {c:.0} % of one core");
+    }
+    if let Some(c) = r.gateway_cpu_us_per_frame {
+        let what = if r.typing { "typing frame" } else { "send" };
+        println!("  gateway CPU        {c:.1} us per {what}");
     }
     println!("  harness CPU        {:.1} s", r.harness_cpu_secs);
     scrape::print(&r.observed);

@@ -91,22 +91,26 @@ async fn presence_routes_to_the_gateways_holding_a_user() {
         jti: jti.into(),
         device: Some("phone".into()),
     };
-    p.apply(
-        "gw-a",
-        &[
-            online(u1, 10, "t1"),
-            online(u1, 11, "t2"),
-            online(u2, 12, "t3"),
-        ],
-    )
-    .await
-    .unwrap();
-    p.apply(
-        "gw-b",
-        &[online(u1, 10, "t4"), Change::Refresh(vec![u1, u2])],
-    )
-    .await
-    .unwrap();
+    let counts = p
+        .apply(
+            "gw-a",
+            &[
+                online(u1, 10, "t1"),
+                online(u1, 11, "t2"),
+                online(u2, 12, "t3"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(counts, [1, 2, 1], "connections per user after each change");
+    let counts = p
+        .apply(
+            "gw-b",
+            &[online(u1, 10, "t4"), Change::Refresh(vec![u1, u2])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(counts, [3, 0]);
     let g = p.gateways(&[u1, u2, u3]).await.unwrap();
     assert_eq!(g[&u1], vec!["gw-a", "gw-b"]);
     assert_eq!(g[&u2], vec!["gw-a"]);
@@ -117,6 +121,7 @@ async fn presence_routes_to_the_gateways_holding_a_user() {
         gateway: gateway.into(),
         conn,
         jti: jti.into(),
+        device: "phone".into(),
     };
     assert_eq!(
         c,
@@ -126,17 +131,15 @@ async fn presence_routes_to_the_gateways_holding_a_user() {
             conn("gw-b", 10, "t4")
         ]
     );
-    p.apply("gw-a", &[Change::Offline { user: u2, conn: 12 }])
-        .await
-        .unwrap();
+    let last = [Change::Offline { user: u2, conn: 12 }];
+    assert_eq!(p.apply("gw-a", &last).await.unwrap(), [0]);
     let gone = [
         Change::Offline { user: u1, conn: 10 },
         Change::Offline { user: u1, conn: 11 },
     ];
-    p.apply("gw-a", &gone).await.unwrap();
+    assert_eq!(p.apply("gw-a", &gone).await.unwrap(), [2, 1]);
     assert!(p.gateways(&[u2]).await.unwrap().is_empty());
     assert_eq!(p.gateways(&[u1]).await.unwrap()[&u1], vec!["gw-b"]);
-    p.apply("gw-b", &[Change::Offline { user: u1, conn: 10 }])
-        .await
-        .unwrap();
+    let last = [Change::Offline { user: u1, conn: 10 }];
+    assert_eq!(p.apply("gw-b", &last).await.unwrap(), [0]);
 }

@@ -9,8 +9,17 @@
 //! without an entry, and so without live messages, until they reconnect. So the writer keeps a
 //! `Registry` of what it wrote, one entry per open connection, and a refresh writes each
 //! connection's entry again instead of only extending the key's TTL.
+//!
+//! Presence events (PROTOCOL.md, "Presence"): the store counts a user's connections over
+//! every gateway as it applies each change, so the writer knows when a connection was the
+//! user's first or last. For each open and close that came from a shard (not the rewrites
+//! of a refresh: a Redis that lost its data must not make a million idle connections look
+//! like a million arrivals) it sends one `PresenceEvent` record to `im.upstream`, keyed by
+//! the user; logic decides whom to tell. An idle connection sends none.
 
 use im_bus::presence::{Change, Presence, BATCH_MAX};
+use im_bus::Producer;
+use im_shared::records::{self, topics, UpstreamBody, Versioned};
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -135,8 +144,52 @@ impl Registry {
     }
 }
 
-/// Writes presence changes until the channel closes (the bridge stopped).
-pub(crate) fn run_writer(presence: Arc<dyn Presence>, gateway_id: &str, rx: Receiver<Change>) {
+/// Where presence events go: `im.upstream`, for logic.
+pub(crate) type Events = Option<Arc<dyn Producer>>;
+
+/// Sends one presence event per change that came from a shard (`announce`), with the
+/// user's connection count after it. Best effort, like the frames it leads to: a record the
+/// broker refuses is dropped.
+fn announce(
+    events: &dyn Producer,
+    gateway_id: &str,
+    changes: &[Change],
+    from_shard: &[bool],
+    counts: &[u32],
+) {
+    for ((change, &announced), &connections) in changes.iter().zip(from_shard).zip(counts) {
+        let (user, conn, online) = match change {
+            _ if !announced => continue,
+            Change::Online { user, conn, .. } => (*user, *conn, true),
+            Change::Offline { user, conn } => (*user, *conn, false),
+            Change::Refresh(_) => continue,
+        };
+        let rec = records::Upstream {
+            version: records::VERSION,
+            reply_to: gateway_id.to_string(),
+            conn,
+            user,
+            ts: im_shared::unix_ms(),
+            body: Some(UpstreamBody::Presence(records::PresenceEvent {
+                online,
+                connections,
+            })),
+        };
+        let key = user.to_string();
+        if let Err(e) = events.send(topics::UPSTREAM, None, &key, &rec.to_bytes(), None) {
+            log::debug!("presence: event for user {user} dropped: {e}");
+        }
+    }
+}
+
+/// Writes presence changes until the channel closes (the bridge stopped), and sends the
+/// presence events they make to `events`.
+pub(crate) fn run_writer(
+    presence: Arc<dyn Presence>,
+    gateway_id: &str,
+    rx: Receiver<Change>,
+    events: Events,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -150,11 +203,18 @@ pub(crate) fn run_writer(presence: Arc<dyn Presence>, gateway_id: &str, rx: Rece
         }
     };
     let mut registry = presence.forgets().then(Registry::default);
-    let mut take = |c: Change, pending: &mut Vec<Change>| match &mut registry {
-        Some(r) => r.take(c, pending),
-        None => pending.push(c),
-    };
+    // The changes to write, and for each whether it came from a shard (an open or a close
+    // to announce) rather than from a refresh.
     let mut pending: Vec<Change> = Vec::new();
+    let mut from_shard: Vec<bool> = Vec::new();
+    let mut take = |c: Change, pending: &mut Vec<Change>, from_shard: &mut Vec<bool>| {
+        let announced = !matches!(c, Change::Refresh(_));
+        match &mut registry {
+            Some(r) => r.take(c, pending),
+            None => pending.push(c),
+        }
+        from_shard.resize(pending.len(), announced);
+    };
     let mut backoff_ms = RETRY_FIRST_MS;
     let mut closed = false;
     loop {
@@ -163,13 +223,13 @@ pub(crate) fn run_writer(presence: Arc<dyn Presence>, gateway_id: &str, rx: Rece
                 return;
             }
             match rx.recv() {
-                Ok(c) => take(c, &mut pending),
+                Ok(c) => take(c, &mut pending, &mut from_shard),
                 Err(_) => return,
             }
         }
         while pending.len() < BATCH_MAX {
             match rx.try_recv() {
-                Ok(c) => take(c, &mut pending),
+                Ok(c) => take(c, &mut pending, &mut from_shard),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     closed = true;
@@ -182,8 +242,12 @@ pub(crate) fn run_writer(presence: Arc<dyn Presence>, gateway_id: &str, rx: Rece
             tokio::time::timeout(WRITE_TIMEOUT, presence.apply(gateway_id, &pending)).await
         };
         match rt.block_on(write) {
-            Ok(Ok(())) => {
+            Ok(Ok(counts)) => {
+                if let Some(events) = &events {
+                    announce(&**events, gateway_id, &pending, &from_shard, &counts);
+                }
                 pending.clear();
+                from_shard.clear();
                 backoff_ms = RETRY_FIRST_MS;
             }
             result => {
@@ -290,7 +354,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Presence for Forgetful {
-        async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<(), String> {
+        async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<Vec<u32>, String> {
             self.applied.lock().unwrap().extend(changes.iter().cloned());
             self.inner.apply(gateway_id, changes).await
         }
@@ -313,7 +377,7 @@ mod tests {
         tx.send(online(7, 2, "j2", Some("laptop"))).unwrap();
         let writer = {
             let store = store.clone();
-            std::thread::spawn(move || run_writer(store, "gw", rx))
+            std::thread::spawn(move || run_writer(store, "gw", rx, None))
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -3,6 +3,7 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use im_bus::presence::{Change, MemoryPresence, Presence};
 use im_bus::revocation::RevokedSet;
 use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
 use im_store::Store;
@@ -28,12 +29,50 @@ impl Api {
         Api::build(store, cost, 100, api::MetricsAt::Api, 0)
     }
 
+    /// With a pipeline on the in-process bus (no stage runs: what needs one is not asked),
+    /// and presence in memory, which the test writes as a gateway would.
+    async fn with_pipeline(store: Arc<dyn Store>) -> (Api, Arc<MemoryPresence>) {
+        let bus: Arc<dyn im_bus::Bus> = Arc::new(im_bus::MemoryBus::new(4, 1 << 20));
+        let presence = Arc::new(MemoryPresence::default());
+        let blocks = Arc::new(logic::stage::blocks::Blocks::new(store.clone()));
+        let pipeline = api::Pipeline {
+            client: logic::stage::client::PipelineClient::start(bus, "api-test")
+                .await
+                .unwrap(),
+            members: Arc::new(logic::stage::members::Members::new(store.clone())),
+            blocks,
+            stats: Default::default(),
+            presence: presence.clone(),
+        };
+        let cost = PasswordCost::test();
+        let api = Api::build_with(store, cost, 100, api::MetricsAt::Api, 0, Some(pipeline));
+        (api, presence)
+    }
+
     fn build(
         store: Arc<dyn Store>,
         cost: PasswordCost,
         sends_per_s_max: u32,
         metrics: api::MetricsAt,
         refresh_reuse_grace_ms: u64,
+    ) -> Api {
+        Api::build_with(
+            store,
+            cost,
+            sends_per_s_max,
+            metrics,
+            refresh_reuse_grace_ms,
+            None,
+        )
+    }
+
+    fn build_with(
+        store: Arc<dyn Store>,
+        cost: PasswordCost,
+        sends_per_s_max: u32,
+        metrics: api::MetricsAt,
+        refresh_reuse_grace_ms: u64,
+        pipeline: Option<api::Pipeline>,
     ) -> Api {
         let state = AppState::new(
             store,
@@ -54,7 +93,7 @@ impl Api {
             },
             auth::dummy_hash(cost),
             Arc::new(im_shared::snowflake::WorkerLease::fixed(1)),
-            None,
+            pipeline,
         );
         let state = Arc::new(state);
         Api {
@@ -476,7 +515,7 @@ async fn accounts(api: &Api) {
         .await;
     assert_eq!(
         r.1,
-        json!({"user_id": alice_id, "username": "alice", "nickname": "Alice", "avatar": ""})
+        json!({"user_id": alice_id, "username": "alice", "nickname": "Alice", "avatar": "", "hide_presence": false})
     );
     let expired = jwt_for(alice_id.parse().unwrap(), -10);
     let forged = im_shared::jwt::sign(
@@ -1635,5 +1674,162 @@ async fn accounts_on_mysql() {
 async fn accounts_on_sqlite() {
     let dir = tempdir();
     accounts(&Api::new(Arc::new(fresh_sqlite(&dir).await))).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Presence on request (docs/PROTOCOL.md, "Presence"): who may see whose, hiding, blocking,
+/// a group's online members.
+async fn presence(api: &Api, online: &MemoryPresence) {
+    let (ann, a) = user(api, "ann").await;
+    let (ben, b) = user(api, "ben").await;
+    let (cat, c) = user(api, "cat").await;
+    let (_dan, d) = user(api, "dan").await;
+    let call = |method: &'static str, path: String, tok: &str, body: Option<Value>| {
+        let tok = tok.to_string();
+        async move { api.call(method, &path, Some(&tok), body).await }
+    };
+    // Ann and Ben are contacts; Cat is in Ben's group; Dan is nobody to Ben.
+    let r = call(
+        "POST",
+        "/api/v1/conversations/create".into(),
+        &a,
+        Some(json!({ "user_id": ben })),
+    )
+    .await;
+    assert_eq!(r.0, StatusCode::OK, "{r:?}");
+    let r = call(
+        "POST",
+        "/api/v1/groups/create".into(),
+        &b,
+        Some(json!({"name": "ben's"})),
+    )
+    .await;
+    let g = r.1["group_id"].as_str().unwrap().to_string();
+    let add = format!("/api/v1/groups/{g}/members");
+    let r = call("POST", add, &b, Some(json!({ "user_id": cat }))).await;
+    assert_eq!(r.0, StatusCode::NO_CONTENT);
+    // Ben connects from his phone.
+    let ben_id: u64 = ben.parse().unwrap();
+    let conn = Change::Online {
+        user: ben_id,
+        conn: 1,
+        jti: "j".into(),
+        device: Some("phone".into()),
+    };
+    online.apply("gw-1", &[conn]).await.unwrap();
+    let of_ben = format!("/api/v1/users/{ben}/presence");
+    let seen = json!({"user": ben, "online": true});
+    assert_eq!(
+        call("GET", of_ben.clone(), &a, None).await.1,
+        seen,
+        "a contact"
+    );
+    assert_eq!(
+        call("GET", of_ben.clone(), &c, None).await.1,
+        seen,
+        "in a group with him"
+    );
+    let r = call("GET", of_ben.clone(), &d, None).await;
+    assert_eq!(err(&r), (404, 4040), "anyone else: as for an unknown user");
+    for (path, code) in [
+        ("/api/v1/users/999999/presence", (404, 4040)),
+        ("/api/v1/users/x/presence", (400, 4003)),
+    ] {
+        assert_eq!(
+            err(&call("GET", path.into(), &a, None).await),
+            code,
+            "{path}"
+        );
+    }
+    // Oneself: the devices too.
+    let r = call("GET", of_ben.clone(), &b, None).await;
+    assert_eq!(
+        r.1,
+        json!({"user": ben, "online": true, "devices": ["phone"]})
+    );
+    let r = call("GET", format!("/api/v1/users/{ann}/presence"), &a, None).await;
+    assert_eq!(r.1, json!({"user": ann, "online": false, "devices": []}));
+    // A group's online members, for its members only.
+    let of_group = format!("/api/v1/groups/{g}/presence");
+    let r = call("GET", of_group.clone(), &c, None).await;
+    assert_eq!(
+        r.1,
+        json!({"group": g, "online": [ben], "members": 2, "checked": 2})
+    );
+    assert_eq!(
+        err(&call("GET", of_group.clone(), &d, None).await),
+        (404, 4040)
+    );
+    // Hidden: offline to everyone else, in the group too; not to himself.
+    let hide = |on: bool| {
+        call(
+            "PUT",
+            "/api/v1/users/profile".into(),
+            &b,
+            Some(json!({"hide_presence": on})),
+        )
+    };
+    let r = hide(true).await;
+    assert_eq!(r.1["hide_presence"], true, "{r:?}");
+    let r = call("GET", "/api/v1/users/profile".into(), &b, None).await;
+    assert_eq!(r.1["hide_presence"], true);
+    let r = call("GET", format!("/api/v1/users/{ben}"), &a, None).await;
+    assert!(
+        r.1.get("hide_presence").is_none(),
+        "a setting, not shown to others"
+    );
+    let hidden = json!({"user": ben, "online": false});
+    assert_eq!(call("GET", of_ben.clone(), &a, None).await.1, hidden);
+    assert_eq!(
+        call("GET", of_group.clone(), &c, None).await.1["online"],
+        json!([])
+    );
+    assert_eq!(
+        call("GET", of_ben.clone(), &b, None).await.1["online"],
+        true
+    );
+    assert_eq!(hide(false).await.1["hide_presence"], false);
+    assert_eq!(call("GET", of_ben.clone(), &a, None).await.1, seen);
+    // A block, either way, ends it.
+    let block = format!("/api/v1/users/{ann}/block");
+    assert_eq!(call("PUT", block, &b, None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(
+        err(&call("GET", of_ben.clone(), &a, None).await),
+        (404, 4040)
+    );
+    let of_ann = format!("/api/v1/users/{ann}/presence");
+    assert_eq!(err(&call("GET", of_ann, &b, None).await), (404, 4040));
+    // Gone offline.
+    let gone = Change::Offline {
+        user: ben_id,
+        conn: 1,
+    };
+    online.apply("gw-1", &[gone]).await.unwrap();
+    assert_eq!(call("GET", of_ben, &c, None).await.1["online"], false);
+}
+
+#[tokio::test]
+async fn presence_on_mysql() {
+    let store = Arc::new(fresh_mysql().await);
+    let (api, online) = Api::with_pipeline(store.clone()).await;
+    presence(&api, &online).await;
+    drop(api);
+    drop_mysql(Arc::into_inner(store).expect("the api is gone")).await;
+}
+
+#[tokio::test]
+async fn presence_on_sqlite() {
+    let dir = tempdir();
+    let store = Arc::new(fresh_sqlite(&dir).await);
+    let (api, online) = Api::with_pipeline(store.clone()).await;
+    presence(&api, &online).await;
+    // Without a pipeline there is no presence to read: a clear 503.
+    let plain = Api::new(store);
+    let (ann, a) = user(&plain, "solo").await;
+    let path = format!("/api/v1/users/{ann}/presence");
+    assert_eq!(
+        err(&plain.call("GET", &path, Some(&a), None).await),
+        (503, 5032)
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

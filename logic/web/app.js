@@ -40,6 +40,8 @@ const SESSION_EXPIRED = 'Your session has expired; please log in again.';
 const LOOKUP_RETRY_MS = 30_000;       // a failed user/group name lookup is tried again after this
 const TYPING_SEND_EVERY_MS = 3_000;   // while typing, a `typing` frame at most this often
 const TYPING_SHOW_MS = 5_000;         // "typing…" lasts this long after the last frame
+const PRESENCE_ASK_MAX = 50;          // peers whose presence is asked for after a connect
+const MEMBERS_SHOWN_MAX = 100;        // a group's member list shows this many
 
 const state = {
   session: null,          // {token, refresh_token, user_id, username, ws_url}
@@ -49,6 +51,9 @@ const state = {
   readSent: new Map(),    // conv id → highest read seq reported to the server
   typing: new Map(),      // conv id → Map(user id → when their "typing…" ends)
   blocked: new Set(),     // user ids this user blocks
+  online: new Map(),      // user id → true/false: a peer's presence, as last heard
+  devices: [],            // this user's devices online (their device ids), as last heard
+  members: null,          // the open group's member list while shown: {group, items}
   typingSent: new Map(),  // conv id → when this device last sent `typing` for it
   users: new Map(),       // user id → profile {user_id, username, nickname, avatar}
   groups: new Map(),      // group id → {group_id, name, ...}
@@ -362,6 +367,8 @@ function sendFrame(frame) {
 
 /// After each (re)connect: catch up on what was missed while away, then resend.
 function afterConnect() {
+  // Presence frames only say what changed: what changed while away is asked for again.
+  state.online = new Map();
   loadConversations().catch((e) => showError(`Conversations: ${e.message}`));
   const open = state.open;
   if (open && open.loaded) startSync(open);
@@ -390,6 +397,9 @@ function onFrame(f) {
       break;
     case 'typing':
       onTyping(f);
+      break;
+    case 'presence':
+      onPresence(f);
       break;
     case 'error':
       onErrorFrame(f);
@@ -463,6 +473,7 @@ async function loadConversations() {
     next.set(open.conv, state.convs.get(open.conv));
   }
   state.convs = next;
+  loadPresence();
   for (const entry of next.values()) {
     // A read position the server did not keep (its answer raced ours, or was lost): again.
     const sent = state.readSent.get(entry.conv) || 0;
@@ -707,6 +718,84 @@ function renderTyping() {
   el.typingLine.textContent = names.length === 0 ? ''
     : names.length === 1 ? `${names[0]} is typing…`
       : `${names.slice(0, -1).join(', ')} and ${names[names.length - 1]} are typing…`;
+}
+
+// Presence: a dot per two-person conversation, "online" in its header, a group's member
+// list. The server pushes changes of contacts; the state at connect is asked for.
+
+/// Asks for the presence of the peers not heard of yet (at most PRESENCE_ASK_MAX at once).
+function loadPresence() {
+  const peers = [...state.convs.values()]
+    .filter((e) => e.kind === 'p2p' && e.peer && !state.online.has(e.peer))
+    .map((e) => e.peer)
+    .slice(0, PRESENCE_ASK_MAX);
+  for (const peer of peers) {
+    state.online.set(peer, false);   // asked: not again until the next connect
+    api('GET', `/users/${enc(peer)}/presence`)
+      .then((p) => {
+        if (p && p.user === peer) notePresence(peer, Boolean(p.online));
+      })
+      .catch(() => {});              // 404: not someone whose presence we may see
+  }
+}
+
+function onPresence(f) {
+  if (f.user === me()) {
+    state.devices = Array.isArray(f.devices) ? f.devices : [];
+    return;
+  }
+  notePresence(f.user, Boolean(f.online));
+}
+
+function notePresence(user, online) {
+  state.online.set(user, online);
+  renderConvList();
+  renderPeerPresence();
+  if (state.members) {
+    for (const item of state.members.items) {
+      if (item.dataset.user === user) item.dataset.online = String(online);
+    }
+  }
+}
+
+function renderPeerPresence() {
+  const open = state.open;
+  if (!open || open.kind !== 'p2p') return;
+  const online = state.online.get(open.peer) === true;
+  el.peerPresence.dataset.online = String(online);
+  el.peerPresence.textContent = online ? 'online' : 'offline';
+}
+
+/// Shows or hides the open group's members, each with a presence dot.
+async function toggleMembers() {
+  const open = state.open;
+  if (!open || open.kind !== 'group') return;
+  if (state.members && state.members.group === open.group) {
+    state.members = null;
+    el.memberList.hidden = true;
+    return;
+  }
+  const group = open.group;
+  const [page, presence] = await Promise.all([
+    api('GET', `/groups/${enc(group)}/members?limit=${MEMBERS_SHOWN_MAX}`),
+    api('GET', `/groups/${enc(group)}/presence`),
+  ]);
+  if (!state.open || state.open.group !== group) return;
+  const online = new Set(presence.online || []);
+  const items = (page.members || []).map((m) => {
+    state.users.set(m.user_id, { user_id: m.user_id, username: m.username, nickname: m.nickname });
+    return h('li', {
+      class: 'member-item',
+      'data-testid': 'member-item',
+      dataset: { user: m.user_id, online: String(online.has(m.user_id)) },
+    },
+    h('span', { class: 'dot' }),
+    h('span', { text: m.nickname || m.username }));
+  });
+  if (page.more) items.push(h('li', { class: 'muted', text: '…and more' }));
+  state.members = { group, items };
+  el.memberList.replaceChildren(...items);
+  el.memberList.hidden = false;
 }
 
 // Blocking: no two-person messages, receipts or typing between the two, either way.
@@ -1057,7 +1146,14 @@ function renderConvList() {
         'data-testid': 'conv-item',
         dataset: { conv: entry.conv },
       },
-      h('span', { class: 'conv-name', text: convLabel(entry) }),
+      h('span', { class: 'conv-name' },
+        entry.kind === 'p2p' ? h('span', {
+          class: 'dot',
+          'data-testid': 'presence-dot',
+          dataset: { online: String(state.online.get(entry.peer) === true) },
+          title: state.online.get(entry.peer) === true ? 'online' : 'offline',
+        }) : null,
+        convLabel(entry)),
       h('span', {
         class: 'badge',
         'data-testid': 'unread',
@@ -1093,6 +1189,8 @@ function renderChatHeader() {
     el.groupLine.hidden = true;
     el.peerLine.hidden = true;
     el.inviteLine.hidden = true;
+    el.memberList.hidden = true;
+    state.members = null;
     return;
   }
   const entry = state.convs.get(open.conv) || ensureConv(open.conv);
@@ -1102,7 +1200,12 @@ function renderChatHeader() {
   if (open.kind !== 'group') {
     el.inviteLine.hidden = true;
     el.blockToggle.textContent = state.blocked.has(open.peer) ? 'Unblock' : 'Block';
+    renderPeerPresence();
     return;
+  }
+  if (!state.members || state.members.group !== open.group) {
+    state.members = null;
+    el.memberList.hidden = true;
   }
   el.groupId.textContent = open.group;
   const g = state.groups.get(open.group);
@@ -1255,6 +1358,9 @@ function endSession(reason) {
   state.typing = new Map();
   state.typingSent = new Map();
   state.blocked = new Set();
+  state.online = new Map();
+  state.devices = [];
+  state.members = null;
   pendingInvite = null;
   el.inviteBanner.hidden = true;
   renderConnState('offline');
@@ -1334,7 +1440,8 @@ function wire() {
     inviteLine: 'invite-line', inviteLink: 'invite-link', inviteCopy: 'invite-copy',
     inviteNote: 'invite-note', inviteBanner: 'invite-banner', inviteText: 'invite-text',
     inviteAccept: 'invite-accept', inviteDismiss: 'invite-dismiss', typingLine: 'typing-line',
-    peerLine: 'peer-line', blockToggle: 'block-toggle',
+    peerLine: 'peer-line', blockToggle: 'block-toggle', peerPresence: 'peer-presence',
+    membersToggle: 'members-toggle', memberList: 'member-list',
     messages: 'messages', loadOlder: 'load-older', placeholder: 'messages-placeholder',
     messageList: 'message-list', composeForm: 'compose-form', composeInput: 'compose-input',
     composeSend: 'compose-send',
@@ -1343,6 +1450,9 @@ function wire() {
   }
 
   el.errorDismiss.addEventListener('click', () => { el.errorBar.hidden = true; });
+  el.membersToggle.addEventListener('click', () => {
+    toggleMembers().catch((e) => showError(`Members: ${e.message}`));
+  });
 
   el.loginForm.addEventListener('submit', (ev) => {
     ev.preventDefault();

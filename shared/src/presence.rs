@@ -33,6 +33,11 @@ pub fn jti_of(value: &str) -> &str {
     value.split(' ').next().unwrap_or("")
 }
 
+/// The device id in a field's value ("" for none).
+pub fn device_of(value: &str) -> &str {
+    value.split_once(' ').map_or("", |(_, d)| d)
+}
+
 /// The connection (the records' `conn`) of a field.
 pub fn conn_of(field: &str) -> Option<u64> {
     field.rsplit_once('#').and_then(|(_, c)| c.parse().ok())
@@ -51,6 +56,8 @@ mod tests {
         assert_eq!(conn_of(&f), Some(42));
         assert_eq!(jti_of(&value("abc", Some("phone"))), "abc");
         assert_eq!(jti_of(&value("abc", None)), "abc");
+        assert_eq!(device_of(&value("abc", Some("phone"))), "phone");
+        assert_eq!(device_of(&value("abc", None)), "");
         assert_eq!(key(7), "im:presence:7");
     }
 }

@@ -431,6 +431,28 @@ pub fn encode_read_event(conv: Conv, seq: u64, out: &mut Vec<u8>) {
 }
 
 /// Appends a `typing` event's JSON to `out`: `from` is typing in `conv`.
+/// `{"type":"presence","user","online"}`, and for the user's own devices `devices`: the
+/// device ids of their open connections ("" where the token named none).
+pub fn encode_presence(user: u64, online: bool, devices: Option<&[&str]>, out: &mut Vec<u8>) {
+    #[derive(Serialize)]
+    struct Presence<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(serialize_with = "as_decimal")]
+        user: u64,
+        online: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        devices: Option<&'a [&'a str]>,
+    }
+    let p = Presence {
+        kind: "presence",
+        user,
+        online,
+        devices,
+    };
+    serde_json::to_writer(out, &p).expect("writing to a Vec cannot fail");
+}
+
 pub fn encode_typing(conv: Conv, from: u64, out: &mut Vec<u8>) {
     #[derive(Serialize)]
     struct Typing {
@@ -685,6 +707,18 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"type":"typing","conv":"g:3","from":"2"}"#
+        );
+        out.clear();
+        encode_presence(5, true, None, &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"type":"presence","user":"5","online":true}"#
+        );
+        out.clear();
+        encode_presence(5, true, Some(&["phone", ""]), &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"type":"presence","user":"5","online":true,"devices":["phone",""]}"#
         );
     }
 }

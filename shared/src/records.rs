@@ -54,7 +54,7 @@ pub struct Upstream {
     pub user: u64,
     #[prost(uint64, tag = "5")]
     pub ts: u64,
-    #[prost(oneof = "UpstreamBody", tags = "10, 11, 12, 13")]
+    #[prost(oneof = "UpstreamBody", tags = "10, 11, 12, 13, 14")]
     pub body: Option<UpstreamBody>,
 }
 
@@ -68,6 +68,8 @@ pub enum UpstreamBody {
     Read(Read),
     #[prost(message, tag = "13")]
     Typing(Typing),
+    #[prost(message, tag = "14")]
+    Presence(PresenceEvent),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -106,6 +108,15 @@ pub struct Read {
 pub struct Typing {
     #[prost(string, tag = "1")]
     pub conv: String,
+}
+
+/// A connection of the record's user opened or closed (im.proto says what logic does).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PresenceEvent {
+    #[prost(bool, tag = "1")]
+    pub online: bool,
+    #[prost(uint32, tag = "2")]
+    pub connections: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -368,6 +379,8 @@ mod tests {
             "Reply reply = 11;",
             "Close close = 12;",
             "Typing typing = 13;",
+            "PresenceEvent presence = 14;",
+            "uint32 connections = 2;",
             "string conv = 4;",
             "uint64 seq = 5;",
         ] {

@@ -69,6 +69,8 @@ pub struct UserRow {
     pub password_hash: String,
     pub nickname: String,
     pub avatar: String,
+    /// The user hides their presence (docs/PROTOCOL.md, "Presence").
+    pub presence_hidden: bool,
 }
 
 /// A group with its member count.
@@ -319,6 +321,17 @@ pub trait Store: Send + Sync + 'static {
     async fn unblock(&self, user: u64, other: u64) -> Result<bool>;
     /// Everyone `user` blocks, ascending.
     async fn blocked_by(&self, user: u64) -> Result<Vec<u64>>;
+    /// The other users of `user`'s two-person conversations (whom their presence is told
+    /// to), ascending, from at most `limit` conversations.
+    async fn contacts(&self, user: u64, limit: u32) -> Result<Vec<u64>>;
+    /// Whether `a` and `b` have a two-person conversation (are each other's contacts).
+    async fn are_contacts(&self, a: u64, b: u64) -> Result<bool>;
+    /// Whether `a` and `b` are members of one group.
+    async fn share_a_group(&self, a: u64, b: u64) -> Result<bool>;
+    /// Hides or shows the user's presence; false when there is no such user.
+    async fn set_presence_hidden(&self, user: u64, hidden: bool) -> Result<bool>;
+    /// Of `users`, those who hide their presence, ascending.
+    async fn hiding_presence(&self, users: &[u64]) -> Result<Vec<u64>>;
     /// Everyone who blocks `user`, ascending.
     async fn blockers_of(&self, user: u64) -> Result<Vec<u64>>;
 

@@ -297,6 +297,61 @@ async fn messages_and_conversations(s: &dyn Store) {
         .any(|x| x.conv == conv_ac && x.max_seq == 0));
 }
 
+/// What presence reads (docs/PROTOCOL.md, "Presence"): contacts, groups in common, the
+/// hidden flag.
+async fn presence_queries(s: &dyn Store) {
+    let a = s.create_user("ann", "h", "Ann", 1).await.unwrap();
+    let b = s.create_user("ben", "h", "Ben", 1).await.unwrap();
+    let c = s.create_user("cat", "h", "Cat", 1).await.unwrap();
+    let d = s.create_user("dan", "h", "Dan", 1).await.unwrap();
+    for peer in [b, c] {
+        let conv = format!("p:{}:{}", a.min(peer), a.max(peer));
+        s.open_pair(&conv, a, peer).await.unwrap();
+    }
+    let mut want = vec![b, c];
+    want.sort_unstable();
+    assert_eq!(s.contacts(a, 100).await.unwrap(), want);
+    assert_eq!(s.contacts(b, 100).await.unwrap(), [a], "both ways");
+    assert!(s.contacts(d, 100).await.unwrap().is_empty());
+    assert_eq!(s.contacts(a, 1).await.unwrap().len(), 1, "bounded");
+    assert!(s.are_contacts(a, b).await.unwrap() && s.are_contacts(b, a).await.unwrap());
+    assert!(!s.are_contacts(a, d).await.unwrap() && !s.are_contacts(a, a).await.unwrap());
+    // Groups in common.
+    let g = s.create_group(&group(c)).await.unwrap();
+    s.add_member(g, d, 1, JoinBy::Owner).await.unwrap();
+    assert!(s.share_a_group(c, d).await.unwrap() && s.share_a_group(d, c).await.unwrap());
+    assert!(!s.share_a_group(a, d).await.unwrap());
+    // Hiding.
+    assert!(!s.user_by_id(b).await.unwrap().unwrap().presence_hidden);
+    assert!(s.set_presence_hidden(b, true).await.unwrap());
+    assert!(
+        s.set_presence_hidden(b, true).await.unwrap(),
+        "again: still a user"
+    );
+    assert!(s.user_by_id(b).await.unwrap().unwrap().presence_hidden);
+    assert_eq!(s.hiding_presence(&[a, b, c, 999_999]).await.unwrap(), [b]);
+    assert!(
+        !s.set_presence_hidden(999_999, true).await.unwrap(),
+        "no such user"
+    );
+    assert!(s.set_presence_hidden(b, false).await.unwrap());
+    assert!(s.hiding_presence(&[a, b]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn presence_queries_on_mysql() {
+    let store = fresh_mysql().await;
+    presence_queries(&store).await;
+    drop_mysql(store).await;
+}
+
+#[tokio::test]
+async fn presence_queries_on_sqlite() {
+    let dir = tempdir();
+    presence_queries(&fresh_sqlite(&dir).await).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn messages_and_conversations_on_mysql() {
     let store = fresh_mysql().await;

@@ -1,6 +1,7 @@
 // End-to-end test of the browser chat client (logic/web) in headless Chromium: two users in
 // two browser contexts register, chat 1:1 (✓✓ once read; a second device's badge clears when
-// the first reads) and in a private group (with "typing…"), one blocks the other (the owner copies an invite
+// the first reads; each sees the other's presence dot go green, grey and green again) and in a
+// private group (with "typing…" and the member list's online dots), one blocks the other (the owner copies an invite
 // link, the other opens it and joins; the group's id alone lets no one in), one goes away and comes back to
 // unread counts and missed messages, a message that looks like HTML stays text, and a third
 // page's failed logins make its form wait (429, Retry-After) and come back.
@@ -113,6 +114,15 @@ function unreadOf(page, conv) {
 
 function convItem(page, conv) {
   return page.locator(`[data-testid="conv-item"][data-conv="${conv}"]`);
+}
+
+/// The presence dot of a two-person conversation in the list: "true", "false", or null.
+function presenceOf(page, conv) {
+  return page.evaluate((c) => {
+    const item = [...document.querySelectorAll('[data-testid="conv-item"]')].find((e) => e.dataset.conv === c);
+    const dot = item && item.querySelector('[data-testid="presence-dot"]');
+    return dot ? dot.dataset.online : null;
+  }, conv);
 }
 
 // Actions.
@@ -229,6 +239,11 @@ async function scenario(browser) {
   });
   await send(bob, 'bob', 'hi alice');
   await waitMessage(alice, 'alice', 'hi alice');
+  await until('alice to see bob online (a green dot, "online" in the header)', async () => {
+    const dot = await presenceOf(alice, pair);
+    const header = await text(alice, 'peer-presence');
+    return (dot === 'true' && header === 'online') || { dot, header };
+  });
 
   step = 'c. group';
   await byTestId(alice, 'group-create-name').fill(`team-${suffix}`);
@@ -292,11 +307,25 @@ async function scenario(browser) {
   await waitMessage(bob, 'bob', 'hello group');
   await until('bob\'s "typing…" to end with her message', async () =>
     !(await byTestId(bob, 'typing').isVisible()) || text(bob, 'typing'));
+  // The group's members, with who is online.
+  await byTestId(alice, 'members-toggle').click();
+  await until('alice to see both members online in the member list', async () => {
+    const items = await alice.$$eval('[data-testid="member-item"]', (els) =>
+      els.map((e) => ({ name: e.textContent, online: e.dataset.online })));
+    const ok = items.length === 2 && items.every((m) => m.online === 'true')
+      && items.some((m) => m.name === BOB);
+    return ok || items;
+  });
 
   step = 'd. offline and back';
   await bob.close();
   pages.bob = null;
   await openConversation(alice, 'alice', pair);
+  await until('alice to see bob go offline (after the 2 s debounce)', async () => {
+    const dot = await presenceOf(alice, pair);
+    const header = await text(alice, 'peer-presence');
+    return (dot === 'false' && header === 'offline') || { dot, header };
+  });
   await send(alice, 'alice', 'while you were away 1');
   await send(alice, 'alice', 'while you were away 2');
   await openConversation(alice, 'alice', group);
@@ -304,6 +333,8 @@ async function scenario(browser) {
   bob = await newUserPage(bobCtx, 'bob');
   await bob.goto(BASE_URL, { waitUntil: 'domcontentloaded' });
   await waitConnected(bob, 'bob (new page)');
+  await until('alice to see bob back online (pushed)', async () =>
+    (await presenceOf(alice, pair)) === 'true' || presenceOf(alice, pair));
   check((await text(bob, 'me')) === BOB, `the new page shows "${await text(bob, 'me')}" logged in, not ${BOB}`);
   await until('bob\'s 1:1 conversation to show unread 2', async () =>
     (await unreadOf(bob, pair)) === 2 || { unread: await unreadOf(bob, pair) });

@@ -872,6 +872,9 @@ pub fn metric(text: &str, name: &str) -> Option<u64> {
 
 pub struct Ws {
     ws: WebSocket<MaybeTlsStream<TcpStream>>,
+    /// Whether `presence` frames are read (`with_presence`); by default they are skipped,
+    /// so that tests of other things need not expect a contact's comings and goings.
+    presence: bool,
 }
 
 impl Ws {
@@ -882,7 +885,10 @@ impl Ws {
             s.set_read_timeout(Some(Duration::from_millis(200)))
                 .unwrap();
         }
-        Ws { ws }
+        Ws {
+            ws,
+            presence: false,
+        }
     }
 
     /// An upgrade that may fail (a gateway that is down).
@@ -900,7 +906,22 @@ impl Ws {
             s.set_read_timeout(Some(Duration::from_millis(200)))
                 .map_err(|e| e.to_string())?;
         }
-        Ok(Ws { ws })
+        Ok(Ws {
+            ws,
+            presence: false,
+        })
+    }
+
+    /// This connection's reads return `presence` frames too.
+    pub fn with_presence(mut self) -> Ws {
+        self.presence = true;
+        self
+    }
+
+    /// A text frame, unless it is one the reader skips.
+    fn parse(&self, text: &str) -> Option<Value> {
+        let v: Value = serde_json::from_str(text).unwrap();
+        (self.presence || v["type"] != "presence").then_some(v)
     }
 
     pub fn send(&mut self, v: Value) {
@@ -920,7 +941,9 @@ impl Ws {
         loop {
             match self.ws.read() {
                 Ok(tungstenite::Message::Text(t)) => {
-                    return Ok(Some(serde_json::from_str(&t).unwrap()))
+                    if let Some(v) = self.parse(&t) {
+                        return Ok(Some(v));
+                    }
                 }
                 Ok(tungstenite::Message::Close(f)) => return Err(format!("closed: {f:?}")),
                 Ok(_) => {}
@@ -943,7 +966,9 @@ impl Ws {
         loop {
             match self.ws.read() {
                 Ok(tungstenite::Message::Text(t)) => {
-                    return Some(serde_json::from_str(&t).unwrap())
+                    if let Some(v) = self.parse(&t) {
+                        return Some(v);
+                    }
                 }
                 Ok(_) => {}
                 Err(tungstenite::Error::Io(e))

@@ -16,6 +16,7 @@ struct Entry {
     gateway: Arc<str>,
     conn: u64,
     jti: Box<str>,
+    device: Option<Box<str>>,
 }
 
 impl MemoryPresence {
@@ -23,12 +24,16 @@ impl MemoryPresence {
         self.users.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Applies one change from gateway `gateway_id`'s shards.
-    pub fn apply_one(&self, gateway_id: &str, change: &Change) {
+    /// Applies one change from gateway `gateway_id`'s shards; the user's connections after
+    /// it (0 for a refresh).
+    pub fn apply_one(&self, gateway_id: &str, change: &Change) -> u32 {
         let mut users = self.users();
         match change {
             Change::Online {
-                user, conn, jti, ..
+                user,
+                conn,
+                jti,
+                device,
             } => {
                 let entries = users.entry(*user).or_default();
                 entries.retain(|e| !(e.conn == *conn && &*e.gateway == gateway_id));
@@ -36,28 +41,33 @@ impl MemoryPresence {
                     gateway: gateway_id.into(),
                     conn: *conn,
                     jti: jti.clone(),
+                    device: device.clone(),
                 });
+                entries.len() as u32
             }
             Change::Offline { user, conn } => {
-                if let Some(entries) = users.get_mut(user) {
-                    entries.retain(|e| !(e.conn == *conn && &*e.gateway == gateway_id));
-                    if entries.is_empty() {
-                        users.remove(user);
-                    }
+                let Some(entries) = users.get_mut(user) else {
+                    return 0;
+                };
+                entries.retain(|e| !(e.conn == *conn && &*e.gateway == gateway_id));
+                let left = entries.len() as u32;
+                if left == 0 {
+                    users.remove(user);
                 }
+                left
             }
-            Change::Refresh(_) => {}
+            Change::Refresh(_) => 0,
         }
     }
 }
 
 #[async_trait]
 impl Presence for MemoryPresence {
-    async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<(), String> {
-        for c in changes {
-            self.apply_one(gateway_id, c);
-        }
-        Ok(())
+    async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<Vec<u32>, String> {
+        Ok(changes
+            .iter()
+            .map(|c| self.apply_one(gateway_id, c))
+            .collect())
     }
 
     async fn gateways(&self, users: &[u64]) -> Result<HashMap<u64, Vec<String>>, String> {
@@ -84,6 +94,7 @@ impl Presence for MemoryPresence {
                         gateway: e.gateway.to_string(),
                         conn: e.conn,
                         jti: e.jti.to_string(),
+                        device: e.device.as_deref().unwrap_or("").to_string(),
                     })
                     .collect()
             })
@@ -107,13 +118,17 @@ mod tests {
     #[tokio::test]
     async fn memory_presence_follows_connections() {
         let p = MemoryPresence::default();
-        p.apply("gw-a", &[online(1, 10, "t1"), online(1, 11, "t2")])
+        let counts = p
+            .apply("gw-a", &[online(1, 10, "t1"), online(1, 11, "t2")])
             .await
             .unwrap();
-        p.apply("gw-b", &[online(1, 10, "t3")]).await.unwrap();
-        p.apply("gw-a", &[online(2, 12, "t4"), Change::Refresh(vec![1, 2])])
+        assert_eq!(counts, [1, 2], "the first connection, then a second device");
+        assert_eq!(p.apply("gw-b", &[online(1, 10, "t3")]).await.unwrap(), [3]);
+        let counts = p
+            .apply("gw-a", &[online(2, 12, "t4"), Change::Refresh(vec![1, 2])])
             .await
             .unwrap();
+        assert_eq!(counts, [1, 0]);
         let g = p.gateways(&[1, 2, 3]).await.unwrap();
         assert_eq!(g[&1], vec!["gw-a", "gw-b"]);
         assert_eq!(g[&2], vec!["gw-a"]);
@@ -124,6 +139,7 @@ mod tests {
             gateway: gateway.into(),
             conn,
             jti: jti.into(),
+            device: String::new(),
         };
         assert_eq!(
             c,
@@ -133,12 +149,14 @@ mod tests {
                 conn("gw-b", 10, "t3")
             ]
         );
-        p.apply("gw-a", &[Change::Offline { user: 2, conn: 12 }])
-            .await
-            .unwrap();
-        p.apply("gw-b", &[Change::Offline { user: 1, conn: 10 }])
-            .await
-            .unwrap();
+        let last = [Change::Offline { user: 2, conn: 12 }];
+        assert_eq!(
+            p.apply("gw-a", &last).await.unwrap(),
+            [0],
+            "user 2's last connection closed"
+        );
+        let left = [Change::Offline { user: 1, conn: 10 }];
+        assert_eq!(p.apply("gw-b", &left).await.unwrap(), [2]);
         assert!(p.gateways(&[2]).await.unwrap().is_empty());
         assert_eq!(p.gateways(&[1]).await.unwrap()[&1], vec!["gw-a"]);
         assert_eq!(p.connections(1).await.unwrap().len(), 2);

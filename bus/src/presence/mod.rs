@@ -46,6 +46,8 @@ pub struct Connection {
     pub conn: u64,
     /// The id of the token that opened it.
     pub jti: String,
+    /// The device the token names ("" for none).
+    pub device: String,
 }
 
 /// Changes per write (one pipelined round trip on Redis); a refresh is cut into pieces of
@@ -56,7 +58,12 @@ pub const BATCH_MAX: usize = 2_000;
 pub trait Presence: Send + Sync + 'static {
     /// Applies `changes` made by gateway `gateway_id`, in order. On `Err` none or some may
     /// have been applied; applying them again is harmless (every change is idempotent).
-    async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<(), String>;
+    /// Returns, for each change, how many connections its user has after it, counted over
+    /// every gateway at the moment of the change (0 for a `Refresh`): the writer turns a
+    /// first connection and a last one into presence events. Two gateways' changes of one
+    /// user are counted one after the other, never both against the same state, so exactly
+    /// one of them sees the first (or the last) connection.
+    async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<Vec<u32>, String>;
 
     /// For each user with a connection, the gateways holding one (sorted, distinct); users
     /// with none are absent.

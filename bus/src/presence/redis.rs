@@ -68,9 +68,12 @@ impl RedisPresence {
 
 #[async_trait]
 impl Presence for RedisPresence {
-    async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<(), String> {
+    async fn apply(&self, gateway_id: &str, changes: &[Change]) -> Result<Vec<u32>, String> {
         let ttl = self.ttl_s as i64;
+        // One transaction: each change's count is taken right after it, with no other
+        // gateway's change of the same user in between.
         let mut pipe = redis::pipe();
+        pipe.atomic();
         for c in changes {
             match c {
                 Change::Online {
@@ -84,11 +87,14 @@ impl Presence for RedisPresence {
                     pipe.hset(&k, presence::field(gateway_id, *conn), v)
                         .ignore()
                         .expire(&k, ttl)
-                        .ignore();
+                        .ignore()
+                        .hlen(&k);
                 }
                 Change::Offline { user, conn } => {
-                    pipe.hdel(presence::key(*user), presence::field(gateway_id, *conn))
-                        .ignore();
+                    let k = presence::key(*user);
+                    pipe.hdel(&k, presence::field(gateway_id, *conn))
+                        .ignore()
+                        .hlen(&k);
                 }
                 Change::Refresh(users) => {
                     for u in users {
@@ -98,9 +104,18 @@ impl Presence for RedisPresence {
             }
         }
         let mut conn = self.conn().await?;
-        pipe.query_async::<()>(&mut conn)
+        let counts: Vec<u32> = pipe
+            .query_async(&mut conn)
             .await
-            .map_err(|e| format!("presence: {e}"))
+            .map_err(|e| format!("presence: {e}"))?;
+        let mut counts = counts.into_iter();
+        Ok(changes
+            .iter()
+            .map(|c| match c {
+                Change::Refresh(_) => 0,
+                _ => counts.next().unwrap_or(0),
+            })
+            .collect())
     }
 
     async fn gateways(&self, users: &[u64]) -> Result<HashMap<u64, Vec<String>>, String> {
@@ -162,6 +177,7 @@ impl RedisPresence {
                     gateway: presence::gateway_of(f)?.to_owned(),
                     conn: presence::conn_of(f)?,
                     jti: presence::jti_of(v).to_owned(),
+                    device: presence::device_of(v).to_owned(),
                 })
             })
             .collect())

@@ -69,12 +69,7 @@ pub(super) fn run(
 }
 
 /// Puts one downstream record on the shard rings.
-fn dispatch(
-    rec: records::Downstream,
-    d: &mut DownEnd,
-    order: &mut LiveOrder,
-    stats: &BridgeStats,
-) {
+fn dispatch(rec: records::Downstream, d: &mut DownEnd, order: &mut LiveOrder, stats: &BridgeStats) {
     let shards = d.shards();
     // A connection of this process, or none (a record for a shard this process lacks).
     let conn = |token: u64| {

@@ -165,8 +165,9 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let (presence_tx, presence_rx) = mpsc::channel();
     let gw = cfg.gateway_id.clone();
+    let events = Some(producer.clone());
     let mut threads = vec![spawn("im-presence", move || {
-        presence::run_writer(presence, &gw, presence_rx)
+        presence::run_writer(presence, &gw, presence_rx, events)
     })?];
     let (d, s, st) = (down.clone(), stop.clone(), stats.clone());
     threads.push(spawn("im-bridge-down", move || {

@@ -340,38 +340,41 @@ pub async fn logout_all(S(st): S<State>, caller: Caller) -> Result<StatusCode, A
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn profile_of(st: &State, id: u64) -> Result<Json<serde_json::Value>, ApiError> {
+/// A user's public profile; for the user themself, their settings too.
+async fn profile_of(st: &State, id: u64, own: bool) -> Result<Json<serde_json::Value>, ApiError> {
     let u =
         st.store.user_by_id(id).await?.ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such user")
         })?;
-    Ok(Json(
-        json!({ "user_id": u.id.to_string(), "username": u.username, "nickname": u.nickname, "avatar": u.avatar }),
-    ))
+    let mut v = json!({ "user_id": u.id.to_string(), "username": u.username, "nickname": u.nickname, "avatar": u.avatar });
+    if own {
+        v["hide_presence"] = json!(u.presence_hidden);
+    }
+    Ok(Json(v))
 }
 
 pub async fn get_profile(
     S(st): S<State>,
     caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    profile_of(&st, caller.user_id).await
+    profile_of(&st, caller.user_id, true).await
 }
 
 /// `GET /users/{id}`: another user's public profile (a client names its conversations).
 pub async fn get_user(
     S(st): S<State>,
-    _caller: Caller,
+    caller: Caller,
     axum::extract::Path(raw): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = im_shared::conv::parse_id(&raw)
         .ok_or_else(|| ApiError::bad(ErrorCode::InvalidField, "user id: a positive integer"))?;
-    profile_of(&st, id).await
+    profile_of(&st, id, id == caller.user_id).await
 }
 
 /// How many users one may block.
 pub const BLOCKS_MAX: u32 = 10_000;
 
-fn user_in_path(raw: &str) -> Result<u64, ApiError> {
+pub(super) fn user_in_path(raw: &str) -> Result<u64, ApiError> {
     im_shared::conv::parse_id(raw)
         .ok_or_else(|| ApiError::bad(ErrorCode::InvalidField, "user id: a positive integer"))
 }
@@ -452,13 +455,15 @@ pub async fn get_user_by_name(
         st.store.user_by_username(&name).await?.ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such user")
         })?;
-    profile_of(&st, u.id).await
+    profile_of(&st, u.id, false).await
 }
 
 #[derive(Deserialize)]
 pub struct ProfileUpdate {
     nickname: Option<String>,
     avatar: Option<String>,
+    /// Look offline to everyone else (docs/PROTOCOL.md, "Presence").
+    hide_presence: Option<bool>,
 }
 
 pub async fn put_profile(
@@ -479,5 +484,28 @@ pub async fn put_profile(
             "no such user",
         ));
     }
-    profile_of(&st, caller.user_id).await
+    if let Some(hide) = p.hide_presence {
+        let me = caller.user_id;
+        let was = st
+            .store
+            .user_by_id(me)
+            .await?
+            .is_some_and(|u| u.presence_hidden);
+        if hide != was {
+            // Who sees the user while it is shown: read before hiding, after showing.
+            let shown_to = if hide {
+                super::presence::audience_of(&st, me).await
+            } else {
+                Vec::new()
+            };
+            st.store.set_presence_hidden(me, hide).await?;
+            let shown_to = if hide {
+                shown_to
+            } else {
+                super::presence::audience_of(&st, me).await
+            };
+            super::presence::hidden_changed(&st, me, hide, &shown_to).await;
+        }
+    }
+    profile_of(&st, caller.user_id, true).await
 }

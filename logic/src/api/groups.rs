@@ -42,11 +42,11 @@ fn id(raw: &str, what: &str) -> Result<u64, ApiError> {
     })
 }
 
-fn not_found() -> ApiError {
+pub(super) fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such group")
 }
 
-fn forbidden(why: &str) -> ApiError {
+pub(super) fn forbidden(why: &str) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, why)
 }
 
@@ -67,9 +67,9 @@ fn no_invite() -> ApiError {
 }
 
 /// A group as the caller may see it: any group they are in, and public ones.
-struct Seen {
-    group: GroupRow,
-    member: bool,
+pub(super) struct Seen {
+    pub(super) group: GroupRow,
+    pub(super) member: bool,
 }
 
 impl Seen {
@@ -83,7 +83,7 @@ impl Seen {
     }
 }
 
-async fn seen(st: &State, raw: &str, user: u64) -> Result<Seen, ApiError> {
+pub(super) async fn seen(st: &State, raw: &str, user: u64) -> Result<Seen, ApiError> {
     let group = st
         .store
         .group(id(raw, "group id")?)

@@ -6,6 +6,7 @@ mod accounts;
 mod groups;
 mod messages;
 mod names;
+mod presence;
 pub mod throttle;
 mod web;
 
@@ -202,6 +203,7 @@ pub fn router(state: State) -> Router {
             axum::routing::put(accounts::block).delete(accounts::unblock),
         )
         .route("/users/{id}", get(accounts::get_user))
+        .route("/users/{id}/presence", get(presence::user))
         .route("/openapi.json", get(openapi))
         .route("/messages/send", post(messages::send))
         .route("/messages/history", get(messages::history))
@@ -216,6 +218,7 @@ pub fn router(state: State) -> Router {
         .route("/groups/{id}", get(groups::get).patch(groups::change))
         .route("/groups/{id}/join", post(groups::join))
         .route("/groups/{id}/leave", post(groups::leave))
+        .route("/groups/{id}/presence", get(presence::group))
         .route(
             "/groups/{id}/members",
             get(groups::members).post(groups::add_member),

@@ -25,13 +25,15 @@
 //! `release` (answering them once ownership is confirmed), `state` (per-partition seqs and
 //! retries, and recovery's replay), `recovery` (reading a partition's tail back), `stats`
 //! (the counters), `members` (the group member cache), `answers` (`sync` and `read` from the
-//! database), `downstream` (records to gateways), `client` (the REST API's way in).
+//! database), `downstream` (records to gateways), `client` (the REST API's way in), and the
+//! live relays that store nothing: `receipts`, `typing`, `online` (presence), `blocks`.
 
 mod answers;
 pub mod blocks;
 pub mod client;
 mod downstream;
 pub mod members;
+pub(crate) mod online;
 pub mod pipeline;
 pub(crate) mod receipts;
 mod recovery;
@@ -108,6 +110,7 @@ struct Stage {
     down: Downstream,
     answers: Answers,
     typing: Arc<typing::TypingRelay>,
+    online: Arc<online::OnlineRelay>,
     blocks: Arc<blocks::Blocks>,
     seq: Sequencer,
     stats: Arc<StageStats>,
@@ -307,8 +310,16 @@ impl Stage {
             down.clone(),
             stats.clone(),
         ));
+        let online = Arc::new(online::OnlineRelay::new(
+            store.clone(),
+            blocks.clone(),
+            presence.clone(),
+            down.clone(),
+            stats.clone(),
+        ));
         Ok(Stage {
             typing,
+            online,
             blocks,
             log: bus.producer(LINGER_MS, 0)?,
             bus,
@@ -388,6 +399,7 @@ impl Stage {
                     self.answers.read(&up, r, last)
                 }
                 Some(UpstreamBody::Typing(t)) => self.typing.relay(&up, t),
+                Some(UpstreamBody::Presence(e)) => self.online.event(&up, e),
                 None => {}
             }
         }

@@ -16,6 +16,12 @@ pub struct StageStats {
     /// a group too large to tell).
     pub typing_relayed_total: AtomicU64,
     pub typing_dropped_total: AtomicU64,
+    /// Presence events from gateways (a connection opened or closed), the changes told to
+    /// contacts (a first connection, a last one after its debounce), and the events dropped
+    /// (too many relays at once, or the tables full).
+    pub presence_events_total: AtomicU64,
+    pub presence_told_total: AtomicU64,
+    pub presence_dropped_total: AtomicU64,
     /// Batches released, and microseconds they spent being checked and sequenced (first
     /// record taken → last record handed to the producer) and then waiting to be durable
     /// (→ released): their ratio to the batches is where a send's time in logic goes.
@@ -75,6 +81,21 @@ impl StageStats {
                 "im_logic_typing_dropped_total",
                 "typing frames dropped (too frequent, not a member, a group too large)",
                 &self.typing_dropped_total,
+            ),
+            (
+                "im_logic_presence_events_total",
+                "presence events from gateways (a user's connection opened or closed)",
+                &self.presence_events_total,
+            ),
+            (
+                "im_logic_presence_told_total",
+                "presence changes told to contacts (a first connection; a last one, after its debounce)",
+                &self.presence_told_total,
+            ),
+            (
+                "im_logic_presence_dropped_total",
+                "presence events dropped (too many at once)",
+                &self.presence_dropped_total,
             ),
             (
                 "im_logic_downstream_records_total",

@@ -14,7 +14,7 @@ use super::downstream::Downstream;
 use super::members::Members;
 use super::StageStats;
 use im_bus::presence::Presence;
-use im_shared::records::{self, Deliver, DownstreamBody};
+use im_shared::records;
 use im_shared::{protocol, Conv};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -150,26 +150,14 @@ impl TypingRelay {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let online = match self.presence.gateways(&recipients).await {
-            Ok(o) => o,
-            Err(e) => return log::debug!("logic: typing not relayed: {e}"),
-        };
-        let mut by_gateway: HashMap<&str, Vec<u64>> = HashMap::new();
-        for u in &recipients {
-            for gw in online.get(u).into_iter().flatten() {
-                by_gateway.entry(gw.as_str()).or_default().push(*u);
-            }
-        }
         let mut json = Vec::with_capacity(64);
         protocol::encode_typing(conv, user, &mut json);
-        for (gw, users) in by_gateway {
-            let body = DownstreamBody::Deliver(Deliver {
-                users,
-                json: json.clone(),
-                except_conn: 0,
-                ..Default::default()
-            });
-            self.down.send(gw, &conv.to_string(), body);
+        let send = |gw: &str, key: &str, body| self.down.send(gw, key, body);
+        let key = conv.to_string();
+        if let Err(e) =
+            super::online::tell_users(&*self.presence, send, &recipients, &key, &json).await
+        {
+            return log::debug!("logic: typing not relayed: {e}");
         }
         self.stats
             .typing_relayed_total

@@ -84,7 +84,7 @@ macro_rules! impl_store {
             }
 
             async fn user_by_username(&self, username: &str) -> Result<Option<UserRow>> {
-                let row = sqlx::query("SELECT id, username, password_hash, nickname, avatar FROM users WHERE username = ?")
+                let row = sqlx::query("SELECT id, username, password_hash, nickname, avatar, presence_hidden FROM users WHERE username = ?")
                     .bind(username)
                     .fetch_optional(&self.pool)
                     .await?;
@@ -92,7 +92,7 @@ macro_rules! impl_store {
             }
 
             async fn user_by_id(&self, id: u64) -> Result<Option<UserRow>> {
-                let row = sqlx::query("SELECT id, username, password_hash, nickname, avatar FROM users WHERE id = ?")
+                let row = sqlx::query("SELECT id, username, password_hash, nickname, avatar, presence_hidden FROM users WHERE id = ?")
                     .bind(to_i64(id))
                     .fetch_optional(&self.pool)
                     .await?;
@@ -255,6 +255,26 @@ macro_rules! impl_store {
                     .fetch_all(&self.pool)
                     .await?;
                 Ok(ids.into_iter().map(|id| id as u64).collect())
+            }
+
+            async fn contacts(&self, user: u64, limit: u32) -> Result<Vec<u64>> {
+                self.contacts_of(user, limit).await
+            }
+
+            async fn are_contacts(&self, a: u64, b: u64) -> Result<bool> {
+                self.pair_exists(a, b).await
+            }
+
+            async fn share_a_group(&self, a: u64, b: u64) -> Result<bool> {
+                self.in_a_group_together(a, b).await
+            }
+
+            async fn set_presence_hidden(&self, user: u64, hidden: bool) -> Result<bool> {
+                self.hide_presence(user, hidden).await
+            }
+
+            async fn hiding_presence(&self, users: &[u64]) -> Result<Vec<u64>> {
+                self.who_hides_presence(users).await
             }
 
             async fn blocked_by(&self, user: u64) -> Result<Vec<u64>> {

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod body;
+mod presence;
 use body::impl_store;
+use presence::impl_presence;
 
 /// A sqlx pool of either database.
 pub struct SqlStore<DB: sqlx::Database> {
@@ -285,6 +287,10 @@ const MYSQL_MIGRATIONS: &[(i64, &str)] = &[
         9,
         include_str!("../../migrations/mysql/0009_user_blocks.sql"),
     ),
+    (
+        10,
+        include_str!("../../migrations/mysql/0010_presence_hidden.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -316,6 +322,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (
         9,
         include_str!("../../migrations/sqlite/0009_user_blocks.sql"),
+    ),
+    (
+        10,
+        include_str!("../../migrations/sqlite/0010_presence_hidden.sql"),
     ),
 ];
 
@@ -447,6 +457,8 @@ impl_store!(
     // another wrote in between, where an immediate one waits for the write lock.
     begin_write: "BEGIN IMMEDIATE"
 );
+impl_presence!(MySql);
+impl_presence!(Sqlite);
 
 /// How a user comes into a group, as `join_in` checks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -532,6 +544,7 @@ where
         password_hash: r.try_get("password_hash")?,
         nickname: r.try_get("nickname")?,
         avatar: r.try_get("avatar")?,
+        presence_hidden: r.try_get::<i64, _>("presence_hidden")? != 0,
     })
 }
 
