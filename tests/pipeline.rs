@@ -484,7 +484,10 @@ fn presence_reaches_contacts_and_own_devices_across_gateways() {
     let mut cr = c.ws(1, &tc).with_presence();
     wait_presence(&c, bob, 1);
     wait_presence(&c, carol, 1);
-    let is_presence = |v: &Value| v["type"] == "presence";
+    // Frames about Alice (Bob's own arrival may reach Alice late: logic serves once its
+    // group has settled).
+    let alice_id = alice.to_string();
+    let is_presence = |v: &Value| v["type"] == "presence" && v["user"] == alice_id.as_str();
     let online = |on: bool| json!({"type": "presence", "user": alice.to_string(), "online": on});
 
     let mut a0 = c.ws(0, &ta).with_presence();
@@ -499,7 +502,8 @@ fn presence_reaches_contacts_and_own_devices_across_gateways() {
     drop(a1);
     let mine = a0.until(T, &mut Vec::new(), is_presence);
     assert_eq!(mine["devices"].as_array().map(Vec::len), Some(1), "{mine}");
-    assert!(b.drain(Duration::from_millis(500)).is_empty());
+    let heard: Vec<Value> = b.drain(Duration::from_millis(500));
+    assert!(!heard.iter().any(is_presence), "{heard:?}");
 
     // The last device closes: Bob is told after the debounce, not before.
     let closed = Instant::now();
@@ -517,9 +521,12 @@ fn presence_reaches_contacts_and_own_devices_across_gateways() {
     drop(a0);
     let _a0 = c.ws(0, &ta).with_presence();
     let heard = b.drain(Duration::from_secs(4));
-    assert!(heard.is_empty(), "a reload is not news: {heard:?}");
+    assert!(
+        !heard.iter().any(is_presence),
+        "a reload is not news: {heard:?}"
+    );
     let heard = cr.drain(Duration::from_millis(200));
-    assert!(heard.is_empty(), "Carol is not Alice's contact: {heard:?}");
+    assert!(heard.is_empty(), "Carol is nobody's contact: {heard:?}");
 
     // Hiding her presence: Bob is told at once that she left, and asking says so too.
     let (st, v) = http(

@@ -8,8 +8,9 @@
 //!      `{"type":"presence","online":true}` is the **arrival** time;
 //!   2. the subject sends the watcher a message; from the send to the watcher's `msg` is the
 //!      **message** time: the same hops (gateway → im.upstream → logic → the watcher's
-//!      gateway), the floor presence is compared with;
-//! and when all are online, they close one by one, 20 ms apart; from each close to the
+//!      gateway), the floor presence is compared with.
+//!
+//! When all are online, they close one by one, 20 ms apart; from each close to the
 //! watcher's `online: false` is the **departure** time, which includes the debounce
 //! (2 s, `OFFLINE_DEBOUNCE`): reported as is and less the debounce.
 

@@ -426,6 +426,7 @@ function ensureConv(conv) {
   if (!entry) {
     entry = { conv, ...convInfo(conv), maxSeq: 0, readSeq: 0, unread: 0, last: null, peerRead: 0 };
     state.convs.set(conv, entry);
+    if (entry.kind === 'p2p' && entry.peer && state.session) askPresence(entry.peer);
   }
   return entry;
 }
@@ -729,14 +730,17 @@ function loadPresence() {
     .filter((e) => e.kind === 'p2p' && e.peer && !state.online.has(e.peer))
     .map((e) => e.peer)
     .slice(0, PRESENCE_ASK_MAX);
-  for (const peer of peers) {
-    state.online.set(peer, false);   // asked: not again until the next connect
-    api('GET', `/users/${enc(peer)}/presence`)
-      .then((p) => {
-        if (p && p.user === peer) notePresence(peer, Boolean(p.online));
-      })
-      .catch(() => {});              // 404: not someone whose presence we may see
-  }
+  for (const peer of peers) askPresence(peer);
+}
+
+function askPresence(peer) {
+  if (state.online.has(peer)) return;
+  state.online.set(peer, false);     // asked: not again until the next connect
+  api('GET', `/users/${enc(peer)}/presence`)
+    .then((p) => {
+      if (p && p.user === peer) notePresence(peer, Boolean(p.online));
+    })
+    .catch(() => {});                // 404: not someone whose presence we may see
 }
 
 function onPresence(f) {
@@ -1197,15 +1201,16 @@ function renderChatHeader() {
   el.convTitle.textContent = convLabel(entry);
   el.groupLine.hidden = open.kind !== 'group';
   el.peerLine.hidden = open.kind !== 'p2p';
+  // The member list belongs to the group it was opened for.
+  if (!state.members || state.members.group !== open.group) {
+    state.members = null;
+    el.memberList.hidden = true;
+  }
   if (open.kind !== 'group') {
     el.inviteLine.hidden = true;
     el.blockToggle.textContent = state.blocked.has(open.peer) ? 'Unblock' : 'Block';
     renderPeerPresence();
     return;
-  }
-  if (!state.members || state.members.group !== open.group) {
-    state.members = null;
-    el.memberList.hidden = true;
   }
   el.groupId.textContent = open.group;
   const g = state.groups.get(open.group);

@@ -401,8 +401,12 @@ async function scenario(browser) {
     const t = await text(alice, 'error');
     return t.includes('does not accept your messages') || t;
   });
+  await until('alice to see bob as offline while he blocks her', async () =>
+    (await text(alice, 'peer-presence')) === 'offline' || text(alice, 'peer-presence'));
   await byTestId(bob, 'block-toggle').click();
   await until('bob\'s button to offer blocking again', async () => (await text(bob, 'block-toggle')) === 'Block' || text(bob, 'block-toggle'));
+  await until('alice to see bob online again once he unblocks her', async () =>
+    (await text(alice, 'peer-presence')) === 'online' || text(alice, 'peer-presence'));
 
   step = 'h. screenshots';
   await alice.screenshot({ path: path.join(OUT_DIR, 'alice.png') });

@@ -414,6 +414,7 @@ pub async fn block(
         ));
     }
     st.blocks.invalidate(caller.user_id, other);
+    super::presence::block_changed(&st, caller.user_id, other, true).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -432,6 +433,9 @@ pub async fn unblock(
         ));
     }
     st.blocks.invalidate(caller.user_id, other);
+    // They may still be apart: the other may block the caller.
+    let apart = !matches!(st.blocks.refusal(caller.user_id, other).await, Ok(None));
+    super::presence::block_changed(&st, caller.user_id, other, apart).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

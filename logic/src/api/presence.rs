@@ -159,6 +159,47 @@ pub(super) async fn hidden_changed(st: &State, user: u64, hidden: bool, audience
     }
 }
 
+/// After `a` blocked `b` (or lifted the block): each one's devices are told the other's
+/// presence as it now looks to them — offline while either blocks the other; after the
+/// block is lifted, as it is (when they may see each other at all).
+pub(super) async fn block_changed(st: &State, a: u64, b: u64, blocked: bool) {
+    let Some(p) = &st.pipeline else {
+        return;
+    };
+    if !blocked
+        && !matches!(st.store.are_contacts(a, b).await, Ok(true))
+        && !matches!(st.store.share_a_group(a, b).await, Ok(true))
+    {
+        return;
+    }
+    let send = |gw: &str, key: &str, body| {
+        if let Err(e) = p.client.downstream(gw, key, body) {
+            log::debug!("logic: a presence frame was not queued: {e}");
+        }
+    };
+    for (about, to) in [(a, b), (b, a)] {
+        let online = !blocked && shown_online(st, &*p.presence, about).await;
+        let mut json = Vec::with_capacity(64);
+        protocol::encode_presence(about, online, None, &mut json);
+        let key = about.to_string();
+        if let Err(e) = online::tell_users(&*p.presence, send, &[to], &key, &json).await {
+            log::debug!("logic: presence of user {about} not told: {e}");
+        }
+    }
+}
+
+/// Whether `user` is online as others see it (not hidden).
+async fn shown_online(st: &State, presence: &dyn Presence, user: u64) -> bool {
+    let hidden = st
+        .store
+        .user_by_id(user)
+        .await
+        .ok()
+        .flatten()
+        .is_none_or(|u| u.presence_hidden);
+    !hidden && matches!(presence.gateways(&[user]).await, Ok(on) if on.contains_key(&user))
+}
+
 /// Who sees `user`'s presence while it is shown (for `hidden_changed`).
 pub(super) async fn audience_of(st: &State, user: u64) -> Vec<u64> {
     online::audience(&*st.store, &st.blocks, user)
