@@ -459,7 +459,6 @@ fn messages_cross_gateways_once_in_order_and_an_offline_device_syncs() {
     a0.until(T, &mut Vec::new(), |v| v["type"] == "pong");
 }
 
-/// `redis-cli` on this deployment's database; its output, trimmed.
 /// Presence (docs/PROTOCOL.md, "Presence") across two gateways: a contact's arrival is
 /// told at once and their leaving after the debounce; a reload within it tells nobody;
 /// their own other device gets the device list; someone who is not a contact hears
@@ -471,15 +470,22 @@ fn presence_reaches_contacts_and_own_devices_across_gateways() {
     let (alice, ta) = c.user("alice");
     let (bob, tb) = c.user("bob");
     let (carol, tc) = c.user("carol");
-    // Alice and Bob are contacts (a two-person conversation); Carol is nobody to Alice.
-    let (st, v) = http(
-        c.api,
-        "POST",
-        "/api/v1/conversations/create",
-        Some(&ta),
-        &json!({"user_id": bob.to_string()}),
-    );
-    assert_eq!(st, 200, "{v}");
+    // Alice and Bob are contacts (they wrote to each other); Carol wrote to Alice, who did
+    // not answer: Carol is nobody to Alice.
+    for (from, to) in [(&ta, bob), (&tb, alice), (&tc, alice)] {
+        let body = json!({"to": to.to_string(), "content": "hi"});
+        let (st, v) = http(c.api, "POST", "/api/v1/messages/send", Some(from), &body);
+        assert_eq!(st, 200, "{v}");
+    }
+    // Contacts are read from the database: wait until persist has stored the exchange.
+    let end = Instant::now() + T;
+    let of_alice = format!("/api/v1/users/{alice}/presence");
+    while http(c.api, "GET", &of_alice, Some(&tb), &Value::Null).0 != 200 {
+        assert!(Instant::now() < end, "Alice and Bob never became contacts");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (st, _) = http(c.api, "GET", &of_alice, Some(&tc), &Value::Null);
+    assert_eq!(st, 404, "a message one way makes no contact");
     let mut b = c.ws(1, &tb).with_presence();
     let mut cr = c.ws(1, &tc).with_presence();
     wait_presence(&c, bob, 1);
@@ -551,6 +557,7 @@ fn presence_reaches_contacts_and_own_devices_across_gateways() {
     );
 }
 
+/// `redis-cli` on this deployment's database; its output, trimmed.
 fn redis_cli(c: &Cluster, args: &[&str]) -> String {
     let db = c.redis.rsplit('/').next().unwrap().to_string();
     let out = std::process::Command::new("redis-cli")

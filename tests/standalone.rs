@@ -234,15 +234,20 @@ fn presence_is_told_to_contacts_in_standalone() {
     let s = Standalone::start(&dir, &dir.join("data"), "standalone-presence");
     let (alice, ta) = s.user("alice");
     let (bob, tb) = s.user("bob");
-    let (st, v) = http(
-        s.api,
-        "POST",
-        "/api/v1/conversations/create",
-        Some(&ta),
-        &json!({"user_id": bob.to_string()}),
-    );
-    assert_eq!(st, 200, "{v}");
+    // Contacts: they wrote to each other.
+    for (from, to) in [(&ta, bob), (&tb, alice)] {
+        let body = json!({"to": to.to_string(), "content": "hi"});
+        let (st, v) = http(s.api, "POST", "/api/v1/messages/send", Some(from), &body);
+        assert_eq!(st, 200, "{v}");
+    }
     let mut b = Ws::connect(s.ws, &tb).with_presence();
+    // Bob's connection is in presence before Alice arrives (his own arrival is not the test).
+    let of_bob = format!("/api/v1/users/{bob}/presence");
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while http(s.api, "GET", &of_bob, Some(&ta), &Value::Null).1["online"] != true {
+        assert!(std::time::Instant::now() < end, "Bob never showed online");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let is_presence = |v: &Value| v["type"] == "presence";
     let online = |on: bool| json!({"type": "presence", "user": alice.to_string(), "online": on});
     let a = Ws::connect(s.ws, &ta);

@@ -2,8 +2,8 @@
 //! (docs/PROTOCOL.md, "Presence"; the seeds promise < 500 ms), beside a message over the
 //! same path, measured in the same run.
 //!
-//! One watcher holds a connection and has a two-person conversation with each of N subjects
-//! (made over REST). Then, one subject at a time:
+//! One watcher holds a connection and has exchanged a message each way with each of N
+//! subjects (over REST), so they are contacts. Then, one subject at a time:
 //!   1. the subject connects; from its upgrade's answer to the watcher's
 //!      `{"type":"presence","online":true}` is the **arrival** time;
 //!   2. the subject sends the watcher a message; from the send to the watcher's `msg` is the
@@ -167,17 +167,22 @@ pub fn presence(a: PresenceArgs) -> PresenceResult {
 async fn run(a: PresenceArgs) -> PresenceResult {
     let watcher = a.user_base;
     let subjects: Vec<u64> = (1..=a.subjects).map(|i| a.user_base + i).collect();
-    // The conversations: the watcher opens one with each subject.
+    // Contacts: the watcher and each subject write to each other once (REST sends).
     let mut http = Http::connect(a.api).await.expect("the REST API");
     let wt = token(&a.secret, watcher);
     for s in &subjects {
-        let body = format!("{{\"user_id\":\"{s}\"}}");
-        let (st, b) = http
-            .request("POST", "/api/v1/conversations/create", Some(&wt), &body)
-            .await
-            .expect("REST");
-        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+        let st_ = token(&a.secret, *s);
+        for (from, to) in [(&wt, *s), (&st_, watcher)] {
+            let body = format!("{{\"to\":\"{to}\",\"content\":\"hi\"}}");
+            let (st, b) = http
+                .request("POST", "/api/v1/messages/send", Some(from), &body)
+                .await
+                .expect("REST");
+            assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+        }
     }
+    // Persist stores them a moment later (distributed): contacts are read from there.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (rd, _watcher_writer) = connect(&a, watcher).await.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel();
     watch(rd, tx);

@@ -1688,15 +1688,41 @@ async fn presence(api: &Api, online: &MemoryPresence) {
         let tok = tok.to_string();
         async move { api.call(method, &path, Some(&tok), body).await }
     };
-    // Ann and Ben are contacts; Cat is in Ben's group; Dan is nobody to Ben.
+    // Ann and Ben are contacts (they wrote to each other); Cat is in Ben's group; Dan only
+    // opened a conversation with Ben and wrote to him: one way is not enough.
+    let (ann_id, ben_id, dan_id): (u64, u64, u64) = (
+        ann.parse().unwrap(),
+        ben.parse().unwrap(),
+        _dan.parse().unwrap(),
+    );
+    let write = |id: u64, from: u64, to: u64| {
+        let conv = format!("p:{}:{}", from.min(to), from.max(to));
+        async move {
+            let m = im_store::NewMessage {
+                id,
+                conv: &conv,
+                sender: from,
+                cid: &id.to_string(),
+                to_user: Some(to),
+                to_group: None,
+                content: "hi",
+                content_type: "text",
+                ts_ms: 1,
+            };
+            api.state.store.append_message(&m).await.unwrap();
+        }
+    };
+    write(1, ann_id, ben_id).await;
+    write(2, ben_id, ann_id).await;
     let r = call(
         "POST",
         "/api/v1/conversations/create".into(),
-        &a,
+        &d,
         Some(json!({ "user_id": ben })),
     )
     .await;
     assert_eq!(r.0, StatusCode::OK, "{r:?}");
+    write(3, dan_id, ben_id).await;
     let r = call(
         "POST",
         "/api/v1/groups/create".into(),
@@ -1709,7 +1735,6 @@ async fn presence(api: &Api, online: &MemoryPresence) {
     let r = call("POST", add, &b, Some(json!({ "user_id": cat }))).await;
     assert_eq!(r.0, StatusCode::NO_CONTENT);
     // Ben connects from his phone.
-    let ben_id: u64 = ben.parse().unwrap();
     let conn = Change::Online {
         user: ben_id,
         conn: 1,
@@ -1829,7 +1854,7 @@ async fn presence_on_sqlite() {
     let path = format!("/api/v1/users/{ann}/presence");
     assert_eq!(
         err(&plain.call("GET", &path, Some(&a), None).await),
-        (503, 5032)
+        (503, 5031)
     );
     let _ = std::fs::remove_dir_all(dir);
 }

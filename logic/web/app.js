@@ -52,6 +52,8 @@ const state = {
   typing: new Map(),      // conv id → Map(user id → when their "typing…" ends)
   blocked: new Set(),     // user ids this user blocks
   online: new Map(),      // user id → true/false: a peer's presence, as last heard
+  pushes: new Map(),      // user id → presence frames heard about them (an older answer loses)
+  contacts: new Set(),    // peers whose presence the server showed us (contacts: both wrote)
   devices: [],            // this user's devices online (their device ids), as last heard
   members: null,          // the open group's member list while shown: {group, items}
   typingSent: new Map(),  // conv id → when this device last sent `typing` for it
@@ -369,6 +371,7 @@ function sendFrame(frame) {
 function afterConnect() {
   // Presence frames only say what changed: what changed while away is asked for again.
   state.online = new Map();
+  state.contacts = new Set();
   loadConversations().catch((e) => showError(`Conversations: ${e.message}`));
   const open = state.open;
   if (open && open.loaded) startSync(open);
@@ -631,6 +634,7 @@ async function catchUpByHistory(open) {
 function onMessage(m) {
   stopTyping(m.conv, m.from);
   const entry = ensureConv(m.conv);
+  if (entry.kind === 'p2p' && entry.peer) askPresence(entry.peer, true);
   const isNew = noteLatest(entry, m);
   const open = state.open;
   if (open && open.conv === m.conv) {
@@ -733,12 +737,19 @@ function loadPresence() {
   for (const peer of peers) askPresence(peer);
 }
 
-function askPresence(peer) {
-  if (state.online.has(peer)) return;
+/// Asks the server for a peer's presence; `again`: even if asked before, until it answers
+/// (a peer becomes a contact once both have written: a message either way asks again).
+function askPresence(peer, again = false) {
+  if (state.online.has(peer) && !(again && !state.contacts.has(peer))) return;
   state.online.set(peer, false);     // asked: not again until the next connect
+  const pushed = state.pushes.get(peer) || 0;
   api('GET', `/users/${enc(peer)}/presence`)
     .then((p) => {
-      if (p && p.user === peer) notePresence(peer, Boolean(p.online));
+      // A frame that came while the answer was on its way is newer than it.
+      if ((state.pushes.get(peer) || 0) !== pushed) return;
+      if (!p || p.user !== peer) return;
+      state.contacts.add(peer);
+      notePresence(peer, Boolean(p.online));
     })
     .catch(() => {});                // 404: not someone whose presence we may see
 }
@@ -746,8 +757,11 @@ function askPresence(peer) {
 function onPresence(f) {
   if (f.user === me()) {
     state.devices = Array.isArray(f.devices) ? f.devices : [];
+    const n = state.devices.length;
+    el.devices.textContent = n > 1 ? `· online on ${n} devices` : '';
     return;
   }
+  state.pushes.set(f.user, (state.pushes.get(f.user) || 0) + 1);
   notePresence(f.user, Boolean(f.online));
 }
 
@@ -868,6 +882,8 @@ function onSent(f) {
   const p = state.pending.get(f.cid);
   if (!p) return;   // a duplicate acknowledgement of a resend
   state.pending.delete(f.cid);
+  const sentTo = state.convs.get(f.conv);
+  if (sentTo && sentTo.kind === 'p2p' && sentTo.peer) askPresence(sentTo.peer, true);
   clearTimeout(p.retryTimer);
   const m = {
     type: 'msg',
@@ -1364,7 +1380,9 @@ function endSession(reason) {
   state.typingSent = new Map();
   state.blocked = new Set();
   state.online = new Map();
+  state.contacts = new Set();
   state.devices = [];
+  el.devices.textContent = '';
   state.members = null;
   pendingInvite = null;
   el.inviteBanner.hidden = true;
@@ -1436,7 +1454,7 @@ function wire() {
     errorBar: 'error-bar', error: 'error', errorDismiss: 'error-dismiss',
     loginView: 'login-view', loginForm: 'login-form', loginUsername: 'login-username',
     loginPassword: 'login-password', registerSubmit: 'register-submit',
-    appView: 'app-view', me: 'me', connState: 'conn-state', logout: 'logout',
+    appView: 'app-view', me: 'me', devices: 'devices', connState: 'conn-state', logout: 'logout',
     openUserForm: 'open-user-form', openUserInput: 'open-user-input',
     groupCreateForm: 'group-create-form', groupCreateName: 'group-create-name',
     groupJoinForm: 'group-join-form', groupJoinId: 'group-join-id',

@@ -430,9 +430,9 @@ pub fn encode_read_event(conv: Conv, seq: u64, out: &mut Vec<u8>) {
     .expect("writing to a Vec cannot fail");
 }
 
-/// Appends a `typing` event's JSON to `out`: `from` is typing in `conv`.
-/// `{"type":"presence","user","online"}`, and for the user's own devices `devices`: the
-/// device ids of their open connections ("" where the token named none).
+/// Appends a `presence` event's JSON to `out`: `{"type":"presence","user","online"}`, and
+/// for the user's own devices `devices`: the device ids of their open connections ("" where
+/// the token named none).
 pub fn encode_presence(user: u64, online: bool, devices: Option<&[&str]>, out: &mut Vec<u8>) {
     #[derive(Serialize)]
     struct Presence<'a> {
@@ -453,6 +453,7 @@ pub fn encode_presence(user: u64, online: bool, devices: Option<&[&str]>, out: &
     serde_json::to_writer(out, &p).expect("writing to a Vec cannot fail");
 }
 
+/// Appends a `typing` event's JSON to `out`: `from` is typing in `conv`.
 pub fn encode_typing(conv: Conv, from: u64, out: &mut Vec<u8>) {
     #[derive(Serialize)]
     struct Typing {

@@ -321,10 +321,10 @@ pub trait Store: Send + Sync + 'static {
     async fn unblock(&self, user: u64, other: u64) -> Result<bool>;
     /// Everyone `user` blocks, ascending.
     async fn blocked_by(&self, user: u64) -> Result<Vec<u64>>;
-    /// The other users of `user`'s two-person conversations (whom their presence is told
-    /// to), ascending, from at most `limit` conversations.
+    /// The users `user` has exchanged messages with, both ways (whom their presence is
+    /// told to), ascending, from at most `limit` conversations.
     async fn contacts(&self, user: u64, limit: u32) -> Result<Vec<u64>>;
-    /// Whether `a` and `b` have a two-person conversation (are each other's contacts).
+    /// Whether `a` and `b` have exchanged messages, both ways (are each other's contacts).
     async fn are_contacts(&self, a: u64, b: u64) -> Result<bool>;
     /// Whether `a` and `b` are members of one group.
     async fn share_a_group(&self, a: u64, b: u64) -> Result<bool>;

@@ -304,18 +304,39 @@ async fn presence_queries(s: &dyn Store) {
     let b = s.create_user("ben", "h", "Ben", 1).await.unwrap();
     let c = s.create_user("cat", "h", "Cat", 1).await.unwrap();
     let d = s.create_user("dan", "h", "Dan", 1).await.unwrap();
-    for peer in [b, c] {
-        let conv = format!("p:{}:{}", a.min(peer), a.max(peer));
-        s.open_pair(&conv, a, peer).await.unwrap();
-    }
+    let pair = |x: u64, y: u64| format!("p:{}:{}", x.min(y), x.max(y));
+    // Ann and Ben write to each other (the standalone path); Ann and Cat too (persist's
+    // batches); Ann only opens a conversation with Dan, and writes to him: one way.
+    let (ab, ac, ad) = (pair(a, b), pair(a, c), pair(a, d));
+    s.append_message(&msg(1, &ab, a, "1", Some(b), None))
+        .await
+        .unwrap();
+    s.append_message(&msg(2, &ab, b, "2", Some(a), None))
+        .await
+        .unwrap();
+    let batch = [rec(3, &ac, 1, a, c, 0, "3"), rec(4, &ac, 2, c, a, 0, "4")];
+    s.insert_messages(&batch, &[]).await.unwrap();
+    s.open_pair(&ad, a, d).await.unwrap();
+    s.append_message(&msg(5, &ad, a, "5", Some(d), None))
+        .await
+        .unwrap();
     let mut want = vec![b, c];
     want.sort_unstable();
-    assert_eq!(s.contacts(a, 100).await.unwrap(), want);
+    assert_eq!(
+        s.contacts(a, 100).await.unwrap(),
+        want,
+        "Dan never wrote back"
+    );
     assert_eq!(s.contacts(b, 100).await.unwrap(), [a], "both ways");
     assert!(s.contacts(d, 100).await.unwrap().is_empty());
     assert_eq!(s.contacts(a, 1).await.unwrap().len(), 1, "bounded");
-    assert!(s.are_contacts(a, b).await.unwrap() && s.are_contacts(b, a).await.unwrap());
+    assert!(s.are_contacts(a, b).await.unwrap() && s.are_contacts(c, a).await.unwrap());
     assert!(!s.are_contacts(a, d).await.unwrap() && !s.are_contacts(a, a).await.unwrap());
+    // Dan writes back: now they are.
+    let back = [rec(6, &ad, 2, d, a, 0, "6")];
+    s.insert_messages(&back, &[]).await.unwrap();
+    assert!(s.are_contacts(d, a).await.unwrap());
+    assert_eq!(s.contacts(d, 100).await.unwrap(), [a]);
     // Groups in common.
     let g = s.create_group(&group(c)).await.unwrap();
     s.add_member(g, d, 1, JoinBy::Owner).await.unwrap();

@@ -346,6 +346,8 @@ async function scenario(browser) {
   await waitConnected(bob2, 'bob2');
   await until('bob\'s second device to show unread 2', async () =>
     (await unreadOf(bob2, pair)) === 2 || { unread: await unreadOf(bob2, pair) });
+  await until('bob\'s first device to say he is online on 2 devices', async () =>
+    (await text(bob, 'devices')) === '· online on 2 devices' || text(bob, 'devices'));
   await openConversation(bob, 'bob', pair);
   await until('bob\'s second device to clear its badge (a read event)', async () =>
     (await unreadOf(bob2, pair)) === 0 || { unread: await unreadOf(bob2, pair) });

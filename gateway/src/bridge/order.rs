@@ -13,10 +13,13 @@
 //!
 //! Memory is bounded: conversations are keyed by a 64-bit hash of their id, in two tables of
 //! at most `CAP` entries; when the current one fills, it becomes the previous one and the
-//! older previous one is dropped. A conversation is remembered until `CAP` others have
-//! been delivered to after it — far longer than any pause a session timeout allows to
-//! matter at the rates where the tables turn over. A hash collision can only drop a live
-//! `msg` (recovered by `sync`), never deliver one out of order.
+//! older previous one is dropped. A conversation is remembered until `CAP` to `2 × CAP` others
+//! have been delivered to after it. A late record can wait in the paused owner's producer for
+//! up to its message timeout (`im_bus::RECORD_TIMEOUT_MS`, 2 minutes), so the check holds
+//! for a gateway delivering to fewer than about 550 distinct conversations a second; above
+//! that, a pause long enough can still let a stale `msg` through (bounded memory's price;
+//! carrying the owner's fencing epoch per partition would close it). A hash collision can
+//! only drop a live `msg` (recovered by `sync`), never deliver one out of order.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

@@ -498,7 +498,7 @@ pub async fn put_profile(
         if hide != was {
             // Who sees the user while it is shown: read before hiding, after showing.
             let shown_to = if hide {
-                super::presence::audience_of(&st, me).await
+                super::presence::audience_of(&st, me).await?
             } else {
                 Vec::new()
             };
@@ -506,7 +506,7 @@ pub async fn put_profile(
             let shown_to = if hide {
                 shown_to
             } else {
-                super::presence::audience_of(&st, me).await
+                super::presence::audience_of(&st, me).await?
             };
             super::presence::hidden_changed(&st, me, hide, &shown_to).await;
         }

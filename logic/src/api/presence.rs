@@ -30,7 +30,7 @@ fn presence_of(st: &State) -> Result<&Arc<dyn Presence>, ApiError> {
     st.pipeline.as_ref().map(|p| &p.presence).ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::DependencyDown,
+            ErrorCode::Unavailable,
             "presence needs the message pipeline (this instance runs without one)",
         )
     })
@@ -135,16 +135,17 @@ pub async fn group(
     })))
 }
 
-/// After `PUT /users/me` changed `hide_presence`: if the user is online, their contacts are
-/// told at once (offline when they hide it, online when they show it). `audience` is who
-/// may see them while it is shown (read before hiding, after showing).
+/// After `PUT /users/profile` changed `hide_presence`: the contacts are told at once —
+/// "offline" when the user hides it, whether or not they are online (a contact may still
+/// show them online from before, or from a close whose debounce is running), and "online"
+/// when they show it while online. `audience` is who sees them while it is shown (read
+/// before hiding, after showing).
 pub(super) async fn hidden_changed(st: &State, user: u64, hidden: bool, audience: &[u64]) {
     let Some(p) = &st.pipeline else {
         return;
     };
-    match p.presence.gateways(&[user]).await {
-        Ok(on) if on.contains_key(&user) => {}
-        _ => return,
+    if !hidden && !shown_online(st, &*p.presence, user).await {
+        return;
     }
     let mut json = Vec::with_capacity(64);
     protocol::encode_presence(user, !hidden, None, &mut json);
@@ -159,17 +160,15 @@ pub(super) async fn hidden_changed(st: &State, user: u64, hidden: bool, audience
     }
 }
 
-/// After `a` blocked `b` (or lifted the block): each one's devices are told the other's
-/// presence as it now looks to them — offline while either blocks the other; after the
-/// block is lifted, as it is (when they may see each other at all).
-pub(super) async fn block_changed(st: &State, a: u64, b: u64, blocked: bool) {
+/// After `a` blocked `b` (or lifted the block), between contacts: each one's devices are
+/// told the other's presence as it now looks to them, where that changed — "offline" for
+/// one shown online while either blocks the other, "online" again once neither does.
+/// (Someone who is not a contact is told nothing: they never saw it.)
+pub(super) async fn block_changed(st: &State, a: u64, b: u64, apart: bool) {
     let Some(p) = &st.pipeline else {
         return;
     };
-    if !blocked
-        && !matches!(st.store.are_contacts(a, b).await, Ok(true))
-        && !matches!(st.store.share_a_group(a, b).await, Ok(true))
-    {
+    if !matches!(st.store.are_contacts(a, b).await, Ok(true)) {
         return;
     }
     let send = |gw: &str, key: &str, body| {
@@ -178,9 +177,11 @@ pub(super) async fn block_changed(st: &State, a: u64, b: u64, blocked: bool) {
         }
     };
     for (about, to) in [(a, b), (b, a)] {
-        let online = !blocked && shown_online(st, &*p.presence, about).await;
+        if !shown_online(st, &*p.presence, about).await {
+            continue;
+        }
         let mut json = Vec::with_capacity(64);
-        protocol::encode_presence(about, online, None, &mut json);
+        protocol::encode_presence(about, !apart, None, &mut json);
         let key = about.to_string();
         if let Err(e) = online::tell_users(&*p.presence, send, &[to], &key, &json).await {
             log::debug!("logic: presence of user {about} not told: {e}");
@@ -201,11 +202,8 @@ async fn shown_online(st: &State, presence: &dyn Presence, user: u64) -> bool {
 }
 
 /// Who sees `user`'s presence while it is shown (for `hidden_changed`).
-pub(super) async fn audience_of(st: &State, user: u64) -> Vec<u64> {
+pub(super) async fn audience_of(st: &State, user: u64) -> Result<Vec<u64>, ApiError> {
     online::audience(&*st.store, &st.blocks, user)
         .await
-        .unwrap_or_else(|e| {
-            log::debug!("logic: no audience for user {user}: {e}");
-            Vec::new()
-        })
+        .map_err(unavailable)
 }

@@ -293,6 +293,11 @@ impl OnlineRelay {
 
     async fn tell_contacts(&self, user: u64, online: bool) -> Result<(), String> {
         let audience = audience(&*self.store, &self.blocks, user).await?;
+        // An arrival told late (the lookups took a while) must not follow a departure that
+        // was told meanwhile: still online, or nothing.
+        if online && !self.presence.gateways(&[user]).await?.contains_key(&user) {
+            return Ok(());
+        }
         let mut json = Vec::with_capacity(64);
         protocol::encode_presence(user, online, None, &mut json);
         let send = |gw: &str, key: &str, body| self.down.send(gw, key, body);

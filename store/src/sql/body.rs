@@ -19,7 +19,8 @@ macro_rules! impl_store {
         group_conv: $group_conv:literal,
         restart_log: $restart_log:literal,
         hold_hot: $hold_hot:literal,
-        begin_write: $begin_write:literal
+        begin_write: $begin_write:literal,
+        mark_wrote: $mark_wrote:literal
     ) => {
         #[async_trait]
         impl Store for SqlStore<$db> {
@@ -556,13 +557,16 @@ macro_rules! impl_store {
                 .execute(&mut *tx)
                 .await?;
                 if let Some(to) = m.to_user {
-                    for user in [m.sender, to] {
-                        sqlx::query(concat!($insert_ignore, " INTO conversation_members (user_id, conv) VALUES (?, ?)"))
-                            .bind(to_i64(user))
-                            .bind(m.conv)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                    sqlx::query(concat!("INSERT INTO conversation_members (user_id, conv, wrote) VALUES (?, ?, 1)", $mark_wrote))
+                        .bind(to_i64(m.sender))
+                        .bind(m.conv)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(concat!($insert_ignore, " INTO conversation_members (user_id, conv) VALUES (?, ?)"))
+                        .bind(to_i64(to))
+                        .bind(m.conv)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 tx.commit().await?;
                 Ok(MessageRow {
@@ -636,7 +640,16 @@ macro_rules! impl_store {
                         q.push($raise_max_seq);
                         q.build().execute(&mut *tx).await?;
                     }
-                    for chunk in pair_members(batch).chunks(KEY_CHUNK) {
+                    let (wrote, got) = pair_members(batch);
+                    for chunk in wrote.chunks(KEY_CHUNK) {
+                        let mut q = QueryBuilder::<$db>::new("INSERT INTO conversation_members (user_id, conv, wrote) ");
+                        q.push_values(padded(chunk, chunk.len() - 1), |mut row, &(user, conv)| {
+                            row.push_bind(to_i64(user)).push_bind(conv).push_bind(1i64);
+                        });
+                        q.push($mark_wrote);
+                        q.build().execute(&mut *tx).await?;
+                    }
+                    for chunk in got.chunks(KEY_CHUNK) {
                         let mut q = QueryBuilder::<$db>::new(concat!($insert_ignore, " INTO conversation_members (user_id, conv) "));
                         q.push_values(padded(chunk, chunk.len() - 1), |mut row, &(user, conv)| {
                             row.push_bind(to_i64(user)).push_bind(conv);

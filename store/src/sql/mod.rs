@@ -291,6 +291,14 @@ const MYSQL_MIGRATIONS: &[(i64, &str)] = &[
         10,
         include_str!("../../migrations/mysql/0010_presence_hidden.sql"),
     ),
+    (
+        11,
+        include_str!("../../migrations/mysql/0011_conversation_members_wrote.sql"),
+    ),
+    (
+        12,
+        include_str!("../../migrations/mysql/0012_conversation_members_wrote_backfill.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -326,6 +334,14 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (
         10,
         include_str!("../../migrations/sqlite/0010_presence_hidden.sql"),
+    ),
+    (
+        11,
+        include_str!("../../migrations/sqlite/0011_conversation_members_wrote.sql"),
+    ),
+    (
+        12,
+        include_str!("../../migrations/sqlite/0012_conversation_members_wrote_backfill.sql"),
     ),
 ];
 
@@ -405,13 +421,17 @@ fn highest_seqs(batch: &[Stored]) -> Vec<(&str, u64)> {
 }
 
 /// (user, conv) for both parties of every two-person message in `batch`, each once.
-fn pair_members(batch: &[Stored]) -> Vec<(u64, &str)> {
-    let mut set: BTreeSet<(u64, &str)> = BTreeSet::new();
+/// The members of the batch's two-person conversations: those who wrote in them (marked
+/// `wrote`: presence's contacts), and those who only received.
+fn pair_members(batch: &[Stored]) -> (Vec<(u64, &str)>, Vec<(u64, &str)>) {
+    let mut wrote: BTreeSet<(u64, &str)> = BTreeSet::new();
+    let mut got: BTreeSet<(u64, &str)> = BTreeSet::new();
     for m in batch.iter().filter(|m| m.to_user != 0) {
-        set.insert((m.from, m.conv.as_str()));
-        set.insert((m.to_user, m.conv.as_str()));
+        wrote.insert((m.from, m.conv.as_str()));
+        got.insert((m.to_user, m.conv.as_str()));
     }
-    set.into_iter().collect()
+    let got = got.difference(&wrote).copied().collect();
+    (wrote.into_iter().collect(), got)
 }
 
 /// 0 means "none" in the record schema, NULL in the tables.
@@ -435,7 +455,8 @@ impl_store!(
     group_conv: "(CONCAT('g:', gm.group_id) COLLATE utf8mb4_unicode_ci)",
     restart_log: "",
     hold_hot: false,
-    begin_write: "BEGIN"
+    begin_write: "BEGIN",
+    mark_wrote: " ON DUPLICATE KEY UPDATE wrote = 1"
 );
 // One SQLite file has one writer at a time: no lock statements, no row locks.
 impl_store!(
@@ -455,7 +476,8 @@ impl_store!(
     hold_hot: true,
     // Transactions that read, then write: a deferred one would fail with SQLITE_BUSY when
     // another wrote in between, where an immediate one waits for the write lock.
-    begin_write: "BEGIN IMMEDIATE"
+    begin_write: "BEGIN IMMEDIATE",
+    mark_wrote: " ON CONFLICT(user_id, conv) DO UPDATE SET wrote = 1"
 );
 impl_presence!(MySql);
 impl_presence!(Sqlite);
@@ -615,9 +637,9 @@ mod tests {
             let tables = |sql| {
                 let stmts: Vec<&str> = statements(sql).collect();
                 assert!(
-                    stmts
-                        .iter()
-                        .all(|s| s.contains("CREATE") || s.contains("ALTER TABLE")),
+                    stmts.iter().all(|s| s.contains("CREATE")
+                        || s.contains("ALTER TABLE")
+                        || s.contains("UPDATE conversation_members")),
                     "{stmts:#?}"
                 );
                 stmts.iter().filter(|s| s.contains("CREATE TABLE")).count()

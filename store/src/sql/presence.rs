@@ -4,11 +4,13 @@
 macro_rules! impl_presence {
     ($db:ty) => {
         impl SqlStore<$db> {
-            /// The other users of `user`'s two-person conversations, at most `limit`: one
-            /// range of the (user_id, conv) primary key.
+            /// The users `user` has exchanged messages with, both ways, from at most
+            /// `limit` conversations: a range of the (user_id, conv) primary key, and a probe
+            /// of the conv index per conversation.
             pub(super) async fn contacts_of(&self, user: u64, limit: u32) -> Result<Vec<u64>> {
                 let convs: Vec<String> = sqlx::query_scalar(
-                    "SELECT conv FROM conversation_members WHERE user_id = ? AND conv LIKE 'p:%' LIMIT ?",
+                    "SELECT cm.conv FROM conversation_members cm WHERE cm.user_id = ? AND cm.conv LIKE 'p:%' AND cm.wrote <> 0 \
+                     AND EXISTS (SELECT 1 FROM conversation_members o WHERE o.conv = cm.conv AND o.user_id <> cm.user_id AND o.wrote <> 0) LIMIT ?",
                 )
                 .bind(to_i64(user))
                 .bind(i64::from(limit))
@@ -27,19 +29,18 @@ macro_rules! impl_presence {
                 Ok(peers)
             }
 
-            /// Whether `a` has a two-person conversation with `b` (then `b` has it too).
+            /// Whether `a` and `b` have exchanged messages, both ways.
             pub(super) async fn pair_exists(&self, a: u64, b: u64) -> Result<bool> {
                 let Some(conv) = im_shared::Conv::pair(a, b) else {
                     return Ok(false);
                 };
-                let found: Option<i64> = sqlx::query_scalar(
-                    "SELECT user_id FROM conversation_members WHERE user_id = ? AND conv = ?",
+                let writers: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM conversation_members WHERE conv = ? AND wrote <> 0",
                 )
-                .bind(to_i64(a))
                 .bind(conv.to_string())
-                .fetch_optional(&self.pool)
+                .fetch_one(&self.pool)
                 .await?;
-                Ok(found.is_some())
+                Ok(writers >= 2)
             }
 
             pub(super) async fn in_a_group_together(&self, a: u64, b: u64) -> Result<bool> {

@@ -1,0 +1,4 @@
+-- Presence (docs/PROTOCOL.md, "Presence"): a user's contacts are the people they have
+-- exchanged messages with, both ways. `wrote` marks a member of a two-person conversation
+-- who has sent in it; opening a conversation with someone does not make them a contact.
+ALTER TABLE conversation_members ADD COLUMN wrote TINYINT NOT NULL DEFAULT 0;
