@@ -421,11 +421,14 @@ fn highest_seqs(batch: &[Stored]) -> Vec<(&str, u64)> {
 }
 
 /// (user, conv) for both parties of every two-person message in `batch`, each once.
+/// A member of a conversation: (user, conv).
+type Member<'a> = (u64, &'a str);
+
 /// The members of the batch's two-person conversations: those who wrote in them (marked
 /// `wrote`: presence's contacts), and those who only received.
-fn pair_members(batch: &[Stored]) -> (Vec<(u64, &str)>, Vec<(u64, &str)>) {
-    let mut wrote: BTreeSet<(u64, &str)> = BTreeSet::new();
-    let mut got: BTreeSet<(u64, &str)> = BTreeSet::new();
+fn pair_members(batch: &[Stored]) -> (Vec<Member<'_>>, Vec<Member<'_>>) {
+    let mut wrote: BTreeSet<Member<'_>> = BTreeSet::new();
+    let mut got: BTreeSet<Member<'_>> = BTreeSet::new();
     for m in batch.iter().filter(|m| m.to_user != 0) {
         wrote.insert((m.from, m.conv.as_str()));
         got.insert((m.to_user, m.conv.as_str()));
