@@ -143,3 +143,37 @@ async fn presence_routes_to_the_gateways_holding_a_user() {
     let last = [Change::Offline { user: u1, conn: 10 }];
     assert_eq!(p.apply("gw-b", &last).await.unwrap(), [0]);
 }
+
+/// Two gateways opening, then closing, one user's connections at the same moment: exactly one
+/// of them sees the first connection (count 1) and exactly one the last (count 0), whatever
+/// the interleaving — what presence events rest on (docs/PROTOCOL.md, "Presence"). (A local
+/// Redis runs each client's pipelined buffer in one go, so this passes without the `MULTI`
+/// too; `MULTI` is what guarantees it when a pipeline arrives in pieces, as on a busy network.)
+#[tokio::test]
+async fn of_two_gateways_racing_exactly_one_sees_the_first_and_the_last_connection() {
+    let a = RedisPresence::connect(&url(), 60)
+        .await
+        .unwrap_or_else(|e| required(e));
+    // A second client: its own connection, so the two writes race on the server.
+    let b = RedisPresence::connect(&url(), 60).await.unwrap();
+    let base = 9_100_000_000 + std::process::id() as u64 * 1_000;
+    for user in base..base + 50 {
+        let open = |conn| Change::Online {
+            user,
+            conn,
+            jti: "j".into(),
+            device: None,
+        };
+        let (x, y) = ([open(1)], [open(2)]);
+        let (ca, cb) = tokio::join!(a.apply("gw-a", &x), b.apply("gw-b", &y));
+        let mut counts = [ca.unwrap()[0], cb.unwrap()[0]];
+        counts.sort_unstable();
+        assert_eq!(counts, [1, 2], "opens of user {user}");
+        let x = [Change::Offline { user, conn: 1 }];
+        let y = [Change::Offline { user, conn: 2 }];
+        let (ca, cb) = tokio::join!(a.apply("gw-a", &x), b.apply("gw-b", &y));
+        let mut counts = [ca.unwrap()[0], cb.unwrap()[0]];
+        counts.sort_unstable();
+        assert_eq!(counts, [0, 1], "closes of user {user}");
+    }
+}

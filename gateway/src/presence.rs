@@ -21,6 +21,7 @@ use im_bus::presence::{Change, Presence, BATCH_MAX};
 use im_bus::Producer;
 use im_shared::records::{self, topics, UpstreamBody, Versioned};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,14 +145,20 @@ impl Registry {
     }
 }
 
-/// Where presence events go: `im.upstream`, for logic.
-pub(crate) type Events = Option<Arc<dyn Producer>>;
+/// Where presence events go: `im.upstream`, for logic; and the counters of what went and
+/// what was dropped (`/metrics`).
+pub(crate) struct Events {
+    pub(crate) producer: Arc<dyn Producer>,
+    pub(crate) sent: Arc<AtomicU64>,
+    pub(crate) dropped: Arc<AtomicU64>,
+}
 
 /// Sends one presence event per change that came from a shard (`announce`), with the
 /// user's connection count after it. Best effort, like the frames it leads to: a record the
-/// broker refuses is dropped.
+/// broker refuses, at once or in the end, is dropped and counted (contacts then learn of
+/// the change only when they next ask).
 fn announce(
-    events: &dyn Producer,
+    events: &Events,
     gateway_id: &str,
     changes: &[Change],
     from_shard: &[bool],
@@ -176,9 +183,19 @@ fn announce(
             })),
         };
         let key = user.to_string();
-        if let Err(e) = events.send(topics::UPSTREAM, None, &key, &rec.to_bytes(), None) {
-            log::debug!("presence: event for user {user} dropped: {e}");
-        }
+        let dropped = events.dropped.clone();
+        let done: im_bus::Done = Box::new(move |r: Result<(), im_bus::Undelivered<'_>>| {
+            if r.is_err() {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        match (events.producer).send(topics::UPSTREAM, None, &key, &rec.to_bytes(), Some(done)) {
+            Ok(()) => events.sent.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                log::debug!("presence: event for user {user} dropped: {e}");
+                events.dropped.fetch_add(1, Ordering::Relaxed)
+            }
+        };
     }
 }
 
@@ -188,7 +205,7 @@ pub(crate) fn run_writer(
     presence: Arc<dyn Presence>,
     gateway_id: &str,
     rx: Receiver<Change>,
-    events: Events,
+    events: Option<Events>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -244,7 +261,7 @@ pub(crate) fn run_writer(
         match rt.block_on(write) {
             Ok(Ok(counts)) => {
                 if let Some(events) = &events {
-                    announce(&**events, gateway_id, &pending, &from_shard, &counts);
+                    announce(events, gateway_id, &pending, &from_shard, &counts);
                 }
                 pending.clear();
                 from_shard.clear();

@@ -56,6 +56,10 @@ pub struct BridgeStats {
     /// `msg` records dropped because a later one of their conversation went out first
     /// (`order.rs`).
     pub downstream_out_of_order_total: AtomicU64,
+    /// Presence events sent to logic (a user's connection opened or closed), and those the
+    /// broker did not take (`crate::presence`).
+    pub presence_events_total: Arc<AtomicU64>,
+    pub presence_events_dropped_total: Arc<AtomicU64>,
     /// How old downstream records are when the bridge takes them (logic's produce → here:
     /// the broker's hop), from their CreateTime.
     pub downstream_age: MillisHistogram,
@@ -104,6 +108,16 @@ impl BridgeStats {
                 "im_bridge_downstream_out_of_order_total",
                 "msg records dropped because a later one of their conversation went out first (an owner that woke from a pause)",
                 &self.downstream_out_of_order_total,
+            ),
+            (
+                "im_bridge_presence_events_total",
+                "presence events sent to logic (a user's connection opened or closed)",
+                &*self.presence_events_total,
+            ),
+            (
+                "im_bridge_presence_events_dropped_total",
+                "presence events the broker did not take (contacts learn of the change when they next ask)",
+                &*self.presence_events_dropped_total,
             ),
         ] {
             let labels = [("gateway", gateway_id)];
@@ -165,7 +179,11 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let (presence_tx, presence_rx) = mpsc::channel();
     let gw = cfg.gateway_id.clone();
-    let events = Some(producer.clone());
+    let events = Some(presence::Events {
+        producer: producer.clone(),
+        sent: stats.presence_events_total.clone(),
+        dropped: stats.presence_events_dropped_total.clone(),
+    });
     let mut threads = vec![spawn("im-presence", move || {
         presence::run_writer(presence, &gw, presence_rx, events)
     })?];
