@@ -69,6 +69,28 @@ pub(crate) struct ApiArgs {
     /// Retry-After (the WebSocket's budget is --msgs-per-sec-max per connection).
     #[arg(long, env = "IM_REST_SENDS_PER_SEC_MAX", default_value_t = 100)]
     pub(crate) rest_sends_per_sec_max: u32,
+    /// Offline push: POST a signed notification here for each message to a user with no
+    /// device online (an http:// URL; docs/PROTOCOL.md, "Offline push").
+    #[arg(long, env = "IM_PUSH_WEBHOOK_URL")]
+    pub(crate) push_webhook_url: Option<String>,
+    /// The HMAC-SHA256 key the webhook's requests are signed with (at least 16 bytes).
+    #[arg(long, env = "IM_PUSH_WEBHOOK_SECRET", hide_env_values = true)]
+    pub(crate) push_webhook_secret: Option<String>,
+}
+
+impl ApiArgs {
+    /// The push settings the flags give, if any.
+    pub(crate) fn push(&self) -> Result<Option<logic::PushSettings>, String> {
+        match (&self.push_webhook_url, &self.push_webhook_secret) {
+            (None, None) => Ok(None),
+            (Some(url), Some(secret)) => Ok(Some(logic::PushSettings {
+                webhook_url: url.clone(),
+                secret: secret.clone(),
+            })),
+            (Some(_), None) => Err("--push-webhook-url needs --push-webhook-secret".into()),
+            (None, Some(_)) => Err("--push-webhook-secret without --push-webhook-url".into()),
+        }
+    }
 }
 
 /// Where a process serves `/metrics`.
@@ -436,9 +458,17 @@ impl LogicArgs {
             logic::StageSettings {
                 logic_id: logic_id.clone(),
                 stage: logic::stage::StageConfig::default(),
+                push: None,
                 stats: Default::default(),
             }
         });
+        let stage = match stage {
+            Some(mut s) => {
+                s.push = self.api.push()?;
+                Some(s)
+            }
+            None => None,
+        };
         Ok(logic::Config {
             logic: logic::LogicConfig {
                 api: logic::api::ApiConfig {

@@ -149,6 +149,7 @@ fn logic_config(
         api,
         api_listen: a.api.api_listen,
         stage: Some(logic::StageSettings {
+            push: a.api.push()?,
             logic_id: "standalone-logic".into(),
             stage: logic::stage::StageConfig {
                 batch_wait_ms: a.stage_wait_ms,

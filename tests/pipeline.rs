@@ -557,6 +557,54 @@ fn presence_reaches_contacts_and_own_devices_across_gateways() {
     );
 }
 
+/// Offline push in the distributed mode (docs/PROTOCOL.md, "Offline push"): logic POSTs a
+/// signed notification for a message to a user with no device online, retrying after the
+/// receiver's 503; a user online gets none.
+#[test]
+fn offline_push_reaches_the_webhook_from_the_distributed_pipeline() {
+    let _g = serial();
+    const SECRET: &str = "push-secret-distributed";
+    let (url, rx) = webhook_receiver();
+    let mut c = Cluster::start("push", 1, 1);
+    assert!(c.logic.stop().is_some());
+    c.restart_logic_with(&["--push-webhook-url", &url, "--push-webhook-secret", SECRET]);
+    let (_alice, ta) = c.user("alice");
+    let (bob, tb) = c.user("bob");
+    // REST sends: 200 once logic has its partitions again (5032 until then).
+    let send = |content: &str| {
+        let body = json!({"to": bob.to_string(), "content": content});
+        let end = Instant::now() + T;
+        loop {
+            let (st, v) = http(c.api, "POST", "/api/v1/messages/send", Some(&ta), &body);
+            if st == 200 {
+                return v;
+            }
+            assert!(Instant::now() < end, "send: {st} {v}\n{}", c.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let sent = send("are you there?");
+    let first = rx.recv_timeout(T).expect("a POST");
+    let again = rx.recv_timeout(T).expect("tried again after the 503");
+    let (n, signed) = webhook_body(&again, SECRET);
+    assert!(signed, "a bad signature: {again}");
+    assert_eq!(webhook_body(&first, SECRET).0, n, "the same notification");
+    assert_eq!(
+        (&n["user"], &n["id"]),
+        (&json!(bob.to_string()), &sent["id"])
+    );
+    assert_eq!(n["preview"], "are you there?");
+    // Bob online: his message goes live, and nothing to the webhook.
+    let mut b = c.ws(0, &tb);
+    wait_presence(&c, bob, 1);
+    send("now you are");
+    b.until(T, &mut Vec::new(), |v| v["type"] == "msg");
+    assert!(
+        rx.recv_timeout(Duration::from_secs(1)).is_err(),
+        "a push for a user who is online"
+    );
+}
+
 /// `redis-cli` on this deployment's database; its output, trimmed.
 fn redis_cli(c: &Cluster, args: &[&str]) -> String {
     let db = c.redis.rsplit('/').next().unwrap().to_string();

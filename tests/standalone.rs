@@ -21,6 +21,11 @@ struct Standalone {
 impl Standalone {
     /// Starts `im standalone` on free ports with its data in `data`.
     fn start(dir: &Path, data: &Path, name: &str) -> Standalone {
+        Standalone::start_with(dir, data, name, &[])
+    }
+
+    /// `start`, with more environment (settings by their IM_* variables).
+    fn start_with(dir: &Path, data: &Path, name: &str, env: &[(&str, &str)]) -> Standalone {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = im();
@@ -32,6 +37,7 @@ impl Standalone {
             .args(["--shards", "2", "--no-pin", "--msgs-per-sec-max", "1000"])
             // Test-strength password hashing: registration is not what is tested here.
             .args(["--argon2-m-kib", "64"])
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(name, cmd, dir);
         wait_port(api, "im standalone (REST)", Duration::from_secs(60));
@@ -271,6 +277,63 @@ fn presence_is_told_to_contacts_in_standalone() {
     assert_eq!(b.until(t, &mut Vec::new(), is_presence), online(false));
     assert!(closed.elapsed() >= Duration::from_millis(1_900));
     assert_eq!(ask().1["online"], false);
+}
+
+/// Offline push (docs/PROTOCOL.md, "Offline push") to a webhook receiver of the test's own: a
+/// message for a user with no device online becomes a signed POST, retried after a 503; one
+/// for a user who is online does not.
+#[test]
+fn offline_push_goes_to_a_signed_webhook_in_standalone() {
+    const SECRET: &str = "push-secret-for-the-test";
+    let (url, rx) = support::webhook_receiver();
+    let dir = scratch("standalone-push");
+    let env = [
+        ("IM_PUSH_WEBHOOK_URL", url.as_str()),
+        ("IM_PUSH_WEBHOOK_SECRET", SECRET),
+    ];
+    let s = Standalone::start_with(&dir, &dir.join("data"), "standalone-push", &env);
+    let (_alice, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    let send = |content: &str| {
+        let body = json!({"to": bob.to_string(), "content": content});
+        let (st, v) = http(s.api, "POST", "/api/v1/messages/send", Some(&ta), &body);
+        assert_eq!(st, 200, "{v}");
+        v
+    };
+    let sent = send("are you there?");
+    let first = rx.recv_timeout(Duration::from_secs(10)).expect("a POST");
+    let again = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("tried again after the 503");
+    let body_of = |req: &str| req.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    assert_eq!(
+        body_of(&first),
+        body_of(&again),
+        "the same notification, signed anew"
+    );
+    assert!(again.starts_with("POST /hook HTTP/1.1\r\n"), "{again}");
+    let (n, signed) = support::webhook_body(&again, SECRET);
+    assert!(signed, "a bad signature: {again}");
+    assert_eq!(n["user"], bob.to_string());
+    assert_eq!(n["id"], sent["id"]);
+    assert_eq!(n["seq"], sent["seq"]);
+    assert_eq!(n["preview"], "are you there?");
+    // Bob online: no push.
+    let mut b = Ws::connect(s.ws, &tb);
+    let of_bob = format!("/api/v1/users/{bob}/presence");
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while http(s.api, "GET", &of_bob, Some(&tb), &Value::Null).1["online"] != true {
+        assert!(std::time::Instant::now() < end, "Bob never showed online");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    send("now you are");
+    b.until(Duration::from_secs(10), &mut Vec::new(), |v| {
+        v["type"] == "msg"
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(1)).is_err(),
+        "a push for a user who is online"
+    );
 }
 
 /// The data directory holds password hashes, messages and the secret: 0700, its files 0600,

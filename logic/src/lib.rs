@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod push;
 pub mod stage;
 
 use im_bus::presence::{Presence, RedisPresence};
@@ -45,9 +46,27 @@ pub struct StageSettings {
     /// Topic-safe, unique among logic instances: the REST API's reply topic is named after it.
     pub logic_id: String,
     pub stage: StageConfig,
+    /// Offline push (`push`): where notifications for users with no device online go.
+    pub push: Option<PushSettings>,
     /// The stage's counters: the caller's, so that a process serving its metrics elsewhere
     /// (standalone's `--metrics-listen`) can render them.
     pub stats: Arc<StageStats>,
+}
+
+/// The push webhook (`push::webhook`): its URL and signing secret.
+#[derive(Clone)]
+pub struct PushSettings {
+    pub webhook_url: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for PushSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushSettings")
+            .field("webhook_url", &self.webhook_url)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 /// What the service runs on: MySQL, Redis and Kafka (`run`), or SQLite, memory and the
@@ -231,12 +250,22 @@ async fn start_stage(
         .await
         .map_err(|e| format!("the {}: {e}", b.bus.describe()))?;
     let stats = s.stats.clone();
+    let pusher = match &s.push {
+        Some(p) => {
+            let hook = push::webhook::Webhook::new(&p.webhook_url, p.secret.as_bytes())?;
+            log::info!("logic: offline push to the webhook {}", p.webhook_url);
+            Some(Arc::new(push::Pusher::start(
+                Arc::new(hook),
+                stats.push.clone(),
+            )))
+        }
+        None => None,
+    };
     let task = tokio::spawn(stage::run(
         b.bus.clone(),
         b.store.clone(),
         b.presence.clone(),
-        members.clone(),
-        blocks.clone(),
+        (members.clone(), blocks.clone(), pusher),
         s.stage.clone(),
         b.snowflake.clone(),
         stats.clone(),

@@ -1048,3 +1048,54 @@ impl Ws {
         let _ = self.ws.flush();
     }
 }
+
+/// A webhook receiver on a free local port (offline push, docs/PROTOCOL.md): answers its first
+/// request 503, as a busy receiver would, and the rest 204; hands each whole request (head and
+/// body) to the channel. Returns its URL (`http://…/hook`).
+pub fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<String>) {
+    use std::io::{Read, Write};
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", hook.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for (i, s) in hook.incoming().enumerate() {
+            let Ok(mut s) = s else { return };
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut req = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // The request ends with its body (Content-Length), then we answer.
+            while let Ok(n) = s.read(&mut chunk) {
+                req.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&req).to_string();
+                let done = text.find("\r\n\r\n").is_some_and(|end| {
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    req.len() >= end + 4 + len
+                });
+                if n == 0 || done {
+                    break;
+                }
+            }
+            let status = if i == 0 { "503 Busy" } else { "204 No Content" };
+            let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+            let _ = s.write_all(answer.as_bytes());
+            if tx.send(String::from_utf8_lossy(&req).to_string()).is_err() {
+                return;
+            }
+        }
+    });
+    (url, rx)
+}
+
+/// A webhook request's body, and whether its signature is right for `secret`.
+pub fn webhook_body(req: &str, secret: &str) -> (Value, bool) {
+    let header = |name: &str| req.lines().find_map(|l| l.strip_prefix(name)).unwrap_or("");
+    let body = req.split("\r\n\r\n").nth(1).unwrap_or("");
+    let ts: u64 = header("X-Im-Timestamp: ").parse().unwrap_or(0);
+    let want = logic::push::webhook::signature(secret.as_bytes(), ts, body.as_bytes());
+    let signed = header("X-Im-Signature: ") == format!("sha256={want}");
+    (serde_json::from_str(body).unwrap_or(Value::Null), signed)
+}

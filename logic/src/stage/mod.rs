@@ -43,6 +43,7 @@ pub mod state;
 mod stats;
 pub(crate) mod typing;
 
+use crate::push::{Notification, Pusher};
 use answers::Answers;
 use downstream::Downstream;
 use im_bus::presence::Presence;
@@ -112,6 +113,8 @@ struct Stage {
     typing: Arc<typing::TypingRelay>,
     online: Arc<online::OnlineRelay>,
     blocks: Arc<blocks::Blocks>,
+    /// Offline push: notifications for recipients with no device online.
+    pusher: Option<Arc<Pusher>>,
     seq: Sequencer,
     stats: Arc<StageStats>,
     /// Upstream offsets released and not yet committed.
@@ -135,8 +138,7 @@ pub async fn run(
     bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     presence: Arc<dyn Presence>,
-    members: Arc<Members>,
-    blocks: Arc<blocks::Blocks>,
+    (members, blocks, pusher): (Arc<Members>, Arc<blocks::Blocks>, Option<Arc<Pusher>>),
     cfg: StageConfig,
     lease: Arc<WorkerLease>,
     stats: Arc<StageStats>,
@@ -148,6 +150,7 @@ pub async fn run(
     let mut consumer = bus.group_consumer(groups::LOGIC, topics::UPSTREAM)?;
     let lists = (members, blocks);
     let mut stage = Stage::new(bus.clone(), store, presence, lists, cfg, lease, stats)?;
+    stage.pusher = pusher;
     log::info!(
         "logic pipeline: consuming {} in group logic on the {}",
         topics::UPSTREAM,
@@ -320,6 +323,7 @@ impl Stage {
         Ok(Stage {
             typing,
             online,
+            pusher: None,
             blocks,
             log: bus.producer(LINGER_MS, 0)?,
             bus,
@@ -652,6 +656,9 @@ impl Stage {
             }
         };
         for ((rec, s), users) in fresh.iter().zip(recipients) {
+            if let Some(p) = &self.pusher {
+                offer_push(p, rec, &users, &online);
+            }
             let mut by_gw: HashMap<&str, Vec<u64>> = HashMap::new();
             for u in users {
                 for gw in online.get(&u).into_iter().flatten() {
@@ -676,6 +683,32 @@ impl Stage {
                 self.down.send(gw, &rec.conv, DownstreamBody::Deliver(d));
             }
         }
+    }
+}
+
+/// Groups larger than this push to no one offline (a message to 10,000 would be 10,000
+/// notifications; such groups are read, not rung).
+pub const PUSH_GROUP_MEMBERS_MAX: usize = 500;
+
+/// Offline push: a notification for each recipient of `rec` (not its sender) with no device
+/// online.
+fn offer_push(pusher: &Pusher, rec: &Stored, users: &[u64], online: &HashMap<u64, Vec<String>>) {
+    if users.len() > PUSH_GROUP_MEMBERS_MAX {
+        return;
+    }
+    for &u in users {
+        if u == rec.from || online.contains_key(&u) {
+            continue;
+        }
+        pusher.offer(Notification {
+            user: u,
+            conv: rec.conv.clone(),
+            from: rec.from,
+            id: rec.id,
+            seq: rec.seq,
+            ts: rec.ts,
+            preview: Notification::preview_of(&rec.content, &rec.content_type),
+        });
     }
 }
 

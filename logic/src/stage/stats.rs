@@ -22,6 +22,8 @@ pub struct StageStats {
     pub presence_events_total: AtomicU64,
     pub presence_told_total: AtomicU64,
     pub presence_dropped_total: AtomicU64,
+    /// Offline push (`crate::push`): its counters.
+    pub push: std::sync::Arc<crate::push::PushStats>,
     /// Batches released, and microseconds they spent being checked and sequenced (first
     /// record taken → last record handed to the producer) and then waiting to be durable
     /// (→ released): their ratio to the batches is where a send's time in logic goes.
@@ -96,6 +98,26 @@ impl StageStats {
                 "im_logic_presence_dropped_total",
                 "presence events dropped (too many at once)",
                 &self.presence_dropped_total,
+            ),
+            (
+                "im_logic_push_offered_total",
+                "notifications offered for recipients with no device online",
+                &self.push.offered_total,
+            ),
+            (
+                "im_logic_push_delivered_total",
+                "notifications the push provider took",
+                &self.push.delivered_total,
+            ),
+            (
+                "im_logic_push_retried_total",
+                "push attempts that failed for a reason that may pass, and were tried again",
+                &self.push.retried_total,
+            ),
+            (
+                "im_logic_push_dropped_total",
+                "notifications dropped (queue full, refused, or out of attempts)",
+                &self.push.dropped_total,
             ),
             (
                 "im_logic_downstream_records_total",

@@ -1,0 +1,260 @@
+//! Offline push (docs/PROTOCOL.md, "Offline push"): a message for a user none of whose
+//! devices is online goes to a push provider, which wakes a device (a phone's push service, a
+//! browser's). The stage offers notifications as it routes (`offer`: never waits, drops and
+//! counts when the queue is full); workers hand them to the provider and retry what failed
+//! for a reason that may pass, with capped backoff, a bounded number of times.
+//!
+//! One trait, `PushProvider`; this build ships the webhook (`webhook.rs`): an HTTP POST of a
+//! signed JSON body to a URL of the operator's, which forwards to APNs, FCM or Web Push.
+
+pub mod webhook;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Mutex};
+
+/// Notifications waiting for a worker, at most; past it, new ones are dropped and counted.
+pub const QUEUE_MAX: usize = 10_000;
+/// Workers: notifications in flight to the provider at once.
+const WORKERS: usize = 8;
+/// Tries per notification, and the pause before the second (doubling after).
+pub const ATTEMPTS: u32 = 4;
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// The message preview a notification carries, at most (characters).
+pub const PREVIEW_CHARS: usize = 100;
+
+/// A message for a user with no device online.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Notification {
+    /// The recipient (a decimal string, as ids are in the protocol).
+    #[serde(serialize_with = "decimal")]
+    pub user: u64,
+    pub conv: String,
+    #[serde(serialize_with = "decimal")]
+    pub from: u64,
+    #[serde(serialize_with = "decimal")]
+    pub id: u64,
+    pub seq: u64,
+    pub ts: u64,
+    /// The start of the content (`PREVIEW_CHARS`), or `[type]` for non-text content.
+    pub preview: String,
+}
+
+fn decimal<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl Notification {
+    /// The preview of a message's content.
+    pub fn preview_of(content: &str, content_type: &str) -> String {
+        if content_type != "text" && !content_type.is_empty() {
+            return format!("[{content_type}]");
+        }
+        content.chars().take(PREVIEW_CHARS).collect()
+    }
+}
+
+/// Why a push failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// It may work later (the provider is down, slow, or asks to slow down): retried.
+    Retry(String),
+    /// It will not (the provider refused this notification): dropped.
+    Permanent(String),
+}
+
+#[async_trait]
+pub trait PushProvider: Send + Sync + 'static {
+    /// Names the provider in logs and metrics.
+    fn name(&self) -> &'static str;
+    async fn push(&self, n: &Notification) -> Result<(), PushError>;
+}
+
+/// Counters, rendered with the stage's.
+#[derive(Default, Debug)]
+pub struct PushStats {
+    pub offered_total: AtomicU64,
+    pub delivered_total: AtomicU64,
+    pub retried_total: AtomicU64,
+    /// Dropped: the queue was full, the provider refused, or every attempt failed.
+    pub dropped_total: AtomicU64,
+}
+
+/// The queue and its workers.
+pub struct Pusher {
+    tx: mpsc::Sender<Notification>,
+    stats: Arc<PushStats>,
+}
+
+impl Pusher {
+    /// Starts the workers on the current runtime; they end when the `Pusher` is dropped and
+    /// the queue is empty.
+    pub fn start(provider: Arc<dyn PushProvider>, stats: Arc<PushStats>) -> Pusher {
+        Pusher::start_with(provider, stats, FIRST_BACKOFF)
+    }
+
+    fn start_with(
+        provider: Arc<dyn PushProvider>,
+        stats: Arc<PushStats>,
+        first_backoff: Duration,
+    ) -> Pusher {
+        let (tx, rx) = mpsc::channel(QUEUE_MAX);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..WORKERS {
+            let (rx, provider, stats) = (rx.clone(), provider.clone(), stats.clone());
+            tokio::spawn(async move {
+                loop {
+                    let next = rx.lock().await.recv().await;
+                    let Some(n) = next else { return };
+                    deliver(&*provider, &n, &stats, first_backoff).await;
+                }
+            });
+        }
+        Pusher { tx, stats }
+    }
+
+    /// Queues `n` for the provider; never waits (a full queue drops it, counted).
+    pub fn offer(&self, n: Notification) {
+        self.stats.offered_total.fetch_add(1, Ordering::Relaxed);
+        if self.tx.try_send(n).is_err() {
+            self.stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One notification to the provider: tried up to `ATTEMPTS` times while it fails for a
+/// reason that may pass, with doubling pauses.
+async fn deliver(
+    provider: &dyn PushProvider,
+    n: &Notification,
+    stats: &PushStats,
+    first: Duration,
+) {
+    let mut pause = first;
+    for attempt in 1..=ATTEMPTS {
+        match provider.push(n).await {
+            Ok(()) => {
+                stats.delivered_total.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(PushError::Retry(why)) if attempt < ATTEMPTS => {
+                log::debug!(
+                    "push: {} failed ({why}); attempt {attempt} of {ATTEMPTS}",
+                    provider.name()
+                );
+                stats.retried_total.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(PushError::Retry(why) | PushError::Permanent(why)) => {
+                log::warn!(
+                    "push: {} dropped a notification for user {} ({why})",
+                    provider.name(),
+                    n.user
+                );
+                stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    /// A provider that fails as scripted, then succeeds; it records what it was given.
+    struct Scripted {
+        fails: StdMutex<Vec<PushError>>,
+        got: StdMutex<Vec<Notification>>,
+    }
+
+    #[async_trait]
+    impl PushProvider for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        async fn push(&self, n: &Notification) -> Result<(), PushError> {
+            self.got.lock().unwrap().push(n.clone());
+            match self.fails.lock().unwrap().pop() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+    }
+
+    fn note(user: u64) -> Notification {
+        Notification {
+            user,
+            conv: "p:1:2".into(),
+            from: 1,
+            id: 7,
+            seq: 3,
+            ts: 1,
+            preview: "hi".into(),
+        }
+    }
+
+    async fn settle(stats: &PushStats, want: u64) {
+        for _ in 0..500 {
+            let done = stats.delivered_total.load(Ordering::Relaxed)
+                + stats.dropped_total.load(Ordering::Relaxed);
+            if done >= want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the workers did not finish: {stats:?}");
+    }
+
+    #[tokio::test]
+    async fn what_may_pass_is_retried_and_what_will_not_is_dropped() {
+        let p = Arc::new(Scripted {
+            fails: StdMutex::new(vec![
+                PushError::Retry("503".into()),
+                PushError::Retry("timeout".into()),
+            ]),
+            got: StdMutex::default(),
+        });
+        let stats = Arc::new(PushStats::default());
+        let pusher = Pusher::start_with(p.clone(), stats.clone(), Duration::from_millis(1));
+        pusher.offer(note(2));
+        settle(&stats, 1).await;
+        assert_eq!(p.got.lock().unwrap().len(), 3, "two failures, then through");
+        assert_eq!(stats.retried_total.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.delivered_total.load(Ordering::Relaxed), 1);
+        // A refusal is not retried; endless failures stop after ATTEMPTS.
+        p.fails
+            .lock()
+            .unwrap()
+            .push(PushError::Permanent("400".into()));
+        pusher.offer(note(3));
+        settle(&stats, 2).await;
+        *p.fails.lock().unwrap() = (0..ATTEMPTS)
+            .map(|_| PushError::Retry("down".into()))
+            .collect();
+        let before = p.got.lock().unwrap().len();
+        pusher.offer(note(4));
+        settle(&stats, 3).await;
+        assert_eq!(p.got.lock().unwrap().len() - before, ATTEMPTS as usize);
+        assert_eq!(stats.dropped_total.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn previews_are_short_and_say_what_is_not_text() {
+        assert_eq!(Notification::preview_of("hé", "text"), "hé");
+        let long = "x".repeat(500);
+        assert_eq!(
+            Notification::preview_of(&long, "text").chars().count(),
+            PREVIEW_CHARS
+        );
+        assert_eq!(Notification::preview_of("{…}", "image"), "[image]");
+        let json = serde_json::to_value(note(2)).unwrap();
+        assert_eq!(json["user"], "2");
+        assert_eq!(json["id"], "7");
+    }
+}
