@@ -462,13 +462,16 @@ impl LogicArgs {
                 stats: Default::default(),
             }
         });
-        let stage = match stage {
-            Some(mut s) => {
-                s.push = self.api.push()?;
-                Some(s)
-            }
-            None => None,
-        };
+        let push = self.api.push()?;
+        if push.is_some() && self.no_pipeline {
+            return Err(
+                "offline push (--push-webhook-url) needs the pipeline: drop --no-pipeline".into(),
+            );
+        }
+        let stage = stage.map(|mut s| {
+            s.push = push;
+            s
+        });
         Ok(logic::Config {
             logic: logic::LogicConfig {
                 api: logic::api::ApiConfig {

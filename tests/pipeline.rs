@@ -571,8 +571,9 @@ fn offline_push_reaches_the_webhook_from_the_distributed_pipeline() {
     let (_alice, ta) = c.user("alice");
     let (bob, tb) = c.user("bob");
     // REST sends: 200 once logic has its partitions again (5032 until then).
+    // A fixed cid: a send retried while logic rebalances is the same message, not another.
     let send = |content: &str| {
-        let body = json!({"to": bob.to_string(), "content": content});
+        let body = json!({"to": bob.to_string(), "content": content, "cid": content});
         let end = Instant::now() + T;
         loop {
             let (st, v) = http(c.api, "POST", "/api/v1/messages/send", Some(&ta), &body);

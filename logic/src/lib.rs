@@ -63,7 +63,7 @@ pub struct PushSettings {
 impl std::fmt::Debug for PushSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PushSettings")
-            .field("webhook_url", &self.webhook_url)
+            .field("webhook_url", &self.webhook_url.split('?').next())
             .field("secret", &"<redacted>")
             .finish()
     }
@@ -253,7 +253,7 @@ async fn start_stage(
     let pusher = match &s.push {
         Some(p) => {
             let hook = push::webhook::Webhook::new(&p.webhook_url, p.secret.as_bytes())?;
-            log::info!("logic: offline push to the webhook {}", p.webhook_url);
+            log::info!("logic: offline push to the webhook {}", hook.shown());
             Some(Arc::new(push::Pusher::start(
                 Arc::new(hook),
                 stats.push.clone(),

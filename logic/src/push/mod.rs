@@ -10,6 +10,7 @@
 pub mod webhook;
 
 use async_trait::async_trait;
+use im_shared::metrics::count_rarely;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,11 @@ pub const ATTEMPTS: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// The message preview a notification carries, at most (characters).
 pub const PREVIEW_CHARS: usize = 100;
+/// A notification older than this when a worker takes it is dropped (behind a receiver that
+/// was down, the queue holds messages the user has long seen, or need not be woken for).
+pub const STALE_AFTER: Duration = Duration::from_secs(300);
+/// One call of a provider, at most (the webhook has its own, shorter timeout).
+const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A message for a user with no device online.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -133,9 +139,19 @@ async fn deliver(
     stats: &PushStats,
     first: Duration,
 ) {
+    let age_ms = im_shared::unix_ms().saturating_sub(n.ts);
+    if age_ms > STALE_AFTER.as_millis() as u64 {
+        if let Some(k) = count_rarely(&stats.dropped_total) {
+            log::warn!("push: dropped a notification {age_ms} ms old ({k} dropped so far)");
+        }
+        return;
+    }
     let mut pause = first;
     for attempt in 1..=ATTEMPTS {
-        match provider.push(n).await {
+        let outcome = tokio::time::timeout(PUSH_TIMEOUT, provider.push(n))
+            .await
+            .unwrap_or_else(|_| Err(PushError::Retry(format!("no answer in {PUSH_TIMEOUT:?}"))));
+        match outcome {
             Ok(()) => {
                 stats.delivered_total.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -150,12 +166,13 @@ async fn deliver(
                 pause *= 2;
             }
             Err(PushError::Retry(why) | PushError::Permanent(why)) => {
-                log::warn!(
-                    "push: {} dropped a notification for user {} ({why})",
-                    provider.name(),
-                    n.user
-                );
-                stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+                // A receiver that refuses everything would log every message: now and then.
+                if let Some(k) = count_rarely(&stats.dropped_total) {
+                    log::warn!(
+                        "push: {} dropped a notification ({why}); {k} dropped so far",
+                        provider.name()
+                    );
+                }
                 return;
             }
         }
@@ -194,7 +211,7 @@ mod tests {
             from: 1,
             id: 7,
             seq: 3,
-            ts: 1,
+            ts: im_shared::unix_ms(),
             preview: "hi".into(),
         }
     }
@@ -242,6 +259,13 @@ mod tests {
         settle(&stats, 3).await;
         assert_eq!(p.got.lock().unwrap().len() - before, ATTEMPTS as usize);
         assert_eq!(stats.dropped_total.load(Ordering::Relaxed), 2);
+        // One that waited too long is not sent at all.
+        let before = p.got.lock().unwrap().len();
+        let mut old = note(5);
+        old.ts -= STALE_AFTER.as_millis() as u64 + 1_000;
+        pusher.offer(old);
+        settle(&stats, 4).await;
+        assert_eq!(p.got.lock().unwrap().len(), before);
     }
 
     #[test]

@@ -39,8 +39,9 @@ impl Webhook {
             Some(r) => r,
             None if url.starts_with("https://") => {
                 return Err(format!(
-                    "push webhook {url}: https needs TLS, which this build does not have; \
-                     point it at a relay (e.g. nginx) that forwards to it"
+                    "push webhook {}: https needs TLS, which this build does not have; \
+                     point it at a relay (e.g. nginx) that forwards to it",
+                    shown(url)
                 ))
             }
             None => return Err(format!("push webhook {url}: not an http:// URL")),
@@ -49,22 +50,18 @@ impl Webhook {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let ok = |c: char| c.is_ascii_alphanumeric() || "-._:[]".contains(c);
-        if host.is_empty() || !host.chars().all(ok) || path.chars().any(|c| c.is_control()) {
-            return Err(format!("push webhook {url}: a bad host or path"));
+        // The path goes into the request line as it is: printable ASCII, no fragment.
+        if path
+            .bytes()
+            .any(|b| !(0x21..=0x7e).contains(&b) || b == b'#')
+        {
+            return Err(format!("push webhook {}: a bad path", shown(url)));
         }
+        let addr = connect_addr(host)
+            .ok_or_else(|| format!("push webhook {}: a bad host or port", shown(url)))?;
         if secret.len() < 16 {
             return Err("push webhook secret: at least 16 bytes".into());
         }
-        let addr = if host
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            && !host.ends_with(']')
-        {
-            host.to_string()
-        } else {
-            format!("{host}:80")
-        };
         Ok(Webhook {
             addr,
             host: host.to_string(),
@@ -88,6 +85,12 @@ impl Webhook {
         head
     }
 
+    /// The URL without its query, for logs (a query may carry a token).
+    pub fn shown(&self) -> String {
+        let path = self.path.split('?').next().unwrap_or("");
+        format!("http://{}{path}", self.host)
+    }
+
     async fn post(&self, req: &[u8]) -> Result<u16, String> {
         let mut s = TcpStream::connect(&self.addr)
             .await
@@ -95,20 +98,58 @@ impl Webhook {
         s.write_all(req).await.map_err(|e| e.to_string())?;
         let mut head = Vec::with_capacity(256);
         let mut chunk = [0u8; 1024];
-        while !head.windows(2).any(|w| w == b"\r\n") {
+        let line_end = loop {
+            if let Some(i) = head.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
             let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
             if n == 0 || head.len() > HEAD_BYTES_MAX {
                 return Err("no answer".into());
             }
             head.extend_from_slice(&chunk[..n]);
-        }
-        // "HTTP/1.1 204 No Content"
-        std::str::from_utf8(&head)
-            .ok()
-            .and_then(|h| h.split_whitespace().nth(1))
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| "not an HTTP answer".to_string())
+        };
+        status_of(&head[..line_end]).ok_or_else(|| "not an HTTP answer".to_string())
     }
+}
+
+/// The status of a status line, `HTTP/1.x NNN reason`.
+fn status_of(line: &[u8]) -> Option<u16> {
+    let rest = line.strip_prefix(b"HTTP/1.")?.get(2..)?;
+    let code = rest.get(..3)?;
+    if !code.iter().all(u8::is_ascii_digit) || rest.get(3).is_some_and(|&b| b != b' ') {
+        return None;
+    }
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
+/// Where to connect for `host` (`name`, `name:port`, `[v6]`, `[v6]:port`; port 80 when
+/// none), or `None` for one that is not well formed.
+fn connect_addr(host: &str) -> Option<String> {
+    let port_ok = |p: &str| p.parse::<u16>().is_ok_and(|p| p != 0);
+    if let Some(v6) = host.strip_prefix('[') {
+        let (inner, after) = v6.split_once(']')?;
+        let ok = !inner.is_empty() && inner.chars().all(|c| c.is_ascii_hexdigit() || c == ':');
+        return match after {
+            "" if ok => Some(format!("[{inner}]:80")),
+            p if ok && p.strip_prefix(':').is_some_and(port_ok) => Some(host.to_string()),
+            _ => None,
+        };
+    }
+    let (name, port) = match host.split_once(':') {
+        Some((n, p)) if port_ok(p) => (n, Some(p)),
+        Some(_) => return None,
+        None => (host, None),
+    };
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
+    if name.is_empty() || !name.chars().all(ok) {
+        return None;
+    }
+    Some(format!("{name}:{}", port.unwrap_or("80")))
+}
+
+/// A URL for an error message: without its query.
+fn shown(url: &str) -> &str {
+    url.split('?').next().unwrap_or("")
 }
 
 /// `hex(HMAC-SHA256(secret, "<ts>.<body>"))`: what a receiver recomputes to check a request.
@@ -156,9 +197,33 @@ mod tests {
     fn urls_are_checked() {
         let refused = |url: &str, secret: &[u8]| Webhook::new(url, secret).err();
         assert!(refused("https://push.example/hook", SECRET).is_some_and(|e| e.contains("TLS")));
-        assert!(refused("ftp://x/", SECRET).is_some());
-        assert!(refused("http://a b/", SECRET).is_some());
+        for bad in [
+            "ftp://x/",
+            "http://a b/",
+            "http://h/a b",
+            "http://h/p#frag",
+            "http://h:/",
+            "http://h:99999/",
+            "http://h:0/",
+            "http://[::1/",
+            "http://::1/",
+        ] {
+            assert!(refused(bad, SECRET).is_some(), "{bad}");
+        }
         assert!(refused("http://h/", b"short").is_some());
+        let w = Webhook::new("http://[::1]:8080/h?token=x", SECRET).unwrap();
+        assert_eq!(w.addr, "[::1]:8080");
+        assert_eq!(w.shown(), "http://[::1]:8080/h", "no query in logs");
+        assert_eq!(status_of(b"HTTP/1.1 204 No Content"), Some(204));
+        assert_eq!(status_of(b"HTTP/1.0 503"), Some(503));
+        for bad in [
+            &b"SIP/2.0 200 OK"[..],
+            b"HTTP/1.1 20",
+            b"HTTP/1.1 2000 x",
+            b"",
+        ] {
+            assert_eq!(status_of(bad), None);
+        }
         let w = Webhook::new("http://127.0.0.1:9/hook?x=1", SECRET).unwrap();
         assert_eq!(
             (w.addr.as_str(), w.path.as_str()),
@@ -183,6 +248,9 @@ mod tests {
                 let mut chunk = [0u8; 4096];
                 loop {
                     let n = s.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
                     buf.extend_from_slice(&chunk[..n]);
                     let text = String::from_utf8_lossy(&buf).to_string();
                     if let Some(end) = text.find("\r\n\r\n") {

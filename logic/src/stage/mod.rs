@@ -696,10 +696,13 @@ fn offer_push(pusher: &Pusher, rec: &Stored, users: &[u64], online: &HashMap<u64
     if users.len() > PUSH_GROUP_MEMBERS_MAX {
         return;
     }
+    let mut preview = None;
     for &u in users {
         if u == rec.from || online.contains_key(&u) {
             continue;
         }
+        let preview = preview
+            .get_or_insert_with(|| Notification::preview_of(&rec.content, &rec.content_type));
         pusher.offer(Notification {
             user: u,
             conv: rec.conv.clone(),
@@ -707,7 +710,7 @@ fn offer_push(pusher: &Pusher, rec: &Stored, users: &[u64], online: &HashMap<u64
             id: rec.id,
             seq: rec.seq,
             ts: rec.ts,
-            preview: Notification::preview_of(&rec.content, &rec.content_type),
+            preview: preview.clone(),
         });
     }
 }
