@@ -40,6 +40,8 @@ pub(crate) enum Cmd {
     Persist(PersistArgs),
     /// Print a signed access token for a user (for trying the server with any WebSocket client).
     Token(TokenArgs),
+    /// Print a new VAPID key pair for Web Push, as the environment variables that take it.
+    WebPushKeys,
 }
 
 #[derive(Args, Clone)]
@@ -70,26 +72,67 @@ pub(crate) struct ApiArgs {
     #[arg(long, env = "IM_REST_SENDS_PER_SEC_MAX", default_value_t = 100)]
     pub(crate) rest_sends_per_sec_max: u32,
     /// Offline push: POST a signed notification here for each message to a user with no
-    /// device online (an http:// URL; docs/PROTOCOL.md, "Offline push").
+    /// device online (an http:// or https:// URL; docs/PROTOCOL.md, "Offline push").
     #[arg(long, env = "IM_PUSH_WEBHOOK_URL")]
     pub(crate) push_webhook_url: Option<String>,
     /// The HMAC-SHA256 key the webhook's requests are signed with (at least 16 bytes).
     #[arg(long, env = "IM_PUSH_WEBHOOK_SECRET", hide_env_values = true)]
     pub(crate) push_webhook_secret: Option<String>,
+    /// Web Push: the VAPID public key browsers subscribe with (base64url, 65 bytes; `im
+    /// web-push-keys` makes a pair). With the private key, browsers that subscribed are woken
+    /// for messages that arrive while their user has no device online.
+    #[arg(long, env = "IM_WEB_PUSH_VAPID_PUBLIC_KEY")]
+    pub(crate) web_push_vapid_public_key: Option<String>,
+    /// Web Push: the VAPID private key (base64url, 32 bytes).
+    #[arg(long, env = "IM_WEB_PUSH_VAPID_PRIVATE_KEY", hide_env_values = true)]
+    pub(crate) web_push_vapid_private_key: Option<String>,
+    /// Web Push: who runs this server, for the push services (a mailto: or https:// URL).
+    #[arg(long, env = "IM_WEB_PUSH_SUBJECT")]
+    pub(crate) web_push_subject: Option<String>,
+    /// Web Push: the endpoint URL prefixes a subscription may have (`*.` takes any subdomain);
+    /// by default the push services of Chrome, Firefox, Safari and Edge.
+    #[arg(long, env = "IM_WEB_PUSH_ENDPOINTS", value_delimiter = ',')]
+    pub(crate) web_push_endpoints: Vec<String>,
 }
 
 impl ApiArgs {
     /// The push settings the flags give, if any.
     pub(crate) fn push(&self) -> Result<Option<logic::PushSettings>, String> {
-        match (&self.push_webhook_url, &self.push_webhook_secret) {
-            (None, None) => Ok(None),
-            (Some(url), Some(secret)) => Ok(Some(logic::PushSettings {
-                webhook_url: url.clone(),
+        let webhook = match (&self.push_webhook_url, &self.push_webhook_secret) {
+            (None, None) => None,
+            (Some(url), Some(secret)) => Some(logic::WebhookSettings {
+                url: url.clone(),
                 secret: secret.clone(),
-            })),
-            (Some(_), None) => Err("--push-webhook-url needs --push-webhook-secret".into()),
-            (None, Some(_)) => Err("--push-webhook-secret without --push-webhook-url".into()),
+            }),
+            (Some(_), None) => return Err("--push-webhook-url needs --push-webhook-secret".into()),
+            (None, Some(_)) => {
+                return Err("--push-webhook-secret without --push-webhook-url".into())
+            }
+        };
+        let web_push = match (
+            &self.web_push_vapid_public_key,
+            &self.web_push_vapid_private_key,
+        ) {
+            (None, None) => None,
+            (Some(public), Some(private)) => Some(logic::WebPushSettings {
+                public_key: public.clone(),
+                private_key: private.clone(),
+                subject: self.web_push_subject.clone().ok_or(
+                    "web push needs --web-push-subject (a mailto: or https:// URL the push \
+                     services may write to)",
+                )?,
+                endpoints: self.web_push_endpoints.clone(),
+            }),
+            _ => {
+                return Err("web push needs both --web-push-vapid-public-key and \
+                            --web-push-vapid-private-key (`im web-push-keys` makes a pair)"
+                    .into())
+            }
+        };
+        if webhook.is_none() && web_push.is_none() {
+            return Ok(None);
         }
+        Ok(Some(logic::PushSettings { webhook, web_push }))
     }
 }
 
@@ -291,6 +334,10 @@ pub(crate) struct StandaloneArgs {
     /// is there; batches are pipelined, so a small one costs no extra round trip).
     #[arg(long, env = "IM_STAGE_WAIT_MS", default_value_t = 0)]
     pub(crate) stage_wait_ms: u64,
+    /// No Web Push. Without this and without --web-push-vapid-*-key, standalone generates a
+    /// VAPID key pair in --data-dir and offers browsers notifications.
+    #[arg(long, env = "IM_NO_WEB_PUSH")]
+    pub(crate) no_web_push: bool,
 }
 
 #[derive(Args)]
@@ -465,7 +512,7 @@ impl LogicArgs {
         let push = self.api.push()?;
         if push.is_some() && self.no_pipeline {
             return Err(
-                "offline push (--push-webhook-url) needs the pipeline: drop --no-pipeline".into(),
+                "offline push (--push-webhook-url, --web-push-*) needs the pipeline: drop --no-pipeline".into(),
             );
         }
         let stage = stage.map(|mut s| {

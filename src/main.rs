@@ -62,6 +62,10 @@ fn main() -> ExitCode {
         Some(Cmd::Logic(a)) => logic(a),
         Some(Cmd::Persist(a)) => persist(a),
         Some(Cmd::Token(a)) => token(a),
+        Some(Cmd::WebPushKeys) => logic::push::ece::Vapid::generate().map(|(public, private)| {
+            println!("IM_WEB_PUSH_VAPID_PUBLIC_KEY={public}");
+            println!("IM_WEB_PUSH_VAPID_PRIVATE_KEY={private}");
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -149,7 +149,7 @@ fn logic_config(
         api,
         api_listen: a.api.api_listen,
         stage: Some(logic::StageSettings {
-            push: a.api.push()?,
+            push: push_settings(a)?,
             logic_id: "standalone-logic".into(),
             stage: logic::stage::StageConfig {
                 batch_wait_ms: a.stage_wait_ms,
@@ -160,8 +160,71 @@ fn logic_config(
     })
 }
 
+/// What the flags give, and Web Push with the data directory's key unless told otherwise.
+fn push_settings(a: &StandaloneArgs) -> Result<Option<logic::PushSettings>, String> {
+    let mut push = a.api.push()?.unwrap_or_default();
+    if a.no_web_push {
+        push.web_push = None;
+    } else if push.web_push.is_none() {
+        let (public_key, private_key) = vapid_keys(&a.data_dir)?;
+        let subject = a.api.web_push_subject.clone().unwrap_or_else(|| {
+            log::info!("web push: set --web-push-subject to a mailto: or https:// URL of yours; push services may write to it");
+            "mailto:im@localhost".into()
+        });
+        push.web_push = Some(logic::WebPushSettings {
+            public_key,
+            private_key,
+            subject,
+            endpoints: a.api.web_push_endpoints.clone(),
+        });
+    }
+    Ok((push.webhook.is_some() || push.web_push.is_some()).then_some(push))
+}
+
+/// The VAPID key pair kept in `dir` (generated on first use): browsers' subscriptions are
+/// bound to it, so it must outlive restarts.
+fn vapid_keys(dir: &Path) -> Result<(String, String), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("web_push_vapid");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let mut lines = s.lines().map(str::trim).filter(|l| !l.is_empty());
+            return match (lines.next(), lines.next()) {
+                (Some(public), Some(private)) => Ok((public.into(), private.into())),
+                _ => Err(format!(
+                    "{}: not a key pair (public, then private, one a line): delete it to generate one",
+                    path.display()
+                )),
+            };
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    }
+    private_dir(dir)?;
+    let (public, private) = logic::push::ece::Vapid::generate()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    writeln!(f, "{public}\n{private}").map_err(|e| format!("writing {}: {e}", path.display()))?;
+    log::info!(
+        "generated a Web Push (VAPID) key pair in {}",
+        path.display()
+    );
+    Ok((public, private))
+}
+
 /// Our files in the data directory.
-const OUR_FILES: [&str; 4] = ["im.db", "im.db-wal", "im.db-shm", "jwt_secret"];
+const OUR_FILES: [&str; 5] = [
+    "im.db",
+    "im.db-wal",
+    "im.db-shm",
+    "jwt_secret",
+    "web_push_vapid",
+];
 
 /// The data directory, for this user only: it holds password and refresh-token hashes,
 /// every message and the JWT secret. Created 0700; an existing one that holds nothing but

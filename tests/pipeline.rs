@@ -606,6 +606,80 @@ fn offline_push_reaches_the_webhook_from_the_distributed_pipeline() {
     );
 }
 
+/// Web Push from the distributed pipeline (docs/PROTOCOL.md, "Offline push"): logic, with a
+/// VAPID key pair of the operator's, wakes a subscribed browser through its push service (the
+/// test's), retried after a 503, the payload encrypted for the browser; a user online gets
+/// none.
+#[test]
+fn web_push_reaches_a_browser_from_the_distributed_pipeline() {
+    use logic::push::ece::receiver::{check_vapid, Browser};
+    use logic::push::ece::Vapid;
+    let _g = serial();
+    let (origin, rx) = support::push_receiver("201 Created");
+    let (public, private) = Vapid::generate().unwrap();
+    let prefix = format!("{origin}/push/");
+    let mut c = Cluster::start("webpush", 1, 1);
+    assert!(c.logic.stop().is_some());
+    c.restart_logic_with(&[
+        "--web-push-vapid-public-key",
+        &public,
+        "--web-push-vapid-private-key",
+        &private,
+        "--web-push-subject",
+        "mailto:ops@example.com",
+        "--web-push-endpoints",
+        &prefix,
+    ]);
+    let (_alice, ta) = c.user("alice");
+    let (bob, tb) = c.user("bob");
+    let (st, v) = http(c.api, "GET", "/api/v1/push/vapid", Some(&tb), &Value::Null);
+    assert_eq!(
+        (st, v["public_key"].as_str()),
+        (200, Some(public.as_str())),
+        "{v}"
+    );
+    let browser = Browser::new();
+    let sub = browser.subscription(&format!("{prefix}bob-phone"));
+    let (st, v) = http(c.api, "POST", "/api/v1/push/subscriptions", Some(&tb), &sub);
+    assert_eq!(st, 201, "{v}");
+    let send = |content: &str| {
+        let body = json!({"to": bob.to_string(), "content": content, "cid": content});
+        let end = Instant::now() + T;
+        loop {
+            let (st, v) = http(c.api, "POST", "/api/v1/messages/send", Some(&ta), &body);
+            if st == 200 {
+                return v;
+            }
+            assert!(Instant::now() < end, "send: {st} {v}\n{}", c.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let sent = send("ping from afar");
+    let _busy = rx.recv_timeout(T).expect("a POST");
+    let req = rx.recv_timeout(T).expect("tried again after the 503");
+    let (head, body) = support::split_request(&req);
+    let auth = support::header_of(&head, "Authorization").expect("a VAPID claim");
+    let (claims, k) = check_vapid(auth, &origin).unwrap();
+    assert_eq!(
+        (claims["sub"].as_str(), k.as_str()),
+        (Some("mailto:ops@example.com"), public.as_str())
+    );
+    let payload: Value = serde_json::from_slice(&browser.open(&body).unwrap()).unwrap();
+    assert_eq!(
+        (&payload["id"], &payload["preview"]),
+        (&sent["id"], &json!("ping from afar"))
+    );
+    // Bob online: live, and no push.
+    let mut b = c.ws(0, &tb);
+    wait_presence(&c, bob, 1);
+    send("now live");
+    b.until(T, &mut Vec::new(), |v| v["type"] == "msg");
+    assert!(
+        rx.recv_timeout(Duration::from_secs(1)).is_err(),
+        "a push for a user who is online"
+    );
+}
+
 /// `redis-cli` on this deployment's database; its output, trimmed.
 fn redis_cli(c: &Cluster, args: &[&str]) -> String {
     let db = c.redis.rsplit('/').next().unwrap().to_string();

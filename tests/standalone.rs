@@ -382,6 +382,118 @@ fn the_data_directory_and_its_files_are_private() {
     }
 }
 
+/// Web Push (docs/PROTOCOL.md, "Offline push") with standalone's own key: a browser (the
+/// test, holding the subscription's private key) subscribes; a message while Bob has no device
+/// online reaches his push service (the test's), retried after a 503, encrypted for that
+/// browser and signed with the VAPID key `GET /push/vapid` names; a muted conversation pushes
+/// nothing.
+#[test]
+fn web_push_wakes_a_subscribed_browser_in_standalone() {
+    use logic::push::ece::receiver::{check_vapid, Browser};
+    let (origin, rx) = support::push_receiver("201 Created");
+    let dir = scratch("standalone-web-push");
+    let prefix = format!("{origin}/push/");
+    let env = [("IM_WEB_PUSH_ENDPOINTS", prefix.as_str())];
+    let s = Standalone::start_with(&dir, &dir.join("data"), "standalone-web-push", &env);
+    let (alice, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    let (st, vapid) = http(s.api, "GET", "/api/v1/push/vapid", Some(&tb), &Value::Null);
+    assert_eq!(st, 200, "{vapid}");
+    let browser = Browser::new();
+    let endpoint = format!("{prefix}bob-laptop");
+    let sub = browser.subscription(&endpoint);
+    let (st, v) = http(s.api, "POST", "/api/v1/push/subscriptions", Some(&tb), &sub);
+    assert_eq!(st, 201, "{v}");
+    // Elsewhere than a push service, or with a key that is not one: refused.
+    let mut elsewhere = sub.clone();
+    elsewhere["endpoint"] = json!("http://127.0.0.1:1/admin");
+    let (st, v) = http(
+        s.api,
+        "POST",
+        "/api/v1/push/subscriptions",
+        Some(&tb),
+        &elsewhere,
+    );
+    assert_eq!((st, v["code"].as_u64()), (400, Some(4003)), "{v}");
+    let mut bad_key = sub.clone();
+    bad_key["keys"]["p256dh"] = json!("AAAA");
+    let (st, _) = http(
+        s.api,
+        "POST",
+        "/api/v1/push/subscriptions",
+        Some(&tb),
+        &bad_key,
+    );
+    assert_eq!(st, 400);
+    let send = |content: &str| {
+        let body = json!({"to": bob.to_string(), "content": content});
+        let (st, v) = http(s.api, "POST", "/api/v1/messages/send", Some(&ta), &body);
+        assert_eq!(st, 200, "{v}");
+        v
+    };
+    let sent = send("wake up, bob");
+    let _busy = rx.recv_timeout(Duration::from_secs(10)).expect("a POST");
+    let req = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("tried again after the 503");
+    let (head, body) = support::split_request(&req);
+    assert!(
+        head.starts_with("POST /push/bob-laptop HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert_eq!(
+        support::header_of(&head, "Content-Encoding"),
+        Some("aes128gcm")
+    );
+    let auth = support::header_of(&head, "Authorization").expect("a VAPID claim");
+    let (_claims, k) = check_vapid(auth, &origin).unwrap();
+    assert_eq!(
+        k,
+        vapid["public_key"].as_str().unwrap(),
+        "signed with the key browsers subscribe with"
+    );
+    let payload: Value = serde_json::from_slice(&browser.open(&body).unwrap()).unwrap();
+    assert_eq!(payload["type"], "message");
+    assert_eq!(payload["from_name"], "alice");
+    assert_eq!(payload["preview"], "wake up, bob");
+    assert_eq!(
+        (&payload["id"], &payload["user"]),
+        (&sent["id"], &json!(bob.to_string()))
+    );
+    // Muted: nothing.
+    let conv = format!("p:{}:{}", alice.min(bob), alice.max(bob));
+    let path = format!("/api/v1/conversations/{conv}");
+    let (st, v) = http(s.api, "PUT", &path, Some(&tb), &json!({"muted": true}));
+    assert_eq!(st, 204, "{v}");
+    send("shh");
+    assert!(
+        rx.recv_timeout(Duration::from_secs(2)).is_err(),
+        "a push for a muted conversation"
+    );
+    // Unsubscribed: the subscription is gone for good.
+    let gone = json!({"endpoint": endpoint});
+    let (st, _) = http(
+        s.api,
+        "DELETE",
+        "/api/v1/push/subscriptions",
+        Some(&tb),
+        &gone,
+    );
+    assert_eq!(st, 204);
+    let (st, v) = http(
+        s.api,
+        "GET",
+        "/api/v1/push/subscriptions",
+        Some(&tb),
+        &Value::Null,
+    );
+    assert_eq!(
+        (st, v["subscriptions"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
+}
+
 fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
@@ -398,13 +510,18 @@ fn the_browser_client_chats_in_headless_chromium() {
         "playwright-core is missing: run `npm ci --prefix tests/browser` (.ci/run does)"
     );
     let dir = scratch("standalone-browser");
-    let s = Standalone::start(&dir, &dir.join("data"), "standalone");
+    // The script plays bob's push service on this port (Web Push).
+    let push_port = free_port();
+    let endpoints = format!("http://127.0.0.1:{push_port}/push/");
+    let env = [("IM_WEB_PUSH_ENDPOINTS", endpoints.as_str())];
+    let s = Standalone::start_with(&dir, &dir.join("data"), "standalone", &env);
     let out = dir.join("screenshots");
     std::fs::create_dir_all(&out).unwrap();
     let run = std::process::Command::new("node")
         .arg(browser_dir().join("chat.mjs"))
         .env("IM_BASE_URL", format!("http://{}", s.api))
         .env("IM_OUT_DIR", &out)
+        .env("IM_PUSH_PORT", push_port.to_string())
         .env("CHROMIUM", &chromium)
         .output()
         .expect("node (Node.js) to run tests/browser/chat.mjs");

@@ -53,20 +53,99 @@ pub struct StageSettings {
     pub stats: Arc<StageStats>,
 }
 
+/// Offline push (`push`): the providers notifications go to, one or both.
+#[derive(Clone, Debug, Default)]
+pub struct PushSettings {
+    pub webhook: Option<WebhookSettings>,
+    pub web_push: Option<WebPushSettings>,
+}
+
 /// The push webhook (`push::webhook`): its URL and signing secret.
 #[derive(Clone)]
-pub struct PushSettings {
-    pub webhook_url: String,
+pub struct WebhookSettings {
+    pub url: String,
     pub secret: String,
 }
 
-impl std::fmt::Debug for PushSettings {
+impl std::fmt::Debug for WebhookSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PushSettings")
-            .field("webhook_url", &self.webhook_url.split('?').next())
+        f.debug_struct("WebhookSettings")
+            .field("url", &self.url.split('?').next())
             .field("secret", &"<redacted>")
             .finish()
     }
+}
+
+/// Web Push (`push::webpush`): the VAPID key pair (base64url, as web-push tools print it),
+/// who runs the server (`mailto:` or `https:`), and the endpoint prefixes subscriptions may
+/// have (`push::webpush::BROWSER_PUSH_SERVICES` when empty).
+#[derive(Clone)]
+pub struct WebPushSettings {
+    pub public_key: String,
+    pub private_key: String,
+    pub subject: String,
+    pub endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for WebPushSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebPushSettings")
+            .field("public_key", &self.public_key)
+            .field("private_key", &"<redacted>")
+            .field("subject", &self.subject)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+/// The pusher `s` asks for (none when it names no provider), and Web Push, which the REST
+/// API's subscription routes use.
+#[allow(clippy::type_complexity)]
+fn start_push(
+    s: &PushSettings,
+    store: &Arc<dyn Store>,
+    stats: &Arc<push::PushStats>,
+) -> Result<
+    (
+        Option<Arc<push::Pusher>>,
+        Option<Arc<push::webpush::WebPush>>,
+    ),
+    String,
+> {
+    let client = push::http::Client::new();
+    let mut providers: Vec<Arc<dyn push::PushProvider>> = Vec::new();
+    if let Some(w) = &s.webhook {
+        let hook = push::webhook::Webhook::new(&w.url, w.secret.as_bytes(), client.clone())?;
+        log::info!("logic: offline push to the webhook {}", hook.shown());
+        providers.push(Arc::new(hook));
+    }
+    let mut web_push = None;
+    if let Some(w) = &s.web_push {
+        let vapid = push::ece::Vapid::new(&w.public_key, &w.private_key, &w.subject)?;
+        let allowed = if w.endpoints.is_empty() {
+            push::webpush::Allowed::new(push::webpush::BROWSER_PUSH_SERVICES)?
+        } else {
+            push::webpush::Allowed::new(&w.endpoints)?
+        };
+        let wp = Arc::new(push::webpush::WebPush::new(
+            vapid,
+            store.clone(),
+            client,
+            allowed,
+            stats.clone(),
+        ));
+        log::info!(
+            "logic: offline push to browsers by Web Push (VAPID key {})",
+            wp.public_key()
+        );
+        providers.push(wp.clone());
+        web_push = Some(wp);
+    }
+    if providers.is_empty() {
+        return Ok((None, None));
+    }
+    let pusher = push::Pusher::start(providers, Some(store.clone()), stats.clone());
+    Ok((Some(Arc::new(pusher)), web_push))
 }
 
 /// What the service runs on: MySQL, Redis and Kafka (`run`), or SQLite, memory and the
@@ -250,16 +329,9 @@ async fn start_stage(
         .await
         .map_err(|e| format!("the {}: {e}", b.bus.describe()))?;
     let stats = s.stats.clone();
-    let pusher = match &s.push {
-        Some(p) => {
-            let hook = push::webhook::Webhook::new(&p.webhook_url, p.secret.as_bytes())?;
-            log::info!("logic: offline push to the webhook {}", hook.shown());
-            Some(Arc::new(push::Pusher::start(
-                Arc::new(hook),
-                stats.push.clone(),
-            )))
-        }
-        None => None,
+    let (pusher, web_push) = match &s.push {
+        Some(p) => start_push(p, &b.store, &stats.push)?,
+        None => (None, None),
     };
     let task = tokio::spawn(stage::run(
         b.bus.clone(),
@@ -282,6 +354,7 @@ async fn start_stage(
         blocks,
         stats,
         presence: b.presence.clone(),
+        web_push,
     };
     Ok((pipeline, task))
 }

@@ -43,6 +43,7 @@ impl Api {
             blocks,
             stats: Default::default(),
             presence: presence.clone(),
+            web_push: None,
         };
         let cost = PasswordCost::test();
         let api = Api::build_with(store, cost, 100, api::MetricsAt::Api, 0, Some(pipeline));

@@ -42,6 +42,8 @@ const TYPING_SEND_EVERY_MS = 3_000;   // while typing, a `typing` frame at most 
 const TYPING_SHOW_MS = 5_000;         // "typing…" lasts this long after the last frame
 const PRESENCE_ASK_MAX = 50;          // peers whose presence is asked for after a connect
 const MEMBERS_SHOWN_MAX = 100;        // a group's member list shows this many
+const PUSH_SUPPORTED = 'serviceWorker' in navigator && 'PushManager' in window
+  && 'Notification' in window;
 
 const state = {
   session: null,          // {token, refresh_token, user_id, username, ws_url}
@@ -56,6 +58,7 @@ const state = {
   contacts: new Set(),    // peers whose presence the server showed us (contacts: both wrote)
   devices: [],            // this user's devices online (their device ids), as last heard
   members: null,          // the open group's member list while shown: {group, items}
+  push: { key: null, subscribed: false },  // Web Push: the server's VAPID key, and this browser's state
   typingSent: new Map(),  // conv id → when this device last sent `typing` for it
   users: new Map(),       // user id → profile {user_id, username, nickname, avatar}
   groups: new Map(),      // group id → {group_id, name, ...}
@@ -1351,6 +1354,98 @@ function showView(loggedIn) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Notifications (Web Push): while none of the user's devices is online, the server wakes the
+// browsers they turned notifications on in; the service worker (/sw.js) shows them.
+
+function base64UrlBytes(text) {
+  const b64 = text.replace(/-/g, '+').replace(/_/g, '/');
+  const raw = atob(b64 + '='.repeat((4 - (b64.length % 4)) % 4));
+  return Uint8Array.from(raw, (c) => c.charCodeAt(0));
+}
+
+async function pushRegistration() {
+  await navigator.serviceWorker.register('/sw.js');
+  return navigator.serviceWorker.ready;
+}
+
+/// After login: is Web Push on at the server, and is this browser subscribed? A subscription
+/// this browser has is handed to the server again (another account may have had it).
+async function setupPush() {
+  el.pushToggle.hidden = true;
+  if (!PUSH_SUPPORTED) return;
+  let vapid;
+  try {
+    vapid = await api('GET', '/push/vapid');
+  } catch {
+    return;   // 404: not configured on this server
+  }
+  state.push.key = vapid.public_key;
+  const reg = await pushRegistration();
+  const sub = await reg.pushManager.getSubscription();
+  if (sub && Notification.permission === 'granted') {
+    await api('POST', '/push/subscriptions', sub.toJSON());
+    state.push.subscribed = true;
+  }
+  renderPush();
+}
+
+async function togglePush() {
+  const reg = await pushRegistration();
+  if (state.push.subscribed) {
+    const sub = await reg.pushManager.getSubscription();
+    if (sub) {
+      await api('DELETE', '/push/subscriptions', { endpoint: sub.endpoint }).catch(() => {});
+      await sub.unsubscribe();
+    }
+    state.push.subscribed = false;
+    renderPush();
+    return;
+  }
+  if (await Notification.requestPermission() !== 'granted') {
+    showError('Notifications are blocked for this site in the browser\'s settings.');
+    return;
+  }
+  const sub = await reg.pushManager.subscribe({
+    userVisibleOnly: true,
+    applicationServerKey: base64UrlBytes(state.push.key),
+  });
+  await api('POST', '/push/subscriptions', sub.toJSON());
+  state.push.subscribed = true;
+  renderPush();
+}
+
+/// On logout this browser stops being woken for the account.
+async function dropPush(token) {
+  if (!PUSH_SUPPORTED || !state.push.subscribed) return;
+  const reg = await navigator.serviceWorker.getRegistration();
+  const sub = reg && await reg.pushManager.getSubscription();
+  if (!sub) return;
+  await request('DELETE', '/push/subscriptions', { endpoint: sub.endpoint }, token).catch(() => {});
+  await sub.unsubscribe().catch(() => {});
+}
+
+function renderPush() {
+  el.pushToggle.hidden = !state.push.key;
+  el.pushToggle.textContent = state.push.subscribed ? 'Notifications: on' : 'Notifications: off';
+  el.pushToggle.dataset.on = String(state.push.subscribed);
+}
+
+/// A notification clicked while a tab is open (the service worker's message), or one that
+/// opened this tab (`#conv=`).
+function openNotified(conv) {
+  if (typeof conv === 'string' && state.convs.has(conv)) {
+    openConversation(conv).catch((e) => showError(e.message));
+  }
+}
+
+function convInLocation() {
+  const m = location.hash.match(/^#conv=([^&]+)$/);
+  if (!m) return null;
+  history.replaceState(null, '', location.pathname + location.search);
+  return decodeURIComponent(m[1]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // 7. Wiring
 
 function startApp() {
@@ -1358,9 +1453,13 @@ function startApp() {
   el.me.textContent = state.session.username || '';
   renderChat();
   renderConvList();
-  loadConversations().catch((e) => showError(`Conversations: ${e.message}`));
+  const notified = convInLocation();
+  loadConversations()
+    .then(() => openNotified(notified))
+    .catch((e) => showError(`Conversations: ${e.message}`));
   connect();
   offerInvite();
+  setupPush().catch((e) => console.warn('im: notifications not set up:', e.message));
   loadBlocked().catch((e) => console.warn('im: blocked users not loaded:', e.message));
 }
 
@@ -1384,6 +1483,8 @@ function endSession(reason) {
   state.devices = [];
   el.devices.textContent = '';
   state.members = null;
+  state.push = { key: null, subscribed: false };
+  el.pushToggle.hidden = true;
   pendingInvite = null;
   el.inviteBanner.hidden = true;
   renderConnState('offline');
@@ -1455,6 +1556,7 @@ function wire() {
     loginView: 'login-view', loginForm: 'login-form', loginUsername: 'login-username',
     loginPassword: 'login-password', registerSubmit: 'register-submit',
     appView: 'app-view', me: 'me', devices: 'devices', connState: 'conn-state', logout: 'logout',
+    pushToggle: 'push-toggle',
     openUserForm: 'open-user-form', openUserInput: 'open-user-input',
     groupCreateForm: 'group-create-form', groupCreateName: 'group-create-name',
     groupJoinForm: 'group-join-form', groupJoinId: 'group-join-id',
@@ -1473,6 +1575,17 @@ function wire() {
   }
 
   el.errorDismiss.addEventListener('click', () => { el.errorBar.hidden = true; });
+  el.pushToggle.addEventListener('click', () => {
+    el.pushToggle.disabled = true;
+    togglePush()
+      .catch((e) => showError(`Notifications: ${e.message}`))
+      .finally(() => { el.pushToggle.disabled = false; });
+  });
+  if (PUSH_SUPPORTED) {
+    navigator.serviceWorker.addEventListener('message', (ev) => {
+      if (ev.data && ev.data.type === 'open') openNotified(ev.data.conv);
+    });
+  }
   el.membersToggle.addEventListener('click', () => {
     toggleMembers().catch((e) => showError(`Members: ${e.message}`));
   });
@@ -1496,8 +1609,13 @@ function wire() {
 
   el.logout.addEventListener('click', () => {
     const token = state.session && state.session.token;
-    // Revoke on the server, but leave at once either way: the token is forgotten here.
-    if (token) request('POST', '/auth/logout', undefined, token).catch(() => {});
+    // Revoke on the server, but leave at once either way: the token is forgotten here. The
+    // browser's push subscription goes first, while the token still works.
+    if (token) {
+      dropPush(token)
+        .finally(() => request('POST', '/auth/logout', undefined, token))
+        .catch(() => {});
+    }
     endSession(null);
   });
 

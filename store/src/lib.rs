@@ -73,6 +73,18 @@ pub struct UserRow {
     pub presence_hidden: bool,
 }
 
+/// A browser a user asked to be woken in by Web Push (docs/PROTOCOL.md, "Offline push"):
+/// its push service endpoint and its keys, base64url as the browser gave them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushSubscription {
+    pub id: u64,
+    pub user_id: u64,
+    pub endpoint: String,
+    pub p256dh: String,
+    pub auth: String,
+    pub created_ms: u64,
+}
+
 /// A group with its member count.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupRow {
@@ -334,6 +346,24 @@ pub trait Store: Send + Sync + 'static {
     async fn hiding_presence(&self, users: &[u64]) -> Result<Vec<u64>>;
     /// Everyone who blocks `user`, ascending.
     async fn blockers_of(&self, user: u64) -> Result<Vec<u64>>;
+
+    /// Records `s` for `s.user_id` (its id and created_ms are ignored): the endpoint moves
+    /// to this user if another had it, and past `max` the user's oldest go. The new id, or
+    /// `None` when there is no such user.
+    async fn add_push_subscription(
+        &self,
+        s: &PushSubscription,
+        max: u32,
+        now_ms: u64,
+    ) -> Result<Option<u64>>;
+    /// Forgets `user`'s subscription at `endpoint`; false when they had none there.
+    async fn remove_push_subscription(&self, user: u64, endpoint: &str) -> Result<bool>;
+    /// Forgets a subscription its push service says is gone.
+    async fn drop_push_subscription(&self, id: u64) -> Result<()>;
+    /// A user's subscriptions, newest first.
+    async fn push_subscriptions(&self, user: u64) -> Result<Vec<PushSubscription>>;
+    /// Whether `user` muted `conv` (no offline push for it).
+    async fn muted(&self, user: u64, conv: &str) -> Result<bool>;
 
     /// A new group with its owner as the first member.
     async fn create_group(&self, g: &NewGroup<'_>) -> Result<u64>;

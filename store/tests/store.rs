@@ -4,8 +4,8 @@
 use im_shared::records::Stored;
 use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
 use im_store::{
-    GroupChange, Join, JoinBy, MessageRow, NewGroup, NewInvite, NewMessage, NewRefresh, Roster,
-    Store, StoreError, Taken, View, JOIN_CLOCK_SKEW_MS,
+    GroupChange, Join, JoinBy, MessageRow, NewGroup, NewInvite, NewMessage, NewRefresh,
+    PushSubscription, Roster, Store, StoreError, Taken, View, JOIN_CLOCK_SKEW_MS,
 };
 
 /// A private group of ten seats owned by `owner`, history from each member's join.
@@ -357,6 +357,92 @@ async fn presence_queries(s: &dyn Store) {
     );
     assert!(s.set_presence_hidden(b, false).await.unwrap());
     assert!(s.hiding_presence(&[a, b]).await.unwrap().is_empty());
+}
+
+/// Web Push subscriptions (docs/PROTOCOL.md, "Offline push"): per user, capped, an endpoint
+/// owned by the last to subscribe with it.
+async fn push_subscriptions(s: &dyn Store) {
+    let a = s.create_user("ann", "h", "Ann", 1).await.unwrap();
+    let b = s.create_user("ben", "h", "Ben", 1).await.unwrap();
+    let sub = |user: u64, n: u32| PushSubscription {
+        id: 0,
+        user_id: user,
+        endpoint: format!("https://push.example/ep/{n}"),
+        p256dh: format!("key{n}"),
+        auth: format!("auth{n}"),
+        created_ms: 0,
+    };
+    for (n, at) in [(1, 10), (2, 20), (3, 30)] {
+        let id = s.add_push_subscription(&sub(a, n), 2, at).await.unwrap();
+        assert!(id.is_some_and(|id| id > 0));
+    }
+    let got = s.push_subscriptions(a).await.unwrap();
+    let eps: Vec<&str> = got.iter().map(|x| x.endpoint.as_str()).collect();
+    assert_eq!(
+        eps,
+        ["https://push.example/ep/3", "https://push.example/ep/2"],
+        "newest first; past the cap of 2 the oldest went"
+    );
+    assert_eq!(
+        (got[0].p256dh.as_str(), got[0].auth.as_str()),
+        ("key3", "auth3")
+    );
+    assert_eq!((got[0].user_id, got[0].created_ms), (a, 30));
+    // The same browser subscribes for Ben: it is his now, Ann's is gone.
+    let id = s
+        .add_push_subscription(&sub(b, 3), 2, 40)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.push_subscriptions(b).await.unwrap()[0].id, id);
+    assert_eq!(s.push_subscriptions(a).await.unwrap().len(), 1);
+    assert!(s
+        .add_push_subscription(&sub(999_999, 9), 2, 50)
+        .await
+        .unwrap()
+        .is_none());
+    // Unsubscribing is the owner's only; a gone one is dropped by id.
+    assert!(!s
+        .remove_push_subscription(a, "https://push.example/ep/3")
+        .await
+        .unwrap());
+    assert!(s
+        .remove_push_subscription(b, "https://push.example/ep/3")
+        .await
+        .unwrap());
+    assert!(s.push_subscriptions(b).await.unwrap().is_empty());
+    let left = s.push_subscriptions(a).await.unwrap();
+    s.drop_push_subscription(left[0].id).await.unwrap();
+    assert!(s.push_subscriptions(a).await.unwrap().is_empty());
+    // Muting, which push honours.
+    let ab = format!("p:{}:{}", a.min(b), a.max(b));
+    assert!(
+        !s.muted(a, &ab).await.unwrap(),
+        "not a member yet: not muted"
+    );
+    s.update_membership(a, &ab, None, Some(true), None)
+        .await
+        .unwrap();
+    assert!(s.muted(a, &ab).await.unwrap());
+    assert!(!s.muted(b, &ab).await.unwrap());
+    s.update_membership(a, &ab, None, Some(false), None)
+        .await
+        .unwrap();
+    assert!(!s.muted(a, &ab).await.unwrap());
+}
+
+#[tokio::test]
+async fn push_subscriptions_on_mysql() {
+    let store = fresh_mysql().await;
+    push_subscriptions(&store).await;
+    drop_mysql(store).await;
+}
+
+#[tokio::test]
+async fn push_subscriptions_on_sqlite() {
+    let dir = tempdir();
+    push_subscriptions(&fresh_sqlite(&dir).await).await;
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]

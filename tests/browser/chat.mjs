@@ -3,10 +3,20 @@
 // the first reads; each sees the other's presence dot go green, grey and green again) and in a
 // private group (with "typing…" and the member list's online dots), one blocks the other (the owner copies an invite
 // link, the other opens it and joins; the group's id alone lets no one in), one goes away and comes back to
-// unread counts and missed messages, a message that looks like HTML stays text, and a third
-// page's failed logins make its form wait (429, Retry-After) and come back.
+// unread counts and missed messages, a message that looks like HTML stays text, a third
+// page's failed logins make its form wait (429, Retry-After) and come back, and, with bob's
+// browser subscribed to Web Push and none of his pages open, alice's message reaches his push
+// service encrypted for his browser and his service worker shows it as a notification.
 //
-//   IM_BASE_URL=http://127.0.0.1:18080 IM_OUT_DIR=/tmp/shots node tests/browser/chat.mjs
+//   IM_BASE_URL=http://127.0.0.1:18080 IM_OUT_DIR=/tmp/shots IM_PUSH_PORT=18099 node tests/browser/chat.mjs
+//
+// IM_PUSH_PORT is where this script plays bob's push service (the server must take
+// http://127.0.0.1:<port>/push/ endpoints: --web-push-endpoints). Headless Chromium cannot
+// subscribe at a real push service, so bob's page gets a subscription to this one (its
+// PushManager is replaced), with keys only this script holds: the script checks the VAPID
+// claim, decrypts the body (RFC 8291, with Node's crypto: an implementation other than the
+// server's), and hands the payload to the service worker as Chromium's push service would
+// (DevTools' ServiceWorker.deliverPushMessage).
 //
 // IM_BASE_URL serves the page and the REST API; the page finds the WebSocket from the login
 // answer. IM_OUT_DIR receives alice.png and bob.png, alice-invite.png and bob-invite.png (the
@@ -17,20 +27,24 @@
 
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
-import { randomBytes } from 'node:crypto';
+import {
+  createDecipheriv, createECDH, createPublicKey, hkdfSync, randomBytes, verify,
+} from 'node:crypto';
+import http from 'node:http';
 import path from 'node:path';
 
 const BASE_URL = process.env.IM_BASE_URL;
 const OUT_DIR = process.env.IM_OUT_DIR;
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-if (!BASE_URL || !OUT_DIR) {
-  console.error('browser e2e: IM_BASE_URL and IM_OUT_DIR must be set');
+const PUSH_PORT = Number(process.env.IM_PUSH_PORT);
+if (!BASE_URL || !OUT_DIR || !PUSH_PORT) {
+  console.error('browser e2e: IM_BASE_URL, IM_OUT_DIR and IM_PUSH_PORT must be set');
   process.exit(2);
 }
 mkdirSync(OUT_DIR, { recursive: true });
 
 const STEP_TIMEOUT_MS = 15_000;
-const RUN_TIMEOUT_MS = 100_000;   // the whole run; a hang must not outlive CI's patience
+const RUN_TIMEOUT_MS = 130_000;   // the whole run; a hang must not outlive CI's patience
 const PASSWORD = `pw-${randomBytes(8).toString('hex')}`;
 const suffix = randomBytes(4).toString('hex');
 const ALICE = `alice-${suffix}`;
@@ -125,6 +139,88 @@ function presenceOf(page, conv) {
   }, conv);
 }
 
+// Bob's push service.
+
+/// Bob's browser's subscription keys, which the server encrypts for; the private half stays here.
+const bobPush = (() => {
+  const ecdh = createECDH('prime256v1');
+  ecdh.generateKeys();
+  return { ecdh, auth: randomBytes(16), endpoint: `http://127.0.0.1:${PUSH_PORT}/push/bob` };
+})();
+const pushed = [];   // what the push service received: {path, headers, body}
+
+function startPushService() {
+  const server = http.createServer((req, res) => {
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c));
+    req.on('end', () => {
+      pushed.push({ path: req.url, headers: req.headers, body: Buffer.concat(chunks) });
+      res.writeHead(201).end();
+    });
+  });
+  return new Promise((resolve) => server.listen(PUSH_PORT, '127.0.0.1', () => resolve(server)));
+}
+
+/// What a push service checks: `vapid t=<ES256 JWT>, k=<public key>`, the JWT signed by k for
+/// this origin. Returns k.
+function checkVapid(authorization, audience) {
+  const m = /^vapid t=([^,]+), k=(.+)$/.exec(authorization || '');
+  if (!m) throw new Error(`not a VAPID Authorization: ${authorization}`);
+  const [h, c, sig] = m[1].split('.');
+  const k = Buffer.from(m[2], 'base64url');
+  const key = createPublicKey({
+    format: 'jwk',
+    key: { kty: 'EC', crv: 'P-256', x: k.subarray(1, 33).toString('base64url'), y: k.subarray(33).toString('base64url') },
+  });
+  const ok = verify('sha256', Buffer.from(`${h}.${c}`), { key, dsaEncoding: 'ieee-p1363' }, Buffer.from(sig, 'base64url'));
+  if (!ok) throw new Error('the VAPID signature does not verify');
+  const claims = JSON.parse(Buffer.from(c, 'base64url').toString());
+  if (claims.aud !== audience) throw new Error(`VAPID aud ${claims.aud}, not ${audience}`);
+  return m[2];
+}
+
+/// RFC 8291 as the browser does it: the header's salt and sender key, ECDH with the
+/// subscription's key, HKDF, AES-128-GCM, then the padding delimiter.
+function decryptPush(body) {
+  const salt = body.subarray(0, 16);
+  const idlen = body[20];
+  const asPublic = body.subarray(21, 21 + idlen);
+  const sealed = body.subarray(21 + idlen);
+  const uaPublic = bobPush.ecdh.getPublicKey();
+  const secret = bobPush.ecdh.computeSecret(asPublic);
+  const keyInfo = Buffer.concat([Buffer.from('WebPush: info\0'), uaPublic, asPublic]);
+  const ikm = Buffer.from(hkdfSync('sha256', secret, bobPush.auth, keyInfo, 32));
+  const cek = Buffer.from(hkdfSync('sha256', ikm, salt, Buffer.from('Content-Encoding: aes128gcm\0'), 16));
+  const nonce = Buffer.from(hkdfSync('sha256', ikm, salt, Buffer.from('Content-Encoding: nonce\0'), 12));
+  const d = createDecipheriv('aes-128-gcm', cek, nonce);
+  d.setAuthTag(sealed.subarray(sealed.length - 16));
+  const plain = Buffer.concat([d.update(sealed.subarray(0, sealed.length - 16)), d.final()]);
+  let end = plain.length - 1;
+  while (end >= 0 && plain[end] === 0) end--;
+  if (plain[end] !== 2) throw new Error('no last-record delimiter');
+  return plain.subarray(0, end).toString();
+}
+
+/// In bob's pages: a PushManager whose subscription is to the script's push service, with the
+/// script's keys (it survives reloads, as a real one does).
+function fakePushManager({ endpoint, p256dh, auth }) {
+  if (!('PushManager' in window)) return;
+  const sub = () => ({
+    endpoint,
+    expirationTime: null,
+    toJSON: () => ({ endpoint, expirationTime: null, keys: { p256dh, auth } }),
+    unsubscribe: async () => { localStorage.removeItem('test.push'); return true; },
+  });
+  PushManager.prototype.subscribe = async function subscribe(options) {
+    if (!options || !options.applicationServerKey) throw new Error('no applicationServerKey');
+    localStorage.setItem('test.push', '1');
+    return sub();
+  };
+  PushManager.prototype.getSubscription = async function getSubscription() {
+    return localStorage.getItem('test.push') ? sub() : null;
+  };
+}
+
 // Actions.
 
 async function waitConnected(page, who) {
@@ -181,6 +277,7 @@ async function newUserPage(context, who) {
 }
 
 async function main() {
+  const pushService = await startPushService();
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
@@ -194,6 +291,7 @@ async function main() {
     process.exit(1);
   }
   await browser.close();
+  pushService.close();
   console.log('browser e2e: ok');
   process.exit(0);
 }
@@ -202,7 +300,12 @@ async function scenario(browser) {
   const viewport = { width: 1100, height: 720 };
   // Alice copies an invite link: her page may write the clipboard, and the test reads it.
   const aliceCtx = await browser.newContext({ viewport, permissions: ['clipboard-read', 'clipboard-write'] });
-  const bobCtx = await browser.newContext({ viewport });
+  const bobCtx = await browser.newContext({ viewport, permissions: ['notifications'] });
+  await bobCtx.addInitScript(fakePushManager, {
+    endpoint: bobPush.endpoint,
+    p256dh: bobPush.ecdh.getPublicKey().toString('base64url'),
+    auth: bobPush.auth.toString('base64url'),
+  });
   const alice = await newUserPage(aliceCtx, 'alice');
   let bob = await newUserPage(bobCtx, 'bob');
 
@@ -413,6 +516,57 @@ async function scenario(browser) {
   step = 'h. screenshots';
   await alice.screenshot({ path: path.join(OUT_DIR, 'alice.png') });
   await bob.screenshot({ path: path.join(OUT_DIR, 'bob.png') });
+
+  step = 'i. notifications (Web Push) while bob has no page open';
+  await until('bob\'s page to offer notifications', async () => (await byTestId(bob, 'push-toggle').isVisible()) || 'hidden');
+  await byTestId(bob, 'push-toggle').click();
+  await until('bob\'s notifications to be on', async () =>
+    (await text(bob, 'push-toggle')) === 'Notifications: on' || `${await text(bob, 'push-toggle')} / ${await text(bob, 'error')}`);
+  await bob.close();
+  pages.bob = null;
+  await until('alice to see bob offline', async () =>
+    (await text(alice, 'peer-presence')) === 'offline' || text(alice, 'peer-presence'));
+  // (Not `send`: the message refused while bob blocked her stays failed in her list.)
+  await byTestId(alice, 'compose-input').fill('are you asleep?');
+  await byTestId(alice, 'compose-send').click();
+  await until('alice\'s "are you asleep?" to be sent', async () => {
+    const mine = (await messagesOf(alice)).filter((m) => m.text === 'are you asleep?');
+    return (mine.length === 1 && mine[0].state === 'sent') || mine;
+  });
+  await until('bob\'s push service to get a push', async () => pushed.length > 0 || 'nothing yet');
+  const push = pushed[0];
+  check(push.path === '/push/bob', `pushed to ${push.path}`);
+  check(push.headers['content-encoding'] === 'aes128gcm', `Content-Encoding ${push.headers['content-encoding']}`);
+  const k = checkVapid(push.headers.authorization, `http://127.0.0.1:${PUSH_PORT}`);
+  const payload = decryptPush(push.body);
+  const p = JSON.parse(payload);
+  check(p.type === 'message' && p.preview === 'are you asleep?' && p.from_name === ALICE && p.conv === pair,
+    `the payload: ${payload}`);
+  // The service worker, with no page of the client open: a page of the origin that is not the
+  // client (it opens no socket) drives DevTools.
+  const probe = await newUserPage(bobCtx, 'bob-probe');
+  await probe.goto(`${BASE_URL}/healthz`);
+  const key = await probe.evaluate(async () => {
+    const r = await fetch('/api/v1/push/vapid', { headers: { Authorization: `Bearer ${JSON.parse(localStorage.getItem('im.session')).token}` } });
+    return (await r.json()).public_key;
+  });
+  check(k === key, 'the push is signed with the key browsers subscribe with');
+  const cdp = await bobCtx.newCDPSession(probe);
+  const registrations = [];
+  cdp.on('ServiceWorker.workerRegistrationUpdated', (e) => registrations.push(...e.registrations));
+  await cdp.send('ServiceWorker.enable');
+  await until('bob\'s service worker registration', async () =>
+    registrations.some((r) => r.scopeURL === `${BASE_URL}/` && !r.isDeleted) || registrations);
+  const reg = registrations.find((r) => r.scopeURL === `${BASE_URL}/` && !r.isDeleted);
+  await cdp.send('ServiceWorker.deliverPushMessage', { origin: BASE_URL, registrationId: reg.registrationId, data: payload });
+  await until('bob\'s service worker to show alice\'s message as a notification', async () => {
+    const shown = await probe.evaluate(async () => {
+      const r = await navigator.serviceWorker.getRegistration();
+      return (await r.getNotifications()).map((n) => ({ title: n.title, body: n.body, tag: n.tag }));
+    });
+    return shown.some((n) => n.title === ALICE && n.body === 'are you asleep?' && n.tag === pair) || shown;
+  });
+  check(pushed.length === 1, `${pushed.length} pushes for one message`);
   check(pageErrors.length === 0, `uncaught errors in the pages:\n  ${pageErrors.join('\n  ')}`);
 }
 

@@ -1053,10 +1053,26 @@ impl Ws {
 /// request 503, as a busy receiver would, and the rest 204; hands each whole request (head and
 /// body) to the channel. Returns its URL (`http://…/hook`).
 pub fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<String>) {
+    let (url, raw) = push_receiver("204 No Content");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for req in raw {
+            if tx.send(String::from_utf8_lossy(&req).to_string()).is_err() {
+                return;
+            }
+        }
+    });
+    (format!("{url}/hook"), rx)
+}
+
+/// A push receiver (a webhook's, or a stand-in for a browser's push service) on a free local
+/// port: answers its first request 503, the rest `status`; hands each whole request, bytes,
+/// to the channel. Returns its origin (`http://127.0.0.1:port`).
+pub fn push_receiver(status: &'static str) -> (String, std::sync::mpsc::Receiver<Vec<u8>>) {
     use std::io::{Read, Write};
     let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", hook.local_addr().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let url = format!("http://{}", hook.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::spawn(move || {
         for (i, s) in hook.incoming().enumerate() {
             let Ok(mut s) = s else { return };
@@ -1066,28 +1082,51 @@ pub fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<String>) {
             // The request ends with its body (Content-Length), then we answer.
             while let Ok(n) = s.read(&mut chunk) {
                 req.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&req).to_string();
-                let done = text.find("\r\n\r\n").is_some_and(|end| {
-                    let len: usize = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Content-Length: "))
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    req.len() >= end + 4 + len
-                });
+                let done = req
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .is_some_and(|end| {
+                        let head = String::from_utf8_lossy(&req[..end]).to_string();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        req.len() >= end + 4 + len
+                    });
                 if n == 0 || done {
                     break;
                 }
             }
-            let status = if i == 0 { "503 Busy" } else { "204 No Content" };
+            let status = if i == 0 { "503 Busy" } else { status };
             let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
             let _ = s.write_all(answer.as_bytes());
-            if tx.send(String::from_utf8_lossy(&req).to_string()).is_err() {
+            if tx.send(req).is_err() {
                 return;
             }
         }
     });
     (url, rx)
+}
+
+/// A push request's head (as text) and body (bytes).
+pub fn split_request(req: &[u8]) -> (String, Vec<u8>) {
+    let end = req
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a whole request");
+    (
+        String::from_utf8_lossy(&req[..end]).to_string(),
+        req[end + 4..].to_vec(),
+    )
+}
+
+/// A header of a request head.
+pub fn header_of<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(": ")?;
+        n.eq_ignore_ascii_case(name).then_some(v)
+    })
 }
 
 /// A webhook request's body, and whether its signature is right for `secret`.

@@ -7,6 +7,7 @@ mod groups;
 mod messages;
 mod names;
 mod presence;
+mod push;
 pub mod throttle;
 mod web;
 
@@ -98,6 +99,8 @@ pub struct Pipeline {
     pub blocks: Arc<crate::stage::blocks::Blocks>,
     pub stats: Arc<crate::stage::StageStats>,
     pub presence: Arc<dyn Presence>,
+    /// Web Push, when configured: what `/push/*` answers with.
+    pub web_push: Option<Arc<crate::push::webpush::WebPush>>,
 }
 
 /// Prometheus text: what the service is, and the pipeline stage's counters when it runs one.
@@ -204,6 +207,13 @@ pub fn router(state: State) -> Router {
         )
         .route("/users/{id}", get(accounts::get_user))
         .route("/users/{id}/presence", get(presence::user))
+        .route("/push/vapid", get(push::vapid))
+        .route(
+            "/push/subscriptions",
+            get(push::list)
+                .post(push::subscribe)
+                .delete(push::unsubscribe),
+        )
         .route("/openapi.json", get(openapi))
         .route("/messages/send", post(messages::send))
         .route("/messages/history", get(messages::history))
@@ -242,6 +252,7 @@ pub fn router(state: State) -> Router {
         .route("/", get(web::index))
         .route("/app.js", get(web::app_js))
         .route("/style.css", get(web::style_css))
+        .route("/sw.js", get(web::service_worker))
         .route("/healthz", get(|| async { "ok\n" }));
     let root = if metrics_here {
         root.route("/metrics", get(metrics))

@@ -7,6 +7,7 @@ use axum::response::IntoResponse;
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
 const STYLE_CSS: &str = include_str!("../../web/style.css");
+const SW_JS: &str = include_str!("../../web/sw.js");
 
 /// The page sets its own Content-Security-Policy (meta tag); these headers keep browsers from
 /// guessing types and from framing the page.
@@ -32,4 +33,10 @@ pub async fn app_js() -> impl IntoResponse {
 
 pub async fn style_css() -> impl IntoResponse {
     page("text/css; charset=utf-8", STYLE_CSS)
+}
+
+/// The service worker that shows Web Push notifications (`logic/web/sw.js`); at the root, so
+/// its scope is the whole client.
+pub async fn service_worker() -> impl IntoResponse {
+    page("text/javascript; charset=utf-8", SW_JS)
 }

@@ -4,18 +4,25 @@
 //! counts when the queue is full); workers hand them to the provider and retry what failed
 //! for a reason that may pass, with capped backoff, a bounded number of times.
 //!
-//! One trait, `PushProvider`; this build ships the webhook (`webhook.rs`): an HTTP POST of a
-//! signed JSON body to a URL of the operator's, which forwards to APNs, FCM or Web Push.
+//! One trait, `PushProvider`, and two providers: the webhook (`webhook.rs`), an HTTP POST of
+//! a signed JSON body to a URL of the operator's, which forwards to APNs or FCM; and Web Push
+//! (`webpush.rs`), which wakes the browsers a user subscribed through their push services,
+//! the payload encrypted for each (`ece.rs`). Both post with `http.rs`.
 
+pub mod ece;
+pub mod http;
 pub mod webhook;
+pub mod webpush;
 
 use async_trait::async_trait;
 use im_shared::metrics::count_rarely;
+use im_store::Store;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
+use tokio::task::JoinSet;
 
 /// Notifications waiting for a worker, at most; past it, new ones are dropped and counted.
 pub const QUEUE_MAX: usize = 10_000;
@@ -72,11 +79,29 @@ pub enum PushError {
     Permanent(String),
 }
 
+/// One place a provider delivers a notification, as the provider names it (`endpoints`):
+/// the webhook has one; Web Push one per browser the recipient subscribed. Each is tried, and
+/// retried, on its own, so one browser's push service being down delays no other.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The provider's id for it (a Web Push subscription's); 0 for the webhook's one.
+    pub id: u64,
+    pub url: String,
+    /// Web Push: the browser's keys the payload is encrypted for.
+    pub keys: Option<ece::UaKeys>,
+}
+
 #[async_trait]
 pub trait PushProvider: Send + Sync + 'static {
     /// Names the provider in logs and metrics.
     fn name(&self) -> &'static str;
-    async fn push(&self, n: &Notification) -> Result<(), PushError>;
+    /// Where `n` goes; none: nowhere (the recipient subscribed nothing). The default is one
+    /// endpoint, the provider's own.
+    async fn endpoints(&self, _n: &Notification) -> Result<Vec<Endpoint>, PushError> {
+        Ok(vec![Endpoint::default()])
+    }
+    /// `n` to one of its endpoints.
+    async fn push(&self, n: &Notification, to: &Endpoint) -> Result<(), PushError>;
 }
 
 /// Counters, rendered with the stage's.
@@ -87,56 +112,83 @@ pub struct PushStats {
     pub retried_total: AtomicU64,
     /// Dropped: the queue was full, the provider refused, or every attempt failed.
     pub dropped_total: AtomicU64,
+    /// Web Push subscriptions forgotten because their push service said they are gone.
+    pub gone_total: AtomicU64,
+    /// Notifications not pushed because their recipient muted the conversation.
+    pub muted_total: AtomicU64,
 }
 
 /// The queue and its workers.
 pub struct Pusher {
-    tx: mpsc::Sender<Notification>,
+    tx: mpsc::Sender<(usize, Notification)>,
+    providers: usize,
     stats: Arc<PushStats>,
 }
 
 impl Pusher {
     /// Starts the workers on the current runtime; they end when the `Pusher` is dropped and
-    /// the queue is empty.
-    pub fn start(provider: Arc<dyn PushProvider>, stats: Arc<PushStats>) -> Pusher {
-        Pusher::start_with(provider, stats, FIRST_BACKOFF)
+    /// the queue is empty. Each notification goes to each provider.
+    /// With `store`, a conversation its recipient muted is not pushed.
+    pub fn start(
+        providers: Vec<Arc<dyn PushProvider>>,
+        store: Option<Arc<dyn Store>>,
+        stats: Arc<PushStats>,
+    ) -> Pusher {
+        Pusher::start_with(providers, store, stats, FIRST_BACKOFF)
     }
 
     fn start_with(
-        provider: Arc<dyn PushProvider>,
+        providers: Vec<Arc<dyn PushProvider>>,
+        store: Option<Arc<dyn Store>>,
         stats: Arc<PushStats>,
         first_backoff: Duration,
     ) -> Pusher {
-        let (tx, rx) = mpsc::channel(QUEUE_MAX);
+        let (tx, rx) = mpsc::channel::<(usize, Notification)>(QUEUE_MAX);
         let rx = Arc::new(Mutex::new(rx));
+        let providers: Arc<[Arc<dyn PushProvider>]> = providers.into();
         for _ in 0..WORKERS {
-            let (rx, provider, stats) = (rx.clone(), provider.clone(), stats.clone());
+            let (rx, providers, stats) = (rx.clone(), providers.clone(), stats.clone());
+            let store = store.clone();
             tokio::spawn(async move {
                 loop {
                     let next = rx.lock().await.recv().await;
-                    let Some(n) = next else { return };
-                    deliver(&*provider, &n, &stats, first_backoff).await;
+                    let Some((i, n)) = next else { return };
+                    if let Some(store) = &store {
+                        // Muted: nobody is woken for it. A store that cannot say: pushed.
+                        if store.muted(n.user, &n.conv).await.unwrap_or(false) {
+                            stats.muted_total.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                    deliver(providers[i].clone(), n, stats.clone(), first_backoff).await;
                 }
             });
         }
-        Pusher { tx, stats }
+        Pusher {
+            tx,
+            providers: providers.len(),
+            stats,
+        }
     }
 
-    /// Queues `n` for the provider; never waits (a full queue drops it, counted).
+    /// Queues `n` for each provider; never waits (a full queue drops it, counted).
     pub fn offer(&self, n: Notification) {
         self.stats.offered_total.fetch_add(1, Ordering::Relaxed);
-        if self.tx.try_send(n).is_err() {
-            self.stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+        for i in 0..self.providers {
+            if self.tx.try_send((i, n.clone())).is_err() {
+                self.stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
 
-/// One notification to the provider: tried up to `ATTEMPTS` times while it fails for a
-/// reason that may pass, with doubling pauses.
+/// One notification through one provider: its endpoints looked up, then each delivered on
+/// its own (at once, on this worker), each step tried up to `ATTEMPTS` times while it fails
+/// for a reason that may pass, with doubling pauses.
 async fn deliver(
-    provider: &dyn PushProvider,
-    n: &Notification,
-    stats: &PushStats,
+    provider: Arc<dyn PushProvider>,
+    n: Notification,
+    stats: Arc<PushStats>,
     first: Duration,
 ) {
     let age_ms = im_shared::unix_ms().saturating_sub(n.ts);
@@ -146,36 +198,61 @@ async fn deliver(
         }
         return;
     }
-    let mut pause = first;
-    for attempt in 1..=ATTEMPTS {
-        let outcome = tokio::time::timeout(PUSH_TIMEOUT, provider.push(n))
+    let name = provider.name();
+    let endpoints = match with_retries(name, &stats, first, || provider.endpoints(&n)).await {
+        Ok(e) => e,
+        Err(why) => return dropped(name, &why, &stats),
+    };
+    let n = Arc::new(n);
+    let mut each = JoinSet::new();
+    for to in endpoints {
+        let (provider, n, stats) = (provider.clone(), n.clone(), stats.clone());
+        each.spawn(async move {
+            match with_retries(name, &stats, first, || provider.push(&n, &to)).await {
+                Ok(()) => {
+                    stats.delivered_total.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(why) => dropped(name, &why, &stats),
+            }
+        });
+    }
+    while each.join_next().await.is_some() {}
+}
+
+/// `step` until it succeeds, fails for good, or has failed `ATTEMPTS` times.
+async fn with_retries<T, F, Fut>(
+    name: &str,
+    stats: &PushStats,
+    first: Duration,
+    mut step: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, PushError>>,
+{
+    let (mut pause, mut attempt) = (first, 1);
+    loop {
+        let outcome = tokio::time::timeout(PUSH_TIMEOUT, step())
             .await
             .unwrap_or_else(|_| Err(PushError::Retry(format!("no answer in {PUSH_TIMEOUT:?}"))));
         match outcome {
-            Ok(()) => {
-                stats.delivered_total.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+            Ok(v) => return Ok(v),
             Err(PushError::Retry(why)) if attempt < ATTEMPTS => {
-                log::debug!(
-                    "push: {} failed ({why}); attempt {attempt} of {ATTEMPTS}",
-                    provider.name()
-                );
+                log::debug!("push: {name} failed ({why}); attempt {attempt} of {ATTEMPTS}");
                 stats.retried_total.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(pause).await;
                 pause *= 2;
+                attempt += 1;
             }
-            Err(PushError::Retry(why) | PushError::Permanent(why)) => {
-                // A receiver that refuses everything would log every message: now and then.
-                if let Some(k) = count_rarely(&stats.dropped_total) {
-                    log::warn!(
-                        "push: {} dropped a notification ({why}); {k} dropped so far",
-                        provider.name()
-                    );
-                }
-                return;
-            }
+            Err(PushError::Retry(why) | PushError::Permanent(why)) => return Err(why),
         }
+    }
+}
+
+fn dropped(name: &str, why: &str, stats: &PushStats) {
+    // A receiver that refuses everything would log every message: now and then.
+    if let Some(k) = count_rarely(&stats.dropped_total) {
+        log::warn!("push: {name} dropped a notification ({why}); {k} dropped so far");
     }
 }
 
@@ -195,7 +272,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "scripted"
         }
-        async fn push(&self, n: &Notification) -> Result<(), PushError> {
+        async fn push(&self, n: &Notification, _to: &Endpoint) -> Result<(), PushError> {
             self.got.lock().unwrap().push(n.clone());
             match self.fails.lock().unwrap().pop() {
                 Some(e) => Err(e),
@@ -238,7 +315,12 @@ mod tests {
             got: StdMutex::default(),
         });
         let stats = Arc::new(PushStats::default());
-        let pusher = Pusher::start_with(p.clone(), stats.clone(), Duration::from_millis(1));
+        let pusher = Pusher::start_with(
+            vec![p.clone()],
+            None,
+            stats.clone(),
+            Duration::from_millis(1),
+        );
         pusher.offer(note(2));
         settle(&stats, 1).await;
         assert_eq!(p.got.lock().unwrap().len(), 3, "two failures, then through");

@@ -120,6 +120,16 @@ impl StageStats {
                 &self.push.dropped_total,
             ),
             (
+                "im_logic_push_muted_total",
+                "notifications not pushed: the recipient muted the conversation",
+                &self.push.muted_total,
+            ),
+            (
+                "im_logic_push_gone_total",
+                "web push subscriptions forgotten: their push service said they are gone",
+                &self.push.gone_total,
+            ),
+            (
                 "im_logic_downstream_records_total",
                 "records produced to gateways",
                 &self.deliveries_total,

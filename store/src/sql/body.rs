@@ -278,6 +278,26 @@ macro_rules! impl_store {
                 self.who_hides_presence(users).await
             }
 
+            async fn add_push_subscription(&self, s: &PushSubscription, max: u32, now_ms: u64) -> Result<Option<u64>> {
+                self.subscribe_push(s, max, now_ms).await
+            }
+
+            async fn remove_push_subscription(&self, user: u64, endpoint: &str) -> Result<bool> {
+                self.unsubscribe_push(user, endpoint).await
+            }
+
+            async fn drop_push_subscription(&self, id: u64) -> Result<()> {
+                self.forget_push(id).await
+            }
+
+            async fn push_subscriptions(&self, user: u64) -> Result<Vec<PushSubscription>> {
+                self.pushes_of(user).await
+            }
+
+            async fn muted(&self, user: u64, conv: &str) -> Result<bool> {
+                self.has_muted(user, conv).await
+            }
+
             async fn blocked_by(&self, user: u64) -> Result<Vec<u64>> {
                 let ids: Vec<i64> = sqlx::query_scalar("SELECT blocked_id FROM user_blocks WHERE user_id = ? ORDER BY blocked_id")
                     .bind(to_i64(user))

@@ -4,8 +4,8 @@
 
 use crate::{
     ConversationRow, GroupChange, GroupRow, InviteRow, Join, JoinBy, MemberRow, MessageRow,
-    NewGroup, NewInvite, NewMessage, NewRefresh, Result, Roster, Store, StoreError, Taken, UserRow,
-    View, JOIN_CLOCK_SKEW_MS,
+    NewGroup, NewInvite, NewMessage, NewRefresh, PushSubscription, Result, Roster, Store,
+    StoreError, Taken, UserRow, View, JOIN_CLOCK_SKEW_MS,
 };
 use async_trait::async_trait;
 use im_shared::records::Stored;
@@ -17,8 +17,10 @@ use std::sync::Arc;
 
 mod body;
 mod presence;
+mod push;
 use body::impl_store;
 use presence::impl_presence;
+use push::impl_push;
 
 /// A sqlx pool of either database.
 pub struct SqlStore<DB: sqlx::Database> {
@@ -299,6 +301,10 @@ const MYSQL_MIGRATIONS: &[(i64, &str)] = &[
         12,
         include_str!("../../migrations/mysql/0012_conversation_members_wrote_backfill.sql"),
     ),
+    (
+        13,
+        include_str!("../../migrations/mysql/0013_push_subscriptions.sql"),
+    ),
 ];
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -342,6 +348,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (
         12,
         include_str!("../../migrations/sqlite/0012_conversation_members_wrote_backfill.sql"),
+    ),
+    (
+        13,
+        include_str!("../../migrations/sqlite/0013_push_subscriptions.sql"),
     ),
 ];
 
@@ -484,6 +494,18 @@ impl_store!(
 );
 impl_presence!(MySql);
 impl_presence!(Sqlite);
+impl_push!(
+    MySql,
+    begin_write: "BEGIN",
+    for_update: " FOR UPDATE",
+    last_insert_id: "SELECT CAST(LAST_INSERT_ID() AS SIGNED)"
+);
+impl_push!(
+    Sqlite,
+    begin_write: "BEGIN IMMEDIATE",
+    for_update: "",
+    last_insert_id: "SELECT last_insert_rowid()"
+);
 
 /// How a user comes into a group, as `join_in` checks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
