@@ -227,7 +227,8 @@ pub(crate) struct LogicArgs {
     pub(crate) mysql_url: String,
     #[arg(long, env = "IM_JWT_SECRET", hide_env_values = true)]
     pub(crate) jwt_secret: Option<String>,
-    /// The WebSocket URL login answers with.
+    /// The WebSocket URL login answers with while no gateway announces itself in the gateway
+    /// registry (Redis); otherwise login picks the least-loaded one there.
     #[arg(long, env = "IM_WS_URL", default_value = "ws://127.0.0.1:8090/ws")]
     pub(crate) ws_url: String,
     /// Redis for revoked tokens (shared with the gateways).
@@ -357,6 +358,31 @@ pub(crate) struct GatewayCmdArgs {
     /// Set by the parent of a multi-process gateway.
     #[arg(long, hide = true)]
     pub(crate) process_index: Option<usize>,
+    /// The URL clients reach this gateway at, announced in the gateway registry (Redis) for
+    /// login to hand out; the processes of --processes N share it [default:
+    /// ws://<--ws-listen>/ws, the host name for an unspecified address].
+    #[arg(long, env = "IM_PUBLIC_WS_URL")]
+    pub(crate) public_ws_url: Option<String>,
+    /// On SIGTERM: leave the registry, stop accepting, and close the connections with 1012
+    /// spread evenly over this many seconds, so their clients reconnect elsewhere a few at a
+    /// time (then 2 s for close handshakes).
+    #[arg(long, env = "IM_DRAIN_WINDOW_S", default_value_t = 10)]
+    pub(crate) drain_window_s: u64,
+}
+
+impl GatewayCmdArgs {
+    /// `--public-ws-url`, or what `--ws-listen` makes of one.
+    pub(crate) fn public_ws_url(&self) -> String {
+        if let Some(u) = &self.public_ws_url {
+            return u.clone();
+        }
+        let at = self.gateway.ws_listen;
+        if at.ip().is_unspecified() {
+            format!("ws://{}:{}/ws", hostname(), at.port())
+        } else {
+            format!("ws://{at}/ws")
+        }
+    }
 }
 
 #[derive(Args)]
@@ -397,6 +423,7 @@ impl ApiArgs {
                 ..Default::default()
             },
             ws_url,
+            gateways: None,
             trusted_proxies: self.trusted_proxies.clone(),
             token_lifetime_max_s: tokens.token_lifetime_max_s,
             sends_per_s_max: self.rest_sends_per_sec_max.max(1),
@@ -471,10 +498,11 @@ impl GatewayArgs {
 
 impl PipelineArgs {
     /// Where a distributed gateway's backends are; `None` with `--local-router`.
-    pub(crate) fn distributed(&self) -> Option<im_gateway::Distributed> {
+    pub(crate) fn distributed(&self, public_ws_url: String) -> Option<im_gateway::Distributed> {
         (!self.local_router).then(|| im_gateway::Distributed {
             kafka: self.kafka.config(),
             redis_url: self.redis_url.clone(),
+            public_ws_url,
             presence_ttl_s: self.presence_ttl_s,
             produce_timeout_ms: self.produce_timeout_ms,
         })

@@ -98,6 +98,7 @@ fn gateway(a: GatewayCmdArgs) -> Result<(), String> {
         .gateway
         .config(secret.into_bytes(), a.process_index, a.processes);
     core.token_lifetime_max_s = a.tokens.token_lifetime_max_s;
+    core.drain_window_ms = a.drain_window_s.saturating_mul(1000);
     // Each process of a multi-process gateway on its own port: this one + its index.
     core.metrics_listen = a.metrics.metrics_listen.map(|mut at| {
         // Port 0 (any free port) stays 0 for every process.
@@ -111,7 +112,7 @@ fn gateway(a: GatewayCmdArgs) -> Result<(), String> {
     });
     let cfg = im_gateway::Config {
         core,
-        distributed: a.pipeline.distributed(),
+        distributed: a.pipeline.distributed(a.public_ws_url()),
     };
     im_gateway::run(cfg, signals)
 }

@@ -168,7 +168,11 @@ fn push_settings(a: &StandaloneArgs) -> Result<Option<logic::PushSettings>, Stri
     } else if push.web_push.is_none() {
         let (public_key, private_key) = vapid_keys(&a.data_dir)?;
         let subject = a.api.web_push_subject.clone().unwrap_or_else(|| {
-            log::info!("web push: set --web-push-subject to a mailto: or https:// URL of yours; push services may write to it");
+            log::warn!(
+                "web push: no --web-push-subject; using mailto:im@localhost, which Apple's push \
+                 service refuses (Safari gets no notifications): set it to a mailto: or \
+                 https:// URL of yours"
+            );
             "mailto:im@localhost".into()
         });
         push.web_push = Some(logic::WebPushSettings {
@@ -321,7 +325,7 @@ fn wait(signals: &Signals, parts: &[&Part]) -> bool {
             return true;
         }
         if let Some(sig) = signals.take(POLL) {
-            log::info!("signal {sig}: closing connections with 1001 and stopping");
+            log::info!("signal {sig}: closing connections with 1012 and stopping");
             return false;
         }
     }
@@ -353,7 +357,7 @@ fn banner(data_dir: &Path, api: std::net::SocketAddr, ws: std::net::SocketAddr, 
     println!(
         "  health     http://{ws}/healthz   metrics http://{ws}/metrics and http://{api}/metrics"
     );
-    println!("  open files {nofile}; stop with Ctrl-C (connections get close 1001)");
+    println!("  open files {nofile}; stop with Ctrl-C (connections get close 1012)");
 }
 
 /// The standalone secret: generated on first start, kept with mode 0600.

@@ -680,6 +680,168 @@ fn web_push_reaches_a_browser_from_the_distributed_pipeline() {
     );
 }
 
+/// The gateway registry and a drain (docs/PROTOCOL.md, "Gateways and draining"): logins are
+/// spread over two gateways by their load; a gateway told to stop leaves the registry, closes
+/// its clients with 1012 over its drain window, and they come back on the other gateway
+/// (`GET /gateways/pick`), where `sync` gives each every message acknowledged to its sender
+/// while it moved: none lost, none twice.
+#[test]
+fn logins_spread_over_gateways_and_a_drain_moves_clients_without_loss() {
+    let _g = serial();
+    const USERS: usize = 12;
+    let mut c = Cluster::start_with_gateway_args("drain", 14, 2, &["--drain-window-s", "2"]);
+    let urls: Vec<String> = c
+        .gateways
+        .iter()
+        .map(|g| format!("ws://{}/ws", g.1))
+        .collect();
+    let url_of = |i: usize| urls[i].clone();
+    // Both gateways announce themselves at once; logic reads the registry once a second.
+    let end = Instant::now() + T;
+    let api = c.api;
+    let pick = |token: &str| {
+        let (st, v) = http(
+            api,
+            "GET",
+            "/api/v1/gateways/pick",
+            Some(token),
+            &Value::Null,
+        );
+        assert_eq!(st, 200, "{v}");
+        v["ws_url"].as_str().unwrap().to_string()
+    };
+    let (_, probe) = c.user("probe");
+    // Until one answer names a gateway (not logic's --ws-url); picks alternate, so one call.
+    while !urls.contains(&pick(&probe)) {
+        assert!(
+            Instant::now() < end,
+            "no gateway in the registry\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1_200));
+    // Logins, each connecting where its answer says.
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        let name = format!("mover{i}");
+        let (st, v) = http(
+            c.api,
+            "POST",
+            "/api/v1/users/register",
+            None,
+            &json!({"username": name, "password": "password-123"}),
+        );
+        assert_eq!(st, 201, "{v}");
+        let (st, v) = http(
+            c.api,
+            "POST",
+            "/api/v1/auth/login",
+            None,
+            &json!({"username": name, "password": "password-123"}),
+        );
+        assert_eq!(st, 200, "{v}");
+        let url = v["ws_url"].as_str().unwrap().to_string();
+        let id: u64 = v["user_id"].as_str().unwrap().parse().unwrap();
+        users.push((id, v["token"].as_str().unwrap().to_string(), url));
+    }
+    let on = |i: usize| users.iter().filter(|u| u.2 == url_of(i)).count();
+    assert!(
+        on(0) >= USERS / 3 && on(1) >= USERS / 3,
+        "logins not spread: {} and {} of {USERS}",
+        on(0),
+        on(1)
+    );
+    let addr_of = |url: &str| -> std::net::SocketAddr {
+        url.trim_start_matches("ws://")
+            .trim_end_matches("/ws")
+            .parse()
+            .unwrap()
+    };
+    let mut socks: Vec<Ws> = users
+        .iter()
+        .map(|u| Ws::connect(addr_of(&u.2), &u.1))
+        .collect();
+    // Everyone on gateway 0 gets messages from the user after them while it drains.
+    let drained: Vec<usize> = (0..USERS).filter(|&i| users[i].2 == url_of(0)).collect();
+    let senders: Vec<(u64, String)> = users.iter().map(|u| (u.0, u.1.clone())).collect();
+    let targets: Vec<(usize, usize)> = drained.iter().map(|&i| ((i + 1) % USERS, i)).collect();
+    let sending = std::thread::spawn(move || {
+        let mut acked: HashMap<String, u64> = HashMap::new();
+        for round in 0..15 {
+            for &(from, to) in &targets {
+                // Retried with its cid until acknowledged: a retry is the same message.
+                let body = json!({"to": senders[to].0.to_string(), "content": format!("m{round}"), "cid": format!("d{from}-{to}-{round}")});
+                let end = Instant::now() + T;
+                let v = loop {
+                    let (st, v) = http(
+                        api,
+                        "POST",
+                        "/api/v1/messages/send",
+                        Some(&senders[from].1),
+                        &body,
+                    );
+                    if st == 200 {
+                        break v;
+                    }
+                    assert!(Instant::now() < end, "send: {st} {v}");
+                    std::thread::sleep(Duration::from_millis(100));
+                };
+                let conv = v["conv"].as_str().unwrap().to_string();
+                let e = acked.entry(conv).or_default();
+                *e = (*e).max(v["seq"].as_u64().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let drain_began = Instant::now();
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(c.gateways[0].0.pid() as i32, libc::SIGTERM) };
+    for &i in &drained {
+        assert_eq!(
+            socks[i].close_code(T),
+            Some(1012),
+            "user {i}: not told the service restarts"
+        );
+    }
+    while c.gateways[0].0.alive() {
+        assert!(
+            drain_began.elapsed() < T,
+            "gateway 0 did not stop after its drain"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Back, where the registry says now.
+    for &i in &drained {
+        let url = pick(&users[i].1);
+        assert_eq!(url, url_of(1), "sent to the drained gateway");
+        socks[i] = Ws::connect(addr_of(&url), &users[i].1);
+    }
+    let acked = sending.join().unwrap();
+    assert!(!acked.is_empty());
+    for &i in &drained {
+        let me = users[i].0;
+        let from = users[(i + 1) % USERS].0;
+        let conv = format!("p:{}:{}", me.min(from), me.max(from));
+        let want = acked[&conv];
+        socks[i].send(json!({"type": "sync", "conv": conv, "after": 0, "limit": 500}));
+        let v = socks[i].until(T, &mut Vec::new(), |v| v["type"] == "sync");
+        let seqs: Vec<u64> = v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=want).collect::<Vec<_>>(),
+            "user {i}: what sync gives after the move"
+        );
+    }
+}
+
 /// `redis-cli` on this deployment's database; its output, trimmed.
 fn redis_cli(c: &Cluster, args: &[&str]) -> String {
     let db = c.redis.rsplit('/').next().unwrap().to_string();

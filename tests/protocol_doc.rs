@@ -79,6 +79,7 @@ fn every_close_code_the_gateway_sends_is_documented() {
         close::INVALID_DATA,
         close::POLICY,
         close::TOO_LARGE,
+        close::SERVICE_RESTART,
         close::TRY_AGAIN,
     ];
     for code in sent {

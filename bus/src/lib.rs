@@ -2,7 +2,8 @@
 //! in-process one for standalone:
 //! - the message bus (this module's `Bus`): Kafka (`kafka`) or bounded in-memory logs (`memory`);
 //! - presence, which gateways hold a user's connections (`presence`): Redis or memory;
-//! - revoked tokens (`revocation`): Redis with a local set per gateway, or memory.
+//! - revoked tokens (`revocation`): Redis with a local set per gateway, or memory;
+//! - the gateway registry (`registry`): where clients should connect; Redis.
 //!
 //! The Redis implementations are behind the `redis` feature (persist uses neither).
 //!
@@ -30,6 +31,7 @@ pub mod kafka;
 pub mod lease;
 pub mod memory;
 pub mod presence;
+pub mod registry;
 pub mod revocation;
 
 pub use kafka::{KafkaBus, KafkaConfig};

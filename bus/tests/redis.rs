@@ -177,3 +177,47 @@ async fn of_two_gateways_racing_exactly_one_sees_the_first_and_the_last_connecti
         assert_eq!(counts, [0, 1], "closes of user {user}");
     }
 }
+
+/// The gateway registry (`registry`): the processes of one URL summed, a draining one left
+/// out, and a URL whose every process drains not offered at all.
+#[tokio::test]
+async fn the_registry_offers_live_gateways_summed_over_their_processes() {
+    use im_bus::registry::{Announcement, RedisRegistry, Registry};
+    let r = RedisRegistry::open(&url()).unwrap_or_else(|e| required(e));
+    let pid = std::process::id();
+    let (a, b) = (
+        format!("ws://a-{pid}.test/ws"),
+        format!("ws://b-{pid}.test/ws"),
+    );
+    let ann = |ws_url: &str, process: &str, connections: u64, draining: bool| Announcement {
+        ws_url: ws_url.into(),
+        process: process.into(),
+        connections,
+        shards: 2,
+        draining,
+    };
+    r.announce(&ann(&a, "p0", 10, false))
+        .await
+        .unwrap_or_else(|e| required(e));
+    r.announce(&ann(&a, "p1", 5, false)).await.unwrap();
+    r.announce(&ann(&b, "p0", 1, false)).await.unwrap();
+    let ours = |live: Vec<im_bus::registry::Gateway>| -> Vec<(String, u64, u32)> {
+        live.into_iter()
+            .filter(|g| g.ws_url.contains(&format!("-{pid}.")))
+            .map(|g| (g.ws_url, g.connections, g.shards))
+            .collect()
+    };
+    assert_eq!(
+        ours(r.live().await.unwrap()),
+        [(a.clone(), 15, 4), (b.clone(), 1, 2)]
+    );
+    r.announce(&ann(&a, "p1", 5, true)).await.unwrap();
+    r.announce(&ann(&b, "p0", 1, true)).await.unwrap();
+    assert_eq!(
+        ours(r.live().await.unwrap()),
+        [(a.clone(), 10, 2)],
+        "draining processes and URLs are left out"
+    );
+    r.announce(&ann(&a, "p0", 10, true)).await.unwrap();
+    assert!(ours(r.live().await.unwrap()).is_empty());
+}

@@ -39,6 +39,8 @@ pub mod close {
     pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_LARGE: u16 = 1009;
+    /// The server restarts (a drain): reconnect, to another gateway if login names one.
+    pub const SERVICE_RESTART: u16 = 1012;
     pub const TRY_AGAIN: u16 = 1013;
 }
 

@@ -58,6 +58,10 @@ pub struct GatewayConfig {
     /// Serve `/metrics` (and `/healthz`) here instead of on the WebSocket port
     /// (`--metrics-listen`); `None`: on the WebSocket port, as by default.
     pub metrics_listen: Option<SocketAddr>,
+    /// On shutdown, the open connections are closed with 1012 spread evenly over this many
+    /// milliseconds (`--drain-window-s`), so their clients reconnect elsewhere a few at a
+    /// time instead of all at once; 0: all at once.
+    pub drain_window_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -88,6 +92,7 @@ impl Default for GatewayConfig {
             presence_refresh_ms: 60_000,
             force_epoll: false,
             metrics_listen: None,
+            drain_window_ms: 0,
         }
     }
 }

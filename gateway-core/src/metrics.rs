@@ -8,7 +8,7 @@ use im_shared::metrics::{Kind, Prom};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Close codes counted separately.
-pub const CLOSE_CODES: [u16; 8] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 1013];
+pub const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 1012, 1013];
 
 macro_rules! stats {
     ($( $name:ident : $kind:expr, $help:literal ),* $(,)?) => {

@@ -133,8 +133,8 @@ fn users_on_different_shards_exchange_messages_on_both_drivers() {
         gw.shutdown();
         assert_eq!(
             close_code(&mut alice),
-            1001,
-            "graceful shutdown closes with 1001"
+            1012,
+            "graceful shutdown (a drain) closes with 1012"
         );
         gw.join().unwrap();
     }

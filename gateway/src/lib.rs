@@ -6,6 +6,7 @@
 //! `run(config, shutdown)` is `im gateway` (one process); `start` is the same assembly for a
 //! caller that owns the backends (standalone hands it the in-process bus and presence).
 
+mod announce;
 pub mod bridge;
 mod presence;
 pub mod supervisor;
@@ -113,8 +114,13 @@ impl Running {
         self.handle.local_addr()
     }
 
-    /// Closes every connection with 1001, waits for the shards, then stops the bridge (which
-    /// still produces what the shards handed over).
+    /// Connections held across the shards right now.
+    pub fn connections(&self) -> u64 {
+        self.handle.connections()
+    }
+
+    /// Drains (every connection closed with 1012, spread over the drain window), waits for
+    /// the shards, then stops the bridge (which still produces what the shards handed over).
     pub fn stop(self) -> Result<(), String> {
         self.handle.shutdown();
         let shards = self
@@ -139,6 +145,8 @@ pub struct Config {
 pub struct Distributed {
     pub kafka: KafkaConfig,
     pub redis_url: String,
+    /// Where clients reach this gateway: announced in the gateway registry in Redis.
+    pub public_ws_url: String,
     /// Presence entries expire this long after their last refresh; shards refresh every third.
     pub presence_ttl_s: u64,
     pub produce_timeout_ms: u32,
@@ -173,13 +181,37 @@ pub fn run(mut cfg: Config, mut shutdown: impl Shutdown) -> Result<(), String> {
             })
         }
     };
+    let mut announcer = match &cfg.distributed {
+        Some(d) => Some(announce::Announcer::new(
+            &d.redis_url,
+            d.public_ws_url.clone(),
+            cfg.core.gateway_id.clone(),
+            cfg.core.shards as u32,
+        )?),
+        None => None,
+    };
+    let window_s = cfg.core.drain_window_ms as f64 / 1000.0;
     let running = start(cfg.core, routing, None);
     if let Ok(running) = &running {
         log::info!("gateway on ws://{}/ws", running.local_addr());
     }
     let result = running.and_then(|running| {
-        while !shutdown.wait(SHUTDOWN_POLL) {}
-        log::info!("stopping: closing connections with 1001");
+        loop {
+            if let Some(a) = &mut announcer {
+                a.tick(running.connections());
+            }
+            if shutdown.wait(SHUTDOWN_POLL) {
+                break;
+            }
+        }
+        // Out of the registry first, so logins stop sending clients here, then the drain.
+        if let Some(a) = &mut announcer {
+            a.withdraw(running.connections());
+        }
+        log::info!(
+            "stopping: draining {} connections over {window_s} s (close 1012)",
+            running.connections()
+        );
         running.stop()
     });
     follow_stop.store(true, Ordering::Release);

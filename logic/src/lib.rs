@@ -218,7 +218,11 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Str
         presence: Arc::new(presence),
         snowflake: held.lease,
     };
-    let served = serve_on(cfg.logic, backends, shutdown).await;
+    // Login sends clients to the least-loaded gateway that announces itself in Redis.
+    let mut logic_cfg = cfg.logic;
+    let registry = im_bus::registry::RedisRegistry::open(&cfg.redis_url)?;
+    logic_cfg.api.gateways = Some(api::gateways::GatewayRegistry(Arc::new(registry)));
+    let served = serve_on(logic_cfg, backends, shutdown).await;
     let _ = stop_lease.send(true);
     if tokio::time::timeout(STOP_GRACE, held.keeper).await.is_err() {
         log::warn!(

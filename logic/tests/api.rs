@@ -84,6 +84,7 @@ impl Api {
                 refresh_ttl_s: 3600,
                 password_cost: cost,
                 ws_url: "ws://127.0.0.1:8090/ws".into(),
+                gateways: None,
                 // The tests' requests name their client in X-Forwarded-For (`Api::login_from`).
                 trusted_proxies: vec![std::net::Ipv4Addr::UNSPECIFIED.into()],
                 token_lifetime_max_s: im_shared::jwt::LIFETIME_MAX_S,

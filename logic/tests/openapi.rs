@@ -38,6 +38,7 @@ async fn the_spec_and_the_router_agree() {
             refresh_ttl_s: 60,
             password_cost: cost,
             ws_url: String::new(),
+            gateways: None,
             trusted_proxies: Vec::new(),
             token_lifetime_max_s: im_shared::jwt::LIFETIME_MAX_S,
             sends_per_s_max: 100,

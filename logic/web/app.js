@@ -77,6 +77,7 @@ const state = {
     retryTimer: null,
     countdownTimer: null,
     pingTimer: null,
+    repick: false,        // ask REST which gateway to use before the next connect
   },
 };
 
@@ -255,6 +256,16 @@ async function connect() {
       return;
     }
   }
+  if (sock.repick && state.session) {
+    // The gateway drains (1012) or is unreachable: login's choice again, from the live ones.
+    sock.repick = false;
+    try {
+      const r = await api('GET', '/gateways/pick');
+      if (state.session && r.ws_url) saveSession({ ...state.session, ws_url: r.ws_url });
+    } catch {
+      // keep the one we had
+    }
+  }
   sock.connecting = false;
   if (!state.session || sock.ws) return;
 
@@ -313,6 +324,10 @@ function socketGone(code) {
   if (!wasOpen || code === 1008) {
     api('GET', '/users/profile').catch(() => {});
   }
+  // 1012: this gateway drains (it spreads its closes over a window, so come back at once,
+  // elsewhere). A gateway that refused us, or was unreachable, may be gone: ask again too.
+  if (code === 1012 || !wasOpen) sock.repick = true;
+  if (code === 1012) sock.attempts = 0;
   scheduleReconnect();
 }
 
@@ -1380,16 +1395,38 @@ async function setupPush() {
     return;   // 404: not configured on this server
   }
   state.push.key = vapid.public_key;
+  renderPush();
   const reg = await pushRegistration();
-  const sub = await reg.pushManager.getSubscription();
+  let sub = await reg.pushManager.getSubscription();
+  if (sub && !sameKey(sub, state.push.key)) {
+    // Made with a key the server no longer has: it would never deliver.
+    await sub.unsubscribe().catch(() => {});
+    sub = null;
+  }
   if (sub && Notification.permission === 'granted') {
     await api('POST', '/push/subscriptions', sub.toJSON());
     state.push.subscribed = true;
+    renderPush();
   }
-  renderPush();
+}
+
+/// Whether a subscription was made with `key` (base64url); unknown counts as the same.
+function sameKey(sub, key) {
+  const made = sub.options && sub.options.applicationServerKey;
+  if (!made) return true;
+  const a = new Uint8Array(made);
+  const b = base64UrlBytes(key);
+  return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
 async function togglePush() {
+  if (!state.push.subscribed && Notification.permission !== 'granted') {
+    // First, while the click still counts as the user's gesture (Safari, Firefox).
+    if (await Notification.requestPermission() !== 'granted') {
+      showError('Notifications are blocked for this site in the browser\'s settings.');
+      return;
+    }
+  }
   const reg = await pushRegistration();
   if (state.push.subscribed) {
     const sub = await reg.pushManager.getSubscription();
@@ -1399,10 +1436,6 @@ async function togglePush() {
     }
     state.push.subscribed = false;
     renderPush();
-    return;
-  }
-  if (await Notification.requestPermission() !== 'granted') {
-    showError('Notifications are blocked for this site in the browser\'s settings.');
     return;
   }
   const sub = await reg.pushManager.subscribe({

@@ -348,7 +348,7 @@ pub trait Store: Send + Sync + 'static {
     async fn blockers_of(&self, user: u64) -> Result<Vec<u64>>;
 
     /// Records `s` for `s.user_id` (its id and created_ms are ignored): the endpoint moves
-    /// to this user if another had it, and past `max` the user's oldest go. The new id, or
+    /// to this user if another had it, and past `max` the user's oldest (by id) go. The new id, or
     /// `None` when there is no such user.
     async fn add_push_subscription(
         &self,
@@ -360,7 +360,9 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_push_subscription(&self, user: u64, endpoint: &str) -> Result<bool>;
     /// Forgets a subscription its push service says is gone.
     async fn drop_push_subscription(&self, id: u64) -> Result<()>;
-    /// A user's subscriptions, newest first.
+    /// Forgets every subscription of a user (logged out everywhere); how many there were.
+    async fn drop_push_subscriptions_of(&self, user: u64) -> Result<u64>;
+    /// A user's subscriptions, newest first (the order they were made in).
     async fn push_subscriptions(&self, user: u64) -> Result<Vec<PushSubscription>>;
     /// Whether `user` muted `conv` (no offline push for it).
     async fn muted(&self, user: u64, conv: &str) -> Result<bool>;

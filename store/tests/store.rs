@@ -414,6 +414,12 @@ async fn push_subscriptions(s: &dyn Store) {
     let left = s.push_subscriptions(a).await.unwrap();
     s.drop_push_subscription(left[0].id).await.unwrap();
     assert!(s.push_subscriptions(a).await.unwrap().is_empty());
+    // Logged out everywhere: all of a user's go.
+    for n in [7, 8] {
+        s.add_push_subscription(&sub(a, n), 2, 60).await.unwrap();
+    }
+    assert_eq!(s.drop_push_subscriptions_of(a).await.unwrap(), 2);
+    assert!(s.push_subscriptions(a).await.unwrap().is_empty());
     // Muting, which push honours.
     let ab = format!("p:{}:{}", a.min(b), a.max(b));
     assert!(

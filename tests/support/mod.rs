@@ -607,6 +607,8 @@ impl Cluster {
             .args(["--kafka-brokers", &brokers, "--redis-url", &redis])
             .args(["--msgs-per-sec-max", "1000"])
             .args(gateway_args)
+            // Stopped at once unless a test drains on purpose (--drain-window-s).
+            .env("IM_DRAIN_WINDOW_S", "0")
             .env("RUST_LOG", "info");
             let p = Proc::spawn(&format!("gateway{i}"), cmd, &dir);
             wait_port(addr, "im gateway", Duration::from_secs(60));

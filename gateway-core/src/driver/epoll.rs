@@ -17,7 +17,6 @@ const ACCEPTS_PER_TURN: usize = 256;
 /// connection should take a typical burst.
 const SCRATCH_BYTES_MIN: usize = 16 * 1024;
 /// How often a stopping loop looks again at its closing connections.
-const STOPPING_POLL_MS: i32 = 10;
 /// How long accepting pauses when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -121,7 +120,7 @@ pub fn run(
             let _ = ctl(ep, libc::EPOLL_CTL_DEL, listener, 0, 0);
         }
         timeout_ms = if stopper.stopping() {
-            STOPPING_POLL_MS
+            super::STOPPING_POLL_MS as i32
         } else {
             shard.sleep_ms() as i32
         };

@@ -67,7 +67,11 @@ impl Driver {
     }
 }
 
-/// How long shutdown waits for close handshakes before dropping connections.
+/// How long the loops sleep at most while shutting down (the drain goes on by the clock).
+pub(crate) const STOPPING_POLL_MS: u64 = 10;
+
+/// How long shutdown waits for close handshakes, after the drain window, before dropping
+/// connections.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// `user_data` / epoll data: a tag in the top byte, the connection key in the low 32 bits.
@@ -119,7 +123,9 @@ impl Stopper {
         Stopper { since: None }
     }
 
-    /// Call once per turn; `on_start` runs once when shutdown begins (stop accepting).
+    /// Call once per turn; `on_start` runs once when shutdown begins (stop accepting). The
+    /// shard's connections are told to go (1012) evenly over its drain window; those still
+    /// open `SHUTDOWN_GRACE` after the window are killed.
     pub fn check(&mut self, stop: &AtomicBool, shard: &mut Shard, on_start: impl FnOnce()) -> bool {
         if self.since.is_none() && stop.load(Ordering::Acquire) {
             self.since = Some(Instant::now());
@@ -129,15 +135,23 @@ impl Stopper {
         let Some(since) = self.since else {
             return false;
         };
+        let waited = since.elapsed();
+        let window = Duration::from_millis(shard.drain_window_ms());
+        let fraction = if window.is_zero() {
+            1.0
+        } else {
+            waited.as_secs_f64() / window.as_secs_f64()
+        };
+        shard.drain_to(fraction);
         if shard.connections() == 0 {
             return true;
         }
-        let waited = since.elapsed();
-        if waited > SHUTDOWN_GRACE {
+        let past = waited.saturating_sub(window);
+        if past > SHUTDOWN_GRACE {
             shard.kill_all();
         }
         // Dead connections close within a turn or two; never hang on a misbehaving one.
-        waited > SHUTDOWN_GRACE * 2
+        past > SHUTDOWN_GRACE * 2
     }
 
     pub fn stopping(&self) -> bool {

@@ -414,11 +414,12 @@ fn execute(
 fn enter(ring: &mut IoUring, shard: &Shard, stopper: &Stopper) -> io::Result<()> {
     let waker = shard.mesh().waker();
     waker.prepare_sleep();
-    let idle = shard.idle() && ring.completion().is_empty() && !stopper.stopping();
-    let timeout = if idle {
-        Duration::from_millis(shard.sleep_ms())
-    } else {
-        Duration::ZERO
+    let idle = shard.idle() && ring.completion().is_empty();
+    let timeout = match (idle, stopper.stopping()) {
+        (false, _) => Duration::ZERO,
+        // Draining: wake often enough to tell the next connections to go.
+        (true, true) => Duration::from_millis(shard.sleep_ms().min(super::STOPPING_POLL_MS)),
+        (true, false) => Duration::from_millis(shard.sleep_ms()),
     };
     let ts = Timespec::from(timeout);
     let args = SubmitArgs::new().timespec(&ts);

@@ -1,6 +1,7 @@
 //! Closing: the WebSocket close handshake (our close frame, shut down our side, linger for the
 //! peer), HTTP answers that close after they are flushed, hard kills, and shutdown of the
-//! whole shard (1001 to every connection, then kill what is left after the grace period).
+//! whole shard: a drain (1012 to every connection, spread over the drain window), then a kill
+//! of what is left after the grace period.
 
 use super::Shard;
 use crate::arena::NONE;
@@ -69,17 +70,45 @@ impl Shard {
         self.mark_ready(key);
     }
 
-    /// Starts a graceful shutdown: close 1001 to every connection, refuse new ones.
+    /// Starts a graceful shutdown (a drain): refuse new connections, drop those still in
+    /// their handshake, and line up the open ones to be closed with 1012 by `drain_to`.
     pub fn shutdown(&mut self) {
         self.shutting_down = true;
         let keys: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
+        let mut open = Vec::with_capacity(keys.len());
         for key in keys {
             match self.conns[key as usize].state {
-                State::Open => self.begin_close(key, close::GOING_AWAY, "server shutting down"),
+                State::Open => open.push(key),
                 State::Handshake => self.kill(key),
                 _ => {}
             }
         }
+        // Popped from the end: in key order.
+        open.reverse();
+        self.drain_total = open.len();
+        self.drain = open;
+    }
+
+    /// Closes the lined-up connections with 1012 ("service restart") until `fraction` (of 1)
+    /// of them have been told; the driver raises it with the time since the shutdown began
+    /// over the drain window, so clients come back elsewhere a few at a time. A connection
+    /// that closed by itself meanwhile counts as told.
+    pub fn drain_to(&mut self, fraction: f64) {
+        let want = (self.drain_total as f64 * fraction.clamp(0.0, 1.0)).ceil() as usize;
+        while self.drain_total - self.drain.len() < want {
+            let Some(key) = self.drain.pop() else { break };
+            if matches!(self.conns.get(key as usize), Some(c) if c.state == State::Open) {
+                self.begin_close(key, close::SERVICE_RESTART, "service restart");
+            }
+        }
+        if self.drain.is_empty() && self.drain.capacity() > 0 {
+            self.drain = Vec::new();
+        }
+    }
+
+    /// The drain window (`GatewayConfig::drain_window_ms`).
+    pub fn drain_window_ms(&self) -> u64 {
+        self.drain_window_ms
     }
 
     pub fn is_shutting_down(&self) -> bool {

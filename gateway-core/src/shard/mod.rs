@@ -159,6 +159,11 @@ pub struct Shard {
     empty_pong: Frame,
     now: Now,
     shutting_down: bool,
+    /// While shutting down: the open connections still to be closed, popped from the end,
+    /// out of `drain_total` lined up (`closing.rs`, `drain_to`).
+    drain: Vec<u32>,
+    drain_total: usize,
+    drain_window_ms: u64,
     /// Tick at which the users on this shard are next sent up for a presence refresh.
     next_refresh: u32,
 }
@@ -232,6 +237,9 @@ impl Shard {
             empty_pong: codec::server_frame(opcode::PONG, &[]).into(),
             now: Now::default(),
             shutting_down: false,
+            drain: Vec::new(),
+            drain_total: 0,
+            drain_window_ms: cfg.drain_window_ms,
             next_refresh: 0,
         }
     }

@@ -606,17 +606,52 @@ fn metrics_and_health_on_the_gateway_port() {
     assert!(sim.take_http((0, key)).starts_with("HTTP/1.1 404"));
 }
 
+/// A drain tells the shard's connections to go in proportion to the time passed: a tenth of
+/// the window, a tenth of them (rounded up), in connection order; at the end, all.
 #[test]
-fn shutdown_sends_1001_to_everyone() {
+fn a_drain_closes_connections_a_few_at_a_time() {
+    let mut sim = Sim::new(1, cfg());
+    let conns: Vec<_> = (1..=20).map(|u| sim.connect(0, u)).collect();
+    sim.shards[0].shutdown();
+    // Which connections have been told (1012), in connection order; frames are read once.
+    let mut told = vec![false; conns.len()];
+    let mut step = |sim: &mut Sim, fraction: f64| {
+        sim.shards[0].drain_to(fraction);
+        sim.run();
+        for (i, &c) in conns.iter().enumerate() {
+            if !told[i] {
+                told[i] = sim.close_code(c) == Some(1012);
+            }
+        }
+        told.clone()
+    };
+    let count = |t: &[bool]| t.iter().filter(|&&x| x).count();
+    assert_eq!(count(&step(&mut sim, 0.0)), 0);
+    let t = step(&mut sim, 0.1);
+    assert_eq!(count(&t), 2);
+    assert!(t[0] && t[1] && !t[2], "in order: {t:?}");
+    assert_eq!(count(&step(&mut sim, 0.51)), 11);
+    assert_eq!(
+        count(&step(&mut sim, 0.51)),
+        11,
+        "no more for the same fraction"
+    );
+    assert_eq!(count(&step(&mut sim, 1.0)), 20);
+    assert!(sim.shards[0].accept(99).is_none(), "refused while draining");
+}
+
+#[test]
+fn shutdown_sends_1012_to_everyone() {
     let mut sim = Sim::new(2, cfg());
     let a = sim.connect(0, 1);
     let b = sim.connect(1, 2);
     for s in &mut sim.shards {
         s.shutdown();
+        s.drain_to(1.0);
     }
     sim.run();
-    assert_eq!(sim.close_code(a), Some(1001));
-    assert_eq!(sim.close_code(b), Some(1001));
+    assert_eq!(sim.close_code(a), Some(1012));
+    assert_eq!(sim.close_code(b), Some(1012));
     assert!(
         sim.shards[0].accept(99).is_none(),
         "no new connections while shutting down"

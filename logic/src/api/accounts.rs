@@ -162,7 +162,7 @@ async fn issue_tokens(st: &State, user_id: u64, family: &str) -> Result<Json<Tok
         refresh_token,
         expires_in: st.cfg.access_ttl_s,
         user_id: user_id.to_string(),
-        ws_url: st.cfg.ws_url.clone(),
+        ws_url: st.gateways.pick().await,
     }))
 }
 
@@ -336,6 +336,9 @@ pub async fn logout_all(S(st): S<State>, caller: Caller) -> Result<StatusCode, A
         }
     }
     st.store.drop_refresh_tokens(caller.user_id).await?;
+    // No browser of the user's is woken any more either: a browser they meant to cut off
+    // would go on showing their messages' previews (each subscribes again at its next login).
+    st.store.drop_push_subscriptions_of(caller.user_id).await?;
     close_connections(&st, caller.user_id, |_| true).await;
     Ok(StatusCode::NO_CONTENT)
 }

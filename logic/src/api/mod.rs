@@ -3,6 +3,7 @@
 //! would produce itself (bad JSON, wrong content type, unknown route).
 
 mod accounts;
+pub mod gateways;
 mod groups;
 mod messages;
 mod names;
@@ -33,8 +34,10 @@ pub struct ApiConfig {
     pub access_ttl_s: u64,
     pub refresh_ttl_s: u64,
     pub password_cost: PasswordCost,
-    /// The gateway login answers with (later chosen from the gateway registry).
+    /// The gateway login answers with when there is no registry, or no live gateway in it.
     pub ws_url: String,
+    /// The gateway registry (distributed mode): login answers with the least-loaded gateway.
+    pub gateways: Option<gateways::GatewayRegistry>,
     /// Proxies whose `X-Forwarded-For` names the client (`--trusted-proxy`); from any other
     /// peer the header is ignored and the socket's address is the client's.
     pub trusted_proxies: Vec<std::net::IpAddr>,
@@ -90,6 +93,8 @@ pub struct AppState {
     pub hashing_peak: std::sync::atomic::AtomicUsize,
     /// Who blocks whom (shared with the stage when there is one).
     pub blocks: Arc<crate::stage::blocks::Blocks>,
+    /// Where clients are sent to connect (`gateways.rs`).
+    pub gateways: gateways::Picker,
 }
 
 #[derive(Clone)]
@@ -142,7 +147,9 @@ impl AppState {
             Some(p) => p.blocks.clone(),
             None => Arc::new(crate::stage::blocks::Blocks::new(store.clone())),
         };
+        let gateways = gateways::Picker::new(cfg.gateways.clone(), cfg.ws_url.clone());
         AppState {
+            gateways,
             blocks,
             store,
             revocations,
@@ -207,6 +214,7 @@ pub fn router(state: State) -> Router {
         )
         .route("/users/{id}", get(accounts::get_user))
         .route("/users/{id}/presence", get(presence::user))
+        .route("/gateways/pick", get(gateways::pick))
         .route("/push/vapid", get(push::vapid))
         .route(
             "/push/subscriptions",

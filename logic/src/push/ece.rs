@@ -34,18 +34,29 @@ pub struct UaKeys {
 }
 
 impl UaKeys {
-    /// The keys as `PushSubscription.toJSON()` gives them: base64url, padded or not.
+    /// The keys as `PushSubscription.toJSON()` gives them: base64url, padded or not; the
+    /// point checked to be on the curve (an ECDH with a throwaway key).
     pub fn from_base64url(p256dh: &str, auth: &str) -> Result<UaKeys, String> {
+        let keys = UaKeys::decode(p256dh, auth)?;
+        let probe = EphemeralPrivateKey::generate(&ECDH_P256, &SystemRandom::new())
+            .map_err(|_| "no randomness")?;
+        agreement::agree_ephemeral(
+            probe,
+            &UnparsedPublicKey::new(&ECDH_P256, &keys.p256dh),
+            |_| (),
+        )
+        .map_err(|_| "keys.p256dh: not a point on P-256")?;
+        Ok(keys)
+    }
+
+    /// The keys decoded, their lengths and form checked but not the curve: for keys checked
+    /// when they were stored (ring checks the point again when it is used).
+    pub fn decode(p256dh: &str, auth: &str) -> Result<UaKeys, String> {
         let p256dh: [u8; 65] = decode(p256dh)
             .ok()
             .and_then(|k| k.try_into().ok())
             .filter(|k: &[u8; 65]| k[0] == 4)
             .ok_or("keys.p256dh: not an uncompressed P-256 point (65 octets, base64url)")?;
-        // ring checks the point is on the curve when it is used; check it now, once.
-        let probe = EphemeralPrivateKey::generate(&ECDH_P256, &SystemRandom::new())
-            .map_err(|_| "no randomness")?;
-        agreement::agree_ephemeral(probe, &UnparsedPublicKey::new(&ECDH_P256, &p256dh), |_| ())
-            .map_err(|_| "keys.p256dh: not a point on P-256")?;
         let auth: [u8; 16] = decode(auth)
             .ok()
             .and_then(|k| k.try_into().ok())

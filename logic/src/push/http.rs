@@ -48,17 +48,25 @@ impl Url {
         {
             return Err(format!("{}: a bad path", shown(url)));
         }
-        let addr = connect_addr(host, if tls { "443" } else { "80" })
+        // Host names are case-insensitive, and a default port is no port: the origin
+        // (VAPID's audience) is what push services compare, in its normal form.
+        let mut host = host.to_ascii_lowercase();
+        let addr = connect_addr(&host, if tls { "443" } else { "80" })
             .ok_or_else(|| format!("{}: a bad host or port", shown(url)))?;
+        let default = if tls { ":443" } else { ":80" };
+        if let Some(bare) = host.strip_suffix(default) {
+            host = bare.to_string();
+        }
         Ok(Url {
             tls,
-            host: host.to_string(),
+            host,
             addr,
             path: path.to_string(),
         })
     }
 
-    /// `scheme://host[:port]`: the origin (VAPID's audience).
+    /// `scheme://host[:port]`: the origin (VAPID's audience), the host lowercased and a
+    /// default port left out.
     pub fn origin(&self) -> String {
         format!(
             "{}://{}",
@@ -268,6 +276,13 @@ pub(crate) mod tests {
         assert_eq!(u.addr, "fcm.googleapis.com:443");
         assert_eq!(u.origin(), "https://fcm.googleapis.com");
         assert!(u.server_name().is_ok());
+        let u = Url::parse("https://FCM.GoogleAPIs.com:443/fcm/send/abc").unwrap();
+        assert_eq!(
+            u.origin(),
+            "https://fcm.googleapis.com",
+            "the origin in normal form"
+        );
+        assert_eq!(u.addr, "fcm.googleapis.com:443");
         let u = Url::parse("https://[::1]:8443/x").unwrap();
         assert_eq!(u.server_name().unwrap().to_str(), "::1");
         assert_eq!(status_of(b"HTTP/1.1 204 No Content"), Some(204));

@@ -21,13 +21,15 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, Mutex};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, Mutex, Semaphore};
 
-/// Notifications waiting for a worker, at most; past it, new ones are dropped and counted.
+/// Notifications waiting for a provider's workers, at most; past it, new ones are dropped and
+/// counted.
 pub const QUEUE_MAX: usize = 10_000;
-/// Workers: notifications in flight to the provider at once.
+/// Workers per provider: notifications whose endpoints are looked up at once.
 const WORKERS: usize = 8;
+/// Deliveries in flight per provider (each to one endpoint, with its retries), at most.
+const IN_FLIGHT_MAX: usize = 256;
 /// Tries per notification, and the pause before the second (doubling after).
 pub const ATTEMPTS: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -104,7 +106,9 @@ pub trait PushProvider: Send + Sync + 'static {
     async fn push(&self, n: &Notification, to: &Endpoint) -> Result<(), PushError>;
 }
 
-/// Counters, rendered with the stage's.
+/// Counters, rendered with the stage's. `offered` counts notifications; the others count
+/// deliveries (one per provider, and for Web Push one per browser), so `delivered` can pass
+/// `offered` when users have several browsers.
 #[derive(Default, Debug)]
 pub struct PushStats {
     pub offered_total: AtomicU64,
@@ -118,17 +122,17 @@ pub struct PushStats {
     pub muted_total: AtomicU64,
 }
 
-/// The queue and its workers.
+/// The queues and their workers: one queue per provider, so a provider that is slow or
+/// down (its deliveries waiting out timeouts and retries) holds up no other.
 pub struct Pusher {
-    tx: mpsc::Sender<(usize, Notification)>,
-    providers: usize,
+    queues: Vec<mpsc::Sender<Notification>>,
     stats: Arc<PushStats>,
 }
 
 impl Pusher {
     /// Starts the workers on the current runtime; they end when the `Pusher` is dropped and
-    /// the queue is empty. Each notification goes to each provider.
-    /// With `store`, a conversation its recipient muted is not pushed.
+    /// the queues are empty. Each notification goes to each provider. With `store`, a
+    /// conversation its recipient muted is not pushed.
     pub fn start(
         providers: Vec<Arc<dyn PushProvider>>,
         store: Option<Arc<dyn Store>>,
@@ -143,52 +147,56 @@ impl Pusher {
         stats: Arc<PushStats>,
         first_backoff: Duration,
     ) -> Pusher {
-        let (tx, rx) = mpsc::channel::<(usize, Notification)>(QUEUE_MAX);
-        let rx = Arc::new(Mutex::new(rx));
-        let providers: Arc<[Arc<dyn PushProvider>]> = providers.into();
-        for _ in 0..WORKERS {
-            let (rx, providers, stats) = (rx.clone(), providers.clone(), stats.clone());
-            let store = store.clone();
-            tokio::spawn(async move {
-                loop {
-                    let next = rx.lock().await.recv().await;
-                    let Some((i, n)) = next else { return };
-                    if let Some(store) = &store {
-                        // Muted: nobody is woken for it. A store that cannot say: pushed.
-                        if store.muted(n.user, &n.conv).await.unwrap_or(false) {
-                            stats.muted_total.fetch_add(1, Ordering::Relaxed);
-                            continue;
+        let mut queues = Vec::with_capacity(providers.len());
+        for provider in providers {
+            let (tx, rx) = mpsc::channel::<Notification>(QUEUE_MAX);
+            let rx = Arc::new(Mutex::new(rx));
+            let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_MAX));
+            for _ in 0..WORKERS {
+                let (rx, provider, stats) = (rx.clone(), provider.clone(), stats.clone());
+                let (store, in_flight) = (store.clone(), in_flight.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let next = rx.lock().await.recv().await;
+                        let Some(n) = next else { return };
+                        if let Some(store) = &store {
+                            // Muted: nobody is woken for it. A store that cannot say: pushed.
+                            if store.muted(n.user, &n.conv).await.unwrap_or(false) {
+                                stats.muted_total.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
                         }
+                        let (provider, stats) = (provider.clone(), stats.clone());
+                        deliver(provider, n, stats, &in_flight, first_backoff).await;
                     }
-                    deliver(providers[i].clone(), n, stats.clone(), first_backoff).await;
-                }
-            });
+                });
+            }
+            queues.push(tx);
         }
-        Pusher {
-            tx,
-            providers: providers.len(),
-            stats,
-        }
+        Pusher { queues, stats }
     }
 
     /// Queues `n` for each provider; never waits (a full queue drops it, counted).
     pub fn offer(&self, n: Notification) {
         self.stats.offered_total.fetch_add(1, Ordering::Relaxed);
-        for i in 0..self.providers {
-            if self.tx.try_send((i, n.clone())).is_err() {
+        for q in &self.queues {
+            if q.try_send(n.clone()).is_err() {
                 self.stats.dropped_total.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 }
 
-/// One notification through one provider: its endpoints looked up, then each delivered on
-/// its own (at once, on this worker), each step tried up to `ATTEMPTS` times while it fails
-/// for a reason that may pass, with doubling pauses.
+/// One notification through one provider: its endpoints looked up (retried on this worker),
+/// then each delivered by a task of its own holding one of the provider's `IN_FLIGHT_MAX`
+/// permits, tried up to `ATTEMPTS` times while it fails for a reason that may pass, with
+/// doubling pauses. The worker goes on to the next notification at once: an endpoint that
+/// waits out its timeouts holds a permit, not a worker.
 async fn deliver(
     provider: Arc<dyn PushProvider>,
     n: Notification,
     stats: Arc<PushStats>,
+    in_flight: &Arc<Semaphore>,
     first: Duration,
 ) {
     let age_ms = im_shared::unix_ms().saturating_sub(n.ts);
@@ -204,19 +212,21 @@ async fn deliver(
         Err(why) => return dropped(name, &why, &stats),
     };
     let n = Arc::new(n);
-    let mut each = JoinSet::new();
     for to in endpoints {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         let (provider, n, stats) = (provider.clone(), n.clone(), stats.clone());
-        each.spawn(async move {
+        tokio::spawn(async move {
             match with_retries(name, &stats, first, || provider.push(&n, &to)).await {
                 Ok(()) => {
                     stats.delivered_total.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(why) => dropped(name, &why, &stats),
             }
+            drop(permit);
         });
     }
-    while each.join_next().await.is_some() {}
 }
 
 /// `step` until it succeeds, fails for good, or has failed `ATTEMPTS` times.

@@ -59,6 +59,11 @@ impl Allowed {
                 None => (false, p.to_string()),
             };
             let mut u = Url::parse(&url).map_err(|e| format!("--web-push-endpoints {e}"))?;
+            if !u.path.ends_with('/') {
+                return Err(format!(
+                    "--web-push-endpoints {p}: a prefix ends with / (a directory of the service)"
+                ));
+            }
             if wild {
                 u.host = format!("*{}", &u.host[1..]);
             }
@@ -73,6 +78,20 @@ impl Allowed {
             return Err(format!("endpoint: over {ENDPOINT_BYTES_MAX} bytes"));
         }
         let u = Url::parse(endpoint).map_err(|e| format!("endpoint {e}"))?;
+        // A prefix is a directory: no `.` or `..` segment (written plainly or escaped) may
+        // climb out of it.
+        let path = u
+            .path
+            .split(['?', '#'])
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if path
+            .split('/')
+            .any(|seg| matches!(seg.replace("%2e", "."), ref d if d == "." || d == ".."))
+        {
+            return Err(format!("endpoint {}: a dot segment in its path", u.shown()));
+        }
         let port = |x: &Url| x.addr.rsplit(':').next().map(str::to_string);
         let name = |x: &Url| match x.host.rsplit_once(':') {
             Some((n, _)) if !x.host.ends_with(']') => n.to_ascii_lowercase(),
@@ -189,7 +208,8 @@ impl PushProvider for WebPush {
             .filter_map(|s| {
                 // Checked when made; the allowed list may have shrunk since.
                 self.allowed.admits(&s.endpoint).ok()?;
-                let keys = UaKeys::from_base64url(&s.p256dh, &s.auth).ok()?;
+                // Checked on the curve when subscribed; ring checks again when it is used.
+                let keys = UaKeys::decode(&s.p256dh, &s.auth).ok()?;
                 Some(Endpoint {
                     id: s.id,
                     url: s.endpoint,
@@ -276,7 +296,7 @@ mod tests {
         let (public, private) = Vapid::generate().unwrap();
         let vapid = Vapid::new(&public, &private, "mailto:ops@example.com").unwrap();
         let stats = Arc::new(PushStats::default());
-        let allowed = Allowed::new(&[url.as_str()]).unwrap();
+        let allowed = Allowed::new(&[format!("{url}/")]).unwrap();
         let wp = WebPush::new(vapid, store.clone(), Client::new(), allowed, stats.clone());
         let n = Notification {
             user: bob,
@@ -364,6 +384,18 @@ mod tests {
             .is_err());
         let local = Allowed::new(&["http://127.0.0.1:8099/push/"]).unwrap();
         assert!(local.admits("http://127.0.0.1:8099/push/abc").is_ok());
+        for climbing in [
+            "http://127.0.0.1:8099/push/../admin",
+            "http://127.0.0.1:8099/push/%2e%2e/admin",
+            "http://127.0.0.1:8099/push/%2E%2E/admin",
+            "http://127.0.0.1:8099/push/./x",
+        ] {
+            assert!(local.admits(climbing).is_err(), "{climbing}");
+        }
+        assert!(
+            Allowed::new(&["http://127.0.0.1:8099/push"]).is_err(),
+            "not a directory"
+        );
         assert!(local.admits("http://127.0.0.1:8099/other").is_err());
         assert!(local.admits("http://127.0.0.1:8098/push/abc").is_err());
         assert!(Allowed::new(&["ftp://x/"]).is_err());

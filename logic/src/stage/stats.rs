@@ -106,7 +106,7 @@ impl StageStats {
             ),
             (
                 "im_logic_push_delivered_total",
-                "notifications the push provider took",
+                "push deliveries a provider's receiver took (one per webhook POST or browser)",
                 &self.push.delivered_total,
             ),
             (
@@ -116,7 +116,7 @@ impl StageStats {
             ),
             (
                 "im_logic_push_dropped_total",
-                "notifications dropped (queue full, refused, or out of attempts)",
+                "push deliveries dropped (queue full, refused, or out of attempts)",
                 &self.push.dropped_total,
             ),
             (

@@ -290,6 +290,10 @@ macro_rules! impl_store {
                 self.forget_push(id).await
             }
 
+            async fn drop_push_subscriptions_of(&self, user: u64) -> Result<u64> {
+                self.forget_pushes_of(user).await
+            }
+
             async fn push_subscriptions(&self, user: u64) -> Result<Vec<PushSubscription>> {
                 self.pushes_of(user).await
             }

@@ -42,7 +42,7 @@ macro_rules! impl_push {
                 .await?;
                 let id: i64 = sqlx::query_scalar($last_id).fetch_one(&mut *tx).await?;
                 let stale: Vec<i64> = sqlx::query_scalar(
-                    "SELECT id FROM push_subscriptions WHERE user_id = ? ORDER BY created_ms DESC, id DESC LIMIT 1000 OFFSET ?",
+                    "SELECT id FROM push_subscriptions WHERE user_id = ? ORDER BY id DESC LIMIT 1000 OFFSET ?",
                 )
                 .bind(to_i64(s.user_id))
                 .bind(i64::from(max))
@@ -67,6 +67,14 @@ macro_rules! impl_push {
                 Ok(r.rows_affected() > 0)
             }
 
+            pub(super) async fn forget_pushes_of(&self, user: u64) -> Result<u64> {
+                let r = sqlx::query("DELETE FROM push_subscriptions WHERE user_id = ?")
+                    .bind(to_i64(user))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(r.rows_affected())
+            }
+
             pub(super) async fn forget_push(&self, id: u64) -> Result<()> {
                 sqlx::query("DELETE FROM push_subscriptions WHERE id = ?")
                     .bind(to_i64(id))
@@ -88,7 +96,7 @@ macro_rules! impl_push {
 
             pub(super) async fn pushes_of(&self, user: u64) -> Result<Vec<PushSubscription>> {
                 let rows = sqlx::query(
-                    "SELECT id, user_id, endpoint, p256dh, auth, created_ms FROM push_subscriptions WHERE user_id = ? ORDER BY created_ms DESC, id DESC",
+                    "SELECT id, user_id, endpoint, p256dh, auth, created_ms FROM push_subscriptions WHERE user_id = ? ORDER BY id DESC",
                 )
                 .bind(to_i64(user))
                 .fetch_all(&self.pool)
