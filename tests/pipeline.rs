@@ -842,6 +842,178 @@ fn logins_spread_over_gateways_and_a_drain_moves_clients_without_loss() {
     }
 }
 
+/// The example nginx configuration (deploy/nginx/im.conf), run as it is with its addresses
+/// and paths replaced: https to the REST API, wss to two gateways that announce nginx's
+/// address, least connections spreading the sockets; a gateway that drains sends its client
+/// 1012 through nginx, and the client comes back through nginx to the other gateway.
+#[test]
+fn nginx_in_front_serves_wss_and_https_and_a_drain_moves_through_it() {
+    use support::tls;
+    use tungstenite::Message;
+    let _g = serial();
+    assert!(
+        std::path::Path::new("/usr/sbin/nginx").exists(),
+        "nginx is required (scripts/test installs nginx-light)"
+    );
+    let lb: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let public = format!("wss://{lb}/ws");
+    let args = ["--public-ws-url", &public, "--drain-window-s", "1"];
+    let mut c = Cluster::start_with_gateway_args("nginx", 15, 2, &args);
+    let dir = c.dir.join("nginx");
+    let (cert, key) = tls::pem_files(&dir.join("tls"));
+    for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(dir.join("tmp").join(sub)).unwrap();
+    }
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/im.conf"),
+    )
+    .unwrap();
+    let mut conf = example.clone();
+    let d = dir.display();
+    for (from, to) in [
+        // In the foreground, for the test to own; workers as this user; this machine's
+        // open-file limit.
+        (
+            "worker_processes auto;",
+            "daemon off;\nuser root;\nworker_processes 1;".to_string(),
+        ),
+        (
+            "worker_rlimit_nofile 200000;",
+            "worker_rlimit_nofile 4096;".into(),
+        ),
+        (
+            "worker_connections 100000;",
+            "worker_connections 1024;".into(),
+        ),
+        ("/run/im-nginx.pid", format!("{d}/nginx.pid")),
+        ("/var/log/nginx/im-error.log", format!("{d}/error.log")),
+        ("/var/lib/nginx/", format!("{d}/tmp/")),
+        (
+            "server 127.0.0.1:8090 ",
+            format!("server {} ", c.gateways[0].1),
+        ),
+        (
+            "server 127.0.0.1:8091 ",
+            format!("server {} ", c.gateways[1].1),
+        ),
+        ("server 127.0.0.1:8080;", format!("server {};", c.api)),
+        ("listen 443 ssl;", format!("listen {lb} ssl;")),
+        ("/etc/im/tls/fullchain.pem", cert.display().to_string()),
+        ("/etc/im/tls/privkey.pem", key.display().to_string()),
+    ] {
+        assert!(conf.contains(from), "the example no longer has {from:?}");
+        conf = conf.replace(from, &to);
+    }
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let check = std::process::Command::new("/usr/sbin/nginx")
+        .arg("-t")
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf_path)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut cmd = std::process::Command::new("/usr/sbin/nginx");
+    cmd.arg("-p").arg(&dir).arg("-c").arg(&conf_path);
+    let _nginx = Proc::spawn("nginx", cmd, &dir);
+    wait_port(lb, "nginx", Duration::from_secs(20));
+    // https: the REST API; login hands out nginx's address.
+    let https = |method: &str, path: &str, token: Option<&str>, body: &Value| {
+        support::http_on(tls::connect(lb), method, path, token, body)
+    };
+    let mut users = Vec::new();
+    for name in ["tls-alice", "tls-bob"] {
+        let cred = json!({"username": name, "password": "password-123"});
+        let (st, v) = https("POST", "/api/v1/users/register", None, &cred);
+        assert_eq!(st, 201, "{v}");
+        let (st, v) = https("POST", "/api/v1/auth/login", None, &cred);
+        assert_eq!(st, 200, "{v}");
+        // Both gateways announce nginx's URL: one registry entry, and login names it.
+        assert_eq!(v["ws_url"], public.as_str(), "{v}");
+        let id: u64 = v["user_id"].as_str().unwrap().parse().unwrap();
+        users.push((id, v["token"].as_str().unwrap().to_string()));
+    }
+    let gw_addrs: Vec<std::net::SocketAddr> = c.gateways.iter().map(|g| g.1).collect();
+    let held = |gw: usize| -> u64 {
+        let (_, text) = get_text(gw_addrs[gw], "/metrics");
+        text.lines()
+            .filter(|l| l.starts_with("im_gateway_connections{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+            // The scrape's own connection is one of them.
+            .saturating_sub(1)
+    };
+    // wss: one socket each; least connections puts them on different gateways.
+    let mut alice = tls::wss(lb, &users[0].1);
+    let mut bob = tls::wss(lb, &users[1].1);
+    let end = Instant::now() + T;
+    while (held(0), held(1)) != (1, 1) {
+        assert!(Instant::now() < end, "sockets: {} and {}", held(0), held(1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let next_msg = |ws: &mut tungstenite::WebSocket<tls::TlsStream>| -> Value {
+        loop {
+            match ws.read().expect("a frame") {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == "msg" {
+                        return v;
+                    }
+                }
+                Message::Close(f) => panic!("closed: {f:?}"),
+                _ => {}
+            }
+        }
+    };
+    let send = |ws: &mut tungstenite::WebSocket<tls::TlsStream>, to: u64, cid: &str| {
+        let f = json!({"type": "send", "cid": cid, "to": to.to_string(), "content": cid});
+        ws.send(Message::text(f.to_string())).unwrap();
+    };
+    send(&mut alice, users[1].0, "over tls");
+    assert_eq!(next_msg(&mut bob)["content"], "over tls");
+    // Drain the gateway that holds alice: her socket gets 1012 through nginx.
+    let gw_of_alice = {
+        // Close bob's socket for a moment: the gateway left with one socket is alice's.
+        bob.close(None).ok();
+        let end = Instant::now() + T;
+        loop {
+            let (a, b) = (held(0), held(1));
+            if a + b == 1 {
+                break if a == 1 { 0 } else { 1 };
+            }
+            assert!(Instant::now() < end, "sockets: {a} and {b}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut bob = tls::wss(lb, &users[1].1);
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(c.gateways[gw_of_alice].0.pid() as i32, libc::SIGTERM) };
+    let code = loop {
+        match alice.read() {
+            Ok(Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(code, Some(1012), "the drain's close code through nginx");
+    let end = Instant::now() + T;
+    while c.gateways[gw_of_alice].0.alive() {
+        assert!(Instant::now() < end, "the drained gateway did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Back through nginx, to the other gateway.
+    let mut alice = tls::wss(lb, &users[0].1);
+    assert_eq!(held(1 - gw_of_alice), 2, "both sockets on the gateway left");
+    send(&mut alice, users[1].0, "after the drain");
+    assert_eq!(next_msg(&mut bob)["content"], "after the drain");
+}
+
 /// `redis-cli` on this deployment's database; its output, trimmed.
 fn redis_cli(c: &Cluster, args: &[&str]) -> String {
     let db = c.redis.rsplit('/').next().unwrap().to_string();

@@ -494,6 +494,66 @@ fn web_push_wakes_a_subscribed_browser_in_standalone() {
     );
 }
 
+/// The Grafana dashboard and the Prometheus alert rules under `deploy/` name only metrics the
+/// services serve: every `im_*` name in them is a family of standalone's `/metrics` (the
+/// gateway's, its bridge's, logic's and persist's), histogram suffixes aside; and the
+/// dashboard is JSON whose panels each query something.
+#[test]
+fn every_metric_the_dashboard_and_alerts_use_is_served() {
+    let dir = scratch("standalone-deploy");
+    let s = Standalone::start(&dir, &dir.join("data"), "standalone-deploy");
+    // The gateway's port serves the gateway's, its bridge's and persist's; the REST port
+    // logic's (as in the distributed mode, where each process serves its own).
+    let (st, gateway) = support::get_text(s.ws, "/metrics");
+    assert_eq!(st, 200);
+    let (st, logic) = support::get_text(s.api, "/metrics");
+    assert_eq!(st, 200);
+    let text = format!("{gateway}\n{logic}");
+    let families: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let dashboard = std::fs::read_to_string(root.join("grafana/im-dashboard.json")).unwrap();
+    let alerts = std::fs::read_to_string(root.join("prometheus/alerts.yml")).unwrap();
+    let d: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    for p in d["panels"].as_array().unwrap() {
+        if p["type"] != "row" {
+            let targets = p["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "panel {} queries nothing", p["title"]);
+        }
+    }
+    assert!(alerts.matches("- alert: ").count() >= 10);
+    for (file, body) in [("dashboard", &dashboard), ("alerts", &alerts)] {
+        let mut used: Vec<&str> = Vec::new();
+        let mut rest = body.as_str();
+        while let Some(i) = rest.find("im_") {
+            let name_len = rest[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len() - i);
+            // A name, not the middle of a word (`{job="im-gateway"}` has no underscore).
+            let whole = i == 0 || !rest.as_bytes()[i - 1].is_ascii_alphanumeric();
+            if whole {
+                used.push(&rest[i..i + name_len]);
+            }
+            rest = &rest[i + name_len..];
+        }
+        assert!(used.len() >= 12, "{file}: only {} metric uses", used.len());
+        for name in used {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| families.contains(f))
+                .unwrap_or(name);
+            assert!(
+                families.contains(family),
+                "{file} uses {name}, which /metrics does not serve"
+            );
+        }
+    }
+}
+
 fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }

@@ -5,6 +5,7 @@
 
 pub mod load;
 pub mod relay;
+pub mod tls;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -797,8 +798,19 @@ pub fn http(
     token: Option<&str>,
     body: &Value,
 ) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
+    let s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    http_on(s, method, path, token, body)
+}
+
+/// `http` over a stream of the caller's (TLS: `tls::connect`).
+pub fn http_on<S: Read + Write>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
     let body = if body.is_null() {
         String::new()
     } else {
