@@ -261,7 +261,7 @@ pub struct HoldResult {
     samples: Vec<Sample>,
 }
 
-fn user_token(secret: &str, user: u64) -> String {
+pub(crate) fn user_token(secret: &str, user: u64) -> String {
     im_shared::jwt::sign(
         secret.as_bytes(),
         &im_shared::jwt::Claims::new(user, im_shared::unix_ms() / 1000, 24 * 3600),

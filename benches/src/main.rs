@@ -5,6 +5,7 @@
 mod api;
 mod baseline;
 mod broker_probe;
+mod drain;
 mod fanout;
 mod gateway;
 mod hold;
@@ -63,6 +64,12 @@ enum Cmd {
     /// Internal: one client process of `hold`.
     #[command(hide = true)]
     Worker(hold::WorkerArgs),
+    /// N connections on one gateway, then SIGTERM to it: how long its drain takes to move
+    /// every client to another gateway.
+    Drain(drain::DrainArgs),
+    /// Internal: one client process of `drain`.
+    #[command(hide = true)]
+    DrainWorker(drain::DrainWorkerArgs),
 }
 
 /// Runs `f` to completion on a single-threaded tokio runtime with a `LocalSet` (the harness's
@@ -85,6 +92,13 @@ fn write_json<T: serde::Serialize>(path: Option<&std::path::Path>, v: &T) {
 
 fn main() {
     match Cli::parse().cmd {
+        Cmd::Drain(a) => {
+            let json = a.json.clone();
+            let r = drain::drain(a);
+            drain::print(&r);
+            write_json(json.as_deref(), &r);
+        }
+        Cmd::DrainWorker(a) => drain::worker(a),
         Cmd::Hold(a) => {
             let json = a.json.clone();
             let r = hold::hold(a);
