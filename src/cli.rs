@@ -358,9 +358,10 @@ pub(crate) struct GatewayCmdArgs {
     /// Set by the parent of a multi-process gateway.
     #[arg(long, hide = true)]
     pub(crate) process_index: Option<usize>,
-    /// The URL clients reach this gateway at, announced in the gateway registry (Redis) for
-    /// login to hand out; the processes of --processes N share it [default:
-    /// ws://<--ws-listen>/ws, the host name for an unspecified address].
+    /// The URL clients reach this gateway at (`wss://chat.example.com/ws` behind a TLS
+    /// balancer): announced in the gateway registry (Redis) for login to hand out; the
+    /// processes of --processes N share it. Without it the gateway announces nothing, and
+    /// logic answers its --ws-url.
     #[arg(long, env = "IM_PUBLIC_WS_URL")]
     pub(crate) public_ws_url: Option<String>,
     /// On SIGTERM: leave the registry, stop accepting, and close the connections with 1012
@@ -368,21 +369,6 @@ pub(crate) struct GatewayCmdArgs {
     /// time (then 2 s for close handshakes).
     #[arg(long, env = "IM_DRAIN_WINDOW_S", default_value_t = 10)]
     pub(crate) drain_window_s: u64,
-}
-
-impl GatewayCmdArgs {
-    /// `--public-ws-url`, or what `--ws-listen` makes of one.
-    pub(crate) fn public_ws_url(&self) -> String {
-        if let Some(u) = &self.public_ws_url {
-            return u.clone();
-        }
-        let at = self.gateway.ws_listen;
-        if at.ip().is_unspecified() {
-            format!("ws://{}:{}/ws", hostname(), at.port())
-        } else {
-            format!("ws://{at}/ws")
-        }
-    }
 }
 
 #[derive(Args)]
@@ -498,7 +484,10 @@ impl GatewayArgs {
 
 impl PipelineArgs {
     /// Where a distributed gateway's backends are; `None` with `--local-router`.
-    pub(crate) fn distributed(&self, public_ws_url: String) -> Option<im_gateway::Distributed> {
+    pub(crate) fn distributed(
+        &self,
+        public_ws_url: Option<String>,
+    ) -> Option<im_gateway::Distributed> {
         (!self.local_router).then(|| im_gateway::Distributed {
             kafka: self.kafka.config(),
             redis_url: self.redis_url.clone(),

@@ -112,7 +112,7 @@ fn gateway(a: GatewayCmdArgs) -> Result<(), String> {
     });
     let cfg = im_gateway::Config {
         core,
-        distributed: a.pipeline.distributed(a.public_ws_url()),
+        distributed: a.pipeline.distributed(a.public_ws_url.clone()),
     };
     im_gateway::run(cfg, signals)
 }

@@ -9,12 +9,14 @@
 //!
 //! ```text
 //! im:gw:urls              set of URLs
-//! im:gw:url:<ws_url>      hash: <process id> → "<connections> <shards> <unix ms> <draining 0|1>"
+//! im:gw:url:<ws_url>      hash: <process id> → "<connections> <shards> <ms> <draining 0|1>"
 //!                         expiring TTL_S after the last announcement of any of its processes
 //! ```
 //!
-//! A process whose entry is older than `TTL_S` (it died while its siblings live on) no longer
-//! counts. A URL whose hash has expired is removed from the set by the next reader.
+//! Times are Redis's (`TIME`, in the scripts), so the hosts' clocks need not agree. A process
+//! whose entry is older than `TTL_S` (it died while its siblings live on) no longer counts,
+//! and the next announcement to its URL deletes it. A URL whose hash has expired leaves the
+//! set in the reader's script, atomically with finding it empty.
 
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -189,22 +191,60 @@ mod redis_registry {
         }
     }
 
+    /// One announcement, stamped with Redis's clock (so hosts' clocks need not agree): the
+    /// URL into the set, this process's field written, the hash's TTL renewed, and fields of
+    /// processes silent for a TTL (dead) deleted.
+    const ANNOUNCE: &str = r"
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local ttl_ms = tonumber(ARGV[4]) * 1000
+        redis.call('SADD', KEYS[1], ARGV[5])
+        redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ' ' .. now .. ' ' .. ARGV[3])
+        redis.call('EXPIRE', KEYS[2], ARGV[4])
+        local all = redis.call('HGETALL', KEYS[2])
+        for i = 1, #all, 2 do
+            local at = tonumber(string.match(all[i + 1], '^%d+ %d+ (%d+)'))
+            if at == nil or now - at > ttl_ms then redis.call('HDEL', KEYS[2], all[i]) end
+        end
+        return now";
+
+    /// Every URL's fields and Redis's clock; URLs whose hash has expired leave the set, in the
+    /// same script, so a gateway announcing meanwhile is not removed after it announced.
+    const LIVE: &str = r"
+        local t = redis.call('TIME')
+        local out = { tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) }
+        local urls = redis.call('SRANDMEMBER', KEYS[1], ARGV[1])
+        table.sort(urls)
+        for _, u in ipairs(urls) do
+            local fields = redis.call('HGETALL', ARGV[2] .. u)
+            if #fields == 0 then
+                redis.call('SREM', KEYS[1], u)
+            else
+                table.insert(out, u)
+                table.insert(out, fields)
+            end
+        end
+        return out";
+
     #[async_trait]
     impl Registry for RedisRegistry {
         async fn announce(&self, a: &Announcement) -> Result<(), String> {
             self.bounded(async {
                 let mut c = self.conn().await?;
-                let k = key(&a.ws_url);
-                redis::pipe()
-                    .atomic()
-                    .sadd(URLS, &a.ws_url)
-                    .ignore()
-                    .hset(&k, &a.process, encode(a, im_shared::unix_ms()))
-                    .ignore()
-                    .expire(&k, TTL_S as i64)
-                    .ignore()
-                    .query_async::<()>(&mut c)
+                // EVAL as `lease` does (the script is small; no script cache to manage).
+                redis::cmd("EVAL")
+                    .arg(ANNOUNCE)
+                    .arg(2)
+                    .arg(URLS)
+                    .arg(key(&a.ws_url))
+                    .arg(&a.process)
+                    .arg(format!("{} {}", a.connections, a.shards))
+                    .arg(u8::from(a.draining))
+                    .arg(TTL_S)
+                    .arg(&a.ws_url)
+                    .query_async::<i64>(&mut c)
                     .await
+                    .map(|_| ())
                     .map_err(|e| e.to_string())
             })
             .await
@@ -213,37 +253,35 @@ mod redis_registry {
         async fn live(&self) -> Result<Vec<Gateway>, String> {
             self.bounded(async {
                 let mut c = self.conn().await?;
-                let mut urls: Vec<String> = redis::cmd("SRANDMEMBER")
+                let v: redis::Value = redis::cmd("EVAL")
+                    .arg(LIVE)
+                    .arg(1)
                     .arg(URLS)
                     .arg(URLS_MAX)
+                    .arg("im:gw:url:")
                     .query_async(&mut c)
                     .await
                     .map_err(|e| e.to_string())?;
-                urls.sort();
-                let mut pipe = redis::pipe();
-                for u in &urls {
-                    pipe.hgetall(key(u));
-                }
-                let all: Vec<HashMap<String, String>> =
-                    pipe.query_async(&mut c).await.map_err(|e| e.to_string())?;
-                let now = im_shared::unix_ms();
+                let redis::Value::Array(items) = v else {
+                    return Err("registry: an answer that is not a list".into());
+                };
+                let mut items = items.into_iter();
+                let now: u64 = match items.next() {
+                    Some(v) => redis::from_redis_value(&v).map_err(|e| e.to_string())?,
+                    None => return Err("registry: no time".into()),
+                };
                 let mut out = Vec::new();
-                let mut gone = Vec::new();
-                for (u, fields) in urls.iter().zip(&all) {
-                    if fields.is_empty() {
-                        gone.push(u.clone());
-                    } else if let Some(g) = summed(u, fields, now) {
+                while let (Some(u), Some(f)) = (items.next(), items.next()) {
+                    let url: String = redis::from_redis_value(&u).map_err(|e| e.to_string())?;
+                    let flat: Vec<String> =
+                        redis::from_redis_value(&f).map_err(|e| e.to_string())?;
+                    let fields: HashMap<String, String> = flat
+                        .chunks(2)
+                        .filter_map(|kv| Some((kv.first()?.clone(), kv.get(1)?.clone())))
+                        .collect();
+                    if let Some(g) = summed(&url, &fields, now) {
                         out.push(g);
                     }
-                }
-                if !gone.is_empty() {
-                    // Expired: nobody announced for TTL_S. A gateway that comes back adds
-                    // itself again.
-                    let _: Result<(), _> = redis::cmd("SREM")
-                        .arg(URLS)
-                        .arg(&gone)
-                        .query_async(&mut c)
-                        .await;
                 }
                 Ok(out)
             })

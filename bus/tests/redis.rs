@@ -220,4 +220,24 @@ async fn the_registry_offers_live_gateways_summed_over_their_processes() {
     );
     r.announce(&ann(&a, "p0", 10, true)).await.unwrap();
     assert!(ours(r.live().await.unwrap()).is_empty());
+    // A process that died long ago (stamped at 1 ms): the next announcement deletes it.
+    let client = redis::Client::open(url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let k = format!("im:gw:url:{a}");
+    let _: () = redis::cmd("HSET")
+        .arg(&k)
+        .arg("dead")
+        .arg("5 1 1 0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    r.announce(&ann(&a, "p0", 10, false)).await.unwrap();
+    let dead: bool = redis::cmd("HEXISTS")
+        .arg(&k)
+        .arg("dead")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(!dead, "a dead process's field is deleted");
+    assert_eq!(ours(r.live().await.unwrap()), [(a.clone(), 10, 2)]);
 }

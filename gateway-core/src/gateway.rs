@@ -372,7 +372,8 @@ impl GatewayHandle {
             .sum()
     }
 
-    /// Asks every shard to close its connections with 1001 and stop.
+    /// Asks every shard to stop listening, close its connections with 1012 over the drain
+    /// window (`GatewayConfig::drain_window_ms`), and stop.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         for w in self.wakers.iter() {

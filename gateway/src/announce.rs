@@ -2,13 +2,16 @@
 //! "Gateways and draining"): announced from the process's main thread, which otherwise only
 //! waits for a signal, every `ANNOUNCE_EVERY_S` with the connections held, and once more with
 //! `draining` when the process is told to stop, before its shards start closing connections.
-//! A Redis that is down delays nothing: each call is bounded, a failure is logged now and
-//! then, and the next tick tries again.
+//! A Redis that is down delays little: each call is bounded (500 ms), a failure is logged now
+//! and then, and the next tick tries again.
 
 use im_bus::registry::{Announcement, RedisRegistry, Registry, ANNOUNCE_EVERY_S};
 use im_shared::metrics::count_rarely;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
+
+/// One announcement, at most.
+const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub(crate) struct Announcer {
     rt: tokio::runtime::Runtime,
@@ -62,7 +65,14 @@ impl Announcer {
     }
 
     fn send(&self) {
-        if let Err(e) = self.rt.block_on(self.registry.announce(&self.entry)) {
+        // Short: this thread also waits for SIGTERM, and a drain must not wait on Redis.
+        let call = async {
+            tokio::time::timeout(CALL_TIMEOUT, self.registry.announce(&self.entry))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer in {CALL_TIMEOUT:?}")))
+        };
+        let result = self.rt.block_on(call);
+        if let Err(e) = result {
             if let Some(k) = count_rarely(&self.failures) {
                 log::warn!(
                     "gateway registry: announcing {}: {e} ({k} failures)",

@@ -145,8 +145,9 @@ pub struct Config {
 pub struct Distributed {
     pub kafka: KafkaConfig,
     pub redis_url: String,
-    /// Where clients reach this gateway: announced in the gateway registry in Redis.
-    pub public_ws_url: String,
+    /// Where clients reach this gateway, announced in the gateway registry in Redis; `None`:
+    /// not announced (logic answers its configured URL).
+    pub public_ws_url: Option<String>,
     /// Presence entries expire this long after their last refresh; shards refresh every third.
     pub presence_ttl_s: u64,
     pub produce_timeout_ms: u32,
@@ -182,13 +183,17 @@ pub fn run(mut cfg: Config, mut shutdown: impl Shutdown) -> Result<(), String> {
         }
     };
     let mut announcer = match &cfg.distributed {
-        Some(d) => Some(announce::Announcer::new(
-            &d.redis_url,
-            d.public_ws_url.clone(),
+        Some(Distributed {
+            redis_url,
+            public_ws_url: Some(url),
+            ..
+        }) => Some(announce::Announcer::new(
+            redis_url,
+            url.clone(),
             cfg.core.gateway_id.clone(),
             cfg.core.shards as u32,
         )?),
-        None => None,
+        _ => None,
     };
     let window_s = cfg.core.drain_window_ms as f64 / 1000.0;
     let running = start(cfg.core, routing, None);

@@ -608,6 +608,12 @@ impl Cluster {
             .args(["--kafka-brokers", &brokers, "--redis-url", &redis])
             .args(["--msgs-per-sec-max", "1000"])
             .args(gateway_args)
+            // In the registry under its own address, unless the test names a shared one.
+            .args(if gateway_args.contains(&"--public-ws-url") {
+                vec![]
+            } else {
+                vec!["--public-ws-url".to_string(), format!("ws://{addr}/ws")]
+            })
             // Stopped at once unless a test drains on purpose (--drain-window-s).
             .env("IM_DRAIN_WINDOW_S", "0")
             .env("RUST_LOG", "info");

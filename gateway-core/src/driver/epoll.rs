@@ -118,6 +118,7 @@ pub fn run(
         }
         if stop_listener {
             let _ = ctl(ep, libc::EPOLL_CTL_DEL, listener, 0, 0);
+            super::stop_listening(listener);
         }
         timeout_ms = if stopper.stopping() {
             super::STOPPING_POLL_MS as i32

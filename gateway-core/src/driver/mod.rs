@@ -123,7 +123,8 @@ impl Stopper {
         Stopper { since: None }
     }
 
-    /// Call once per turn; `on_start` runs once when shutdown begins (stop accepting). The
+    /// Call once per turn; `on_start` runs once when shutdown begins (stop accepting and
+    /// listening: `stop_listening`). The
     /// shard's connections are told to go (1012) evenly over its drain window; those still
     /// open `SHUTDOWN_GRACE` after the window are killed.
     pub fn check(&mut self, stop: &AtomicBool, shard: &mut Shard, on_start: impl FnOnce()) -> bool {
@@ -199,6 +200,14 @@ pub(crate) fn set_nodelay(fd: i32) {
 pub(crate) fn close_fd(fd: i32) {
     // SAFETY: the caller owns fd and never uses it again.
     unsafe { libc::close(fd) };
+}
+
+/// A drain begins: the listener stops listening at once (its fd is closed with the loop), so
+/// connections queued in its backlog are reset and new ones refused, and a balancer or
+/// client goes elsewhere instead of waiting on a gateway that will never serve them.
+pub(crate) fn stop_listening(listener: i32) {
+    // SAFETY: shutdown(2) on our own listening socket; on Linux it leaves the listening state.
+    unsafe { libc::shutdown(listener, libc::SHUT_RDWR) };
 }
 
 pub(crate) fn shutdown_wr(fd: i32) {

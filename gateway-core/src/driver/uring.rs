@@ -211,7 +211,7 @@ impl Acceptor {
             if shard.accept(res).is_none() {
                 close_fd(res);
             }
-        } else if res != -libc::ECANCELED {
+        } else if res != -libc::ECANCELED && self.accepting {
             log::warn!(
                 "shard {}: accept failed: {}",
                 shard.id(),
@@ -232,7 +232,9 @@ impl Acceptor {
     fn stop(&mut self, ring: &mut IoUring) -> io::Result<()> {
         self.accepting = false;
         let e = opcode::AsyncCancel::new(tag::ACCEPT).build();
-        push(ring, e.user_data(tag::CANCEL))
+        push(ring, e.user_data(tag::CANCEL))?;
+        super::stop_listening(self.listener);
+        Ok(())
     }
 }
 

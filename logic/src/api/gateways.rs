@@ -2,20 +2,20 @@
 //! login's `ws_url`, and `GET /gateways/pick` for a client whose gateway is draining (close
 //! 1012). With a registry (`im_bus::registry`, in Redis), the least-loaded live gateway; a
 //! burst of logins between two announcements is spread by counting where this instance sent
-//! clients since its last read. Without one (standalone), or while the registry is empty or
+//! clients since the announced figures last changed. One request at a time refreshes the read
+//! (once a second); the others never wait on the registry. Without one (standalone), or while the registry is empty or
 //! unreachable, the configured `--ws-url`.
 
 use super::{Caller, State};
 use axum::extract::State as S;
 use axum::Json;
-use im_bus::registry::{least_loaded, Gateway, Registry};
+use im_bus::registry::{least_loaded, Gateway, Registry, TTL_S};
 use im_shared::metrics::count_rarely;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
 
 /// How long one read of the registry serves picks.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -32,17 +32,31 @@ impl std::fmt::Debug for GatewayRegistry {
 
 #[derive(Default)]
 struct Read {
-    at: Option<Instant>,
+    /// When the registry was last asked, and last answered.
+    asked: Option<Instant>,
+    answered: Option<Instant>,
     live: Vec<Gateway>,
-    /// Clients sent to each URL since `at`.
+    /// Clients sent to each URL since the announced figures last changed.
     sent: HashMap<String, u64>,
 }
 
 pub struct Picker {
     registry: Option<Arc<dyn Registry>>,
     fallback: String,
+    /// Held for moments, never across a call to the registry.
     read: Mutex<Read>,
+    /// One request at a time refreshes the read; the others pick from the one there is.
+    refreshing: Arc<AtomicBool>,
     failures: AtomicU64,
+}
+
+/// Lets the next request refresh, however this one ends (done, or dropped mid-call).
+struct Refreshing(Arc<AtomicBool>);
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Picker {
@@ -51,6 +65,7 @@ impl Picker {
             registry: registry.map(|r| r.0),
             fallback,
             read: Mutex::default(),
+            refreshing: Arc::default(),
             failures: AtomicU64::new(0),
         }
     }
@@ -60,15 +75,25 @@ impl Picker {
         let Some(registry) = &self.registry else {
             return self.fallback.clone();
         };
-        let mut read = self.read.lock().await;
-        if read.at.is_none_or(|t| t.elapsed() >= REFRESH) {
-            match registry.live().await {
+        let stale = {
+            let read = self.read.lock().expect("not poisoned");
+            read.asked.is_none_or(|t| t.elapsed() >= REFRESH)
+        };
+        if stale && !self.refreshing.swap(true, Ordering::AcqRel) {
+            let _turn = Refreshing(self.refreshing.clone());
+            let got = registry.live().await;
+            let mut read = self.read.lock().expect("not poisoned");
+            read.asked = Some(Instant::now());
+            match got {
                 Ok(live) => {
-                    read.live = live;
-                    read.sent.clear();
+                    // New figures count what was sent before them.
+                    if live != read.live {
+                        read.sent.clear();
+                        read.live = live;
+                    }
+                    read.answered = read.asked;
                 }
                 Err(e) => {
-                    // Keep what was read last; try again after REFRESH, not per login.
                     if let Some(k) = count_rarely(&self.failures) {
                         log::warn!(
                             "gateway registry: {e} ({k} failed reads); picking from the last read"
@@ -76,10 +101,15 @@ impl Picker {
                     }
                 }
             }
-            read.at = Some(Instant::now());
         }
-        let Some(url) = least_loaded(&read.live, &read.sent).map(|g| g.ws_url.clone()) else {
-            return self.fallback.clone();
+        let mut read = self.read.lock().expect("not poisoned");
+        // A read older than an announcement's life may name gateways long gone.
+        let fresh = read
+            .answered
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(TTL_S));
+        let url = match least_loaded(&read.live, &read.sent) {
+            Some(g) if fresh => g.ws_url.clone(),
+            _ => return self.fallback.clone(),
         };
         *read.sent.entry(url.clone()).or_default() += 1;
         url
@@ -114,7 +144,7 @@ mod tests {
             };
             reg.announce(&a).await.unwrap();
         }
-        p.read.lock().await.at = None;
+        p.read.lock().unwrap().asked = None;
         let mut got = HashMap::<String, u32>::new();
         for _ in 0..30 {
             *got.entry(p.pick().await).or_default() += 1;
