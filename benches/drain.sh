@@ -9,36 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNS="$1"; PROCS="$2"; WINDOW="$3"; RUNS="$4"
 T="${IM_BIN:-${CARGO_TARGET_DIR:-target}/release}"
-BROKER="${IM_BROKER:-$HOME/.cache/im-tools/bin/nisshi}"
 SECRET=drain-secret
 DB=im_bench_drain
-REDIS=redis://127.0.0.1:6379/10
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-  mysql -uroot -h127.0.0.1 -e "DROP DATABASE IF EXISTS $DB" || true
-}
-trap cleanup EXIT
-wait_port() { for _ in $(seq 300); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-mysql -uroot -h127.0.0.1 -e "DROP DATABASE IF EXISTS $DB; CREATE DATABASE $DB"
-redis-cli -n 10 FLUSHDB >/dev/null
-mkdir -p "$WORK/broker"
-(cd "$WORK/broker" && exec "$BROKER" broker --listener-url tcp://127.0.0.1:29392 \
-   --advertised-listener-url tcp://127.0.0.1:29392 --storage-engine sqlite://broker.db >"$WORK/broker.log" 2>&1) &
-PIDS+=($!)
-wait_port 29392
-K=(--kafka-brokers 127.0.0.1:29392)
-MYSQL="mysql://root@127.0.0.1:3306/$DB"
-(RUST_LOG=warn "$T/im" logic --jwt-secret $SECRET --mysql-url "$MYSQL" --redis-url $REDIS "${K[@]}" \
-   --api-listen 127.0.0.1:28680 >"$WORK/logic.log" 2>&1) &
-PIDS+=($!)
-wait_port 28680
-(RUST_LOG=warn "$T/im" persist --mysql-url "$MYSQL" "${K[@]}" >"$WORK/persist.log" 2>&1) &
-PIDS+=($!)
-sleep 3
+REDIS_DB=10
+BROKER_PORT=29392
+API_PORT=28680
+# shellcheck source=benches/services.sh
+. benches/services.sh
 gateway() { # port id
   RUST_LOG=warn "$T/im" gateway --jwt-secret $SECRET --ws-listen 127.0.0.1:"$1" --redis-url $REDIS \
     "${K[@]}" --gateway-id "$2" --processes "$PROCS" --shards 1 --no-pin --drain-window-s "$WINDOW" \

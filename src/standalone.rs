@@ -188,8 +188,6 @@ fn push_settings(a: &StandaloneArgs) -> Result<Option<logic::PushSettings>, Stri
 /// The VAPID key pair kept in `dir` (generated on first use): browsers' subscriptions are
 /// bound to it, so it must outlive restarts.
 fn vapid_keys(dir: &Path) -> Result<(String, String), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("web_push_vapid");
     match std::fs::read_to_string(&path) {
         Ok(s) => {
@@ -207,18 +205,26 @@ fn vapid_keys(dir: &Path) -> Result<(String, String), String> {
     }
     private_dir(dir)?;
     let (public, private) = logic::push::ece::Vapid::generate()?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("creating {}: {e}", path.display()))?;
-    writeln!(f, "{public}\n{private}").map_err(|e| format!("writing {}: {e}", path.display()))?;
+    create_private(&path, &format!("{public}\n{private}"))?;
     log::info!(
         "generated a Web Push (VAPID) key pair in {}",
         path.display()
     );
     Ok((public, private))
+}
+
+/// A new file of ours (never one that is there), for this user only, holding `text` and a
+/// line end.
+fn create_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    writeln!(f, "{text}").map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// Our files in the data directory.
@@ -362,8 +368,6 @@ fn banner(data_dir: &Path, api: std::net::SocketAddr, ws: std::net::SocketAddr, 
 
 /// The standalone secret: generated on first start, kept with mode 0600.
 fn secret(dir: &Path) -> Result<String, String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("jwt_secret");
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
@@ -378,13 +382,7 @@ fn secret(dir: &Path) -> Result<String, String> {
     }
     private_dir(dir)?;
     let secret = im_shared::jwt::random_hex(32);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("creating {}: {e}", path.display()))?;
-    writeln!(f, "{secret}").map_err(|e| format!("writing {}: {e}", path.display()))?;
+    create_private(&path, &secret)?;
     log::info!("generated a JWT secret in {}", path.display());
     Ok(secret)
 }

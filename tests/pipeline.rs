@@ -574,15 +574,7 @@ fn offline_push_reaches_the_webhook_from_the_distributed_pipeline() {
     // A fixed cid: a send retried while logic rebalances is the same message, not another.
     let send = |content: &str| {
         let body = json!({"to": bob.to_string(), "content": content, "cid": content});
-        let end = Instant::now() + T;
-        loop {
-            let (st, v) = http(c.api, "POST", "/api/v1/messages/send", Some(&ta), &body);
-            if st == 200 {
-                return v;
-            }
-            assert!(Instant::now() < end, "send: {st} {v}\n{}", c.logs());
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        send_until_acked(c.api, &ta, &body, || c.logs())
     };
     let sent = send("are you there?");
     let first = rx.recv_timeout(T).expect("a POST");
@@ -644,15 +636,7 @@ fn web_push_reaches_a_browser_from_the_distributed_pipeline() {
     assert_eq!(st, 201, "{v}");
     let send = |content: &str| {
         let body = json!({"to": bob.to_string(), "content": content, "cid": content});
-        let end = Instant::now() + T;
-        loop {
-            let (st, v) = http(c.api, "POST", "/api/v1/messages/send", Some(&ta), &body);
-            if st == 200 {
-                return v;
-            }
-            assert!(Instant::now() < end, "send: {st} {v}\n{}", c.logs());
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        send_until_acked(c.api, &ta, &body, || c.logs())
     };
     let sent = send("ping from afar");
     let _busy = rx.recv_timeout(T).expect("a POST");
@@ -724,23 +708,7 @@ fn logins_spread_over_gateways_and_a_drain_moves_clients_without_loss() {
     // Logins, each connecting where its answer says.
     let mut users = Vec::new();
     for i in 0..USERS {
-        let name = format!("mover{i}");
-        let (st, v) = http(
-            c.api,
-            "POST",
-            "/api/v1/users/register",
-            None,
-            &json!({"username": name, "password": "password-123"}),
-        );
-        assert_eq!(st, 201, "{v}");
-        let (st, v) = http(
-            c.api,
-            "POST",
-            "/api/v1/auth/login",
-            None,
-            &json!({"username": name, "password": "password-123"}),
-        );
-        assert_eq!(st, 200, "{v}");
+        let v = c.register_and_login(&format!("mover{i}"));
         let url = v["ws_url"].as_str().unwrap().to_string();
         let id: u64 = v["user_id"].as_str().unwrap().parse().unwrap();
         users.push((id, v["token"].as_str().unwrap().to_string(), url));
@@ -772,21 +740,7 @@ fn logins_spread_over_gateways_and_a_drain_moves_clients_without_loss() {
             for &(from, to) in &targets {
                 // Retried with its cid until acknowledged: a retry is the same message.
                 let body = json!({"to": senders[to].0.to_string(), "content": format!("m{round}"), "cid": format!("d{from}-{to}-{round}")});
-                let end = Instant::now() + T;
-                let v = loop {
-                    let (st, v) = http(
-                        api,
-                        "POST",
-                        "/api/v1/messages/send",
-                        Some(&senders[from].1),
-                        &body,
-                    );
-                    if st == 200 {
-                        break v;
-                    }
-                    assert!(Instant::now() < end, "send: {st} {v}");
-                    std::thread::sleep(Duration::from_millis(100));
-                };
+                let v = send_until_acked(api, &senders[from].1, &body, String::new);
                 let conv = v["conv"].as_str().unwrap().to_string();
                 let e = acked.entry(conv).or_default();
                 *e = (*e).max(v["seq"].as_u64().unwrap());
@@ -1015,6 +969,25 @@ fn nginx_in_front_serves_wss_and_https_and_a_drain_moves_through_it() {
     }
     send(&mut alice, users[1].0, "after the drain");
     assert_eq!(next_msg(&mut bob)["content"], "after the drain");
+}
+
+/// `POST /messages/send` with `body` (which names a cid, so a retry is the same message) until
+/// it is acknowledged, within `T`; `context` is printed if it never is.
+fn send_until_acked(
+    api: std::net::SocketAddr,
+    token: &str,
+    body: &Value,
+    context: impl Fn() -> String,
+) -> Value {
+    let end = Instant::now() + T;
+    loop {
+        let (st, v) = http(api, "POST", "/api/v1/messages/send", Some(token), body);
+        if st == 200 {
+            return v;
+        }
+        assert!(Instant::now() < end, "send: {st} {v}\n{}", context());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `redis-cli` on this deployment's database; its output, trimmed.

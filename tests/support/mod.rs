@@ -729,6 +729,15 @@ impl Cluster {
 
     /// Registers a user through the REST API; (user id, token).
     pub fn user(&self, name: &str) -> (u64, String) {
+        let v = self.register_and_login(name);
+        (
+            v["user_id"].as_str().unwrap().parse().unwrap(),
+            v["token"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Registers `name` and logs in: login's whole answer (`ws_url` too).
+    pub fn register_and_login(&self, name: &str) -> Value {
         let (st, v) = http(
             self.api,
             "POST",
@@ -745,10 +754,7 @@ impl Cluster {
             &json!({"username": name, "password": "password-123"}),
         );
         assert_eq!(st, 200, "{v}");
-        (
-            v["user_id"].as_str().unwrap().parse().unwrap(),
-            v["token"].as_str().unwrap().to_string(),
-        )
+        v
     }
 
     /// Creates a (private) group over REST as `owner` and joins each of `members` to it by

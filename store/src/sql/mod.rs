@@ -15,10 +15,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod blocks;
 mod body;
+mod groups;
 mod presence;
 mod push;
+use blocks::impl_blocks;
 use body::impl_store;
+use groups::impl_groups;
 use presence::impl_presence;
 use push::impl_push;
 
