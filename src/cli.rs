@@ -177,6 +177,35 @@ pub(crate) struct KafkaArgs {
     pub(crate) kafka_instance_id: Option<String>,
 }
 
+/// Tracing (README.md, "Tracing"): off unless an endpoint is given.
+#[derive(Args, Clone)]
+pub(crate) struct TraceArgs {
+    /// Export the spans of sampled sends (send, upstream, sequence, durable, route, deliver)
+    /// over OTLP/HTTP with JSON to this collector, http://host[:4318][/prefix]: the host's
+    /// OpenTelemetry Collector, which forwards them with TLS.
+    #[arg(long, env = "IM_OTLP_ENDPOINT")]
+    pub(crate) otlp_endpoint: Option<String>,
+    /// The share of sends traced, 0 to 1. Decided by the gateway that takes the send; logic
+    /// follows the record's flag, so only the gateways' setting matters.
+    #[arg(long, env = "IM_OTLP_SAMPLE_RATIO", default_value_t = 0.01)]
+    pub(crate) otlp_sample_ratio: f64,
+}
+
+impl TraceArgs {
+    /// Installs the exporter when an endpoint is given.
+    pub(crate) fn install(&self, service: &str, instance: &str) -> Result<(), String> {
+        let Some(endpoint) = &self.otlp_endpoint else {
+            return Ok(());
+        };
+        im_telemetry::install(im_telemetry::Config {
+            endpoint: endpoint.clone(),
+            service: service.into(),
+            instance: instance.into(),
+            sample_ratio: self.otlp_sample_ratio,
+        })
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct PersistArgs {
     #[command(flatten)]
@@ -198,6 +227,8 @@ pub(crate) struct PersistArgs {
 
 #[derive(Args)]
 pub(crate) struct LogicArgs {
+    #[command(flatten)]
+    pub(crate) trace: TraceArgs,
     #[command(flatten)]
     pub(crate) api: ApiArgs,
     #[command(flatten)]
@@ -310,6 +341,8 @@ pub(crate) struct PipelineArgs {
 #[derive(Args, Clone)]
 pub(crate) struct StandaloneArgs {
     #[command(flatten)]
+    pub(crate) trace: TraceArgs,
+    #[command(flatten)]
     pub(crate) gateway: GatewayArgs,
     #[command(flatten)]
     pub(crate) api: ApiArgs,
@@ -343,6 +376,8 @@ pub(crate) struct StandaloneArgs {
 
 #[derive(Args)]
 pub(crate) struct GatewayCmdArgs {
+    #[command(flatten)]
+    pub(crate) trace: TraceArgs,
     #[command(flatten)]
     pub(crate) gateway: GatewayArgs,
     #[command(flatten)]

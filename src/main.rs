@@ -67,6 +67,8 @@ fn main() -> ExitCode {
             println!("IM_WEB_PUSH_VAPID_PRIVATE_KEY={private}");
         }),
     };
+    // The spans of the last moments (a no-op when tracing is off).
+    im_telemetry::flush(Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -110,6 +112,7 @@ fn gateway(a: GatewayCmdArgs) -> Result<(), String> {
         }
         at
     });
+    a.trace.install("im-gateway", &core.gateway_id)?;
     let cfg = im_gateway::Config {
         core,
         distributed: a.pipeline.distributed(a.public_ws_url.clone()),
@@ -121,6 +124,7 @@ fn gateway(a: GatewayCmdArgs) -> Result<(), String> {
 fn logic(a: LogicArgs) -> Result<(), String> {
     let signals = Signals::block();
     let cfg = a.config()?;
+    a.trace.install("im-logic", &cfg.holder)?;
     let rt = runtime("im-logic", None)?;
     let result = signals.run_until_signal(|shutdown| rt.block_on(logic::run(cfg, shutdown)));
     rt.shutdown_timeout(RUNTIME_STOP);

@@ -49,6 +49,7 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
         None => secret(&a.data_dir)?,
     };
     let mut gw = a.gateway.config(secret.clone().into_bytes(), None, 1);
+    a.trace.install("im", &gw.gateway_id)?;
     gw.presence_refresh_ms = PRESENCE_REFRESH_MS;
     gw.token_lifetime_max_s = a.tokens.token_lifetime_max_s;
     // One address for the whole process's metrics: the gateway's listener renders logic's
@@ -106,6 +107,7 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
         out.push_str(&persist::render_metrics(&persist_stats));
         if elsewhere {
             stage_stats.render(out);
+            im_telemetry::render(out);
         }
     });
     let gateway = match im_gateway::start(gw, routing, Some(metrics)) {

@@ -70,6 +70,7 @@ pub(crate) async fn redis_ping(client: &redis::Client) -> Result<(), String> {
     }
 }
 
+pub use im_shared::trace::TraceParent;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -86,6 +87,8 @@ pub struct Record {
     /// When the record was produced (Kafka's CreateTime, set by the producer; the memory
     /// bus's append time), Unix ms: consumers export how old records are when they arrive.
     pub timestamp_ms: Option<i64>,
+    /// The record's `traceparent` header, when its producer traced it (a sampled message).
+    pub trace: Option<TraceParent>,
 }
 
 /// A record that will never be durable: why, and the record itself (so a caller need not
@@ -125,6 +128,19 @@ pub enum Start {
 pub trait Producer: Send + Sync {
     /// Queues a record for `topic`: to `partition` when given, else to the partition of
     /// `key` (records with one key stay in order). `done`, when given, hears the outcome.
+    /// `trace` goes with it as its `traceparent` header (Kafka record headers; the memory
+    /// bus keeps it beside the payload).
+    fn send_traced(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        payload: &[u8],
+        trace: Option<&TraceParent>,
+        done: Option<Done>,
+    ) -> Result<(), SendError>;
+
+    /// `send_traced` with no trace: what every untraced record takes.
     fn send(
         &self,
         topic: &str,
@@ -132,7 +148,9 @@ pub trait Producer: Send + Sync {
         key: &str,
         payload: &[u8],
         done: Option<Done>,
-    ) -> Result<(), SendError>;
+    ) -> Result<(), SendError> {
+        self.send_traced(topic, partition, key, payload, None, done)
+    }
 
     /// Records queued and not yet acknowledged or failed.
     fn in_flight(&self) -> usize;

@@ -196,7 +196,10 @@ pub fn run(mut cfg: Config, mut shutdown: impl Shutdown) -> Result<(), String> {
         _ => None,
     };
     let window_s = cfg.core.drain_window_ms as f64 / 1000.0;
-    let running = start(cfg.core, routing, None);
+    // The exporter's counters (the `im gateway` process's own; standalone's logic serves
+    // them).
+    let tracing: MetricsHook = Arc::new(im_telemetry::render);
+    let running = start(cfg.core, routing, Some(tracing));
     if let Ok(running) = &running {
         log::info!("gateway on ws://{}/ws", running.local_addr());
     }

@@ -1,7 +1,7 @@
 //! What every IM process agrees on: the client protocol (docs/PROTOCOL.md), HS256 tokens and
 //! the one rule for how long a token (or its revocation) lasts, Snowflake ids, conversation
-//! ids, error codes, the Kafka record schema, the presence key format, and the Prometheus
-//! text writer every `/metrics` uses.
+//! ids, error codes, the Kafka record schema, the presence key format, the W3C trace context
+//! records carry, and the Prometheus text writer every `/metrics` uses.
 //!
 //! This crate does no I/O. Dependencies point inward to it, never sideways between services.
 
@@ -13,6 +13,7 @@ pub mod presence;
 pub mod protocol;
 pub mod records;
 pub mod snowflake;
+pub mod trace;
 
 pub use conv::Conv;
 pub use error::ErrorCode;

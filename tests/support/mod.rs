@@ -508,6 +508,9 @@ impl PrivateRedis {
     }
 }
 
+/// No extra arguments for the gateways or logic.
+const NO_ARGS: (&[&str], &[&str]) = (&[], &[]);
+
 impl Cluster {
     pub fn start(test: &str, redis_index: u32, gateways: usize) -> Cluster {
         let redis = fresh_redis(redis_index);
@@ -521,7 +524,20 @@ impl Cluster {
         gateways: usize,
         args: &[&str],
     ) -> Cluster {
+        Self::start_with_args(test, redis_index, gateways, args, &[])
+    }
+
+    /// `start`, with `gateway_args` added to every gateway's command line and `logic_args`
+    /// to logic's.
+    pub fn start_with_args(
+        test: &str,
+        redis_index: u32,
+        gateways: usize,
+        gateway_args: &[&str],
+        logic_args: &[&str],
+    ) -> Cluster {
         let redis = fresh_redis(redis_index);
+        let args = (gateway_args, logic_args);
         Self::start_with_db(scratch(test), test, redis, None, None, gateways, None, args)
     }
 
@@ -530,7 +546,16 @@ impl Cluster {
         let dir = scratch(test);
         let server = PrivateMysql::start(&dir);
         let redis = fresh_redis(redis_index);
-        Self::start_with_db(dir, test, redis, None, Some(server), gateways, None, &[])
+        Self::start_with_db(
+            dir,
+            test,
+            redis,
+            None,
+            Some(server),
+            gateways,
+            None,
+            NO_ARGS,
+        )
     }
 
     /// A deployment with a Redis of its own, which the test may kill.
@@ -543,7 +568,7 @@ impl Cluster {
         let bind = format!("127.0.0.1 {}", Netns::HOST_IP);
         let server = PrivateRedis::start_bound(&dir, free_port(), &bind);
         let redis = format!("redis://{}:{}", Netns::HOST_IP, server.port);
-        Self::start_with_db(dir, test, redis, Some(server), None, 2, Some(ns), &[])
+        Self::start_with_db(dir, test, redis, Some(server), None, 2, Some(ns), NO_ARGS)
     }
 
     pub fn start_with_private_redis(test: &str, gateways: usize) -> Cluster {
@@ -559,7 +584,16 @@ impl Cluster {
         redis_server: Option<PrivateRedis>,
         gateways: usize,
     ) -> Cluster {
-        Self::start_with_db(dir, test, redis, redis_server, None, gateways, None, &[])
+        Self::start_with_db(
+            dir,
+            test,
+            redis,
+            redis_server,
+            None,
+            gateways,
+            None,
+            NO_ARGS,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -571,7 +605,7 @@ impl Cluster {
         mysql_server: Option<PrivateMysql>,
         gateways: usize,
         netns: Option<Netns>,
-        gateway_args: &[&str],
+        (gateway_args, logic_args): (&[&str], &[&str]),
     ) -> Cluster {
         let (broker, brokers) = match &netns {
             Some(_) => broker_at(&dir, free_port(), "0.0.0.0", Netns::HOST_IP),
@@ -579,7 +613,8 @@ impl Cluster {
         };
         let db = fresh_db_on(test, mysql_server.as_ref().map_or(3306, |m| m.port));
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let logic = Self::spawn_logic(&dir, &brokers, &db, &redis, api);
+        let logic =
+            Self::spawn_logic_as(&dir, &brokers, &db, &redis, api, "logic-test", logic_args);
         wait_port(api, "im logic", Duration::from_secs(60));
         let persist = Self::spawn_persist(&dir, &brokers, &db);
         let mut gws = Vec::new();
@@ -635,16 +670,6 @@ impl Cluster {
             mysql_server,
             netns,
         }
-    }
-
-    pub fn spawn_logic(
-        dir: &std::path::Path,
-        brokers: &str,
-        db: &str,
-        redis: &str,
-        api: SocketAddr,
-    ) -> Proc {
-        Self::spawn_logic_as(dir, brokers, db, redis, api, "logic-test", &[])
     }
 
     /// Another logic instance of this deployment (`id`: its logic id and log name).
@@ -1095,6 +1120,15 @@ pub fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<String>) {
 /// port: answers its first request 503, the rest `status`; hands each whole request, bytes,
 /// to the channel. Returns its origin (`http://127.0.0.1:port`).
 pub fn push_receiver(status: &'static str) -> (String, std::sync::mpsc::Receiver<Vec<u8>>) {
+    http_receiver("503 Busy", status)
+}
+
+/// An HTTP receiver on a free local port: answers its first request `first`, the rest
+/// `status`; hands each whole request, bytes, to the channel. Returns its origin.
+pub fn http_receiver(
+    first: &'static str,
+    status: &'static str,
+) -> (String, std::sync::mpsc::Receiver<Vec<u8>>) {
     use std::io::{Read, Write};
     let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", hook.local_addr().unwrap());
@@ -1124,7 +1158,7 @@ pub fn push_receiver(status: &'static str) -> (String, std::sync::mpsc::Receiver
                     break;
                 }
             }
-            let status = if i == 0 { "503 Busy" } else { status };
+            let status = if i == 0 { first } else { status };
             let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
             let _ = s.write_all(answer.as_bytes());
             if tx.send(req).is_err() {

@@ -5,13 +5,16 @@ mod config;
 
 pub use config::{KafkaConfig, CONFIG_ENV};
 
-use crate::{BoxFuture, Bus, Consumer, Done, Producer, Rebalance, Record, SendError, Start};
+use crate::{
+    BoxFuture, Bus, Consumer, Done, Producer, Rebalance, Record, SendError, Start, TraceParent,
+};
+use im_shared::trace;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance as KRebalance,
     StreamConsumer,
 };
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedHeaders, Header, Headers as _, Message, OwnedHeaders};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
@@ -60,12 +63,13 @@ struct KafkaProducer {
 }
 
 impl Producer for KafkaProducer {
-    fn send(
+    fn send_traced(
         &self,
         topic: &str,
         partition: Option<i32>,
         key: &str,
         payload: &[u8],
+        trace: Option<&TraceParent>,
         done: Option<Done>,
     ) -> Result<(), SendError> {
         let mut rec = BaseRecord::with_opaque_to(topic, Box::new(done))
@@ -73,6 +77,14 @@ impl Producer for KafkaProducer {
             .payload(payload);
         if let Some(p) = partition {
             rec = rec.partition(p);
+        }
+        // Only a traced record carries headers (an allocation librdkafka makes for it).
+        if let Some(t) = trace {
+            let value = t.encode();
+            rec = rec.headers(OwnedHeaders::new_with_capacity(1).insert(Header {
+                key: trace::HEADER,
+                value: Some(&value[..]),
+            }));
         }
         self.inner
             .send(rec)
@@ -153,6 +165,13 @@ fn generation_of<C: ClientContext>(client: &rdkafka::client::Client<C>) -> i32 {
     }
 }
 
+/// The `traceparent` header among a record's headers, if valid.
+fn trace_of(h: &BorrowedHeaders) -> Option<TraceParent> {
+    h.iter()
+        .find(|h| h.key == trace::HEADER)
+        .and_then(|h| TraceParent::parse(h.value?))
+}
+
 struct KafkaConsumer {
     inner: StreamConsumer<GroupContext>,
     topic: String,
@@ -171,6 +190,7 @@ impl Consumer for KafkaConsumer {
                 offset: m.offset(),
                 payload: m.payload().unwrap_or_default().to_vec(),
                 timestamp_ms: m.timestamp().to_millis(),
+                trace: m.headers().and_then(trace_of),
             })
         })
     }

@@ -17,7 +17,9 @@
 //!
 //! One mutex guards the whole bus; it is never held across an await or while calling back.
 
-use crate::{BoxFuture, Bus, Consumer, Done, Producer, Rebalance, Record, SendError, Start};
+use crate::{
+    BoxFuture, Bus, Consumer, Done, Producer, Rebalance, Record, SendError, Start, TraceParent,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -54,12 +56,19 @@ struct Topic {
     appended: Arc<Notify>,
 }
 
+/// One record as held: when it was appended (Unix ms, as Kafka's CreateTime), its trace
+/// context (boxed: most records have none, and this keeps an entry at 32 bytes), its payload.
+struct Entry {
+    ts: i64,
+    trace: Option<Box<TraceParent>>,
+    payload: Arc<[u8]>,
+}
+
 #[derive(Default)]
 struct Part {
     /// Offset of `records[0]`.
     base: i64,
-    /// Each record, with when it was appended (Unix ms, as Kafka's CreateTime).
-    records: VecDeque<(i64, Arc<[u8]>)>,
+    records: VecDeque<Entry>,
     bytes: usize,
     /// Acknowledgements waiting for the ack group's commit, in offset order.
     acks: VecDeque<(i64, Done)>,
@@ -73,8 +82,8 @@ impl Part {
     }
 
     fn drop_oldest(&mut self) {
-        if let Some((_, r)) = self.records.pop_front() {
-            self.bytes -= r.len();
+        if let Some(e) = self.records.pop_front() {
+            self.bytes -= e.payload.len();
             self.base += 1;
         }
     }
@@ -83,7 +92,7 @@ impl Part {
         !self.records.is_empty() && self.bytes + len > bytes_max
     }
 
-    fn get(&self, offset: i64) -> Option<&(i64, Arc<[u8]>)> {
+    fn get(&self, offset: i64) -> Option<&Entry> {
         if offset < self.base {
             return None;
         }
@@ -185,12 +194,13 @@ struct MemoryProducer {
 }
 
 impl Producer for MemoryProducer {
-    fn send(
+    fn send_traced(
         &self,
         topic: &str,
         partition: Option<i32>,
         key: &str,
         payload: &[u8],
+        trace: Option<&TraceParent>,
         done: Option<Done>,
     ) -> Result<(), SendError> {
         let mut st = self.inner.lock();
@@ -218,8 +228,11 @@ impl Producer for MemoryProducer {
             part.drop_oldest();
         }
         let offset = part.end();
-        part.records
-            .push_back((im_shared::unix_ms() as i64, payload.into()));
+        part.records.push_back(Entry {
+            ts: im_shared::unix_ms() as i64,
+            trace: trace.map(|t| Box::new(*t)),
+            payload: payload.into(),
+        });
         part.bytes += payload.len();
         let ack_now = match (done, t.ack_group.is_some()) {
             (Some(done), true) => {
@@ -285,12 +298,13 @@ impl MemoryConsumer {
             let part = &mut t.parts[p];
             // Skipped past by trimming (a partition consumer that started before the base).
             let pos = pos.max(part.base);
-            if let Some((ts, r)) = part.get(pos) {
+            if let Some(e) = part.get(pos) {
                 let rec = Record {
                     partition: p as i32,
                     offset: pos,
-                    payload: r.to_vec(),
-                    timestamp_ms: Some(*ts),
+                    payload: e.payload.to_vec(),
+                    timestamp_ms: Some(e.ts),
+                    trace: e.trace.as_deref().copied(),
                 };
                 self.positions[k].1 = pos + 1;
                 if let Some(id) = self.reader {

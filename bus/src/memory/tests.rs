@@ -171,3 +171,24 @@ fn a_partition_consumer_starts_where_told_and_wakes_on_appends() {
         assert!(p.send("nope", None, "", b"", None).is_err());
     });
 }
+
+#[test]
+fn a_trace_context_travels_with_its_record_only() {
+    rt().block_on(async {
+        let bus = MemoryBus::new(1, 1 << 20);
+        bus.ensure_topics(&[("t", 1)]).await.unwrap();
+        let p = bus.producer(0, 0).unwrap();
+        let t = TraceParent::sampled([7; 16], [9; 8]).unwrap();
+        p.send_traced("t", None, "k", b"traced", Some(&t), None)
+            .unwrap();
+        p.send("t", None, "k", b"plain", None).unwrap();
+        let mut c = bus
+            .partition_consumer("t", &[(0, Start::Offset(0))])
+            .await
+            .unwrap();
+        let (a, b) = (next(&mut c).await, next(&mut c).await);
+        assert_eq!((a.payload.as_slice(), a.trace), (&b"traced"[..], Some(t)));
+        assert_eq!((b.payload.as_slice(), b.trace), (&b"plain"[..], None));
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    });
+}

@@ -1,6 +1,7 @@
 //! The down thread: this gateway's downstream topic → the shard rings.
 
 use super::order::{LiveOrder, CAP};
+use super::trace::{self, Roots};
 use super::{frame, BridgeStats};
 use gateway_core::arena::Frame;
 use gateway_core::bridge::DownEnd;
@@ -26,6 +27,7 @@ pub(super) fn run(
     down: Arc<Mutex<DownEnd>>,
     stop: Arc<AtomicBool>,
     stats: Arc<BridgeStats>,
+    roots: Arc<Roots>,
 ) {
     let mut order = LiveOrder::new(CAP);
     while !stop.load(Ordering::Acquire) {
@@ -49,12 +51,19 @@ pub(super) fn run(
             stats.downstream_age.observe(age);
         }
         match records::Downstream::from_bytes(&m.payload) {
-            Ok(rec) => dispatch(
-                rec,
-                &mut down.lock().expect("not poisoned"),
-                &mut order,
-                &stats,
-            ),
+            Ok(rec) => {
+                // Held while the record goes to the shard rings.
+                let _span = match &m.trace {
+                    Some(t) if im_telemetry::on() => Some(traced(&rec, t, &roots)),
+                    _ => None,
+                };
+                dispatch(
+                    rec,
+                    &mut down.lock().expect("not poisoned"),
+                    &mut order,
+                    &stats,
+                )
+            }
             Err(e) => {
                 stats
                     .downstream_bad_records_total
@@ -65,6 +74,23 @@ pub(super) fn run(
                 );
             }
         }
+    }
+}
+
+/// A traced record: its `im.deliver` span, and the end of its trace's root if it answers a
+/// send this gateway started.
+fn traced(
+    rec: &records::Downstream,
+    t: &im_shared::trace::TraceParent,
+    roots: &Roots,
+) -> tracing::Span {
+    match &rec.body {
+        Some(DownstreamBody::Deliver(d)) => trace::deliver(t, "deliver", d.users.len()),
+        Some(DownstreamBody::Reply(r)) => {
+            roots.answered(t, r.json.starts_with(br#"{"type":"error""#));
+            trace::deliver(t, "reply", 1)
+        }
+        _ => trace::deliver(t, "other", 0),
     }
 }
 

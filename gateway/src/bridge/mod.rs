@@ -14,11 +14,14 @@
 //!   is one ring entry per shard, not one per member); a `Reply` goes to the connection's
 //!   shard. It records how old each record is (`im_bridge_downstream_age_milliseconds`), and
 //!   drops a `msg` that would take its conversation backwards (`order.rs`).
+//! - **trace** (`trace.rs`) — where a sampled send's trace starts and ends (README.md,
+//!   "Tracing"); nothing when tracing is off.
 //! - **presence** (`crate::presence`) — writes the changes in batches to a `Presence` (Redis,
 //!   or the process's memory in standalone).
 
 mod down;
 mod order;
+mod trace;
 mod up;
 
 use crate::presence;
@@ -187,9 +190,10 @@ pub fn start(
     let mut threads = vec![spawn("im-presence", move || {
         presence::run_writer(presence, &gw, presence_rx, events)
     })?];
-    let (d, s, st) = (down.clone(), stop.clone(), stats.clone());
+    let roots = Arc::new(trace::Roots::new(&cfg.gateway_id));
+    let (d, s, st, r) = (down.clone(), stop.clone(), stats.clone(), roots.clone());
     threads.push(spawn("im-bridge-down", move || {
-        down::run(rt, consumer, d, s, st)
+        down::run(rt, consumer, d, s, st, r)
     })?);
     let up = up::Up::new(
         producer,
@@ -197,6 +201,7 @@ pub fn start(
         down,
         presence_tx,
         cfg.produce_timeout_ms.max(1),
+        roots,
     );
     let s = stop.clone();
     threads.push(spawn("im-bridge-up", move || up.run(up_end, s))?);

@@ -1,6 +1,7 @@
 //! The up thread: drains the shards' rings, produces `im.upstream` records, forwards
 //! presence changes, and answers the senders of records the bus refused or lost.
 
+use super::trace::Roots;
 use super::{frame, BridgeStats};
 use gateway_core::bridge::{DownEnd, UpEnd};
 use gateway_core::msg::{conn_ref, conn_token, ConnRef, ShardMsg, UpMsg};
@@ -37,6 +38,8 @@ struct InFlight {
     due: Instant,
     /// Kept (not copied: the bus copied it) to find the `cid` if its sender is answered.
     payload: Box<[u8]>,
+    /// The trace of a sampled send (`trace.rs`), ended if the bridge answers it.
+    trace: Option<[u8; 16]>,
 }
 
 pub(super) struct Up {
@@ -56,6 +59,7 @@ pub(super) struct Up {
     timeout: Duration,
     /// The clock, read once per turn.
     now: Instant,
+    roots: Arc<Roots>,
 }
 
 impl Up {
@@ -65,6 +69,7 @@ impl Up {
         down: Arc<Mutex<DownEnd>>,
         presence: mpsc::Sender<Change>,
         produce_timeout_ms: u32,
+        roots: Arc<Roots>,
     ) -> Up {
         Up {
             producer,
@@ -78,6 +83,7 @@ impl Up {
             settled: Arc::default(),
             timeout: Duration::from_millis(produce_timeout_ms as u64),
             now: Instant::now(),
+            roots,
         }
     }
 
@@ -157,10 +163,26 @@ impl Up {
         let _ = write!(self.key, "{conv}");
         let conn = conn_token(conn);
         let no = self.first + self.in_flight.len() as u64;
-        let done = self.done(no);
-        let sent = self
-            .producer
-            .send(topics::UPSTREAM, None, &self.key, &payload, Some(done));
+        let started = if im_telemetry::sample() {
+            let cid = cid_of(&payload).unwrap_or_default();
+            self.roots.start(&self.key, &cid, self.now)
+        } else {
+            None
+        };
+        let (span, trace) = match started {
+            Some(s) => (Some(s.upstream), Some(s.context)),
+            None => (None, None),
+        };
+        let done = self.done(no, span);
+        let sent = self.producer.send_traced(
+            topics::UPSTREAM,
+            None,
+            &self.key,
+            &payload,
+            trace.as_ref(),
+            Some(done),
+        );
+        let trace = trace.map(|t| t.trace_id);
         if let Err(e) = sent {
             self.stats
                 .produce_refused_total
@@ -171,11 +193,18 @@ impl Up {
             };
             // Its number is not taken: `done` is never called for a refused record.
             self.refusals.push((conn, cid_of(&payload), code));
+            if let Some(t) = &trace {
+                self.roots.refused(t);
+            }
             return;
         }
         let due = self.now + self.timeout;
-        self.in_flight
-            .push_back(Some(InFlight { conn, due, payload }));
+        self.in_flight.push_back(Some(InFlight {
+            conn,
+            due,
+            payload,
+            trace,
+        }));
     }
 
     /// Takes the outcomes the bus reported: a failed record's sender is answered 5032 now.
@@ -194,6 +223,9 @@ impl Up {
             if !delivered {
                 let cid = cid_of(&f.payload);
                 self.refusals.push((f.conn, cid, ErrorCode::DependencyDown));
+                if let Some(t) = &f.trace {
+                    self.roots.refused(t);
+                }
             }
         }
         while let Some(front) = self.in_flight.front_mut() {
@@ -206,6 +238,9 @@ impl Up {
                         .fetch_add(1, Ordering::Relaxed);
                     let cid = cid_of(&f.payload);
                     self.refusals.push((f.conn, cid, ErrorCode::DependencyDown));
+                    if let Some(t) = &f.trace {
+                        self.roots.refused(t);
+                    }
                 }
                 None => {}
             }
@@ -214,10 +249,15 @@ impl Up {
         }
     }
 
-    /// The callback that counts a record's outcome and reports it to `settle`.
-    fn done(&self, no: u64) -> Done {
+    /// The callback that counts a record's outcome and reports it to `settle`, and ends
+    /// the record's `im.upstream` span if it has one.
+    fn done(&self, no: u64, span: Option<tracing::Span>) -> Done {
         let (stats, settled) = (self.stats.clone(), self.settled.clone());
         Box::new(move |r: Result<(), Undelivered<'_>>| {
+            if let (Some(span), Err(_)) = (&span, &r) {
+                span.record("otel.status_code", "error");
+            }
+            drop(span);
             let delivered = match r {
                 Ok(()) => {
                     stats.produced_total.fetch_add(1, Ordering::Relaxed);

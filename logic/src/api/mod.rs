@@ -128,6 +128,7 @@ async fn metrics(axum::extract::State(st): axum::extract::State<State>) -> Respo
     if let Some(p) = &st.pipeline {
         p.stats.render(&mut out);
     }
+    im_telemetry::render(&mut out);
     ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], out).into_response()
 }
 

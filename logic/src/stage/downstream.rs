@@ -4,7 +4,7 @@
 
 use super::state::Ack;
 use super::StageStats;
-use im_bus::Producer;
+use im_bus::{Producer, TraceParent};
 use im_shared::metrics::count_rarely;
 use im_shared::protocol;
 use im_shared::records::{self, topics, DownstreamBody, Versioned};
@@ -31,6 +31,17 @@ impl Downstream {
 
     /// Queues one record for `gateway`'s topic, keyed by `key`.
     pub(crate) fn send(&self, gateway: &str, key: &str, body: DownstreamBody) {
+        self.send_traced(gateway, key, body, None)
+    }
+
+    /// `send`, the record carrying `trace` (a traced message's route or answer).
+    pub(crate) fn send_traced(
+        &self,
+        gateway: &str,
+        key: &str,
+        body: DownstreamBody,
+        trace: Option<&TraceParent>,
+    ) {
         let rec = records::Downstream {
             version: records::VERSION,
             body: Some(body),
@@ -53,7 +64,7 @@ impl Downstream {
         });
         match self
             .producer
-            .send(&topic, None, key, &rec.to_bytes(), Some(done))
+            .send_traced(&topic, None, key, &rec.to_bytes(), trace, Some(done))
         {
             Ok(()) => {
                 self.stats.deliveries_total.fetch_add(1, Ordering::Relaxed);
@@ -64,6 +75,10 @@ impl Downstream {
 
     /// Sends one client frame (JSON) to the connection that made `up`.
     pub(crate) fn reply(&self, up: &records::Upstream, json: Vec<u8>) {
+        self.reply_traced(up, json, None)
+    }
+
+    fn reply_traced(&self, up: &records::Upstream, json: Vec<u8>, trace: Option<&TraceParent>) {
         if up.reply_to.is_empty() || up.conn == 0 {
             return;
         }
@@ -72,16 +87,23 @@ impl Downstream {
             conn: up.conn,
             json,
         });
-        self.send(&up.reply_to, &key, body);
+        self.send_traced(&up.reply_to, &key, body, trace);
     }
 
-    pub(crate) fn reply_sent(&self, up: &records::Upstream, cid: &str, ack: &Ack) {
+    /// `sent` for a message; `trace` when its send was traced.
+    pub(crate) fn reply_sent(
+        &self,
+        up: &records::Upstream,
+        cid: &str,
+        ack: &Ack,
+        trace: Option<&TraceParent>,
+    ) {
         let Some(conv) = Conv::parse(&ack.conv) else {
             return;
         };
         let mut json = Vec::with_capacity(160);
         protocol::encode_sent(cid, ack.id, conv, ack.seq, ack.ts, &mut json);
-        self.reply(up, json);
+        self.reply_traced(up, json, trace);
     }
 
     pub(crate) fn reply_error(
@@ -91,9 +113,21 @@ impl Downstream {
         msg: &str,
         cid: Option<&str>,
     ) {
+        self.reply_error_traced(up, code, msg, cid, None)
+    }
+
+    /// `error` for a send whose trace is `trace`.
+    pub(crate) fn reply_error_traced(
+        &self,
+        up: &records::Upstream,
+        code: ErrorCode,
+        msg: &str,
+        cid: Option<&str>,
+        trace: Option<&TraceParent>,
+    ) {
         let mut json = Vec::with_capacity(160);
         protocol::encode_error(code, msg, cid, &mut json);
-        self.reply(up, json);
+        self.reply_traced(up, json, trace);
     }
 }
 
@@ -109,12 +143,13 @@ mod tests {
     }
 
     impl Producer for Broker {
-        fn send(
+        fn send_traced(
             &self,
             _topic: &str,
             _partition: Option<i32>,
             _key: &str,
             payload: &[u8],
+            _trace: Option<&TraceParent>,
             done: Option<Done>,
         ) -> Result<(), SendError> {
             let done = done.expect("downstream records are followed");

@@ -42,13 +42,14 @@ mod route;
 pub mod sequencer;
 pub mod state;
 mod stats;
+mod trace;
 pub(crate) mod typing;
 
 use crate::push::Pusher;
 use answers::Answers;
 use downstream::Downstream;
 use im_bus::presence::Presence;
-use im_bus::{Bus, Consumer, Producer, Rebalance, Record, SendError};
+use im_bus::{Bus, Consumer, Producer, Rebalance, Record, SendError, TraceParent};
 use im_shared::records::{self, groups, topics, Stored, UpstreamBody, Versioned};
 use im_shared::snowflake::WorkerLease;
 use im_shared::{Conv, ErrorCode};
@@ -250,6 +251,9 @@ struct Produced {
     decisions: Vec<(Decision, Admitted)>,
     /// The upstream offsets its answers make committable.
     offsets: Vec<(i32, i64)>,
+    /// Beside `decisions`, the `im.sequence` context of each traced send (empty when no
+    /// send of the batch is traced).
+    traces: Vec<Option<TraceParent>>,
 }
 
 /// Adds to a started batch what is already there, or arrives within the batch wait (none by
@@ -352,6 +356,8 @@ impl Stage {
         let taken = std::time::Instant::now();
         let unix_ms = im_shared::unix_ms() as i64;
         let mut sends: Vec<Admitted> = Vec::new();
+        // `im.sequence` of each traced send, beside `sends` (trace.rs).
+        let mut spans: Vec<Option<tracing::Span>> = Vec::new();
         for m in batch {
             if let Some(ts) = m.timestamp_ms {
                 let age = unix_ms.saturating_sub(ts).max(0) as u64;
@@ -381,18 +387,27 @@ impl Stage {
                 }
             };
             match up.body.clone() {
-                Some(UpstreamBody::Send(send)) => match self.admit(up.user, &send).await {
-                    Ok(conv) => sends.push(Admitted {
-                        up,
-                        send,
-                        conv,
-                        partition: p,
-                    }),
-                    Err((code, msg)) => {
-                        self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
-                        self.down.reply_error(&up, code, msg, Some(&send.cid));
+                Some(UpstreamBody::Send(send)) => {
+                    let span = m.trace.as_ref().and_then(trace::sequence);
+                    match self.admit(up.user, &send).await {
+                        Ok(conv) => {
+                            sends.push(Admitted {
+                                up,
+                                send,
+                                conv,
+                                partition: p,
+                            });
+                            spans.push(span);
+                        }
+                        Err((code, msg)) => {
+                            self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
+                            let t = span.as_ref().and_then(trace::refused);
+                            let cid = Some(send.cid.as_str());
+                            self.down
+                                .reply_error_traced(&up, code, msg, cid, t.as_ref());
+                        }
                     }
-                },
+                }
                 Some(UpstreamBody::Sync(s)) => {
                     let last = self.seq.last_seq(p, &s.conv).unwrap_or(0);
                     self.answers.sync(&up, s, last)
@@ -419,21 +434,29 @@ impl Stage {
             .collect();
         // Registered before producing: an outcome can only name a batch the pipeline knows.
         let now = std::time::Instant::now();
+        let traces = trace::contexts(&spans, &decisions);
         let batch = Produced {
             taken,
             produced: now,
             decisions,
             offsets,
+            traces,
         };
         let no = pipe.push(batch, produced);
-        let Some(Produced { decisions, .. }) = pipe.get(no) else {
+        let Some(Produced {
+            decisions, traces, ..
+        }) = pipe.get(no)
+        else {
             return Ok(());
         };
         for (i, (d, s)) in decisions.iter().enumerate() {
             if let Decision::Assigned(rec) = d {
-                self.produce_log(rec, s.partition, (no, i), acks).await?;
+                let t = traces.get(i).copied().flatten();
+                self.produce_log(rec, s.partition, (no, i), t, acks).await?;
             }
         }
+        // The sequence spans end here, once their messages are handed to the producer.
+        drop(spans);
         let t = taken.elapsed().as_micros() as u64;
         self.stats
             .sequencing_us_total
@@ -463,9 +486,13 @@ impl Stage {
                     "logic: producing to {} failed ({why}); attempt {attempt}",
                     topics::MESSAGES
                 );
-                match pipe.get(no).map(|b| &b.decisions[i]) {
-                    Some((Decision::Assigned(rec), s)) => {
-                        self.produce_log(rec, s.partition, (no, i), acks).await
+                let Some(b) = pipe.get(no) else {
+                    return Ok(());
+                };
+                let t = b.traces.get(i).copied().flatten();
+                match &b.decisions[i] {
+                    (Decision::Assigned(rec), s) => {
+                        self.produce_log(rec, s.partition, (no, i), t, acks).await
                     }
                     _ => Ok(()),
                 }
@@ -559,44 +586,62 @@ impl Stage {
     }
 
     /// Once durable: `sent` to each sender (retries first, as before the batch's new
-    /// messages), and the new messages routed to their recipients' gateways.
-    async fn answer(&self, decisions: &[(Decision, Admitted)]) {
+    /// messages), and the new messages routed to their recipients' gateways. `traces` is
+    /// the batch's (`Produced::traces`).
+    async fn answer(&self, decisions: &[(Decision, Admitted)], traces: &[Option<TraceParent>]) {
         let mut fresh: Vec<(&Stored, &Admitted)> = Vec::new();
-        for (d, s) in decisions {
+        // `im.route` of each traced new message, beside `fresh`: what its records carry.
+        let mut routes: Vec<Option<tracing::Span>> = Vec::new();
+        for (i, (d, s)) in decisions.iter().enumerate() {
+            let t = traces.get(i).copied().flatten();
             match d {
                 Decision::RetryOf(ack) => {
                     self.stats.retries_total.fetch_add(1, Ordering::Relaxed);
-                    self.down.reply_sent(&s.up, &s.send.cid, ack);
+                    self.down.reply_sent(&s.up, &s.send.cid, ack, t.as_ref());
                 }
-                Decision::Assigned(rec) => fresh.push((rec, s)),
+                Decision::Assigned(rec) => {
+                    fresh.push((rec, s));
+                    routes.push(t.as_ref().and_then(|t| trace::route(t, rec)));
+                }
                 Decision::Refused(code, msg) => {
                     self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
-                    self.down.reply_error(&s.up, *code, msg, Some(&s.send.cid));
+                    let cid = Some(s.send.cid.as_str());
+                    self.down
+                        .reply_error_traced(&s.up, *code, msg, cid, t.as_ref());
                 }
             }
         }
         self.stats
             .messages_total
             .fetch_add(fresh.len() as u64, Ordering::Relaxed);
-        self.route(&fresh).await;
-        for (rec, s) in fresh {
+        let route_traces: Vec<Option<TraceParent>> = routes
+            .iter()
+            .map(|s| s.as_ref().and_then(im_telemetry::context))
+            .collect();
+        self.route(&fresh, &route_traces).await;
+        for ((rec, s), t) in fresh.into_iter().zip(&route_traces) {
             let ack = Ack {
                 id: rec.id,
                 conv: rec.conv.clone(),
                 seq: rec.seq,
                 ts: rec.ts,
             };
-            self.down.reply_sent(&s.up, &rec.cid, &ack);
+            self.down.reply_sent(&s.up, &rec.cid, &ack, t.as_ref());
         }
+        // The route spans end once the records are queued for the gateways.
+        drop(routes);
     }
 
     /// Queues a message for `im.messages`, in the partition its request came from; its
     /// outcome arrives on `acks` tagged with `at` (batch, index).
+    /// `trace` is the message's `im.sequence` context when its send is traced: the produce
+    /// is then `im.durable`, ended by the acknowledgement.
     async fn produce_log(
         &self,
         rec: &Stored,
         partition: i32,
         at: (BatchNo, usize),
+        trace: Option<TraceParent>,
         acks: &mpsc::UnboundedSender<Acked>,
     ) -> Result<(), String> {
         let payload = rec.to_bytes();
@@ -605,16 +650,25 @@ impl Stage {
             let topic = topics::MESSAGES;
             let tx = acks.clone();
             let (sent, stats) = (std::time::Instant::now(), self.stats.clone());
+            let span = trace.as_ref().and_then(|t| trace::durable(t, partition));
+            let context = span.as_ref().and_then(im_telemetry::context);
             let done: im_bus::Done = Box::new(move |r: Result<(), im_bus::Undelivered<'_>>| {
                 if r.is_ok() {
                     stats.ack_time.observe(sent.elapsed().as_millis() as u64);
+                } else if let Some(span) = &span {
+                    span.record("otel.status_code", "error");
                 }
+                drop(span);
                 let _ = tx.send((at.0, at.1, r.map_err(|(why, _)| why)));
             });
-            match self
-                .log
-                .send(topic, Some(partition), key, &payload, Some(done))
-            {
+            match self.log.send_traced(
+                topic,
+                Some(partition),
+                key,
+                &payload,
+                context.as_ref(),
+                Some(done),
+            ) {
                 Ok(()) => return Ok(()),
                 // The queue is full: the bus is slow or down; wait for room.
                 Err(SendError::QueueFull) => tokio::time::sleep(QUEUE_FULL_PAUSE).await,

@@ -325,12 +325,13 @@ mod tests {
     /// A producer that takes everything and delivers nothing.
     struct Sink;
     impl Producer for Sink {
-        fn send(
+        fn send_traced(
             &self,
             _topic: &str,
             _partition: Option<i32>,
             _key: &str,
             _payload: &[u8],
+            _trace: Option<&im_bus::TraceParent>,
             _done: Option<Done>,
         ) -> Result<(), SendError> {
             Ok(())

@@ -60,7 +60,7 @@ impl Stage {
                 .durable_wait_us_total
                 .fetch_add(waited, Ordering::Relaxed);
             if !b.decisions.is_empty() {
-                self.answer(&b.decisions).await;
+                self.answer(&b.decisions, &b.traces).await;
             }
             let ms = b.taken.elapsed().as_millis() as u64;
             self.stats.batch_time.observe(ms);

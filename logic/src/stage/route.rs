@@ -8,12 +8,18 @@ use crate::push::{Notification, Pusher};
 use im_shared::metrics::count_rarely;
 use im_shared::protocol::{self, Message, Target};
 use im_shared::records::{self, DownstreamBody, Stored};
+use im_shared::trace::TraceParent;
 use im_shared::Conv;
 use std::collections::HashMap;
 
 impl Stage {
-    /// Live delivery: one downstream record per gateway holding any recipient.
-    pub(super) async fn route(&self, fresh: &[(&Stored, &Admitted)]) {
+    /// Live delivery: one downstream record per gateway holding any recipient. `traces`,
+    /// beside `fresh`, is what each message's records carry (its `im.route` span).
+    pub(super) async fn route(
+        &self,
+        fresh: &[(&Stored, &Admitted)],
+        traces: &[Option<TraceParent>],
+    ) {
         let mut recipients: Vec<Vec<u64>> = Vec::with_capacity(fresh.len());
         let mut all: Vec<u64> = Vec::new();
         for (_, s) in fresh {
@@ -43,7 +49,8 @@ impl Stage {
                 return;
             }
         };
-        for ((rec, s), users) in fresh.iter().zip(recipients) {
+        for (i, ((rec, s), users)) in fresh.iter().zip(recipients).enumerate() {
+            let trace = traces.get(i).and_then(Option::as_ref);
             if let Some(p) = &self.pusher {
                 offer_push(p, rec, &users, &online);
             }
@@ -68,7 +75,8 @@ impl Stage {
                     conv: rec.conv.clone(),
                     seq: rec.seq,
                 };
-                self.down.send(gw, &rec.conv, DownstreamBody::Deliver(d));
+                self.down
+                    .send_traced(gw, &rec.conv, DownstreamBody::Deliver(d), trace);
             }
         }
     }
