@@ -7,6 +7,7 @@
 #   usage: benches/p2p-standalone.sh [PAIRS] [RATE] [SECS] [RUN]   (cargo build --release first)
 #   IM_BIN=DIR: take `im` and `im-bench` from DIR (an A/B run against another build).
 #   IM_ARGS="...": more flags for `im standalone` (e.g. "--linger-ms 2 --stage-wait-ms 1").
+#   METRICS_OUT=FILE: keep the server's /metrics as the run ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS="${1:-1000}"
@@ -40,3 +41,6 @@ wait_port 28290
   --secs "$SECS" --user-base "$FIRST" --gateway-pid "$IM" \
   --metrics 127.0.0.1:28280 --metrics 127.0.0.1:28290 \
   --json "$OUT/p2p-standalone-$PAIRS-$RATE-$RUN.json"
+if [ -n "${METRICS_OUT:-}" ]; then
+  { curl -s http://127.0.0.1:28290/metrics; curl -s http://127.0.0.1:28280/metrics; } > "$METRICS_OUT"
+fi

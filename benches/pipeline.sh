@@ -56,6 +56,7 @@ mkdir -p "$WORK/broker"
    --advertised-listener-url tcp://127.0.0.1:29092 --storage-engine sqlite://broker.db >"$WORK/broker.log" 2>&1) &
 PIDS+=($!)
 wait_port 29092
+benches/nisshi-header-index.sh "$WORK/broker/broker.db"
 K=(--kafka-brokers 127.0.0.1:29092)
 ONLY_P2P="${ONLY_P2P:-}"
 RATES="${RATES:-250 500 1000 1500}"

@@ -25,6 +25,7 @@ mkdir -p "$WORK/broker"
    --advertised-listener-url tcp://127.0.0.1:"$BROKER_PORT" --storage-engine sqlite://broker.db >"$WORK/broker.log" 2>&1) &
 PIDS+=($!)
 wait_port "$BROKER_PORT"
+"$(dirname "${BASH_SOURCE[0]}")"/nisshi-header-index.sh "$WORK/broker/broker.db"
 K=(--kafka-brokers 127.0.0.1:"$BROKER_PORT")
 MYSQL="mysql://root@127.0.0.1:3306/$DB"
 (RUST_LOG=warn "$T/im" logic --jwt-secret "$SECRET" --mysql-url "$MYSQL" --redis-url "$REDIS" "${K[@]}" \

@@ -30,6 +30,10 @@ pub struct BrokerProbeArgs {
     pub secs: u64,
     #[arg(long, default_value_t = 5)]
     pub warmup_secs: u64,
+    /// Every record carries a `traceparent` header along the three hops, as a traced
+    /// message's records do (what headers cost the broker).
+    #[arg(long)]
+    pub traceparent: bool,
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
@@ -205,12 +209,15 @@ async fn probe(a: BrokerProbeArgs) -> BrokerProbeResult {
             tokio::spawn(async move {
                 let _slot = slot;
                 let key = m.partition.to_string();
-                if im_bus::send_acked(&*log, &msg, None, &key, &p)
-                    .await
-                    .is_ok()
-                {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let done: im_bus::Done = Box::new(move |r: Result<(), im_bus::Undelivered<'_>>| {
+                    let _ = tx.send(r.is_ok());
+                });
+                let trace = m.trace.as_ref();
+                let queued = log.send_traced(&msg, None, &key, &p, trace, Some(done));
+                if queued.is_ok() && rx.await == Ok(true) {
                     stamp(&mut p, now_us(epoch));
-                    let _ = down_out.send(&down, None, &key, &p, None);
+                    let _ = down_out.send_traced(&down, None, &key, &p, trace, None);
                 }
             });
         }
@@ -237,12 +244,16 @@ async fn probe(a: BrokerProbeArgs) -> BrokerProbeResult {
     let end = from + a.secs * 1_000_000;
     *window.lock().expect("window") = (from, end);
     let interval = Duration::from_secs_f64(1.0 / a.rate.max(0.001));
+    let trace = a
+        .traceparent
+        .then(|| im_bus::TraceParent::sampled([0x11; 16], [0x22; 8]).expect("valid"));
     let mut next = tokio::time::Instant::now();
     let mut k = 0u64;
     while now_us(epoch) < end {
         let mut p = Vec::with_capacity(24);
         stamp(&mut p, now_us(epoch));
-        let _ = up_out.send(&up, None, &(k % 1024).to_string(), &p, None);
+        let key = (k % 1024).to_string();
+        let _ = up_out.send_traced(&up, None, &key, &p, trace.as_ref(), None);
         k += 1;
         next += interval;
         tokio::time::sleep_until(next).await;

@@ -9,6 +9,7 @@ mod drain;
 mod fanout;
 mod gateway;
 mod hold;
+mod otlp_sink;
 mod p2p;
 mod persist_local;
 mod pipeline;
@@ -67,6 +68,9 @@ enum Cmd {
     /// N connections on one gateway, then SIGTERM to it: how long its drain takes to move
     /// every client to another gateway.
     Drain(drain::DrainArgs),
+    /// An OTLP/HTTP collector that counts spans and keeps nothing (tracing's cost, measured
+    /// by benches/tracing.sh).
+    OtlpSink(otlp_sink::OtlpSinkArgs),
     /// Internal: one client process of `drain`.
     #[command(hide = true)]
     DrainWorker(drain::DrainWorkerArgs),
@@ -99,6 +103,12 @@ fn main() {
             write_json(json.as_deref(), &r);
         }
         Cmd::DrainWorker(a) => drain::worker(a),
+        Cmd::OtlpSink(a) => {
+            let json = a.json.clone();
+            let r = otlp_sink::sink(a);
+            otlp_sink::print(&r);
+            write_json(json.as_deref(), &r);
+        }
         Cmd::Hold(a) => {
             let json = a.json.clone();
             let r = hold::hold(a);

@@ -148,9 +148,10 @@ fn threshold(ratio: f64) -> u64 {
     }
 }
 
-/// Whether this process records spans (a record that arrives traced is followed only then).
+/// Whether this thread records spans: a record that arrives traced is followed only then.
+/// (Asked only of traced records: a look at the thread's dispatcher.)
 pub fn on() -> bool {
-    INSTALLED.get().is_some()
+    tracing::dispatcher::get_default(|d| d.is::<Tracer>())
 }
 
 /// Whether to trace the send at hand: off, one relaxed load and a branch.
@@ -261,3 +262,69 @@ pub(crate) fn random_trace_id() -> [u8; 16] {
 
 #[cfg(test)]
 mod tests;
+
+/// For other crates' unit tests: a tracer of their own (install it with
+/// `tracing::dispatcher::with_default`) whose finished spans they read back, no exporter.
+pub mod testing {
+    use super::*;
+
+    /// A finished span, as a test reads it.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct Captured {
+        pub name: &'static str,
+        pub trace_id: [u8; 16],
+        pub span_id: [u8; 8],
+        pub parent: Option<[u8; 8]>,
+        pub error: bool,
+        /// Attributes, values as text.
+        pub attrs: Vec<(&'static str, String)>,
+    }
+
+    impl Captured {
+        pub fn attr(&self, key: &str) -> Option<&str> {
+            self.attrs
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    pub struct Capture(mpsc::Receiver<Msg>);
+
+    impl Capture {
+        /// The spans finished since the last call, in the order they ended.
+        pub fn take(&self) -> Vec<Captured> {
+            let mut out = Vec::new();
+            while let Ok(Msg::Span(s)) = self.0.try_recv() {
+                out.push(Captured {
+                    name: s.name,
+                    trace_id: s.trace_id,
+                    span_id: s.span_id,
+                    parent: s.parent,
+                    error: s.error,
+                    attrs: s
+                        .attrs
+                        .iter()
+                        .map(|(k, v)| {
+                            let v = match v {
+                                Value::Str(s) => s.clone(),
+                                Value::Int(i) => i.to_string(),
+                                Value::Bool(b) => b.to_string(),
+                                Value::F64(f) => f.to_string(),
+                            };
+                            (*k, v)
+                        })
+                        .collect(),
+                });
+            }
+            out
+        }
+    }
+
+    /// A dispatcher recording this crate's spans, and where they land.
+    pub fn capture() -> (tracing::Dispatch, Capture) {
+        let (tx, rx) = mpsc::sync_channel(QUEUE_MAX);
+        let tracer = Tracer::new(tx, Arc::new(Stats::default()));
+        (tracing::Dispatch::new(tracer), Capture(rx))
+    }
+}

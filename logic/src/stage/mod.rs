@@ -590,7 +590,9 @@ impl Stage {
     /// the batch's (`Produced::traces`).
     async fn answer(&self, decisions: &[(Decision, Admitted)], traces: &[Option<TraceParent>]) {
         let mut fresh: Vec<(&Stored, &Admitted)> = Vec::new();
-        // `im.route` of each traced new message, beside `fresh`: what its records carry.
+        // `im.route` of each new message, beside `fresh`, when any send of the batch is
+        // traced (else nothing is allocated): what its records carry.
+        let traced = !traces.is_empty();
         let mut routes: Vec<Option<tracing::Span>> = Vec::new();
         for (i, (d, s)) in decisions.iter().enumerate() {
             let t = traces.get(i).copied().flatten();
@@ -601,7 +603,9 @@ impl Stage {
                 }
                 Decision::Assigned(rec) => {
                     fresh.push((rec, s));
-                    routes.push(t.as_ref().and_then(|t| trace::route(t, rec)));
+                    if traced {
+                        routes.push(t.as_ref().and_then(|t| trace::route(t, rec)));
+                    }
                 }
                 Decision::Refused(code, msg) => {
                     self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
@@ -619,14 +623,15 @@ impl Stage {
             .map(|s| s.as_ref().and_then(im_telemetry::context))
             .collect();
         self.route(&fresh, &route_traces).await;
-        for ((rec, s), t) in fresh.into_iter().zip(&route_traces) {
+        for (i, (rec, s)) in fresh.into_iter().enumerate() {
             let ack = Ack {
                 id: rec.id,
                 conv: rec.conv.clone(),
                 seq: rec.seq,
                 ts: rec.ts,
             };
-            self.down.reply_sent(&s.up, &rec.cid, &ack, t.as_ref());
+            let t = route_traces.get(i).and_then(Option::as_ref);
+            self.down.reply_sent(&s.up, &rec.cid, &ack, t);
         }
         // The route spans end once the records are queued for the gateways.
         drop(routes);

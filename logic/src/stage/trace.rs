@@ -112,3 +112,57 @@ pub(super) fn route(parent: &TraceParent, rec: &Stored) -> Option<Span> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::sequencer::{tests::send, Sequencer};
+    use crate::stage::state::Partition;
+    use im_telemetry::testing::capture;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_traced_send_gets_sequence_durable_and_route_under_the_gateway_s_span() {
+        let upstream = TraceParent::sampled([3; 16], [4; 8]).unwrap();
+        // Off (no tracer on this thread): nothing is recorded, the context passes on as is.
+        assert!(sequence(&upstream).is_none());
+
+        let (d, spans) = capture();
+        tracing::dispatcher::with_default(&d, || {
+            let mut seq = Sequencer::new(std::sync::Arc::new(
+                im_shared::snowflake::WorkerLease::fixed(1),
+            ));
+            seq.recovered(0, Partition::default());
+            let sends = [send(1, "a", 2, 0, 0), send(1, "b", 2, 0, 0)];
+            let decisions = seq.decide(&sends, &HashMap::new(), &HashMap::new(), 1_000);
+            let decisions: Vec<_> = decisions.into_iter().zip(sends).collect();
+            // The first send is traced, the second is not.
+            let open = vec![sequence(&upstream), None];
+            let traces = contexts(&open, &decisions);
+            assert_eq!(traces.len(), 2);
+            let ctx = traces[0].expect("the traced one");
+            assert_eq!((ctx.trace_id, traces[1]), (upstream.trace_id, None));
+            let Decision::Assigned(rec) = &decisions[0].0 else {
+                panic!("assigned")
+            };
+            let dur = durable(&ctx, 0).unwrap();
+            let r = route(&ctx, rec).unwrap();
+            drop((open, dur, r));
+            let got = spans.take();
+            let names: Vec<&str> = got.iter().map(|s| s.name).collect();
+            assert_eq!(names, ["im.sequence", "im.durable", "im.route"]);
+            assert_eq!(
+                got[0].parent,
+                Some(upstream.span_id),
+                "under the gateway's span"
+            );
+            assert!(got[1..].iter().all(|s| s.parent == Some(got[0].span_id)));
+            assert!(got.iter().all(|s| s.trace_id == upstream.trace_id));
+            assert_eq!(got[0].attr("im.decision"), Some("assigned"));
+            assert_eq!(got[0].attr("im.seq"), Some("1"));
+            assert_eq!(got[2].attr("im.conv"), Some(rec.conv.as_str()));
+            // A batch with nothing traced allocates nothing for it.
+            assert!(contexts(&[None, None], &decisions).is_empty());
+        });
+    }
+}
