@@ -1114,59 +1114,6 @@ fn kill_9_of_logic_loses_and_duplicates_nothing_acknowledged() {
     load::check_stored(&c, &acks, 2_000);
 }
 
-/// One exported span, as the test's collector read it.
-#[derive(Debug, Clone)]
-struct Span {
-    service: String,
-    trace: String,
-    id: String,
-    parent: Option<String>,
-    name: String,
-    start: u64,
-    end: u64,
-    attrs: HashMap<String, Value>,
-}
-
-/// The spans of OTLP/HTTP JSON export requests (`ExportTraceServiceRequest`).
-fn spans_of(body: &[u8]) -> Vec<Span> {
-    let v: Value = serde_json::from_slice(body).expect("an OTLP JSON body");
-    let mut out = Vec::new();
-    for rs in v["resourceSpans"].as_array().unwrap() {
-        let service = rs["resource"]["attributes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["key"] == "service.name")
-            .map(|a| a["value"]["stringValue"].as_str().unwrap().to_string())
-            .unwrap();
-        for ss in rs["scopeSpans"].as_array().unwrap() {
-            for s in ss["spans"].as_array().unwrap() {
-                let num = |k: &str| s[k].as_str().unwrap().parse::<u64>().unwrap();
-                let attrs = s["attributes"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|a| {
-                        let v = a["value"].as_object().unwrap().values().next().unwrap();
-                        (a["key"].as_str().unwrap().to_string(), v.clone())
-                    })
-                    .collect();
-                out.push(Span {
-                    service: service.clone(),
-                    trace: s["traceId"].as_str().unwrap().to_string(),
-                    id: s["spanId"].as_str().unwrap().to_string(),
-                    parent: s["parentSpanId"].as_str().map(str::to_string),
-                    name: s["name"].as_str().unwrap().to_string(),
-                    start: num("startTimeUnixNano"),
-                    end: num("endTimeUnixNano"),
-                    attrs,
-                });
-            }
-        }
-    }
-    out
-}
-
 /// Tracing (README.md, "Tracing"): a send over a WebSocket is one trace from the gateway that
 /// took it, through the broker's record headers to logic and back to both gateways, each
 /// process exporting its spans over OTLP/HTTP to the test's collector.
@@ -1195,29 +1142,7 @@ fn a_traced_send_is_one_trace_from_gateway_through_logic_to_both_gateways() {
         "im.durable",
         "im.route",
     ];
-    let mut spans: Vec<Span> = Vec::new();
-    let end = Instant::now() + T;
-    let trace = loop {
-        let whole = spans.iter().find(|s| s.name == "im.send").and_then(|root| {
-            let of: Vec<&Span> = spans.iter().filter(|s| s.trace == root.trace).collect();
-            let named = |n: &str| of.iter().filter(|s| s.name == n).count();
-            (want.iter().all(|n| named(n) == 1) && named("im.deliver") == 3)
-                .then(|| of.into_iter().cloned().collect::<Vec<_>>())
-        });
-        if let Some(t) = whole {
-            break t;
-        }
-        let left = end.saturating_duration_since(Instant::now());
-        match requests.recv_timeout(left) {
-            Ok(req) => {
-                let (head, body) = split_request(&req);
-                assert!(head.starts_with("POST /v1/traces HTTP/1.1"), "{head}");
-                assert_eq!(header_of(&head, "content-type"), Some("application/json"));
-                spans.extend(spans_of(&body));
-            }
-            Err(_) => panic!("the trace is not whole: {spans:#?}\n{}", c.logs()),
-        }
-    };
+    let trace = collect_trace(&requests, T, |s| trace_with(s, &want, 3), || c.logs());
     let one = |n: &str| trace.iter().find(|s| s.name == n).unwrap();
     let (send, up, seq, durable, route) = (
         one("im.send"),
@@ -1275,4 +1200,43 @@ fn a_traced_send_is_one_trace_from_gateway_through_logic_to_both_gateways() {
         metric(&text, "im_trace_spans_exported_total") >= Some(3),
         "{text}"
     );
+}
+
+/// Gateways tracing, logic not (no `--otlp-endpoint`): logic records nothing but passes each
+/// record's context on, so the sender's gateway still ends its root with the answer and the
+/// deliveries join the trace under the gateway's own span.
+#[test]
+fn a_logic_that_does_not_trace_passes_the_trace_on() {
+    let _g = serial();
+    let (collector, requests) = http_receiver("200 OK", "200 OK");
+    let args = ["--otlp-endpoint", &collector, "--otlp-sample-ratio", "1"];
+    let c = Cluster::start_with_args("tracing_passed_on", 1, 2, &args, &[]);
+    let (alice, ta) = c.user("alice");
+    let (bob, tb) = c.user("bob");
+    let mut a = c.ws(0, &ta);
+    let mut b = c.ws(1, &tb);
+    wait_presence(&c, alice, 1);
+    wait_presence(&c, bob, 1);
+    a.send(json!({"type": "send", "cid": "passed", "to": bob.to_string(), "content": "on"}));
+    a.until(T, &mut Vec::new(), |v| v["type"] == "sent");
+    b.until(T, &mut Vec::new(), |v| v["type"] == "msg");
+    let want = ["im.send", "im.upstream"];
+    let trace = collect_trace(&requests, T, |s| trace_with(s, &want, 3), || c.logs());
+    let one = |n: &str| trace.iter().find(|s| s.name == n).unwrap();
+    let (send, up) = (one("im.send"), one("im.upstream"));
+    assert_eq!(
+        send.attrs["im.outcome"], "sent",
+        "the root ended with the answer"
+    );
+    assert!(
+        trace.iter().all(|s| s.service == "im-gateway"),
+        "{trace:#?}"
+    );
+    let logic = ["im.sequence", "im.durable", "im.route"];
+    assert!(trace.iter().all(|s| !logic.contains(&s.name.as_str())));
+    // Logic passed the upstream span's context on: the deliveries hang under it.
+    assert!(trace
+        .iter()
+        .filter(|s| s.name == "im.deliver")
+        .all(|d| d.parent.as_ref() == Some(&up.id)));
 }

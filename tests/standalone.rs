@@ -608,3 +608,72 @@ fn the_browser_client_chats_in_headless_chromium() {
     }
     println!("screenshots of the final state: {}", out.display());
 }
+
+/// Tracing in one process (README.md, "Tracing"): the same spans as the distributed pipeline,
+/// their context carried by the in-process bus, exported to the test's collector.
+#[test]
+fn a_traced_send_is_one_trace_in_standalone() {
+    let (collector, requests) = support::http_receiver("200 OK", "200 OK");
+    let dir = scratch("standalone-tracing");
+    let env = [
+        ("IM_OTLP_ENDPOINT", collector.as_str()),
+        ("IM_OTLP_SAMPLE_RATIO", "1"),
+    ];
+    let s = Standalone::start_with(&dir, &dir.join("data"), "standalone-tracing", &env);
+    let (_, ta) = s.user("alice");
+    let (bob, tb) = s.user("bob");
+    let mut a = Ws::connect(s.ws, &ta);
+    let mut b = Ws::connect(s.ws, &tb);
+    // Bob is online (presence) before Alice writes, so his message is delivered live.
+    let mut sent = Value::Null;
+    for i in 0..50 {
+        let cid = format!("t{i}");
+        a.send(json!({"type": "send", "cid": cid, "to": bob.to_string(), "content": "traced"}));
+        sent = a.until(WAIT, &mut Vec::new(), |v| v["type"] == "sent");
+        if b.recv(Duration::from_millis(500))
+            .is_some_and(|m| m["type"] == "msg")
+        {
+            break;
+        }
+    }
+    assert_eq!(sent["type"], "sent");
+    let want = [
+        "im.send",
+        "im.upstream",
+        "im.sequence",
+        "im.durable",
+        "im.route",
+    ];
+    // One deliver span for the message (both users on the one gateway), one for `sent`.
+    let trace = support::collect_trace(
+        &requests,
+        WAIT,
+        |spans| {
+            // The trace of the send Bob received live.
+            let live: Vec<support::Span> = spans
+                .iter()
+                .filter(|s| s.name != "im.send" || s.attrs["im.cid"] == sent["cid"])
+                .cloned()
+                .collect();
+            support::trace_with(&live, &want, 2)
+        },
+        || s.proc.log_tail(),
+    );
+    let one = |n: &str| trace.iter().find(|s| s.name == n).unwrap();
+    let (send, up, seq) = (one("im.send"), one("im.upstream"), one("im.sequence"));
+    assert_eq!(send.parent, None);
+    assert_eq!(up.parent.as_ref(), Some(&send.id));
+    assert_eq!(seq.parent.as_ref(), Some(&up.id));
+    assert_eq!(one("im.durable").parent.as_ref(), Some(&seq.id));
+    let route = one("im.route");
+    assert_eq!(route.parent.as_ref(), Some(&seq.id));
+    assert!(trace
+        .iter()
+        .filter(|s| s.name == "im.deliver")
+        .all(|d| d.parent.as_ref() == Some(&route.id)));
+    assert!(trace.iter().all(|s| s.service == "im"), "{trace:#?}");
+    assert_eq!(send.attrs["im.outcome"], "sent");
+    // Standalone's durability point is persist's commit: the durable span covers it.
+    let durable = one("im.durable");
+    assert!(durable.end <= route.start && route.start <= send.end);
+}

@@ -148,19 +148,29 @@ fn export(
 /// One POST on a connection of its own; the answer's status.
 pub(crate) fn post(target: &Target, body: &[u8]) -> Result<u16, String> {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
-    let addr = target
-        .authority
-        .to_socket_addrs()
-        .map_err(|e| format!("resolving {}: {e}", target.authority))?
-        .next()
-        .ok_or_else(|| format!("{} has no address", target.authority))?;
-    let mut s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
     let left = || {
         deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1))
     };
+    // Each address in turn (`localhost` may name ::1 first and the collector listen on
+    // 127.0.0.1 only).
+    let mut s = None;
+    let mut why = format!("{} has no address", target.authority);
+    let addrs = target
+        .authority
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {}: {e}", target.authority))?;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, left()) {
+            Ok(c) => {
+                s = Some(c);
+                break;
+            }
+            Err(e) => why = format!("connecting to {addr}: {e}"),
+        }
+    }
+    let mut s = s.ok_or(why)?;
     s.set_write_timeout(Some(left()))
         .map_err(|e| e.to_string())?;
     let _ = s.set_nodelay(true);

@@ -175,10 +175,21 @@ pub fn flush(timeout: Duration) {
     let Some((tx, _)) = INSTALLED.get() else {
         return;
     };
+    let deadline = std::time::Instant::now() + timeout;
     let (ack, done) = mpsc::sync_channel(1);
-    if tx.try_send(Msg::Flush(ack)).is_ok() {
-        let _ = done.recv_timeout(timeout);
+    let mut msg = Msg::Flush(ack);
+    // A full queue empties as the exporter works: wait for room, within the timeout.
+    loop {
+        match tx.try_send(msg) {
+            Ok(()) => break,
+            Err(mpsc::TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                msg = m;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
     }
+    let _ = done.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
 }
 
 /// The exporter's counters in Prometheus text (nothing when tracing is off).
@@ -229,7 +240,13 @@ thread_local! {
 
 fn seed() -> u64 {
     let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
+    if getrandom::fill(&mut b).is_err() {
+        // No OS randomness: the time, the process and the thread, so that threads and
+        // processes still draw different ids.
+        let here = &b as *const _ as u64;
+        let mixed = unix_ns() ^ (std::process::id() as u64).rotate_left(32) ^ here;
+        b = im_shared::conv::mix64(mixed).to_ne_bytes();
+    }
     u64::from_ne_bytes(b) | 1
 }
 

@@ -58,10 +58,73 @@ fn is_ours(meta: &Metadata<'_>) -> bool {
     meta.is_span() && meta.target() == TARGET
 }
 
+/// Whether the process's `log` logger takes an event like this one. Other crates' `tracing`
+/// events (sqlx's slow statements and pool errors) reach the log only through `tracing`'s
+/// fallback to `log`, which stops once a subscriber is installed: this one hands them on.
+fn logs(meta: &Metadata<'_>) -> bool {
+    meta.is_event()
+        && log::logger().enabled(
+            &log::Metadata::builder()
+                .level(log_level(meta.level()))
+                .target(meta.target())
+                .build(),
+        )
+}
+
+fn log_level(l: &tracing::Level) -> log::Level {
+    match *l {
+        tracing::Level::ERROR => log::Level::Error,
+        tracing::Level::WARN => log::Level::Warn,
+        tracing::Level::INFO => log::Level::Info,
+        tracing::Level::DEBUG => log::Level::Debug,
+        _ => log::Level::Trace,
+    }
+}
+
+/// An event's fields as one line: its message, then `key=value` for the rest.
+#[derive(Default)]
+struct Line {
+    message: String,
+    rest: String,
+}
+
+impl Line {
+    fn text(&self) -> String {
+        match (self.message.is_empty(), self.rest.is_empty()) {
+            (_, true) => self.message.clone(),
+            (true, false) => self.rest.clone(),
+            (false, false) => format!("{} {}", self.message, self.rest),
+        }
+    }
+}
+
+impl Visit for Line {
+    fn record_debug(&mut self, field: &Field, v: &dyn fmt::Debug) {
+        use std::fmt::Write as _;
+        if field.name() == "message" {
+            let _ = write!(self.message, "{v:?}");
+        } else {
+            let sep = if self.rest.is_empty() { "" } else { " " };
+            let _ = write!(self.rest, "{sep}{}={v:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, v: &str) {
+        use std::fmt::Write as _;
+        if field.name() == "message" {
+            self.message.push_str(v);
+        } else {
+            let sep = if self.rest.is_empty() { "" } else { " " };
+            let _ = write!(self.rest, "{sep}{}={v}", field.name());
+        }
+    }
+}
+
 impl Subscriber for Tracer {
     fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
-        // Decided once per call site: everything else (sqlx's events, say) costs nothing.
-        if is_ours(meta) {
+        // Decided once per call site (the log's filter is set at start): everything else
+        // costs nothing.
+        if is_ours(meta) || logs(meta) {
             Interest::always()
         } else {
             Interest::never()
@@ -69,7 +132,7 @@ impl Subscriber for Tracer {
     }
 
     fn enabled(&self, meta: &Metadata<'_>) -> bool {
-        is_ours(meta)
+        is_ours(meta) || logs(meta)
     }
 
     fn new_span(&self, attrs: &Attributes<'_>) -> Id {
@@ -113,7 +176,23 @@ impl Subscriber for Tracer {
 
     fn record_follows_from(&self, _: &Id, _: &Id) {}
 
-    fn event(&self, _: &Event<'_>) {}
+    /// Hands other crates' events to the `log` logger, as `tracing` did before this
+    /// subscriber was installed.
+    fn event(&self, event: &Event<'_>) {
+        let meta = event.metadata();
+        let mut line = Line::default();
+        event.record(&mut line);
+        log::logger().log(
+            &log::Record::builder()
+                .level(log_level(meta.level()))
+                .target(meta.target())
+                .module_path(meta.module_path())
+                .file(meta.file())
+                .line(meta.line())
+                .args(format_args!("{}", line.text()))
+                .build(),
+        );
+    }
 
     fn enter(&self, _: &Id) {}
 
@@ -155,8 +234,13 @@ impl Subscriber for Tracer {
 struct Fields<'a>(&'a mut Finished);
 
 impl Fields<'_> {
+    /// One value per key (OTLP wants attribute keys unique): a field recorded again
+    /// replaces what it held.
     fn put(&mut self, field: &Field, v: Value) {
-        self.0.attrs.push((field.name(), v));
+        match self.0.attrs.iter_mut().find(|(k, _)| *k == field.name()) {
+            Some((_, old)) => *old = v,
+            None => self.0.attrs.push((field.name(), v)),
+        }
     }
 
     fn special(&mut self, field: &Field, v: &str) -> bool {
@@ -196,7 +280,11 @@ impl Visit for Fields<'_> {
     }
 
     fn record_u64(&mut self, field: &Field, v: u64) {
-        self.put(field, Value::Int(v as i64));
+        // OTLP's integers are signed 64-bit: a larger one goes as its decimal string.
+        match i64::try_from(v) {
+            Ok(i) => self.put(field, Value::Int(i)),
+            Err(_) => self.put(field, Value::Str(v.to_string())),
+        }
     }
 
     fn record_i64(&mut self, field: &Field, v: i64) {

@@ -217,3 +217,54 @@ fn the_exporter_posts_batches_and_counts_what_the_collector_refuses() {
         exporter.join().unwrap();
     }
 }
+
+/// Records what reaches the `log` crate (installed once for this test binary).
+struct Logged(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Logged {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let line = format!("{} {} {}", r.level(), r.target(), r.args());
+            self.0.lock().unwrap().push(line);
+        }
+    }
+    fn flush(&self) {}
+}
+
+static LOGGED: Logged = Logged(std::sync::Mutex::new(Vec::new()));
+
+#[test]
+fn other_crates_events_still_reach_the_log_with_the_tracer_installed() {
+    let _ = log::set_logger(&LOGGED);
+    log::set_max_level(log::LevelFilter::Trace);
+    let (d, rx, _) = tracer();
+    tracing::dispatcher::with_default(&d, || {
+        // As sqlx reports a slow statement; and an info event the log's filter leaves out.
+        tracing::warn!(target: "sqlx::query", elapsed_ms = 1200u64, "slow statement");
+        tracing::info!(target: "sqlx::query", "not logged");
+    });
+    let lines = LOGGED.0.lock().unwrap().clone();
+    assert_eq!(lines, ["WARN sqlx::query slow statement elapsed_ms=1200"]);
+    assert!(rx.try_recv().is_err(), "events are not spans to export");
+}
+
+#[test]
+fn a_field_recorded_again_replaces_its_value() {
+    let (d, rx, _) = tracer();
+    tracing::dispatcher::with_default(&d, || {
+        let s = tracing::info_span!(target: TARGET, parent: None, "x", im.outcome = tracing::field::Empty, big = u64::MAX);
+        s.record("im.outcome", "first");
+        s.record("im.outcome", "second");
+    });
+    let s = finished(&rx);
+    assert_eq!(
+        s.attrs,
+        [
+            ("big", Value::Str(u64::MAX.to_string())),
+            ("im.outcome", Value::Str("second".into()))
+        ]
+    );
+}

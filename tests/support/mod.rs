@@ -1198,3 +1198,94 @@ pub fn webhook_body(req: &str, secret: &str) -> (Value, bool) {
     let signed = header("X-Im-Signature: ") == format!("sha256={want}");
     (serde_json::from_str(body).unwrap_or(Value::Null), signed)
 }
+
+/// One exported span, as the test's collector read it.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub service: String,
+    pub trace: String,
+    pub id: String,
+    pub parent: Option<String>,
+    pub name: String,
+    pub start: u64,
+    pub end: u64,
+    pub attrs: std::collections::HashMap<String, Value>,
+}
+
+/// The spans of OTLP/HTTP JSON export requests (`ExportTraceServiceRequest`).
+pub fn spans_of(body: &[u8]) -> Vec<Span> {
+    let v: Value = serde_json::from_slice(body).expect("an OTLP JSON body");
+    let mut out = Vec::new();
+    for rs in v["resourceSpans"].as_array().unwrap() {
+        let service = rs["resource"]["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["key"] == "service.name")
+            .map(|a| a["value"]["stringValue"].as_str().unwrap().to_string())
+            .unwrap();
+        for ss in rs["scopeSpans"].as_array().unwrap() {
+            for s in ss["spans"].as_array().unwrap() {
+                let num = |k: &str| s[k].as_str().unwrap().parse::<u64>().unwrap();
+                let attrs = s["attributes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| {
+                        let v = a["value"].as_object().unwrap().values().next().unwrap();
+                        (a["key"].as_str().unwrap().to_string(), v.clone())
+                    })
+                    .collect();
+                out.push(Span {
+                    service: service.clone(),
+                    trace: s["traceId"].as_str().unwrap().to_string(),
+                    id: s["spanId"].as_str().unwrap().to_string(),
+                    parent: s["parentSpanId"].as_str().map(str::to_string),
+                    name: s["name"].as_str().unwrap().to_string(),
+                    start: num("startTimeUnixNano"),
+                    end: num("endTimeUnixNano"),
+                    attrs,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Reads export requests from the test's collector (`http_receiver`) until `whole` finds a
+/// whole trace among the spans so far (given every span, it answers that trace's), within
+/// `within`; `context` is printed if none comes.
+pub fn collect_trace(
+    requests: &std::sync::mpsc::Receiver<Vec<u8>>,
+    within: Duration,
+    whole: impl Fn(&[Span]) -> Option<Vec<Span>>,
+    context: impl Fn() -> String,
+) -> Vec<Span> {
+    let mut spans: Vec<Span> = Vec::new();
+    let end = std::time::Instant::now() + within;
+    loop {
+        if let Some(t) = whole(&spans) {
+            return t;
+        }
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        match requests.recv_timeout(left) {
+            Ok(req) => {
+                let (head, body) = split_request(&req);
+                assert!(head.starts_with("POST /v1/traces HTTP/1.1"), "{head}");
+                assert_eq!(header_of(&head, "content-type"), Some("application/json"));
+                spans.extend(spans_of(&body));
+            }
+            Err(_) => panic!("the trace is not whole: {spans:#?}\n{}", context()),
+        }
+    }
+}
+
+/// The trace of the first `im.send` among `spans` if it holds each of `names` once and
+/// `delivers` `im.deliver` spans.
+pub fn trace_with(spans: &[Span], names: &[&str], delivers: usize) -> Option<Vec<Span>> {
+    let root = spans.iter().find(|s| s.name == "im.send")?;
+    let of: Vec<&Span> = spans.iter().filter(|s| s.trace == root.trace).collect();
+    let named = |n: &str| of.iter().filter(|s| s.name == n).count();
+    (names.iter().all(|n| named(n) == 1) && named("im.deliver") == delivers)
+        .then(|| of.into_iter().cloned().collect())
+}

@@ -54,7 +54,9 @@ pub(super) fn run(
             Ok(rec) => {
                 // Held while the record goes to the shard rings.
                 let _span = match &m.trace {
-                    Some(t) if im_telemetry::on() => Some(traced(&rec, t, &roots)),
+                    Some(t) if t.is_sampled() && im_telemetry::on() => {
+                        Some(traced(&rec, t, &roots))
+                    }
                     _ => None,
                 };
                 dispatch(

@@ -173,6 +173,9 @@ impl Up {
             Some(s) => (Some(s.upstream), Some(s.context)),
             None => (None, None),
         };
+        // Kept to mark the span if the record is refused at once (`done` is then dropped
+        // without being called).
+        let refused_span = span.clone();
         let done = self.done(no, span);
         let sent = self.producer.send_traced(
             topics::UPSTREAM,
@@ -195,6 +198,9 @@ impl Up {
             self.refusals.push((conn, cid_of(&payload), code));
             if let Some(t) = &trace {
                 self.roots.refused(t);
+            }
+            if let Some(span) = refused_span {
+                span.record("otel.status_code", "error");
             }
             return;
         }

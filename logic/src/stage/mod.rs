@@ -356,8 +356,10 @@ impl Stage {
         let taken = std::time::Instant::now();
         let unix_ms = im_shared::unix_ms() as i64;
         let mut sends: Vec<Admitted> = Vec::new();
-        // `im.sequence` of each traced send, beside `sends` (trace.rs).
-        let mut spans: Vec<Option<tracing::Span>> = Vec::new();
+        // Each traced send while it is sequenced, beside `sends`, when the batch has any
+        // traced record (trace.rs); else nothing is allocated for it.
+        let traced = batch.iter().any(|m| m.trace.is_some());
+        let mut spans: Vec<Option<trace::Sequencing>> = Vec::new();
         for m in batch {
             if let Some(ts) = m.timestamp_ms {
                 let age = unix_ms.saturating_sub(ts).max(0) as u64;
@@ -388,7 +390,7 @@ impl Stage {
             };
             match up.body.clone() {
                 Some(UpstreamBody::Send(send)) => {
-                    let span = m.trace.as_ref().and_then(trace::sequence);
+                    let span = m.trace.as_ref().map(trace::Sequencing::start);
                     match self.admit(up.user, &send).await {
                         Ok(conv) => {
                             sends.push(Admitted {
@@ -397,11 +399,13 @@ impl Stage {
                                 conv,
                                 partition: p,
                             });
-                            spans.push(span);
+                            if traced {
+                                spans.push(span);
+                            }
                         }
                         Err((code, msg)) => {
                             self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
-                            let t = span.as_ref().and_then(trace::refused);
+                            let t = span.as_ref().map(trace::Sequencing::refused);
                             let cid = Some(send.cid.as_str());
                             self.down
                                 .reply_error_traced(&up, code, msg, cid, t.as_ref());
@@ -590,10 +594,10 @@ impl Stage {
     /// the batch's (`Produced::traces`).
     async fn answer(&self, decisions: &[(Decision, Admitted)], traces: &[Option<TraceParent>]) {
         let mut fresh: Vec<(&Stored, &Admitted)> = Vec::new();
-        // `im.route` of each new message, beside `fresh`, when any send of the batch is
-        // traced (else nothing is allocated): what its records carry.
+        // Beside `fresh`, when any send of the batch is traced (else nothing is allocated):
+        // each message's context after sequencing, and its `im.route` span.
         let traced = !traces.is_empty();
-        let mut routes: Vec<Option<tracing::Span>> = Vec::new();
+        let mut routes: Vec<(Option<TraceParent>, Option<tracing::Span>)> = Vec::new();
         for (i, (d, s)) in decisions.iter().enumerate() {
             let t = traces.get(i).copied().flatten();
             match d {
@@ -604,7 +608,7 @@ impl Stage {
                 Decision::Assigned(rec) => {
                     fresh.push((rec, s));
                     if traced {
-                        routes.push(t.as_ref().and_then(|t| trace::route(t, rec)));
+                        routes.push((t, t.as_ref().and_then(|t| trace::route(t, rec))));
                     }
                 }
                 Decision::Refused(code, msg) => {
@@ -618,9 +622,11 @@ impl Stage {
         self.stats
             .messages_total
             .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        // What the records carry: the route span's context, or (this process recording
+        // nothing) the context the message came with, passed on.
         let route_traces: Vec<Option<TraceParent>> = routes
             .iter()
-            .map(|s| s.as_ref().and_then(im_telemetry::context))
+            .map(|(t, s)| s.as_ref().and_then(im_telemetry::context).or(*t))
             .collect();
         self.route(&fresh, &route_traces).await;
         for (i, (rec, s)) in fresh.into_iter().enumerate() {
@@ -651,12 +657,15 @@ impl Stage {
     ) -> Result<(), String> {
         let payload = rec.to_bytes();
         let key = rec.conv.as_str();
+        // One span per produce, however long a full queue makes it wait; its
+        // acknowledgement ends it (the callback holds the last handle).
+        let durable = trace.as_ref().and_then(|t| trace::durable(t, partition));
+        let context = durable.as_ref().and_then(im_telemetry::context).or(trace);
         loop {
             let topic = topics::MESSAGES;
             let tx = acks.clone();
             let (sent, stats) = (std::time::Instant::now(), self.stats.clone());
-            let span = trace.as_ref().and_then(|t| trace::durable(t, partition));
-            let context = span.as_ref().and_then(im_telemetry::context);
+            let span = durable.clone();
             let done: im_bus::Done = Box::new(move |r: Result<(), im_bus::Undelivered<'_>>| {
                 if r.is_ok() {
                     stats.ack_time.observe(sent.elapsed().as_millis() as u64);

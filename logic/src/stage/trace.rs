@@ -4,9 +4,9 @@
 //! is one) and `im.route` (once released: the records to the gateways and the sender's
 //! `sent`, which carry its context on to the gateways' `im.deliver`).
 //!
-//! Nothing here runs for an untraced record, nor when this process exports no spans
-//! (`im_telemetry::on()`): a traced record then passes its context on untouched, so the
-//! gateways still join the trace.
+//! Nothing here runs for an untraced record. When this process exports no spans
+//! (`im_telemetry::on()` is false) a traced record passes its context on untouched, so the
+//! gateways still join the trace and the sender's gateway still ends its root.
 
 use super::sequencer::{Admitted, Decision};
 use im_shared::records::{topics, Stored};
@@ -19,8 +19,41 @@ fn traced(parent: &TraceParent) -> bool {
     parent.is_sampled() && im_telemetry::on()
 }
 
+/// A traced send while it is sequenced: its `im.sequence` span (none when this process
+/// records nothing) and the context it arrived with.
+pub(super) struct Sequencing {
+    span: Option<Span>,
+    incoming: TraceParent,
+}
+
+impl Sequencing {
+    pub(super) fn start(incoming: &TraceParent) -> Sequencing {
+        Sequencing {
+            span: sequence(incoming),
+            incoming: *incoming,
+        }
+    }
+
+    /// The context what follows carries: the span's, or the incoming one passed on.
+    fn context(&self) -> TraceParent {
+        self.span
+            .as_ref()
+            .and_then(context)
+            .unwrap_or(self.incoming)
+    }
+
+    /// Refused before sequencing: the span marked, and the context its `error` carries.
+    pub(super) fn refused(&self) -> TraceParent {
+        if let Some(span) = &self.span {
+            span.record("otel.status_code", "error");
+            span.record("im.decision", "refused");
+        }
+        self.context()
+    }
+}
+
 /// `im.sequence` for a send whose upstream record carried `parent`.
-pub(super) fn sequence(parent: &TraceParent) -> Option<Span> {
+fn sequence(parent: &TraceParent) -> Option<Span> {
     traced(parent).then(|| {
         tracing::info_span!(
             target: TARGET,
@@ -38,28 +71,23 @@ pub(super) fn sequence(parent: &TraceParent) -> Option<Span> {
     })
 }
 
-/// A send refused before sequencing: its span marked, and the context its `error` carries.
-pub(super) fn refused(span: &Span) -> Option<TraceParent> {
-    span.record("otel.status_code", "error");
-    span.record("im.decision", "refused");
-    context(span)
-}
-
-/// Each decision's `im.sequence` context, with what was decided recorded on the span
-/// (`spans` is beside the batch's admitted sends, as `decisions` is). Empty when none is
-/// traced.
+/// Each decision's context (`Sequencing::context`), with what was decided recorded on the
+/// span (`open` is beside the batch's admitted sends, as `decisions` is, or empty when the
+/// batch has no traced record). Empty when none is traced.
 pub(super) fn contexts(
-    spans: &[Option<Span>],
+    open: &[Option<Sequencing>],
     decisions: &[(Decision, Admitted)],
 ) -> Vec<Option<TraceParent>> {
-    if spans.iter().all(Option::is_none) {
+    if open.iter().all(Option::is_none) {
         return Vec::new();
     }
-    spans
-        .iter()
+    open.iter()
         .zip(decisions)
-        .map(|(span, (d, _))| {
-            let span = span.as_ref()?;
+        .map(|(s, (d, _))| {
+            let s = s.as_ref()?;
+            let Some(span) = &s.span else {
+                return Some(s.incoming);
+            };
             match d {
                 Decision::Assigned(rec) => {
                     span.record("im.conv", rec.conv.as_str());
@@ -76,7 +104,7 @@ pub(super) fn contexts(
                     span.record("im.decision", "refused");
                 }
             }
-            context(span)
+            Some(s.context())
         })
         .collect()
 }
@@ -126,6 +154,8 @@ mod tests {
         let upstream = TraceParent::sampled([3; 16], [4; 8]).unwrap();
         // Off (no tracer on this thread): nothing is recorded, the context passes on as is.
         assert!(sequence(&upstream).is_none());
+        let passed = Sequencing::start(&upstream);
+        assert_eq!(passed.refused(), upstream);
 
         let (d, spans) = capture();
         tracing::dispatcher::with_default(&d, || {
@@ -137,7 +167,7 @@ mod tests {
             let decisions = seq.decide(&sends, &HashMap::new(), &HashMap::new(), 1_000);
             let decisions: Vec<_> = decisions.into_iter().zip(sends).collect();
             // The first send is traced, the second is not.
-            let open = vec![sequence(&upstream), None];
+            let open = vec![Some(Sequencing::start(&upstream)), None];
             let traces = contexts(&open, &decisions);
             assert_eq!(traces.len(), 2);
             let ctx = traces[0].expect("the traced one");
@@ -163,6 +193,19 @@ mod tests {
             assert_eq!(got[2].attr("im.conv"), Some(rec.conv.as_str()));
             // A batch with nothing traced allocates nothing for it.
             assert!(contexts(&[None, None], &decisions).is_empty());
+            assert!(contexts(&[], &decisions).is_empty());
         });
+        // Off, the incoming context is what the message's records carry on.
+        let (_, decisions) = {
+            let mut seq = Sequencer::new(std::sync::Arc::new(
+                im_shared::snowflake::WorkerLease::fixed(1),
+            ));
+            seq.recovered(0, Partition::default());
+            let sends = [send(1, "c", 2, 0, 0)];
+            let d = seq.decide(&sends, &HashMap::new(), &HashMap::new(), 1_000);
+            ((), d.into_iter().zip(sends).collect::<Vec<_>>())
+        };
+        let open = vec![Some(Sequencing::start(&upstream))];
+        assert_eq!(contexts(&open, &decisions), [Some(upstream)]);
     }
 }
