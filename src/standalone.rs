@@ -107,6 +107,7 @@ pub(crate) fn run(a: StandaloneArgs) -> Result<(), String> {
         out.push_str(&persist::render_metrics(&persist_stats));
         if elsewhere {
             stage_stats.render(out);
+            logic::api::render_api_errors(out);
             im_telemetry::render(out);
         }
     });

@@ -677,3 +677,41 @@ fn a_traced_send_is_one_trace_in_standalone() {
     let durable = one("im.durable");
     assert!(durable.end <= route.start && route.start <= send.end);
 }
+
+/// Every error answered to a client is counted by code: those a shard makes itself
+/// (`im_gateway_error_frames_total`) and those logic answers through the bridge
+/// (`im_bridge_error_replies_total`).
+#[test]
+fn errors_answered_to_clients_are_counted_by_code() {
+    let dir = scratch("standalone-errors");
+    let s = Standalone::start(&dir, &dir.join("data"), "standalone-errors");
+    let (_, ta) = s.user("alice");
+    let mut a = Ws::connect(s.ws, &ta);
+    let is_error = |v: &Value| v["type"] == "error";
+    // The shard's own: a type it does not know.
+    a.send(json!({"type": "no-such-type"}));
+    let shard_code = a.until(WAIT, &mut Vec::new(), is_error)["code"].clone();
+    // Logic's, through the bridge: a send to nobody.
+    a.send(json!({"type": "send", "cid": "c1", "to": "999999999", "content": "hello?"}));
+    let logic_code = a.until(WAIT, &mut Vec::new(), is_error)["code"].clone();
+    assert_eq!((&shard_code, &logic_code), (&json!(4001), &json!(4040)));
+    let (_, text) = support::get_text(s.ws, "/metrics");
+    let counted = |family: &str, code: &Value| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter(|l| l.contains(&format!("code=\"{code}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        counted("im_gateway_error_frames_total", &shard_code),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        counted("im_bridge_error_replies_total", &logic_code),
+        1,
+        "{text}"
+    );
+    assert_eq!(counted("im_bridge_error_replies_total", &shard_code), 0);
+}

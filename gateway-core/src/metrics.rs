@@ -4,7 +4,8 @@
 //! on its own cache lines); `/metrics` reads them all with relaxed loads. Nothing on the hot
 //! path takes a lock or crosses a core.
 
-use im_shared::metrics::{Kind, Prom};
+use im_shared::metrics::{ErrorCounts, Kind, Prom};
+use im_shared::ErrorCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Close codes counted separately.
@@ -18,6 +19,8 @@ macro_rules! stats {
             $( #[doc = $help] pub $name: AtomicU64, )*
             /// Close frames sent, by code (index into `CLOSE_CODES`).
             pub closes: [AtomicU64; CLOSE_CODES.len()],
+            /// `error` frames this shard made, by code (single writer: `ShardStats::add`).
+            pub errors: ErrorCounts,
         }
 
         const FIELDS: &[(&str, Kind, &str)] = &[ $( (stringify!($name), $kind, $help) ),* ];
@@ -66,6 +69,11 @@ impl ShardStats {
         c.store(v, Relaxed);
     }
 
+    /// An `error` frame this shard made.
+    pub fn count_error(&self, code: ErrorCode) {
+        Self::add(self.errors.of(code), 1);
+    }
+
     pub fn count_close(&self, code: u16) {
         if let Some(i) = CLOSE_CODES.iter().position(|&c| c == code) {
             Self::add(&self.closes[i], 1);
@@ -103,6 +111,17 @@ pub fn render(gateway_id: &str, shards: &[ShardStats], driver: &str) -> String {
             p.sample(name, &labels, s.closes[i].load(Relaxed));
         }
     }
+    let name = "im_gateway_error_frames_total";
+    p.family(
+        name,
+        Kind::Counter,
+        "error frames the shards made (refused frames, rate limits, a full gateway), by code; \
+         those logic or the bridge answered are im_bridge_error_replies_total",
+    );
+    for (shard, s) in shards.iter().enumerate() {
+        s.errors
+            .samples(&mut p, name, &[("shard", ids[shard].as_str())]);
+    }
     im_shared::metrics::render_heap(&mut p);
     out
 }
@@ -116,11 +135,14 @@ mod tests {
         let s: Vec<ShardStats> = (0..2).map(|_| ShardStats::default()).collect();
         ShardStats::add(&s[1].connections, 5);
         s[0].count_close(1013);
+        s[1].count_error(ErrorCode::RateLimited);
         let text = render("gw-1", &s, "io_uring");
         assert!(text.contains("im_gateway_connections{shard=\"1\"} 5\n"));
         assert!(text.contains("# TYPE im_gateway_accepted_total counter"));
         assert!(text.contains("# HELP im_gateway_connections Connections held now."));
         assert!(text.contains("im_gateway_closes_total{shard=\"0\",code=\"1013\"} 1"));
+        assert!(text.contains("im_gateway_error_frames_total{shard=\"1\",code=\"4290\"} 1\n"));
+        assert!(text.contains("im_gateway_error_frames_total{shard=\"0\",code=\"4290\"} 0\n"));
         assert!(text.contains("driver=\"io_uring\""));
     }
 }

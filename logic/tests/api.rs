@@ -5,11 +5,13 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use im_bus::presence::{Change, MemoryPresence, Presence};
 use im_bus::revocation::RevokedSet;
+use im_shared::ErrorCode;
 use im_store::testing::{drop_mysql, fresh_mysql, fresh_sqlite, tempdir};
 use im_store::Store;
 use logic::api::{self, ApiConfig, AppState};
 use logic::auth::{self, PasswordCost};
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tower::ServiceExt;
 
@@ -1857,6 +1859,51 @@ async fn presence_on_sqlite() {
     assert_eq!(
         err(&plain.call("GET", &path, Some(&a), None).await),
         (503, 5031)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Error answers are counted by code in `/metrics` (`im_logic_api_errors_total`), the
+/// router's own 404 and 405 included.
+#[tokio::test]
+async fn error_answers_are_counted_by_code() {
+    let dir = tempdir();
+    let store: Arc<dyn Store> = Arc::new(fresh_sqlite(&dir).await);
+    let api = Api::build(store, PasswordCost::test(), 100, api::MetricsAt::Api, 0);
+    let count = |code: ErrorCode| api::API_ERRORS.of(code).load(Ordering::Relaxed);
+    let (nf, na, ua) = (
+        count(ErrorCode::NotFound),
+        count(ErrorCode::MethodNotAllowed),
+        count(ErrorCode::Unauthorized),
+    );
+    let r = api.call("GET", "/api/v1/no-such-route", None, None).await;
+    assert_eq!(err(&r), (404, 4040));
+    let r = api.call("GET", "/api/v1/users/register", None, None).await;
+    assert_eq!(err(&r), (405, 4050));
+    let r = api.call("GET", "/api/v1/users/profile", None, None).await;
+    assert_eq!(err(&r), (401, 4010));
+    let r = api.call("GET", "/healthz", None, None).await;
+    assert_eq!(r.0, StatusCode::OK);
+    // Other tests of this binary run beside this one: at least ours.
+    assert!(count(ErrorCode::NotFound) > nf);
+    assert!(count(ErrorCode::MethodNotAllowed) > na);
+    assert!(count(ErrorCode::Unauthorized) > ua);
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("# TYPE im_logic_api_errors_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("im_logic_api_errors_total{code=\"4040\"}"),
+        "{text}"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

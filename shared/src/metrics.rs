@@ -96,6 +96,49 @@ impl<'a> Prom<'a> {
     }
 }
 
+/// Counters by error code (`ErrorCode::ALL`'s order): the `error` answers a process gave
+/// its clients, for the dashboards' error panels.
+#[derive(Debug, Default)]
+pub struct ErrorCounts([AtomicU64; crate::ErrorCode::ALL.len()]);
+
+impl ErrorCounts {
+    /// All zero (for a `static`).
+    pub const fn new() -> ErrorCounts {
+        ErrorCounts([const { AtomicU64::new(0) }; crate::ErrorCode::ALL.len()])
+    }
+
+    /// The counter of `code`.
+    pub fn of(&self, code: crate::ErrorCode) -> &AtomicU64 {
+        let i = crate::ErrorCode::ALL
+            .iter()
+            .position(|c| *c == code)
+            .expect("every code is in ALL");
+        &self.0[i]
+    }
+
+    /// Counts one answer with `code` (from any thread).
+    pub fn count(&self, code: crate::ErrorCode) {
+        self.of(code).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The samples of family `name` (the caller writes its `family` line), one per code,
+    /// `code` added to `labels`.
+    pub fn samples(&self, p: &mut Prom<'_>, name: &str, labels: &[(&str, &str)]) {
+        for (c, n) in crate::ErrorCode::ALL.iter().zip(&self.0) {
+            let code = c.code().to_string();
+            let mut l = labels.to_vec();
+            l.push(("code", &code));
+            p.sample(name, &l, n.load(Ordering::Relaxed));
+        }
+    }
+
+    /// A whole family: `samples` after its `# HELP` and `# TYPE` lines.
+    pub fn render(&self, p: &mut Prom<'_>, name: &str, help: &str, labels: &[(&str, &str)]) {
+        p.family(name, Kind::Counter, help);
+        self.samples(p, name, labels);
+    }
+}
+
 /// Upper bounds (ms) of `MillisHistogram`'s buckets: 1 ms to a minute, about three a decade.
 pub const MILLIS_BUCKETS: [u64; 16] = [
     1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000,

@@ -37,6 +37,7 @@ impl Shard {
         message: &str,
         cid: Option<&str>,
     ) -> Frame {
+        self.st().count_error(code);
         self.text_frame(|out| protocol::encode_error(code, message, cid, out))
     }
 

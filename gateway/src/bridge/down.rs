@@ -89,7 +89,7 @@ fn traced(
     match &rec.body {
         Some(DownstreamBody::Deliver(d)) => trace::deliver(t, "deliver", d.users.len()),
         Some(DownstreamBody::Reply(r)) => {
-            roots.answered(t, r.json.starts_with(br#"{"type":"error""#));
+            roots.answered(t, error_code(&r.json).is_some());
             trace::deliver(t, "reply", 1)
         }
         _ => trace::deliver(t, "other", 0),
@@ -128,6 +128,9 @@ fn dispatch(rec: records::Downstream, d: &mut DownEnd, order: &mut LiveOrder, st
             }
         }
         Some(DownstreamBody::Reply(r)) => {
+            if let Some(code) = error_code(&r.json) {
+                stats.error_replies.count(code);
+            }
             if let Some(to) = conn(r.conn) {
                 let frame = frame(&r.json);
                 push(d, to.shard, ShardMsg::Reply { to, frame }, stats);
@@ -141,6 +144,15 @@ fn dispatch(rec: records::Downstream, d: &mut DownEnd, order: &mut LiveOrder, st
         None => {}
     }
     d.flush();
+}
+
+/// The code of an `error` frame (`{"type":"error","code":N,...}`, as `protocol::encode_error`
+/// writes it), without parsing the rest; `None` for any other frame.
+fn error_code(json: &[u8]) -> Option<im_shared::ErrorCode> {
+    let rest = json.strip_prefix(br#"{"type":"error","code":"#)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let n = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    im_shared::ErrorCode::from_code(n)
 }
 
 /// `frame` to `users`, all of whose home is `shard`.
@@ -186,5 +198,30 @@ fn push(d: &mut DownEnd, shard: u16, mut msg: ShardMsg, stats: &BridgeStats) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_code;
+    use im_shared::{protocol, ErrorCode};
+
+    #[test]
+    fn error_answers_are_told_by_their_code() {
+        for code in ErrorCode::ALL {
+            let mut json = Vec::new();
+            protocol::encode_error(code, "why", Some("c1"), &mut json);
+            assert_eq!(
+                error_code(&json),
+                Some(code),
+                "{}",
+                String::from_utf8_lossy(&json)
+            );
+        }
+        let mut sent = Vec::new();
+        let conv = im_shared::Conv::pair(1, 2).unwrap();
+        protocol::encode_sent("c1", 9, conv, 1, 1, &mut sent);
+        assert_eq!(error_code(&sent), None);
+        assert_eq!(error_code(br#"{"type":"error","code":9999}"#), None);
     }
 }

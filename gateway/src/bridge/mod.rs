@@ -30,7 +30,7 @@ use gateway_core::bridge::BridgeEnd;
 use gateway_core::codec::{self, opcode};
 use im_bus::presence::Presence;
 use im_bus::{Bus, Start};
-use im_shared::metrics::{Kind, MillisHistogram, Prom};
+use im_shared::metrics::{ErrorCounts, Kind, MillisHistogram, Prom};
 use im_shared::records::topics;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -66,6 +66,10 @@ pub struct BridgeStats {
     /// How old downstream records are when the bridge takes them (logic's produce → here:
     /// the broker's hop), from their CreateTime.
     pub downstream_age: MillisHistogram,
+    /// `error` answers the bridge passed to connections, by code: logic's (a refused send,
+    /// a database that is down) and the bridge's own (5030/5032 when the broker refused or
+    /// lost a record).
+    pub error_replies: ErrorCounts,
 }
 
 impl BridgeStats {
@@ -136,6 +140,12 @@ impl BridgeStats {
             &mut p,
             "im_bridge_downstream_age_milliseconds",
             "age of downstream records (since logic produced them) when the bridge takes them",
+            &[("gateway", gateway_id)],
+        );
+        self.error_replies.render(
+            &mut p,
+            "im_bridge_error_replies_total",
+            "error answers the bridge passed to connections (logic's, and its own 5030/5032 when the broker refused or lost a record), by code; those the shards made are im_gateway_error_frames_total",
             &[("gateway", gateway_id)],
         );
     }

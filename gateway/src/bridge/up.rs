@@ -290,6 +290,7 @@ impl Up {
         }
         let mut d = self.down.lock().expect("not poisoned");
         for (conn, cid, code) in self.refusals.drain(..) {
+            self.stats.error_replies.count(code);
             let msg = match code {
                 ErrorCode::Busy => "the message broker's queue is full: retry with the same cid",
                 _ => "the message broker is unavailable: retry with the same cid",

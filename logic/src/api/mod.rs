@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use im_bus::presence::Presence;
 use im_bus::revocation::Revocations;
-use im_shared::metrics::{Kind, Prom, CONTENT_TYPE};
+use im_shared::metrics::{ErrorCounts, Kind, Prom, CONTENT_TYPE};
 use im_shared::{jwt, ErrorCode};
 use im_store::{Store, StoreError};
 use serde::de::DeserializeOwned;
@@ -128,6 +128,7 @@ async fn metrics(axum::extract::State(st): axum::extract::State<State>) -> Respo
     if let Some(p) = &st.pipeline {
         p.stats.render(&mut out);
     }
+    render_api_errors(&mut out);
     im_telemetry::render(&mut out);
     ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], out).into_response()
 }
@@ -279,6 +280,7 @@ pub fn router(state: State) -> Router {
         )
     })
     .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+    .layer(axum::middleware::from_fn(count_errors))
     .with_state(state)
 }
 
@@ -328,10 +330,34 @@ impl ApiError {
     }
 }
 
+/// The `error` answers the REST API gave, by code (one API per process; `count_errors`).
+pub static API_ERRORS: ErrorCounts = ErrorCounts::new();
+
+/// Counts each answer that is an `ApiError` (it leaves its code in the response's
+/// extensions).
+async fn count_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    if let Some(code) = resp.extensions().get::<ErrorCode>() {
+        API_ERRORS.count(*code);
+    }
+    resp
+}
+
+/// `API_ERRORS` in Prometheus text.
+pub fn render_api_errors(out: &mut String) {
+    API_ERRORS.render(
+        &mut Prom::new(out),
+        "im_logic_api_errors_total",
+        "error answers of the REST API, by code (4xxx: the request; 5xxx: this service or what it depends on)",
+        &[],
+    );
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "code": self.code.code(), "message": self.message });
         let mut resp = (self.status, Json(body)).into_response();
+        resp.extensions_mut().insert(self.code);
         if let Some(s) = self.retry_after_s {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, s.into());
