@@ -589,60 +589,6 @@ impl Stage {
         decisions.into_iter().zip(sends).collect()
     }
 
-    /// Once durable: `sent` to each sender (retries first, as before the batch's new
-    /// messages), and the new messages routed to their recipients' gateways. `traces` is
-    /// the batch's (`Produced::traces`).
-    async fn answer(&self, decisions: &[(Decision, Admitted)], traces: &[Option<TraceParent>]) {
-        let mut fresh: Vec<(&Stored, &Admitted)> = Vec::new();
-        // Beside `fresh`, when any send of the batch is traced (else nothing is allocated):
-        // each message's context after sequencing, and its `im.route` span.
-        let traced = !traces.is_empty();
-        let mut routes: Vec<(Option<TraceParent>, Option<tracing::Span>)> = Vec::new();
-        for (i, (d, s)) in decisions.iter().enumerate() {
-            let t = traces.get(i).copied().flatten();
-            match d {
-                Decision::RetryOf(ack) => {
-                    self.stats.retries_total.fetch_add(1, Ordering::Relaxed);
-                    self.down.reply_sent(&s.up, &s.send.cid, ack, t.as_ref());
-                }
-                Decision::Assigned(rec) => {
-                    fresh.push((rec, s));
-                    if traced {
-                        routes.push((t, t.as_ref().and_then(|t| trace::route(t, rec))));
-                    }
-                }
-                Decision::Refused(code, msg) => {
-                    self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
-                    let cid = Some(s.send.cid.as_str());
-                    self.down
-                        .reply_error_traced(&s.up, *code, msg, cid, t.as_ref());
-                }
-            }
-        }
-        self.stats
-            .messages_total
-            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
-        // What the records carry: the route span's context, or (this process recording
-        // nothing) the context the message came with, passed on.
-        let route_traces: Vec<Option<TraceParent>> = routes
-            .iter()
-            .map(|(t, s)| s.as_ref().and_then(im_telemetry::context).or(*t))
-            .collect();
-        self.route(&fresh, &route_traces).await;
-        for (i, (rec, s)) in fresh.into_iter().enumerate() {
-            let ack = Ack {
-                id: rec.id,
-                conv: rec.conv.clone(),
-                seq: rec.seq,
-                ts: rec.ts,
-            };
-            let t = route_traces.get(i).and_then(Option::as_ref);
-            self.down.reply_sent(&s.up, &rec.cid, &ack, t);
-        }
-        // The route spans end once the records are queued for the gateways.
-        drop(routes);
-    }
-
     /// Queues a message for `im.messages`, in the partition its request came from; its
     /// outcome arrives on `acks` tagged with `at` (batch, index).
     /// `trace` is the message's `im.sequence` context when its send is traced: the produce

@@ -1,9 +1,13 @@
 //! Releasing durable batches (README.md, "Fencing"): a batch is answered and routed only
-//! once a waiting offset commit has confirmed that this instance still owns its partitions.
+//! once a waiting offset commit has confirmed that this instance still owns its partitions;
+//! `answer` is what answering it means (`sent`, errors, live delivery).
 
 use super::pipeline::Pipeline;
-use super::{Produced, Stage};
-use im_bus::Consumer;
+use super::sequencer::{Admitted, Decision};
+use super::state::Ack;
+use super::{trace, Produced, Stage};
+use im_bus::{Consumer, TraceParent};
+use im_shared::records::Stored;
 use std::sync::atomic::Ordering;
 
 impl Stage {
@@ -96,5 +100,61 @@ impl Stage {
             ));
         }
         Ok(())
+    }
+
+    /// Once durable: `sent` to each sender (retries first, as before the batch's new
+    /// messages), and the new messages routed to their recipients' gateways. `traces` is
+    /// the batch's (`Produced::traces`).
+    pub(super) async fn answer(
+        &self,
+        decisions: &[(Decision, Admitted)],
+        traces: &[Option<TraceParent>],
+    ) {
+        let mut fresh: Vec<(&Stored, &Admitted)> = Vec::new();
+        // Beside `fresh`, when any send of the batch is traced (else nothing is allocated):
+        // what each message's records carry (its `im.route` span's context, or, this
+        // process recording nothing, the context it came with), and the span.
+        let traced = !traces.is_empty();
+        let mut route_traces: Vec<Option<TraceParent>> = Vec::new();
+        let mut routes: Vec<Option<tracing::Span>> = Vec::new();
+        for (i, (d, s)) in decisions.iter().enumerate() {
+            let t = traces.get(i).copied().flatten();
+            match d {
+                Decision::RetryOf(ack) => {
+                    self.stats.retries_total.fetch_add(1, Ordering::Relaxed);
+                    self.down.reply_sent(&s.up, &s.send.cid, ack, t.as_ref());
+                }
+                Decision::Assigned(rec) => {
+                    fresh.push((rec, s));
+                    if traced {
+                        let span = t.as_ref().and_then(|t| trace::route(t, rec));
+                        route_traces.push(span.as_ref().and_then(im_telemetry::context).or(t));
+                        routes.push(span);
+                    }
+                }
+                Decision::Refused(code, msg) => {
+                    self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
+                    let cid = Some(s.send.cid.as_str());
+                    self.down
+                        .reply_error_traced(&s.up, *code, msg, cid, t.as_ref());
+                }
+            }
+        }
+        self.stats
+            .messages_total
+            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        self.route(&fresh, &route_traces).await;
+        for (i, (rec, s)) in fresh.into_iter().enumerate() {
+            let ack = Ack {
+                id: rec.id,
+                conv: rec.conv.clone(),
+                seq: rec.seq,
+                ts: rec.ts,
+            };
+            let t = route_traces.get(i).and_then(Option::as_ref);
+            self.down.reply_sent(&s.up, &rec.cid, &ack, t);
+        }
+        // The route spans end once the records are queued for the gateways.
+        drop(routes);
     }
 }
